@@ -1,0 +1,213 @@
+"""Counters, gauges and histograms, and a tiny trio HTTP endpoint: ``/metrics`` and ``/healthz``.
+
+No client library: the proxy needs a handful of series, and a dict keyed by (name, labels) is
+cheaper per request than anything generic. Names are ``mbsec_*`` snake case, counters end in
+``_total``, histograms are in seconds. ``NullMetrics`` has the same methods and does nothing, so
+components take ``metrics=None`` -> ``NullMetrics()`` instead of checking everywhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)
+
+LabelKey = tuple[tuple[str, str], ...]
+
+HELP: dict[str, str] = {
+    "mbsec_connections_total": "Accepted TCP connections by outcome",
+    "mbsec_connections_active": "Client connections currently open",
+    "mbsec_tls_handshakes_total": "TLS handshakes by outcome and reason",
+    "mbsec_tls_handshake_seconds": "TLS handshake duration",
+    "mbsec_requests_total": "Modbus requests by decision and function",
+    "mbsec_request_seconds": "Time from a complete request to its reply being sent",
+    "mbsec_protocol_errors_total": "Malformed client frames or PDUs by reason",
+    "mbsec_config_reloads_total": "SIGHUP reloads by outcome",
+    "mbsec_crl_next_update_seconds": "Seconds until the earliest loaded CRL's nextUpdate",
+}
+
+
+class MetricsLike(Protocol):
+    def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None: ...
+
+    def observe(self, name: str, value: float, **labels: str | int) -> None: ...
+
+    def set(self, name: str, value: float, **labels: str | int) -> None: ...
+
+
+def _key(labels: dict[str, str | int]) -> LabelKey:
+    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+
+class _Histogram:
+    __slots__ = ("buckets", "count", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.sum += v
+        self.count += 1
+
+
+class Metrics:
+    """In-process registry; ``render()`` gives Prometheus text exposition format 0.0.4."""
+
+    def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+        self._buckets = buckets
+        self._counters: dict[str, dict[LabelKey, float]] = {}
+        self._gauges: dict[str, dict[LabelKey, float]] = {}
+        self._hists: dict[str, dict[LabelKey, _Histogram]] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None:
+        series = self._counters.setdefault(name, {})
+        k = _key(labels)
+        series[k] = series.get(k, 0.0) + value
+
+    def set(self, name: str, value: float, **labels: str | int) -> None:
+        self._gauges.setdefault(name, {})[_key(labels)] = value
+
+    def observe(self, name: str, value: float, **labels: str | int) -> None:
+        series = self._hists.setdefault(name, {})
+        k = _key(labels)
+        h = series.get(k)
+        if h is None:
+            h = series[k] = _Histogram(self._buckets)
+        h.observe(value)
+
+    def value(self, name: str, **labels: str | int) -> float:
+        """Current counter or gauge value (0 when never touched): for tests."""
+        k = _key(labels)
+        if name in self._counters:
+            return self._counters[name].get(k, 0.0)
+        return self._gauges.get(name, {}).get(k, 0.0)
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def head(name: str, kind: str) -> None:
+            if name in HELP:
+                lines.append(f"# HELP {name} {HELP[name]}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        for name in sorted(self._counters):
+            head(name, "counter")
+            for k, v in sorted(self._counters[name].items()):
+                lines.append(f"{name}{_fmt_labels(k)} {_num(v)}")
+        for name in sorted(self._gauges):
+            head(name, "gauge")
+            for k, v in sorted(self._gauges[name].items()):
+                lines.append(f"{name}{_fmt_labels(k)} {_num(v)}")
+        for name in sorted(self._hists):
+            head(name, "histogram")
+            for k, h in sorted(self._hists[name].items()):
+                cum = 0
+                for bound, c in zip((*h.buckets, math.inf), h.counts, strict=True):
+                    cum += c
+                    le = "+Inf" if bound == math.inf else repr(bound)
+                    lines.append(f"{name}_bucket{_fmt_labels((*k, ('le', le)))} {cum}")
+                lines.append(f"{name}_sum{_fmt_labels(k)} {_num(h.sum)}")
+                lines.append(f"{name}_count{_fmt_labels(k)} {h.count}")
+        return "\n".join(lines) + "\n"
+
+
+class NullMetrics:
+    """Same API, no cost."""
+
+    def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None:
+        pass
+
+    def set(self, name: str, value: float, **labels: str | int) -> None:
+        pass
+
+    def observe(self, name: str, value: float, **labels: str | int) -> None:
+        pass
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt_labels(k: LabelKey) -> str:
+    if not k:
+        return ""
+    return "{" + ",".join(f'{n}="{_esc(v)}"' for n, v in k) + "}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+# -- HTTP endpoint --------------------------------------------------------------------------
+
+MAX_REQUEST_HEAD = 8192
+
+
+def _response(status: str, body: bytes, ctype: str = "text/plain; charset=utf-8") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+async def _handle_http(
+    stream: trio.abc.Stream, metrics: Metrics, healthy: Callable[[], bool]
+) -> None:
+    buf = b""
+    with trio.move_on_after(5):
+        try:
+            while b"\r\n\r\n" not in buf and len(buf) < MAX_REQUEST_HEAD:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            line = buf.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(line) < 2 or line[0] not in ("GET", "HEAD"):
+                out = _response("405 Method Not Allowed", b"GET only\n")
+            elif line[1].split("?", 1)[0] == "/metrics":
+                out = _response(
+                    "200 OK", metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
+                )
+            elif line[1] == "/healthz":
+                ok = healthy()
+                out = _response("200 OK" if ok else "503 Service Unavailable",
+                                b"ok\n" if ok else b"not ready\n")
+            else:
+                out = _response("404 Not Found", b"try /metrics or /healthz\n")
+            await stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    healthy: Callable[[], bool] = lambda: True,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` and ``/healthz`` until cancelled; ``task_status`` gets the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _handle_http(stream, metrics, healthy)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        task_status.started(bound)

@@ -1,0 +1,289 @@
+"""The proxy's configuration: one TOML file plus ``MBSEC_*`` environment overrides.
+
+Every model forbids unknown keys, so a typo is an error at start instead of a silently ignored
+setting. Relative paths are resolved against the directory of the configuration file, so a
+config directory can be moved as a whole. ``load_settings`` turns every problem into one line
+``FILE: dotted.key: what is wrong`` (:class:`SettingsError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from mbsec.upstream import UpstreamTarget
+
+DEFAULT_PORT = 802
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used; ``problems`` holds one human-readable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all addresses) -> ``(host, port)``."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unbalanced '[' in address {value!r}")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port_s = value.partition(":")
+    elif ":" in value:  # bare IPv6 without brackets: no port
+        host, port_s = value, ""
+    else:
+        host, port_s = value, ""
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"address {value!r} needs a port (host:port)")
+        return host, default_port
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"port {port_s!r} in {value!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} in {value!r} is out of range 0..65535")
+    return host, port
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Model):
+    """Server identity and how clients are verified (Modbus/TCP Security, server side)."""
+
+    cert: Path  # PEM: server certificate followed by its intermediates (the whole chain is sent)
+    key: Path  # PEM private key of the server certificate
+    client_ca: Path  # PEM bundle of the CAs that issue client certificates
+    crl: list[Path] = Field(default_factory=list)  # PEM or DER CRL files
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    handshake_timeout: float = Field(default=10.0, gt=0)
+    crl_warn_days: float = Field(default=2.0, ge=0)  # warn this long before a CRL's nextUpdate
+
+
+class UpstreamSettings(_Model):
+    """One PLC (or gateway) reached over plain Modbus/TCP."""
+
+    host: str
+    port: int = Field(default=502, ge=1, le=65535)
+    unit_ids: list[int] = Field(min_length=1)
+    unit_rewrite: dict[int, int] = Field(default_factory=dict)
+    pool_size: int = Field(default=1, ge=1, le=16)
+    depth: int = Field(default=1, ge=1, le=16)
+    connect_timeout: float = Field(default=3.0, gt=0)
+    request_timeout: float = Field(default=2.0, gt=0)
+    backoff_initial: float = Field(default=0.2, gt=0)
+    backoff_max: float = Field(default=10.0, gt=0)
+
+    @field_validator("unit_ids")
+    @classmethod
+    def _unit_range(cls, v: list[int]) -> list[int]:
+        bad = [u for u in v if not 0 <= u <= 255]
+        if bad:
+            raise ValueError(f"unit ids must be 0..255, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError("unit ids are listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _rewrite_known(self) -> UpstreamSettings:
+        for src, dst in self.unit_rewrite.items():
+            if src not in self.unit_ids:
+                raise ValueError(f"unit_rewrite: unit {src} is not in unit_ids")
+            if not 0 <= dst <= 255:
+                raise ValueError(f"unit_rewrite: target unit {dst} is not 0..255")
+        return self
+
+
+class LimitsSettings(_Model):
+    """Resource bounds per proxy, per client identity, per source address and per connection."""
+
+    max_connections: int = Field(default=512, ge=1)
+    max_per_identity: int = Field(default=16, ge=1)
+    max_per_source: int = Field(default=64, ge=1)
+    idle_timeout: float = Field(default=300.0, gt=0)
+    max_pipelined: int = Field(default=8, ge=1, le=256)
+    drain_timeout: float = Field(default=10.0, ge=0)
+
+
+class SyslogSettings(_Model):
+    address: str = "/dev/log"  # a unix socket path, or host:port (UDP)
+    facility: str = "local0"
+
+
+class LoggingSettings(_Model):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning"] = "info"
+    #: level of the per-request event for allowed requests; "off" skips building it at all
+    allowed_requests: Literal["off", "debug", "info"] = "debug"
+    stdout: bool = True
+    file: Path | None = None
+    syslog: SyslogSettings | None = None
+
+
+class MetricsSettings(_Model):
+    listen: str | None = None  # e.g. "127.0.0.1:9802"; unset: no HTTP endpoint
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v)
+        return v
+
+
+class Settings(BaseSettings):
+    """The whole configuration tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MBSEC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    listen: list[str] = Field(default_factory=lambda: [f"0.0.0.0:{DEFAULT_PORT}"], min_length=1)
+    tls: TlsSettings
+    policy: Path
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            parse_hostport(addr, default_port=DEFAULT_PORT)
+        return v
+
+    @model_validator(mode="after")
+    def _units_unique(self) -> Settings:
+        owner: dict[int, str] = {}
+        for name, up in self.upstreams.items():
+            for u in up.unit_ids:
+                if u in owner:
+                    raise ValueError(
+                        f"unit id {u} is routed to both upstreams {owner[u]!r} and {name!r}"
+                    )
+                owner[u] = name
+        return self
+
+    # -- derived views --------------------------------------------------------------------
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_hostport(a, default_port=DEFAULT_PORT) for a in self.listen]
+
+    def upstream_targets(self) -> list[UpstreamTarget]:
+        from mbsec.upstream import UpstreamTarget
+
+        return [
+            UpstreamTarget(
+                name=name,
+                host=u.host,
+                port=u.port,
+                unit_ids=frozenset(u.unit_ids),
+                unit_rewrite=dict(u.unit_rewrite),
+                pool_size=u.pool_size,
+                depth=u.depth,
+                connect_timeout=u.connect_timeout,
+                request_timeout=u.request_timeout,
+                backoff_initial=u.backoff_initial,
+                backoff_max=u.backoff_max,
+            )
+            for name, u in self.upstreams.items()
+        ]
+
+    def with_paths_resolved(self, base: Path) -> Settings:
+        """Relative file paths are relative to the config file, not to the working directory."""
+
+        def r(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p)
+
+        tls = self.tls.model_copy(
+            update={
+                "cert": r(self.tls.cert),
+                "key": r(self.tls.key),
+                "client_ca": r(self.tls.client_ca),
+                "crl": [r(p) for p in self.tls.crl],
+            }
+        )
+        logging = self.logging
+        if logging.file is not None:
+            logging = logging.model_copy(update={"file": r(logging.file)})
+        return self.model_copy(update={"tls": tls, "policy": r(self.policy), "logging": logging})
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def format_validation_error(source: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        lines.append(f"{source}: {_loc(tuple(err['loc']))}: {msg}")
+    return lines
+
+
+def build_settings(
+    data: Mapping[str, Any], *, source: str = "<config>", base: Path | None = None
+) -> Settings:
+    """Validate an already parsed tree (tests, the demo) with the environment applied on top."""
+    try:
+        s = Settings(**dict(data))
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(source, exc)) from None
+    return s.with_paths_resolved(base) if base is not None else s
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read, validate and path-resolve a TOML configuration; raise :class:`SettingsError`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError([f"{p}: file not found"]) from None
+    except OSError as exc:
+        raise SettingsError([f"{p}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError([f"{p}: not valid TOML: {exc}"]) from None
+    return build_settings(data, source=str(p), base=p.resolve().parent)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,249 @@
+"""The TLS front of Modbus/TCP Security: server context, CRLs, and a holder SIGHUP can swap.
+
+Choices and why:
+
+* TLS 1.2 is the floor (R-01), 1.3 is allowed; ``min_version = "1.3"`` raises the floor.
+* The two mandatory suites (ECDHE-RSA/ECDSA-AES128-GCM-SHA256) lead the TLS 1.2 list.
+* ``CERT_REQUIRED``: a client without a certificate fails the handshake with a fatal alert.
+* Renegotiation is refused (``OP_NO_RENEGOTIATION``).
+* Session resumption is off (no tickets, ``num_tickets = 0``), because OpenSSL does not re-check a
+  resumed session against a CRL loaded later; in addition every session re-checks the peer serial
+  against the currently loaded CRLs after the handshake (:meth:`TlsMaterial.is_revoked`).
+* CRLs are loaded into the context with ``VERIFY_CRL_CHECK_LEAF``. An expired CRL makes OpenSSL
+  reject every client, so :func:`crl_warnings` reports CRLs whose nextUpdate is near or past.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from mbsec.settings import TlsSettings
+
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",  # mandatory (Modbus/TCP Security)
+        "ECDHE-RSA-AES128-GCM-SHA256",  # mandatory
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+class TlsConfigError(Exception):
+    """TLS material cannot be loaded; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class CrlInfo:
+    path: Path
+    issuer: str
+    next_update: dt.datetime | None
+    revoked: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsMaterial:
+    """One consistent set: the context and the CRL facts it was built from."""
+
+    context: ssl.SSLContext
+    crls: tuple[CrlInfo, ...] = ()
+    handshake_timeout: float = 10.0
+    _revoked: frozenset[tuple[str, int]] = field(default=frozenset())
+
+    def is_revoked(self, issuer: str, serial: int) -> bool:
+        """Whether a (RFC 4514 issuer, serial) pair is on a currently loaded CRL."""
+        return (issuer, serial) in self._revoked
+
+
+def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        problems.append(f"{what}: file not found: {path}")
+    except OSError as exc:
+        problems.append(f"{what}: cannot read {path}: {exc.strerror}")
+    return None
+
+
+def load_crl(path: Path, data: bytes) -> x509.CertificateRevocationList:
+    if b"-----BEGIN X509 CRL-----" in data:
+        return x509.load_pem_x509_crl(data)
+    return x509.load_der_x509_crl(data)
+
+
+def crl_warnings(
+    crls: tuple[CrlInfo, ...], *, warn_days: float, now: dt.datetime | None = None
+) -> list[str]:
+    """Human lines for CRLs that are expired or will expire within ``warn_days``."""
+    now = now or dt.datetime.now(dt.UTC)
+    out = []
+    for c in crls:
+        if c.next_update is None:
+            continue
+        left = c.next_update - now
+        if left.total_seconds() <= 0:
+            out.append(
+                f"{c.path}: CRL of {c.issuer} EXPIRED at {c.next_update.isoformat()}: "
+                "OpenSSL rejects every client of this CA until a fresh CRL is loaded (SIGHUP)"
+            )
+        elif left <= dt.timedelta(days=warn_days):
+            out.append(
+                f"{c.path}: CRL of {c.issuer} expires at {c.next_update.isoformat()} "
+                f"(in {left.total_seconds() / 3600:.1f} h): publish a new CRL and reload"
+            )
+    return out
+
+
+def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
+    """Build the server context, or raise :class:`TlsConfigError` listing every problem."""
+    problems: list[str] = []
+    for key in ("cert", "key", "client_ca"):
+        p: Path = getattr(tls, key)
+        if not p.is_file():
+            problems.append(f"{what}.{key}: file not found: {p}")
+    crl_infos: list[CrlInfo] = []
+    crl_pem: list[str] = []
+    for i, p in enumerate(tls.crl):
+        data = _read(p, f"{what}.crl[{i}]", problems)
+        if data is None:
+            continue
+        try:
+            crl = load_crl(p, data)
+        except ValueError as exc:
+            problems.append(f"{what}.crl[{i}]: {p}: not a PEM or DER CRL ({exc})")
+            continue
+        crl_pem.append(crl.public_bytes(Encoding.PEM).decode("ascii"))
+        crl_infos.append(
+            CrlInfo(
+                path=p,
+                issuer=crl.issuer.rfc4514_string(),
+                next_update=crl.next_update_utc,
+                revoked=frozenset(r.serial_number for r in crl),
+            )
+        )
+    if problems:
+        raise TlsConfigError(problems)
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.num_tickets = 0
+    try:
+        ctx.set_ciphers(TLS12_CIPHERS)
+    except ssl.SSLError as exc:  # pragma: no cover - depends on the OpenSSL build
+        problems.append(f"{what}: cipher list rejected by OpenSSL: {exc}")
+    try:
+        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    except ssl.SSLError as exc:
+        problems.append(
+            f"{what}.cert/{what}.key: cannot load the server chain and key "
+            f"({exc.reason or exc}): does the key match the certificate?"
+        )
+    except OSError as exc:
+        problems.append(f"{what}.cert/{what}.key: cannot load: {exc}")
+    try:
+        n_before = ctx.cert_store_stats()["x509_ca"]
+        ctx.load_verify_locations(cafile=str(tls.client_ca))
+        if ctx.cert_store_stats()["x509_ca"] == n_before:
+            problems.append(f"{what}.client_ca: {tls.client_ca} holds no CA certificate")
+    except (ssl.SSLError, OSError) as exc:
+        problems.append(f"{what}.client_ca: cannot load {tls.client_ca}: {exc}")
+    if crl_pem:
+        try:
+            ctx.load_verify_locations(cadata="".join(crl_pem))
+        except ssl.SSLError as exc:
+            problems.append(f"{what}.crl: OpenSSL rejected a CRL: {exc}")
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if problems:
+        raise TlsConfigError(problems)
+    revoked = frozenset((c.issuer, s) for c in crl_infos for s in c.revoked)
+    return TlsMaterial(
+        context=ctx,
+        crls=tuple(crl_infos),
+        handshake_timeout=tls.handshake_timeout,
+        _revoked=revoked,
+    )
+
+
+class TlsHolder:
+    """The current :class:`TlsMaterial`; a reload swaps it in one assignment, so a new
+    connection sees either the old set or the new one, never half of each."""
+
+    def __init__(self, material: TlsMaterial) -> None:
+        self._material = material
+
+    @property
+    def current(self) -> TlsMaterial:
+        return self._material
+
+    def replace(self, material: TlsMaterial) -> None:
+        self._material = material
+
+
+# OpenSSL X509_V_ERR_* codes -> event reason slugs
+_VERIFY_REASONS = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    3: "crl_unavailable",
+    7: "bad_signature",
+    9: "certificate_not_yet_valid",
+    10: "certificate_expired",
+    11: "crl_not_yet_valid",
+    12: "crl_expired",
+    18: "self_signed_certificate",
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",
+    23: "certificate_revoked",
+    24: "invalid_ca",
+    26: "invalid_purpose",
+    34: "unhandled_critical_extension",
+}
+
+_SSL_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
+    "UNSUPPORTED_PROTOCOL": "unsupported_protocol_version",
+    "WRONG_VERSION_NUMBER": "not_tls",
+    "HTTP_REQUEST": "not_tls",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_CIPHERS_AVAILABLE": "no_shared_cipher",
+    "TLSV1_ALERT_UNKNOWN_CA": "client_rejected_server_ca",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "client_rejected_server_certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "client_rejected_server_certificate",
+    "UNEXPECTED_EOF_WHILE_READING": "client_closed",
+    "NO_RENEGOTIATION": "renegotiation_refused",
+    "UNSAFE_LEGACY_RENEGOTIATION_DISABLED": "renegotiation_refused",
+}
+
+
+def handshake_failure_reason(exc: BaseException | None) -> tuple[str, str]:
+    """Map the OpenSSL error behind a failed handshake to ``(reason slug, detail)``."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        return _VERIFY_REASONS.get(code, "certificate_verify_failed"), str(exc.verify_message)
+    if isinstance(exc, ssl.SSLError):
+        r = exc.reason or ""
+        if r in _SSL_REASONS:
+            return _SSL_REASONS[r], r
+        if "VERSION" in r or "PROTOCOL" in r:
+            return "unsupported_protocol_version", r
+        return (r.lower() or "tls_error"), str(exc)
+    if exc is None:
+        return "client_closed", "connection closed during handshake"
+    return "tls_error", repr(exc)
