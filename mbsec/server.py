@@ -1,0 +1,400 @@
+"""Listeners, connection limits, reload and drain: everything around the sessions.
+
+``Proxy.serve`` follows trio's ``task_status`` convention, so a test (or the demo) does
+``addrs = await nursery.start(proxy.serve)`` and learns the bound ports. Reload builds a complete
+new :class:`~mbsec.session.ProxyState` first and swaps it in one assignment; if anything fails
+the running state stays and the reason is logged. Shutdown happens in two phases: stop accepting
+and stop reading new requests, then give in-flight requests ``limits.drain_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from structlog.typing import FilteringBoundLogger
+
+from mbsec.audit import null_logger
+from mbsec.metrics import Metrics, MetricsLike, NullMetrics, serve_metrics
+from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
+from mbsec.session import ProxyState, Session
+from mbsec.settings import Settings, SettingsError, load_settings, parse_hostport
+from mbsec.tls import TlsConfigError, build_material, crl_warnings
+from mbsec.upstream import Upstreams
+
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+class StartupError(Exception):
+    """The configuration cannot be served; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _policy_problems(exc: PolicyError) -> list[str]:
+    diags = getattr(exc, "diagnostics", None)
+    if diags:
+        return [str(d) for d in diags]
+    return [str(exc)]
+
+
+def cross_check(settings: Settings, policy: Policy) -> list[str]:
+    """Policy targets against ``[upstreams]``: named upstreams exist and route those unit ids."""
+    problems: list[str] = []
+    routed: dict[int, str] = {}
+    by_addr: dict[tuple[str, int], str] = {}
+    for name, up in settings.upstreams.items():
+        by_addr[(up.host, up.port)] = name
+        for u in up.unit_ids:
+            routed[u] = name
+    for tname, (units, upstream) in policy.targets.items():
+        if upstream is not None:
+            try:
+                addr = parse_hostport(upstream, default_port=502)
+            except ValueError as exc:
+                problems.append(f"{settings.policy}: targets.{tname}.upstream: {exc}")
+                continue
+            owner = by_addr.get(addr)
+            if owner is None:
+                problems.append(
+                    f"{settings.policy}: targets.{tname}.upstream: {upstream} is not the "
+                    "host:port of any [upstreams.*] entry in the configuration"
+                )
+                continue
+            for u in sorted(units):
+                if routed.get(u) != owner:
+                    problems.append(
+                        f"{settings.policy}: targets.{tname}: unit id {u} is routed to "
+                        f"{routed.get(u) or 'no upstream'}, not to {owner!r} ({upstream})"
+                    )
+        else:
+            for u in sorted(units):
+                if u not in routed:
+                    problems.append(
+                        f"{settings.policy}: targets.{tname}: unit id {u} is not routed by any "
+                        "[upstreams.*] entry (requests would get exception 0x0A)"
+                    )
+    return problems
+
+
+def build_state(settings: Settings, *, generation: int = 0) -> ProxyState:
+    """Load TLS material, CRLs and the policy and cross-check them; collect every problem."""
+    problems: list[str] = []
+    material = None
+    try:
+        material = build_material(settings.tls)
+    except TlsConfigError as exc:
+        problems.extend(exc.problems)
+    policy = None
+    if not settings.policy.is_file():
+        problems.append(f"policy: file not found: {settings.policy}")
+    else:
+        try:
+            policy = load_policy(settings.policy)
+        except PolicyError as exc:
+            problems.extend(_policy_problems(exc))
+    if policy is not None:
+        problems.extend(cross_check(settings, policy))
+    if problems or material is None or policy is None:
+        raise StartupError(problems or ["configuration is not usable"])
+    limiter = RateLimiter(policy, clock=time.monotonic)
+    return ProxyState(tls=material, policy=policy, limiter=limiter, generation=generation)
+
+
+def configure_accepted(stream: trio.SocketStream) -> None:
+    """TCP_NODELAY and a 30 s keepalive on client sockets: dead HMIs free their slots."""
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:
+        pass
+
+
+class Proxy:
+    """The running proxy: current state, upstream pool, sessions, limits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log: FilteringBoundLogger | None = None,
+        metrics: MetricsLike | None = None,
+        config_path: Path | None = None,
+        dialer: Dialer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.log = log or null_logger()
+        self.metrics: MetricsLike = metrics or NullMetrics()
+        self.state = build_state(settings)
+        up_kwargs: dict[str, Any] = {"log": self.log, "metrics": self.metrics}
+        if dialer is not None:
+            up_kwargs["dialer"] = dialer
+        self.upstreams = Upstreams(settings.upstream_targets(), **up_kwargs)
+        self.sessions: set[Session] = set()
+        self._per_source: Counter[str] = Counter()
+        self._per_identity: Counter[str] = Counter()
+        self._shutdown = trio.Event()
+        self._no_sessions = trio.Event()
+        self._ready = False
+        self.addresses: list[tuple[str, int]] = []
+        self.metrics_port: int | None = None
+        self._warn_crls()
+
+    # -- limits (the session calls the identity ones after its handshake) -----------------
+
+    def claim_identity(self, key: str) -> bool:
+        if self._per_identity[key] >= self.settings.limits.max_per_identity:
+            return False
+        self._per_identity[key] += 1
+        return True
+
+    def release_identity(self, key: str) -> None:
+        self._per_identity[key] -= 1
+        if self._per_identity[key] <= 0:
+            del self._per_identity[key]
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self, settings: Settings | None = None) -> bool:
+        """SIGHUP: re-read the config file (or use ``settings``), rebuild, swap atomically.
+
+        TLS material, CRLs, policy and upstream targets are reloaded; listen addresses, limits,
+        logging and metrics need a restart (a change there is logged and ignored).
+        """
+        try:
+            if settings is None:
+                if self.config_path is None:
+                    settings = self.settings
+                else:
+                    settings = load_settings(self.config_path)
+            state = build_state(settings, generation=self.state.generation + 1)
+            targets = settings.upstream_targets()
+        except (SettingsError, StartupError) as exc:
+            self.metrics.inc("mbsec_config_reloads_total", outcome="failure")
+            self.log.error(
+                "reload failed, keeping the running configuration",
+                **{
+                    "event.kind": "event",
+                    "event.category": ["configuration"],
+                    "event.type": ["change"],
+                    "event.action": "config-reload",
+                    "event.outcome": "failure",
+                    "error.message": "; ".join(exc.problems),
+                },
+            )
+            return False
+        ignored = [
+            key
+            for key in ("listen", "limits", "logging", "metrics")
+            if getattr(settings, key) != getattr(self.settings, key)
+        ]
+        self.upstreams.replace_targets(targets)
+        self.state = state
+        self.settings = self.settings.model_copy(
+            update={"tls": settings.tls, "policy": settings.policy, "upstreams": settings.upstreams}
+        )
+        self.metrics.inc("mbsec_config_reloads_total", outcome="success")
+        self.log.info(
+            "configuration reloaded",
+            **{
+                "event.kind": "event",
+                "event.category": ["configuration"],
+                "event.type": ["change"],
+                "event.action": "config-reload",
+                "event.outcome": "success",
+                "mbsec.generation": state.generation,
+                "mbsec.restart_needed_for": ignored,
+            },
+        )
+        self._warn_crls()
+        return True
+
+    def _warn_crls(self) -> None:
+        crls = self.state.tls.crls
+        now = dt.datetime.now(dt.UTC)
+        nexts = [c.next_update for c in crls if c.next_update is not None]
+        if nexts:
+            self.metrics.set("mbsec_crl_next_update_seconds",
+                             (min(nexts) - now).total_seconds())
+        for line in crl_warnings(crls, warn_days=self.settings.tls.crl_warn_days, now=now):
+            self.log.error(
+                "CRL expiring or expired",
+                **{
+                    "event.kind": "alert",
+                    "event.category": ["configuration"],
+                    "event.type": ["info"],
+                    "event.action": "crl-expiry",
+                    "event.outcome": "failure",
+                    "error.message": line,
+                },
+            )
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """SIGTERM: stop accepting, drain, return from :meth:`serve`."""
+        self._shutdown.set()
+
+    def healthy(self) -> bool:
+        return self._ready and not self._shutdown.is_set()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        limits = self.settings.limits
+        async with trio.open_nursery() as root:
+            await root.start(self.upstreams.run)
+            if self.settings.metrics.listen and isinstance(self.metrics, Metrics):
+                host, port = parse_hostport(self.settings.metrics.listen)
+                self.metrics_port = await root.start(
+                    lambda task_status: serve_metrics(
+                        self.metrics,  # type: ignore[arg-type]
+                        host,
+                        port,
+                        healthy=self.healthy,
+                        task_status=task_status,
+                    )
+                )
+            listeners: list[trio.SocketListener] = []
+            for host, port in self.settings.listen_addresses():
+                listeners.extend(await trio.open_tcp_listeners(port, host=host or None))
+            self.addresses = [
+                (str(ln.socket.getsockname()[0]), int(ln.socket.getsockname()[1]))
+                for ln in listeners
+            ]
+            async with trio.open_nursery() as conns:
+                accept_scope = trio.CancelScope()
+
+                async def accept_all() -> None:
+                    with accept_scope:
+                        async with trio.open_nursery() as acc:
+                            for ln in listeners:
+                                acc.start_soon(self._accept_loop, ln, conns)
+
+                conns.start_soon(accept_all)
+                self._ready = True
+                self.log.info(
+                    "mbsec listening",
+                    **{
+                        "event.kind": "event",
+                        "event.category": ["process"],
+                        "event.type": ["start"],
+                        "event.action": "server-start",
+                        "event.outcome": "success",
+                        "mbsec.listen": [f"{h}:{p}" for h, p in self.addresses],
+                        "mbsec.upstreams": sorted(self.settings.upstreams),
+                    },
+                )
+                task_status.started(self.addresses)
+                await self._shutdown.wait()
+                accept_scope.cancel()
+                for ln in listeners:
+                    await ln.aclose()
+                for s in list(self.sessions):
+                    s.stop_reading()
+                self.log.info(
+                    "draining",
+                    **{
+                        "event.kind": "event",
+                        "event.category": ["process"],
+                        "event.type": ["end"],
+                        "event.action": "server-stop",
+                        "event.outcome": "success",
+                        "mbsec.sessions": len(self.sessions),
+                        "mbsec.drain_timeout": limits.drain_timeout,
+                    },
+                )
+                with trio.move_on_after(limits.drain_timeout):
+                    if self.sessions:
+                        await self._no_sessions.wait()
+                conns.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, conns: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_ERRNOS:
+                    self.log.error("accept failed, backing off", **{"error.message": str(exc)})
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            conns.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        configure_accepted(stream)
+        limits = self.settings.limits
+        try:
+            peer = stream.socket.getpeername()
+            source = str(peer[0])
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        reason = None
+        if len(self.sessions) >= limits.max_connections:
+            reason = "too_many_connections"
+        elif self._per_source[source] >= limits.max_per_source:
+            reason = "too_many_connections_from_source"
+        if reason is not None:
+            self.metrics.inc("mbsec_connections_total", outcome=reason)
+            self.log.warning(
+                "connection refused by limits",
+                **{
+                    "event.kind": "event",
+                    "event.category": ["network"],
+                    "event.type": ["connection", "denied"],
+                    "event.action": "connection-rejected",
+                    "event.outcome": "failure",
+                    "event.reason": reason,
+                    "source.ip": source,
+                    "source.port": int(peer[1]),
+                },
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        self.metrics.inc("mbsec_connections_total", outcome="accepted")
+        session = Session(
+            stream,
+            state=lambda: self.state,
+            upstreams=self.upstreams,
+            limits=limits,
+            log=self.log,
+            metrics=self.metrics,
+            identity_slots=self,
+            allowed_requests=self.settings.logging.allowed_requests,
+        )
+        self.sessions.add(session)
+        if self._no_sessions.is_set():
+            self._no_sessions = trio.Event()
+        self._per_source[source] += 1
+        self.metrics.set("mbsec_connections_active", len(self.sessions))
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            if not self.sessions:
+                self._no_sessions.set()
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
+            self.metrics.set("mbsec_connections_active", len(self.sessions))

@@ -1,0 +1,624 @@
+"""One client connection: TLS handshake -> identity -> loop(frame -> policy -> upstream -> reply).
+
+The session owns every failure of its connection and maps library errors at this boundary:
+a failed handshake becomes an event with a reason slug (and the fatal alert is flushed to the
+client, which trio's ``SSLStream`` does not do by itself); a broken frame closes the connection;
+an invalid PDU, a denial or an upstream failure becomes a Modbus exception reply.
+
+Client pipelining: requests are read as they arrive and handled concurrently, at most
+``limits.max_pipelined`` at a time per connection (reading pauses at the limit, which is the
+backpressure). Each reply carries the client's own transaction id and unit id and is written as
+one ``send_all`` = one TLS record, in completion order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+import trio
+from structlog.typing import FilteringBoundLogger
+
+from mbsec.identity import IdentityError, PeerIdentity, parse_identity
+from mbsec.metrics import MetricsLike, NullMetrics
+from mbsec.modbus.errors import Action, RemoteProtocolError
+from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
+from mbsec.modbus.pdu import FUNCTION_NAMES, ExceptionCode, exception_pdu, parse_request
+from mbsec.settings import LimitsSettings
+from mbsec.tls import TlsMaterial, handshake_failure_reason
+from mbsec.upstream import UpstreamError, UpstreamReply
+
+if TYPE_CHECKING:
+    from mbsec.modbus.pdu import Request
+    from mbsec.policy import Policy, Principal, RateLimiter
+
+RECEIVE_SIZE = 65536
+ALERT_FLUSH_TIMEOUT = 1.0
+CLOSE_TIMEOUT = 1.0
+RATE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_BUSY)
+RESPONSE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
+
+_conn_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """Everything a reload replaces, swapped as one object: TLS material, policy, rate limiter.
+
+    A session takes the state once per request, so a request is decided entirely by the old or
+    entirely by the new policy, and a rate-limit slot is released on the limiter that granted it.
+    """
+
+    tls: TlsMaterial
+    policy: Policy
+    limiter: RateLimiter
+    generation: int = 0
+
+
+class UpstreamsLike(Protocol):
+    async def exchange(self, unit_id: int, request: Request, pdu: bytes) -> UpstreamReply: ...
+
+
+class IdentitySlots(Protocol):
+    def claim_identity(self, key: str) -> bool: ...
+
+    def release_identity(self, key: str) -> None: ...
+
+
+class UnlimitedIdentities:
+    def claim_identity(self, key: str) -> bool:
+        return True
+
+    def release_identity(self, key: str) -> None:
+        pass
+
+
+class _Closing(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _addr(sockname: Any) -> tuple[str | None, int | None]:
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return str(sockname[0]), int(sockname[1])
+    return None, None
+
+
+def stream_addresses(stream: trio.abc.Stream) -> tuple[tuple[str | None, int | None], ...]:
+    """(peer, local) addresses of a SocketStream; (None, None) for in-memory test streams."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return (None, None), (None, None)
+    try:
+        return _addr(sock.getpeername()), _addr(sock.getsockname())
+    except OSError:
+        return (None, None), (None, None)
+
+
+class Session:
+    """Serve one accepted client stream until it closes; never raises for client faults."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        state: Callable[[], ProxyState],
+        upstreams: UpstreamsLike,
+        limits: LimitsSettings,
+        log: FilteringBoundLogger,
+        metrics: MetricsLike | None = None,
+        identity_slots: IdentitySlots | None = None,
+        allowed_requests: str = "debug",
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._raw = stream
+        self._state_fn = state
+        self._upstreams = upstreams
+        self._limits = limits
+        self._log = log
+        self._metrics: MetricsLike = metrics or NullMetrics()
+        self._identity_slots = identity_slots or UnlimitedIdentities()
+        self._now = now
+        self._log_allowed: Callable[..., Any] | None = None
+        if allowed_requests == "info":
+            self._log_allowed = log.info
+        elif allowed_requests == "debug" and log.is_enabled_for(10):
+            self._log_allowed = log.debug
+        self.conn_id = next(_conn_ids)
+        (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
+        self._ssl: trio.SSLStream[trio.abc.Stream] | None = None
+        self._handshake_done = False
+        self._identity_key: str | None = None
+        self._nursery: trio.Nursery
+        self._send_lock = trio.Lock()
+        self._reader_scope = trio.CancelScope()
+        self._session_scope: trio.CancelScope | None = None
+        self._inflight = 0
+        self._pipeline = trio.Semaphore(limits.max_pipelined)
+        self.identity: PeerIdentity | None = None
+        self._principal: Principal | None = None
+        self.close_reason = "unknown"
+        # counters for the canonical close line
+        self.requests = 0
+        self.allowed = 0
+        self.denied = 0
+        self.errors = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.monotonic()
+
+    # -- public ------------------------------------------------------------------------
+
+    def stop_reading(self, reason: str = "server_shutdown") -> None:
+        """Drain: take no new requests; those in flight still get their replies."""
+        if self.close_reason == "unknown":
+            self.close_reason = reason
+        self._reader_scope.cancel()
+
+    def abort(self) -> None:
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(
+            **{
+                "mbsec.conn_id": self.conn_id,
+                "source.ip": self.peer_ip,
+                "source.port": self.peer_port,
+                "destination.ip": self.local_ip,
+                "destination.port": self.local_port,
+            }
+        )
+        handshake_ok = False
+        try:
+            with trio.CancelScope() as scope:
+                self._session_scope = scope
+                handshake_ok = await self._handshake()
+                if handshake_ok:
+                    await self._serve_requests()
+        finally:
+            await self._close()
+            if handshake_ok:
+                self._log_closed()
+
+    # -- handshake ----------------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        state = self._state_fn()
+        ssl_stream = trio.SSLStream(self._raw, state.tls.context, server_side=True)
+        self._ssl = ssl_stream
+        t0 = time.monotonic()
+        error: BaseException | None = None
+        timed_out = False
+        with trio.move_on_after(state.tls.handshake_timeout) as cs:
+            try:
+                await ssl_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                error = exc.__cause__ if exc.__cause__ is not None else exc
+            except trio.ClosedResourceError as exc:
+                error = exc
+        if cs.cancelled_caught:
+            timed_out = True
+        duration = time.monotonic() - t0
+        self._handshake_done = not timed_out and error is None
+        if timed_out or error is not None:
+            if timed_out:
+                reason, detail = "handshake_timeout", (
+                    f"no complete handshake within {state.tls.handshake_timeout:g} s"
+                )
+            else:
+                reason, detail = handshake_failure_reason(error)
+            await self._flush_alert(ssl_stream)
+            self._reject(reason, detail, duration)
+            return False
+        return self._accept_identity(ssl_stream, state, duration)
+
+    async def _flush_alert(self, ssl_stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
+
+        trio's ``_retry`` raises on SSLError before it reads the BIO, so without this the
+        client never learns why (R-10/R-44): it sees a bare TCP close instead of e.g.
+        ``certificate_required`` or ``unknown_ca``.
+        """
+        try:
+            pending = ssl_stream._outgoing.read()
+        except Exception:  # pragma: no cover - defensive: private attribute of trio
+            return
+        if not pending:
+            return
+        with trio.move_on_after(ALERT_FLUSH_TIMEOUT):
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+            ):
+                await self._raw.send_all(pending)
+
+    def _reject(
+        self, reason: str, detail: str, duration: float, identity: PeerIdentity | None = None
+    ) -> None:
+        self.close_reason = reason
+        self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
+        fields: dict[str, Any] = {
+            "event.kind": "event",
+            "event.category": ["network", "authentication"],
+            "event.type": ["connection", "denied"],
+            "event.action": "tls-handshake",
+            "event.outcome": "failure",
+            "event.reason": reason,
+            "event.duration": int(duration * 1e9),
+            "error.message": detail,
+        }
+        if identity is not None:
+            fields.update(_identity_fields(identity))
+        self._log.warning("TLS client rejected", **fields)
+
+    def _accept_identity(
+        self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
+    ) -> bool:
+        der = ssl_stream.getpeercert(binary_form=True)
+        if not der:
+            self._reject("no_certificate", "the client sent no certificate", duration)
+            return False
+        try:
+            identity = parse_identity(der)
+        except IdentityError as exc:
+            self._reject(exc.reason, exc.message, duration)
+            return False
+        # Resumption is disabled, but re-check anyway: a CRL loaded after the session was
+        # established is not consulted by OpenSSL for a resumed session.
+        if state.tls.is_revoked(identity.issuer, identity.serial):
+            self._reject("certificate_revoked", "serial is on the current CRL", duration, identity)
+            return False
+        if identity.not_after < self._now():
+            self._reject("certificate_expired", "certificate expired", duration, identity)
+            return False
+        key = identity.subject
+        if not self._identity_slots.claim_identity(key):
+            self._reject(
+                "too_many_connections_for_identity",
+                f"more than {self._limits.max_per_identity} connections for this identity",
+                duration,
+                identity,
+            )
+            return False
+        self._identity_key = key
+        self.identity = identity
+        self._principal = state.policy.principal(identity, self.peer_ip or "")
+        cipher = ssl_stream.cipher()
+        tls_fields = {
+            "tls.version": (ssl_stream.version() or "").removeprefix("TLSv"),
+            "tls.version_protocol": "tls",
+            "tls.cipher": cipher[0] if cipher else None,
+        }
+        roles = list(getattr(self._principal, "roles", ()) or ())
+        ident = _identity_fields(identity)
+        structlog.contextvars.bind_contextvars(
+            **{
+                "tls.client.x509.subject.common_name": identity.common_name,
+                "tls.client.hash.sha256": identity.fingerprint_sha256,
+                "user.name": identity.common_name,
+                "user.roles": roles,
+            }
+        )
+        self._metrics.inc("mbsec_tls_handshakes_total", outcome="success", reason="ok")
+        self._metrics.observe("mbsec_tls_handshake_seconds", duration)
+        self._log.info(
+            "TLS client accepted",
+            **{
+                "event.kind": "event",
+                "event.category": ["network", "authentication"],
+                "event.type": ["connection", "start", "allowed"],
+                "event.action": "tls-handshake",
+                "event.outcome": "success",
+                "event.duration": int(duration * 1e9),
+                **tls_fields,
+                **ident,
+                "mbsec.role": identity.role,
+            },
+        )
+        return True
+
+    # -- request loop -------------------------------------------------------------------
+
+    async def _serve_requests(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                with self._reader_scope:
+                    await self._read_loop(nursery)
+                # reader finished (EOF, idle, drain): in-flight requests still complete
+        finally:
+            if self._identity_key is not None:
+                self._identity_slots.release_identity(self._identity_key)
+                self._identity_key = None
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        assert self._ssl is not None
+        frames = FrameBuffer()
+        idle = self._limits.idle_timeout
+        while True:
+            with trio.move_on_after(idle) as cs:
+                try:
+                    data = await self._ssl.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                    if self.close_reason == "unknown":
+                        self.close_reason = "client_reset"
+            if cs.cancelled_caught:
+                if self._inflight:
+                    continue
+                self.close_reason = "idle_timeout"
+                return
+            if not data:
+                if self.close_reason == "unknown":
+                    self.close_reason = "client_closed"
+                return
+            self.bytes_in += len(data)
+            frames.receive_data(data)
+            while True:
+                try:
+                    adu = frames.next_frame()
+                except RemoteProtocolError as exc:
+                    self._framing_error(exc)
+                    self.close_reason = exc.reason
+                    nursery.cancel_scope.cancel()  # nothing more from a broken stream
+                    return
+                if adu is None:
+                    break
+                await self._pipeline.acquire()
+                self._inflight += 1
+                nursery.start_soon(self._handle, adu, time.monotonic())
+
+    def _framing_error(self, exc: RemoteProtocolError) -> None:
+        self.errors += 1
+        self._metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
+        self._log.warning(
+            "malformed Modbus frame, closing the connection",
+            **{
+                "event.kind": "event",
+                "event.category": ["network", "intrusion_detection"],
+                "event.type": ["connection", "denied"],
+                "event.action": "modbus-framing-error",
+                "event.outcome": "failure",
+                "event.reason": exc.reason,
+                "error.message": exc.message,
+            },
+        )
+
+    async def _handle(self, adu: Adu, t0: float) -> None:
+        try:
+            try:
+                pdu = await self._process(adu, t0)
+            except _Closing as exc:
+                self.close_reason = exc.reason
+                self._nursery.cancel_scope.cancel()
+                return
+            await self._send(encode_adu(adu.transaction_id, adu.unit_id, pdu))
+            self._metrics.observe("mbsec_request_seconds", time.monotonic() - t0)
+        finally:
+            self._inflight -= 1
+            self._pipeline.release()
+
+    async def _send(self, data: bytes) -> None:
+        assert self._ssl is not None
+        async with self._send_lock:
+            try:
+                await self._ssl.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if self.close_reason == "unknown":
+                    self.close_reason = "client_gone"
+                self._reader_scope.cancel()
+                return
+        self.bytes_out += len(data)
+
+    async def _process(self, adu: Adu, t0: float) -> bytes:
+        """Decide one request; return the PDU to send back (the PLC's reply or an exception)."""
+        self.requests += 1
+        fc = adu.pdu[0] if adu.pdu else 0
+        try:
+            request = parse_request(adu.pdu)
+        except RemoteProtocolError as exc:
+            if exc.action is Action.CLOSE or exc.exception_code is None:
+                self._framing_error(exc)
+                raise _Closing(exc.reason) from None
+            self.errors += 1
+            self._metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
+            self._log.warning(
+                "invalid Modbus request",
+                **self._request_fields(adu, fc, None, t0),
+                **{
+                    "event.type": ["protocol", "denied"],
+                    "event.outcome": "failure",
+                    "event.reason": exc.reason,
+                    "modbus.decision": "invalid",
+                    "modbus.exception_code": exc.exception_code,
+                    "error.message": exc.message,
+                },
+            )
+            return exception_pdu(fc & 0x7F, exc.exception_code)
+
+        state = self._state_fn()
+        principal = self._principal
+        assert principal is not None
+        access = request.access()
+        decision = state.policy.evaluate(principal, adu.unit_id, access)
+        fname = FUNCTION_NAMES.get(fc, str(fc))
+        if not decision.allowed:
+            return self._deny(adu, fc, access, t0, decision.rule_id, decision.reason,
+                              decision.exception_code, "deny")
+        if decision.outcome == "would_deny":
+            self._log.warning(
+                "request would be denied (monitor mode), forwarded",
+                **self._request_fields(adu, fc, access, t0),
+                **{
+                    "event.type": ["protocol", "info"],
+                    "event.outcome": "success",
+                    "event.reason": decision.reason,
+                    "rule.id": decision.rule_id,
+                    "modbus.decision": "would_deny",
+                },
+            )
+        limiter = state.limiter
+        limited = limiter.acquire(principal, access)
+        if limited is not None:
+            return self._deny(adu, fc, access, t0, decision.rule_id, limited,
+                              RATE_LIMIT_EXCEPTION, "rate_limited")
+        try:
+            reply = await self._upstreams.exchange(adu.unit_id, request, adu.pdu)
+        except UpstreamError as exc:
+            self.errors += 1
+            self._metrics.inc("mbsec_requests_total", decision="upstream_error", function=fname)
+            self._log.warning(
+                "PLC did not answer",
+                **self._request_fields(adu, fc, access, t0),
+                **{
+                    "event.type": ["protocol", "error"],
+                    "event.outcome": "failure",
+                    "event.reason": exc.reason,
+                    "rule.id": decision.rule_id,
+                    "modbus.decision": "allow",
+                    "modbus.exception_code": exc.exception_code,
+                    "error.message": exc.message,
+                },
+            )
+            return exception_pdu(fc, exc.exception_code)
+        finally:
+            limiter.release(principal)
+        limit = decision.max_response_bytes
+        if limit is not None and len(reply.pdu) > limit:
+            self.errors += 1
+            self._metrics.inc("mbsec_requests_total", decision="response_too_large", function=fname)
+            self._log.warning(
+                "PLC reply exceeds the policy's max_response_bytes, withheld",
+                **self._request_fields(adu, fc, access, t0),
+                **{
+                    "event.type": ["protocol", "denied"],
+                    "event.outcome": "failure",
+                    "event.reason": "response_too_large",
+                    "rule.id": decision.rule_id,
+                    "modbus.decision": "allow",
+                    "modbus.exception_code": RESPONSE_LIMIT_EXCEPTION,
+                    "mbsec.response_bytes": len(reply.pdu),
+                    "mbsec.max_response_bytes": limit,
+                },
+            )
+            return exception_pdu(fc, RESPONSE_LIMIT_EXCEPTION)
+        self.allowed += 1
+        self._metrics.inc("mbsec_requests_total", decision="allow", function=fname)
+        if self._log_allowed is not None:
+            extra: dict[str, Any] = {
+                "event.type": ["protocol", "allowed"],
+                "event.outcome": "success",
+                "rule.id": decision.rule_id,
+                "modbus.decision": decision.outcome,
+                "mbsec.target": reply.target,
+            }
+            code = getattr(reply.response, "exception_code", None)
+            if code is not None:
+                extra["modbus.exception_code"] = code
+            self._log_allowed("request forwarded", **self._request_fields(adu, fc, access, t0),
+                              **extra)
+        return reply.pdu
+
+    def _deny(
+        self,
+        adu: Adu,
+        fc: int,
+        access: Any,
+        t0: float,
+        rule_id: str,
+        reason: str,
+        code: int,
+        decision: str,
+    ) -> bytes:
+        self.denied += 1
+        self._metrics.inc(
+            "mbsec_requests_total", decision=decision, function=FUNCTION_NAMES.get(fc, str(fc))
+        )
+        self._log.warning(
+            "request denied",
+            **self._request_fields(adu, fc, access, t0),
+            **{
+                "event.type": ["protocol", "denied"],
+                "event.outcome": "failure",
+                "event.reason": reason,
+                "rule.id": rule_id,
+                "modbus.decision": decision,
+                "modbus.exception_code": code,
+            },
+        )
+        return exception_pdu(fc, code)
+
+    def _request_fields(self, adu: Adu, fc: int, access: Any, t0: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "event.kind": "event",
+            "event.category": ["network"],
+            "event.action": "modbus-request",
+            "event.duration": int((time.monotonic() - t0) * 1e9),
+            "modbus.transaction_id": adu.transaction_id,
+            "modbus.unit_id": adu.unit_id,
+            "modbus.function_code": fc,
+            "modbus.function": FUNCTION_NAMES.get(fc, f"function_{fc}"),
+        }
+        if access is not None:
+            span = access.write or access.read
+            if span is not None:
+                fields["modbus.address"] = span[0]
+                fields["modbus.quantity"] = access.quantity
+            if access.subfunction is not None:
+                fields["modbus.subfunction"] = access.subfunction
+        return fields
+
+    # -- close ---------------------------------------------------------------------------
+
+    async def _close(self) -> None:
+        stream: trio.abc.AsyncResource = self._ssl if self._ssl is not None else self._raw
+        with trio.move_on_after(CLOSE_TIMEOUT) as cs:
+            cs.shield = True
+            try:
+                if self._handshake_done and self._ssl is not None:
+                    await self._ssl.aclose()  # close_notify, then TCP close
+                else:
+                    await self._raw.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+        if cs.cancelled_caught:
+            await trio.aclose_forcefully(stream)
+
+    def _log_closed(self) -> None:
+        duration = time.monotonic() - self.started
+        self._log.info(
+            "connection closed",
+            **{
+                "event.kind": "event",
+                "event.category": ["network"],
+                "event.type": ["connection", "end"],
+                "event.action": "connection-closed",
+                "event.outcome": "success",
+                "event.reason": self.close_reason,
+                "event.duration": int(duration * 1e9),
+                "source.bytes": self.bytes_in,
+                "destination.bytes": self.bytes_out,
+                "mbsec.requests": self.requests,
+                "mbsec.allowed": self.allowed,
+                "mbsec.denied": self.denied,
+                "mbsec.errors": self.errors,
+            },
+        )
+
+
+def _identity_fields(identity: PeerIdentity) -> dict[str, Any]:
+    return {
+        "tls.client.x509.subject.common_name": identity.common_name,
+        "tls.client.x509.subject.distinguished_name": identity.subject,
+        "tls.client.x509.issuer.distinguished_name": identity.issuer,
+        "tls.client.x509.serial_number": format(identity.serial, "X"),
+        "tls.client.x509.not_after": identity.not_after.isoformat(),
+        "tls.client.hash.sha256": identity.fingerprint_sha256,
+    }
