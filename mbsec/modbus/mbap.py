@@ -1,0 +1,129 @@
+"""MBAP framing for Modbus/TCP: bytes in any split -> whole ADUs out, no I/O.
+
+The 7-byte header is validated as soon as it is complete and before any body byte is
+consumed, so a peer cannot make us wait for (or buffer) a body whose length is already
+known to be invalid. The buffer is capped: a caller that feeds data without pulling
+frames gets a ``buffer_overflow`` error instead of unbounded memory growth.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import Action, LocalProtocolError, RemoteProtocolError
+
+#: transaction id (2) + protocol id (2) + length (2) + unit id (1)
+MBAP_HEADER_LEN = 7
+#: the largest ADU: header + 253-byte PDU
+MAX_ADU = 260
+#: the MBAP length field counts the unit id and the PDU: 1 + (1..253)
+MIN_LENGTH_FIELD = 2
+MAX_LENGTH_FIELD = 254
+MAX_PDU = 253
+#: data accepted by :meth:`FrameBuffer.receive_data` but not yet pulled by ``next_frame``
+DEFAULT_MAX_PENDING = 64 * 1024
+
+_HEADER = struct.Struct(">HHHB")
+_unpack_header = _HEADER.unpack_from
+_pack_header = _HEADER.pack
+
+
+@dataclass(frozen=True, slots=True)
+class Adu:
+    """One Modbus/TCP application data unit; ``pdu`` starts with the function code."""
+
+    transaction_id: int
+    unit_id: int
+    pdu: bytes
+
+
+class FrameBuffer:
+    """Reassembles ADUs from a byte stream (h11-style ``receive_data`` / ``next_frame``).
+
+    Once a framing error has been raised the stream cannot be resynchronised (Modbus/TCP has
+    no frame delimiter), so every later ``next_frame`` call raises the same error again.
+    """
+
+    __slots__ = ("_buf", "_error", "_max_pending", "_pos")
+
+    def __init__(self, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        if max_pending < MAX_ADU:
+            raise ValueError(f"max_pending must be at least {MAX_ADU}")
+        self._buf = b""
+        self._pos = 0  # bytes of _buf already returned as frames
+        self._max_pending = max_pending
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as part of a frame."""
+        return len(self._buf) - self._pos
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes from the peer; raises ``buffer_overflow`` past the pending cap."""
+        if not data:
+            return
+        if self._pos == len(self._buf):
+            # Common case: everything before was consumed; keep the chunk without copying.
+            self._buf = data if type(data) is bytes else bytes(data)
+        else:
+            self._buf = self._buf[self._pos :] + bytes(data)
+        self._pos = 0
+        if len(self._buf) > self._max_pending:
+            self._buf = b""  # drop it: the connection is going away anyway
+            self._error = RemoteProtocolError(
+                f"more than {self._max_pending} bytes pending without a complete frame pulled",
+                reason="buffer_overflow",
+                action=Action.CLOSE,
+            )
+            raise self._error
+
+    def next_frame(self) -> Adu | None:
+        """Return the next complete ADU, or ``None`` if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < MBAP_HEADER_LEN:
+            return None
+        tid, pid, length, unit = _unpack_header(buf, pos)
+        if pid != 0:
+            self._error = RemoteProtocolError(
+                f"MBAP protocol id {pid} is not 0 (Modbus)",
+                reason="bad_protocol_id",
+                action=Action.CLOSE,
+            )
+            raise self._error
+        if length < MIN_LENGTH_FIELD or length > MAX_LENGTH_FIELD:
+            self._error = RemoteProtocolError(
+                f"MBAP length {length} outside {MIN_LENGTH_FIELD}..{MAX_LENGTH_FIELD}",
+                reason="bad_length",
+                action=Action.CLOSE,
+            )
+            raise self._error
+        end = pos + 6 + length
+        if len(buf) < end:
+            return None
+        self._pos = end
+        if end == len(buf):
+            self._buf = b""
+            self._pos = 0
+        return Adu(tid, unit, buf[pos + MBAP_HEADER_LEN : end])
+
+
+def encode_adu(transaction_id: int, unit_id: int, pdu: bytes) -> bytes:
+    """Prefix ``pdu`` with its MBAP header; raises ``LocalProtocolError`` on bad fields."""
+    n = len(pdu)
+    if n < 1 or n > MAX_PDU:
+        raise LocalProtocolError(
+            f"PDU length {n} outside 1..{MAX_PDU}", reason="bad_pdu_length"
+        )
+    try:
+        return _pack_header(transaction_id, 0, n + 1, unit_id) + pdu
+    except struct.error:
+        raise LocalProtocolError(
+            f"transaction id {transaction_id!r} or unit id {unit_id!r} out of range",
+            reason="bad_header_field",
+        ) from None
