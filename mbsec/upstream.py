@@ -1,0 +1,657 @@
+"""PLC connections: a small shared pool per PLC, proxy-owned transaction ids, deadlines.
+
+PLCs accept only a handful of TCP connections, so every client session shares the same few
+upstream connections. Each connection numbers its own requests (the client's transaction id
+never reaches the PLC), so a reply is matched by *our* id and can only ever complete the
+request that caused it. A reply to a request that already timed out is dropped, never handed
+to the next caller (the classic Modbus-proxy bug). Anything else that does not fit (unknown
+id, wrong unit, wrong function or body, broken MBAP) means the byte stream can no longer be
+trusted: the connection is reset, its pending requests fail with 0x0B and it reconnects with
+backoff. Nothing is retried, writes least of all: a replayed write moves real equipment.
+
+Per-connection tasks (a manager that connects and reads) live in :meth:`Upstreams.run`; the
+request path itself spawns no task: it sends one ADU and waits on a ``trio.Event`` that the
+reader sets.
+
+Events (structlog, ECS keys): ``event.action`` = ``upstream-connect``,
+``upstream-connect-failed``, ``upstream-reset``, ``upstream-late-reply``, with
+``mbsec.target``, ``destination.ip``, ``destination.port``, ``error.message`` and, for resets,
+``event.reason`` and ``mbsec.pending`` (requests failed by it).
+Metrics: ``mbsec_upstream_connects_total{target}``,
+``mbsec_upstream_failures_total{target,reason}`` (reason: ``connect_failed``,
+``connect_timeout``, ``backoff``, ``no_route``, ``timeout``, ``late_reply``, or the reset
+reason: ``unknown_tid``, ``wrong_unit``, ``bad_reply``, ``bad_frame``, ``connection_lost``,
+``eof``, ``send_failed``), ``mbsec_upstream_request_seconds{target}`` (send to validated reply).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import structlog
+import trio
+
+from mbsec.modbus.errors import ProtocolError
+from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
+from mbsec.modbus.pdu import ExceptionCode, ExceptionResponse, Request, Response, parse_response
+
+__all__ = [
+    "Dialer",
+    "MetricsLike",
+    "PathUnavailable",
+    "TargetNoResponse",
+    "UpstreamError",
+    "UpstreamReply",
+    "UpstreamTarget",
+    "Upstreams",
+    "configure_socket",
+    "tcp_dialer",
+]
+
+KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe (seed guidance)
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+RECEIVE_SIZE = 65536
+EXPIRED_MAX = 4096  # timed-out transaction ids remembered per connection
+RETIRE_GRACE = 1.0  # extra seconds a replaced target keeps serving its in-flight requests
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """One PLC (or gateway) and the unit ids routed to it.
+
+    ``unit_rewrite`` maps the client's unit id to the PLC's; the reply must carry the
+    rewritten unit and goes back to the client with its original one (the session keeps it).
+    """
+
+    name: str
+    host: str
+    port: int
+    unit_ids: frozenset[int]
+    unit_rewrite: Mapping[int, int] = field(default_factory=dict)
+    pool_size: int = 1
+    depth: int = 1
+    connect_timeout: float = 3.0
+    request_timeout: float = 2.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not 0 < self.port < 65536:
+            problems.append(f"port {self.port} is not in 1..65535")
+        if not self.unit_ids:
+            problems.append("no unit ids")
+        for unit in self.unit_ids:
+            if not 0 <= unit <= 255:
+                problems.append(f"unit id {unit} is not in 0..255")
+        for src, dst in self.unit_rewrite.items():
+            if not (0 <= src <= 255 and 0 <= dst <= 255):
+                problems.append(f"unit rewrite {src}->{dst} is outside 0..255")
+        if self.pool_size < 1:
+            problems.append("pool_size must be at least 1")
+        if self.depth < 1:
+            problems.append("depth must be at least 1")
+        if self.connect_timeout <= 0 or self.request_timeout <= 0:
+            problems.append("timeouts must be positive")
+        if self.backoff_initial < 0 or self.backoff_max < self.backoff_initial:
+            problems.append("backoff must satisfy 0 <= backoff_initial <= backoff_max")
+        if problems:
+            raise ValueError(f"upstream target {self.name!r}: " + "; ".join(problems))
+        # Freeze the mapping so a shared target cannot change under a running pool.
+        object.__setattr__(self, "unit_ids", frozenset(self.unit_ids))
+        object.__setattr__(self, "unit_rewrite", MappingProxyType(dict(self.unit_rewrite)))
+
+
+class UpstreamError(Exception):
+    """A request could not be answered by its PLC; ``exception_code`` goes back to the client."""
+
+    exception_code: int = int(ExceptionCode.GATEWAY_PATH_UNAVAILABLE)
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class PathUnavailable(UpstreamError):
+    """Exception 0x0A: no target for the unit id, or its PLC cannot be reached right now."""
+
+    exception_code = int(ExceptionCode.GATEWAY_PATH_UNAVAILABLE)
+
+
+class TargetNoResponse(UpstreamError):
+    """Exception 0x0B: the request was sent (or queued) but no valid answer came in time."""
+
+    exception_code = int(ExceptionCode.GATEWAY_TARGET_NO_RESPONSE)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """A validated reply: the PDU as the PLC sent it and its parsed form."""
+
+    pdu: bytes
+    response: Response | ExceptionResponse
+    target: str
+
+
+class MetricsLike(Protocol):
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None: ...
+    def observe(self, name: str, value: float, **labels: str) -> None: ...
+    def set(self, name: str, value: float, **labels: str) -> None: ...
+
+
+class _NoMetrics:
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        pass
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        pass
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        pass
+
+
+Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+def configure_socket(sock: trio.socket.SocketType) -> None:
+    """TCP_NODELAY (one ADU per segment, no Nagle delay) and 30 s keepalive.
+
+    Keepalive finds a PLC that vanished without a FIN (power loss, cable) on idle
+    connections; the request deadline covers busy ones.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+async def tcp_dialer(host: str, port: int) -> trio.abc.Stream:
+    """The default dialer: a plain TCP stream with :func:`configure_socket` applied."""
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        configure_socket(stream.socket)
+    except OSError:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+class _Pending:
+    """One request on the wire: the reader fills ``reply`` or ``error`` and sets ``done``."""
+
+    __slots__ = ("done", "error", "reply", "request", "unit_id")
+
+    def __init__(self, request: Request, unit_id: int) -> None:
+        self.request = request
+        self.unit_id = unit_id
+        self.done = trio.Event()
+        self.reply: UpstreamReply | None = None
+        self.error: UpstreamError | None = None
+
+    def fail(self, error: UpstreamError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class _Connection:
+    """One TCP connection slot to a PLC: its manager task, tid space and pending table."""
+
+    def __init__(
+        self, target: UpstreamTarget, index: int, dialer: Dialer, log: Any, metrics: MetricsLike
+    ) -> None:
+        self.target = target
+        self.index = index
+        self._dialer = dialer
+        self._metrics = metrics
+        self._log = log.bind(
+            **{
+                "mbsec.target": target.name,
+                "destination.ip": target.host,
+                "destination.port": target.port,
+                "mbsec.connection": index,
+            }
+        )
+        self.stream: trio.abc.Stream | None = None
+        self.load = 0  # callers currently using this connection (queued or in flight)
+        self._pending: dict[int, _Pending] = {}
+        self._expired: dict[int, None] = {}  # insertion-ordered set of timed-out tids
+        self._next_tid = 1
+        self._slots = trio.Semaphore(target.depth)
+        self._send_lock = trio.StrictFIFOLock() if target.depth > 1 else None
+        self.retry_at = -math.inf
+        self._backoff = target.backoff_initial
+        self._last_error = ""
+        self._demand = trio.Event()
+        self._changed = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._reset_why: tuple[str, str] | None = None
+
+    # -- manager task -------------------------------------------------------------------
+
+    async def manage(self) -> None:
+        """Connect when a caller needs the connection, read replies until it breaks, repeat."""
+        try:
+            while True:
+                await self._demand.wait()
+                self._demand = trio.Event()
+                stream = await self._connect()
+                if stream is not None:
+                    await self._serve(stream)
+        finally:
+            self._teardown("shutdown", "upstream pool stopped", backoff=False, log=False)
+
+    async def _connect(self) -> trio.abc.Stream | None:
+        t = self.target
+        reason = "connect_failed"
+        try:
+            with trio.fail_after(t.connect_timeout):
+                stream = await self._dialer(t.host, t.port)
+        except trio.TooSlowError:
+            reason, message = "connect_timeout", f"no connection within {t.connect_timeout:g} s"
+        except (OSError, trio.BrokenResourceError) as exc:
+            message = str(exc) or type(exc).__name__
+        else:
+            self.stream = stream
+            self._reset_why = None
+            self._metrics.inc("mbsec_upstream_connects_total", target=t.name)
+            self._log.info("upstream-connect", **{"event.action": "upstream-connect"})
+            self._notify()
+            return stream
+        self._last_error = message
+        self.retry_at = trio.current_time() + self._backoff
+        self._log.warning(
+            "upstream-connect-failed",
+            **{
+                "event.action": "upstream-connect-failed",
+                "event.reason": reason,
+                "error.message": message,
+                "mbsec.backoff": self._backoff,
+            },
+        )
+        self._backoff = min(self._backoff * 2, t.backoff_max)
+        self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason=reason)
+        self._notify()
+        return None
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        why: tuple[str, str] | None = None
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                why = await self._read_loop(stream)
+        finally:
+            self._scope = None
+            if why is None:
+                why = self._reset_why or ("shutdown", "upstream pool stopped")
+            reason, message = why
+            self._teardown(reason, message, backoff=reason != "eof", log=reason != "shutdown")
+            await trio.aclose_forcefully(stream)
+
+    async def _read_loop(self, stream: trio.abc.Stream) -> tuple[str, str]:
+        frames = FrameBuffer()
+        while True:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                return "connection_lost", str(exc) or type(exc).__name__
+            if not data:
+                return "eof", "connection closed by the PLC"
+            while True:
+                try:
+                    if data:
+                        frames.receive_data(data)
+                        data = b""
+                    adu = frames.next_frame()
+                except ProtocolError as exc:
+                    return "bad_frame", exc.message
+                if adu is None:
+                    break
+                problem = self._dispatch(adu)
+                if problem is not None:
+                    return problem
+
+    def _dispatch(self, adu: Adu) -> tuple[str, str] | None:
+        """Hand a reply to the request that sent its tid; anything off resets the connection."""
+        tid = adu.transaction_id
+        pending = self._pending.pop(tid, None)
+        if pending is None:
+            if tid in self._expired:
+                del self._expired[tid]
+                self._log.info(
+                    "upstream-late-reply",
+                    **{
+                        "event.action": "upstream-late-reply",
+                        "modbus.transaction_id": tid,
+                        "error.message": "reply after its request timed out; dropped",
+                    },
+                )
+                self._metrics.inc(
+                    "mbsec_upstream_failures_total", target=self.target.name, reason="late_reply"
+                )
+                return None
+            return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
+        if adu.unit_id != pending.unit_id:
+            pending.fail(self._reset_error(f"reply from unit {adu.unit_id}"))
+            return "wrong_unit", (
+                f"reply to tid {tid} from unit {adu.unit_id}, expected {pending.unit_id}"
+            )
+        try:
+            response = parse_response(pending.request, adu.pdu)
+        except ProtocolError as exc:
+            pending.fail(self._reset_error(exc.message))
+            return "bad_reply", f"reply to tid {tid} does not match its request: {exc.message}"
+        pending.reply = UpstreamReply(adu.pdu, response, self.target.name)
+        pending.done.set()
+        self._backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
+        return None
+
+    def _reset_error(self, message: str) -> TargetNoResponse:
+        return TargetNoResponse(
+            f"upstream {self.target.name} connection reset: {message}", reason="upstream_reset"
+        )
+
+    def _teardown(self, reason: str, message: str, *, backoff: bool, log: bool) -> None:
+        pending, self._pending = self._pending, {}
+        self._expired.clear()
+        self.stream = None
+        error = self._reset_error(message)
+        if reason == "connection_lost" or reason == "eof":
+            error.reason = "connection_lost"
+        for p in pending.values():
+            p.fail(error)
+        if backoff or pending:
+            self.retry_at = trio.current_time() + self._backoff
+            self._backoff = min(self._backoff * 2, self.target.backoff_max)
+        if log:
+            self._last_error = message
+            level = self._log.info if reason == "eof" and not pending else self._log.warning
+            level(
+                "upstream-reset",
+                **{
+                    "event.action": "upstream-reset",
+                    "event.reason": reason,
+                    "error.message": message,
+                    "mbsec.pending": len(pending),
+                },
+            )
+            self._metrics.inc(
+                "mbsec_upstream_failures_total", target=self.target.name, reason=reason
+            )
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def request_reset(self, reason: str, message: str) -> None:
+        """Called from a request task: the byte stream is unusable, let the manager reset it."""
+        if self._reset_why is None:
+            self._reset_why = (reason, message)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- request path -------------------------------------------------------------------
+
+    def in_backoff(self) -> bool:
+        return self.stream is None and trio.current_time() < self.retry_at
+
+    async def _ensure_connected(self) -> trio.abc.Stream:
+        t = self.target
+        if self.in_backoff():
+            self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="backoff")
+            raise PathUnavailable(
+                f"upstream {t.name} unavailable (reconnect backoff): {self._last_error}",
+                reason="backoff",
+            )
+        changed = self._changed
+        self._demand.set()
+        with trio.move_on_after(t.connect_timeout + 1.0):
+            await changed.wait()
+        if self.stream is None:
+            raise PathUnavailable(
+                f"cannot connect to upstream {t.name} at {t.host}:{t.port}: "
+                f"{self._last_error or 'no connection'}",
+                reason="connect_failed",
+            )
+        return self.stream
+
+    def _allocate_tid(self) -> int:
+        """Next 16-bit id not in flight and not recently timed out (so a late reply is known)."""
+        tid = self._next_tid
+        for _ in range(65536):
+            if tid not in self._pending and tid not in self._expired:
+                break
+            tid = (tid + 1) & 0xFFFF
+        else:  # pragma: no cover - depth and EXPIRED_MAX keep far fewer than 65536 ids in use
+            raise TargetNoResponse("no free transaction id", reason="tid_exhausted")
+        self._next_tid = (tid + 1) & 0xFFFF
+        return tid
+
+    def _expire(self, tid: int) -> None:
+        self._expired[tid] = None
+        if len(self._expired) > EXPIRED_MAX:
+            del self._expired[next(iter(self._expired))]
+
+    async def exchange(self, unit_id: int, request: Request, pdu: bytes) -> UpstreamReply:
+        t = self.target
+        plc_unit = t.unit_rewrite.get(unit_id, unit_id)
+        stream = self.stream
+        if stream is None:
+            stream = await self._ensure_connected()
+        deadline = trio.current_time() + t.request_timeout
+        pending = _Pending(request, plc_unit)
+        tid = -1
+        sent_at = 0.0
+        sending = False
+        try:
+            with trio.move_on_at(deadline):
+                async with self._slots:
+                    stream = self.stream  # the connection may have been reset while we queued
+                    if stream is None:
+                        raise TargetNoResponse(
+                            f"upstream {t.name} connection lost before the request was sent: "
+                            f"{self._last_error}",
+                            reason="connection_lost",
+                        )
+                    tid = self._allocate_tid()
+                    self._pending[tid] = pending
+                    adu = encode_adu(tid, plc_unit, pdu)
+                    sent_at = trio.current_time()
+                    sending = True
+                    if self._send_lock is None:
+                        await stream.send_all(adu)
+                    else:
+                        async with self._send_lock:
+                            await stream.send_all(adu)
+                    sending = False
+                    await pending.done.wait()
+            if pending.reply is not None:
+                self._metrics.observe(
+                    "mbsec_upstream_request_seconds", trio.current_time() - sent_at, target=t.name
+                )
+                return pending.reply
+            if pending.error is not None:
+                raise pending.error
+            self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
+            where = "sent" if tid >= 0 else "queued"
+            raise TargetNoResponse(
+                f"no reply from upstream {t.name} within {t.request_timeout:g} s ({where})",
+                reason="timeout",
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            sending = False
+            self.request_reset("send_failed", str(exc) or type(exc).__name__)
+            raise TargetNoResponse(
+                f"upstream {t.name} connection lost while sending: {exc}",
+                reason="connection_lost",
+            ) from exc
+        finally:
+            if sending:
+                # Cancelled in the middle of send_all: part of an ADU may be on the wire, so
+                # the stream is no longer framed. Never try to finish or repeat the write.
+                self.request_reset("send_failed", "request cancelled while being sent")
+            if tid >= 0 and self._pending.get(tid) is pending:
+                del self._pending[tid]
+                self._expire(tid)
+
+
+class _Pool:
+    """The connections to one target; lives in its own cancel scope so a reload can retire it."""
+
+    def __init__(
+        self, target: UpstreamTarget, dialer: Dialer, log: Any, metrics: MetricsLike
+    ) -> None:
+        self.target = target
+        self.connections = [
+            _Connection(target, i, dialer, log, metrics) for i in range(target.pool_size)
+        ]
+        self.scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                for conn in self.connections:
+                    nursery.start_soon(conn.manage)
+
+    async def retire(self) -> None:
+        """Let in-flight requests finish (they are bounded by the deadlines), then close."""
+        t = self.target
+        await trio.sleep(t.connect_timeout + t.request_timeout + RETIRE_GRACE)
+        self.scope.cancel()
+
+    def pick(self) -> _Connection:
+        """Fill open connections up to depth, then open the next one, then queue."""
+        conns = self.connections
+        if len(conns) == 1:
+            return conns[0]
+        depth = self.target.depth
+        best: _Connection | None = None
+        for c in conns:  # an open connection with a free slot, least loaded
+            if c.stream is not None and c.load < depth and (best is None or c.load < best.load):
+                best = c
+        if best is not None:
+            return best
+        for c in conns:  # a connection that is (being) opened and has room
+            if c.stream is None and c.load < depth and not c.in_backoff():
+                return c
+        for c in conns:  # queue on the least loaded usable one
+            if not c.in_backoff() and (best is None or c.load < best.load):
+                best = c
+        return best if best is not None else conns[0]
+
+
+class Upstreams:
+    """All PLC targets, routed by unit id. Start :meth:`run` in a nursery before exchanging."""
+
+    def __init__(
+        self,
+        targets: Iterable[UpstreamTarget],
+        *,
+        log: Any = None,
+        metrics: MetricsLike | None = None,
+        dialer: Dialer | None = None,
+    ) -> None:
+        self._log: Any = log if log is not None else structlog.get_logger("mbsec.upstream")
+        self._metrics: MetricsLike = metrics if metrics is not None else _NoMetrics()
+        self._dialer: Dialer = dialer if dialer is not None else tcp_dialer
+        self._nursery: trio.Nursery | None = None
+        self._pools: dict[str, _Pool] = {}
+        self._routes: dict[int, _Pool] = {}
+        self._install(list(targets))
+
+    @staticmethod
+    def _check(targets: list[UpstreamTarget]) -> None:
+        names: set[str] = set()
+        owner: dict[int, str] = {}
+        for t in targets:
+            if t.name in names:
+                raise ValueError(f"duplicate upstream target name {t.name!r}")
+            names.add(t.name)
+            for unit in t.unit_ids:
+                if unit in owner:
+                    raise ValueError(
+                        f"unit id {unit} is routed to both {owner[unit]!r} and {t.name!r}"
+                    )
+                owner[unit] = t.name
+
+    def _install(self, targets: list[UpstreamTarget]) -> list[_Pool]:
+        """Swap in a new target set; returns pools that are no longer used."""
+        self._check(targets)
+        old = self._pools
+        pools: dict[str, _Pool] = {}
+        for t in targets:
+            kept = old.get(t.name)
+            # An unchanged target keeps its pool, so a reload does not drop PLC connections.
+            pools[t.name] = (
+                kept
+                if kept is not None and kept.target == t
+                else _Pool(t, self._dialer, self._log, self._metrics)
+            )
+        kept_ids = {id(p) for p in pools.values()}
+        retired = [p for p in old.values() if id(p) not in kept_ids]
+        new = [p for p in pools.values() if not any(p is o for o in old.values())]
+        self._pools = pools
+        self._routes = {unit: p for p in pools.values() for unit in p.target.unit_ids}
+        if self._nursery is not None:
+            for p in new:
+                self._nursery.start_soon(p.run)
+            for p in retired:
+                self._nursery.start_soon(p.retire)
+        return retired
+
+    @property
+    def targets(self) -> tuple[UpstreamTarget, ...]:
+        return tuple(p.target for p in self._pools.values())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every connection task until cancelled; cancellation closes all PLC sockets."""
+        if self._nursery is not None:
+            raise RuntimeError("Upstreams.run is already running")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for pool in self._pools.values():
+                    nursery.start_soon(pool.run)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def route(self, unit_id: int) -> UpstreamTarget | None:
+        pool = self._routes.get(unit_id)
+        return pool.target if pool is not None else None
+
+    async def exchange(self, unit_id: int, request: Request, pdu: bytes) -> UpstreamReply:
+        """Send one request PDU to the PLC for ``unit_id`` and return its validated reply.
+
+        Raises :class:`PathUnavailable` (0x0A) or :class:`TargetNoResponse` (0x0B). Never
+        retries: a request that was or may have been sent is answered or fails.
+        """
+        pool = self._routes.get(unit_id)
+        if pool is None:
+            self._metrics.inc("mbsec_upstream_failures_total", target="", reason="no_route")
+            raise PathUnavailable(f"no upstream target for unit id {unit_id}", reason="no_route")
+        if self._nursery is None:
+            raise PathUnavailable("upstream connections are not running", reason="not_running")
+        conn = pool.pick()
+        conn.load += 1
+        try:
+            return await conn.exchange(unit_id, request, pdu)
+        finally:
+            conn.load -= 1
+
+    def replace_targets(self, targets: Iterable[UpstreamTarget]) -> None:
+        """Reload: new requests use the new set at once; unchanged targets keep their pools,
+        removed or changed ones finish their in-flight requests, then close. Raises
+        ``ValueError`` (keeping the current set) if the new set is inconsistent."""
+        self._install(list(targets))
