@@ -1,0 +1,111 @@
+"""Per-identity rate limits: token buckets for requests and writes, and an in-flight cap.
+
+The only mutable policy state lives here, apart from the pure engine, with the clock
+injected so tests drive time by hand. Keys are :attr:`Principal.key` (certificate
+fingerprint, or ``ip:<address>`` without a certificate), so one client's many connections
+share one budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mbsec.modbus.access import Access
+from mbsec.policy.engine import Policy, Principal, RateLimit
+
+REASON_IN_FLIGHT = "too_many_in_flight"
+REASON_REQUEST_RATE = "request_rate_exceeded"
+REASON_WRITE_RATE = "write_rate_exceeded"
+
+
+@dataclass(slots=True)
+class _State:
+    limit: RateLimit
+    tokens: float
+    write_tokens: float
+    stamp: float
+    in_flight: int = 0
+
+    def refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.stamp)
+        self.stamp = now
+        lim = self.limit
+        if lim.requests_per_second is not None:
+            self.tokens = min(lim.burst, self.tokens + elapsed * lim.requests_per_second)
+        if lim.writes_per_second is not None:
+            self.write_tokens = min(lim.write_burst,
+                                    self.write_tokens + elapsed * lim.writes_per_second)
+
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.tokens >= self.limit.burst and \
+            self.write_tokens >= self.limit.write_burst
+
+
+class RateLimiter:
+    """Admit or refuse requests per principal according to the policy's ``limits:``.
+
+    ``acquire`` returns None when the request is admitted (and counts it in flight until
+    ``release``) or a reason slug when it must be refused. Not thread-safe; one per proxy.
+    """
+
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic, *,
+                 max_entries: int = 10_000) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._max_entries = max_entries
+        self._state: dict[str, _State] = {}
+
+    def update_policy(self, policy: Policy) -> None:
+        """Adopt a reloaded policy; budgets restart at the new limits, in-flight counts stay."""
+        self._policy = policy
+        for key, st in list(self._state.items()):
+            if st.in_flight == 0:
+                del self._state[key]
+
+    def acquire(self, principal: Principal, access: Access) -> str | None:
+        limit = self._policy.limit_for(principal.roles)
+        if limit is None:
+            return None
+        now = self._clock()
+        st = self._state.get(principal.key)
+        if st is None:
+            if len(self._state) >= self._max_entries:
+                self._prune(now)
+            st = _State(limit, limit.burst, limit.write_burst, now)
+            self._state[principal.key] = st
+        elif st.limit is not limit:
+            st.limit = limit
+            st.tokens = min(st.tokens, limit.burst)
+            st.write_tokens = min(st.write_tokens, limit.write_burst)
+        st.refill(now)
+        if limit.max_in_flight is not None and st.in_flight >= limit.max_in_flight:
+            return REASON_IN_FLIGHT
+        if limit.requests_per_second is not None and st.tokens < 1.0:
+            return REASON_REQUEST_RATE
+        write = access.is_write and limit.writes_per_second is not None
+        if write and st.write_tokens < 1.0:
+            return REASON_WRITE_RATE
+        if limit.requests_per_second is not None:
+            st.tokens -= 1.0
+        if write:
+            st.write_tokens -= 1.0
+        st.in_flight += 1
+        return None
+
+    def release(self, principal: Principal) -> None:
+        st = self._state.get(principal.key)
+        if st is not None and st.in_flight > 0:
+            st.in_flight -= 1
+
+    def in_flight(self, principal: Principal) -> int:
+        st = self._state.get(principal.key)
+        return st.in_flight if st is not None else 0
+
+    def _prune(self, now: float) -> None:
+        """Forget identities that are idle with full buckets (they would start full anyway)."""
+        for key, st in list(self._state.items()):
+            st.refill(now)
+            if st.idle():
+                del self._state[key]
