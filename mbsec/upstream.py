@@ -243,8 +243,10 @@ class _Connection:
         try:
             while True:
                 await self._demand.wait()
-                self._demand = trio.Event()
                 stream = await self._connect()
+                # Callers that asked during the attempt were woken by it; a stale request must
+                # not trigger a reconnect later (that would bypass the backoff).
+                self._demand = trio.Event()
                 if stream is not None:
                     await self._serve(stream)
         finally:
@@ -515,10 +517,14 @@ class _Pool:
         self.connections = [
             _Connection(target, i, dialer, log, metrics) for i in range(target.pool_size)
         ]
-        self.scope = trio.CancelScope()
+        self._scope: trio.CancelScope | None = None
+        self._retired = False
 
     async def run(self) -> None:
-        with self.scope:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            if self._retired:
+                return
             async with trio.open_nursery() as nursery:
                 for conn in self.connections:
                     nursery.start_soon(conn.manage)
@@ -527,7 +533,9 @@ class _Pool:
         """Let in-flight requests finish (they are bounded by the deadlines), then close."""
         t = self.target
         await trio.sleep(t.connect_timeout + t.request_timeout + RETIRE_GRACE)
-        self.scope.cancel()
+        self._retired = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     def pick(self) -> _Connection:
         """Fill open connections up to depth, then open the next one, then queue."""

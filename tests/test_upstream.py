@@ -402,7 +402,9 @@ async def test_cancelling_run_closes_plc_connections(nursery: trio.Nursery) -> N
         await ups.exchange(1, *read_request(0, 1))
 
 
-async def test_replace_targets_keeps_unchanged_pools(nursery: trio.Nursery) -> None:
+async def test_replace_targets_keeps_unchanged_pools(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
     plc = ScriptedPlc(normal_plc)
     port = await plc.start(nursery)
     t1 = target(port)
@@ -425,6 +427,14 @@ async def test_replace_targets_keeps_unchanged_pools(nursery: trio.Nursery) -> N
     with pytest.raises(PathUnavailable):
         await ups.exchange(1, *read_request(0, 1))
     assert ups.targets == (t2,)
+    # The removed target's connection stays for its in-flight requests' deadlines, then closes.
+    await trio.testing.wait_all_tasks_blocked()
+    assert not plc.closed.is_set()
+    mock_clock.jump(t1.connect_timeout + t1.request_timeout + 1.0)
+    with trio.fail_after(5):
+        await plc.closed.wait()
+    assert plc.connections == 2
+    assert registers((await ups.exchange(2, *read_request(9, 1))).pdu) == [value(2, 9)]
 
 
 # -- PLC down, connect deadline, backoff ---------------------------------------------------
