@@ -161,10 +161,18 @@ def _add_ecs(_: Any, __: str, ev: EventDict) -> EventDict:
     return ev
 
 
+_FIRST = frozenset(("@timestamp", "message"))
+
+
 def nest_dotted(ev: EventDict) -> dict[str, Any]:
     """``{"event.action": x}`` -> ``{"event": {"action": x}}``; '@timestamp' stays flat."""
     out: dict[str, Any] = {}
+    for first in ("@timestamp", "message"):  # the order people read lines in
+        if first in ev:
+            out[first] = ev[first]
     for key, value in ev.items():
+        if key in _FIRST:
+            continue
         if "." not in key:
             if key in out and isinstance(out[key], dict) and isinstance(value, dict):
                 out[key].update(value)

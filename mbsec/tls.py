@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,10 +167,14 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     except (ssl.SSLError, OSError) as exc:
         problems.append(f"{what}.client_ca: cannot load {tls.client_ca}: {exc}")
     if crl_pem:
-        try:
-            ctx.load_verify_locations(cadata="".join(crl_pem))
-        except ssl.SSLError as exc:
-            problems.append(f"{what}.crl: OpenSSL rejected a CRL: {exc}")
+        # cadata= only takes certificates; a PEM *file* may hold CRLs (X509_load_cert_crl_file)
+        with tempfile.TemporaryDirectory(prefix="mbsec-crl-") as tmp:
+            bundle = Path(tmp) / "crls.pem"
+            bundle.write_text("".join(crl_pem), encoding="ascii")
+            try:
+                ctx.load_verify_locations(cafile=str(bundle))
+            except ssl.SSLError as exc:
+                problems.append(f"{what}.crl: OpenSSL rejected a CRL: {exc}")
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if problems:
         raise TlsConfigError(problems)
