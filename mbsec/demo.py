@@ -79,8 +79,8 @@ class SimulatedPlc:
                 addr, count = struct.unpack(">HH", pdu[1:5])
                 if addr + count > len(self.registers):
                     return bytes([fc | 0x80, 2])
-                vals = struct.unpack(f">{count}H", pdu[6 : 6 + 2 * count])
-                self.registers[addr : addr + count] = [int(v) for v in vals]
+                new = struct.unpack(f">{count}H", pdu[6 : 6 + 2 * count])
+                self.registers[addr : addr + count] = [int(v) for v in new]
                 self.writes += 1
                 return pdu[:5]
         except struct.error:
