@@ -99,7 +99,7 @@ def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certif
         else:
             certs = [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
-        raise PKIError(f"{path}: not a readable {what} ({exc})") from None
+        raise PKIError(f"{path}: not a readable {what} (expected PEM or DER)") from None
     if not certs:
         raise PKIError(f"{path}: contains no certificate")
     return certs
