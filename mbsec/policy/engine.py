@@ -174,10 +174,7 @@ class Rule:
 def _covered(ranges: tuple[Interval, ...], span: tuple[int, int]) -> bool:
     start, qty = span
     end = start + qty - 1
-    for lo, hi in ranges:
-        if lo <= start and end <= hi:
-            return True
-    return False
+    return any(lo <= start and end <= hi for lo, hi in ranges)
 
 
 def _values_ok(bounds: tuple[ValueBound, ...], start: int, values: tuple[int, ...]) -> bool:

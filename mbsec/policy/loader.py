@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import itertools
 import re
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pydantic
@@ -402,11 +403,10 @@ class _Compiler:
             pairs = self._function_item(item, path)
             for code, sub in pairs:
                 label = str(item)
-                if (code, sub) in seen or (code, None) in seen:
-                    if label != "any" and seen.get((code, sub), seen.get((code, None))) != "any":
-                        other = seen.get((code, sub)) or seen.get((code, None))
-                        self.warn(path, f"function {FUNCTION_NAMES.get(code, code)} is listed "
-                                  f"twice ('{label}' and '{other}')", "remove one of them")
+                other = seen.get((code, sub)) or seen.get((code, None))
+                if other is not None:
+                    self.warn(path, f"function {FUNCTION_NAMES.get(code, code)} is listed "
+                              f"twice ('{label}' and '{other}')", "remove one of them")
                 seen.setdefault((code, sub), label)
                 if sub is None:
                     entries[code] = None
@@ -532,7 +532,7 @@ class _Compiler:
             if r is not None:
                 parsed.append((r, j))
         parsed.sort()
-        for (a, ja), (b, jb) in zip(parsed, parsed[1:], strict=False):
+        for (a, ja), (b, jb) in itertools.pairwise(parsed):
             if b[0] <= a[1]:
                 self.err((*path, max(ja, jb)),
                          f"range {_fmt(b)} overlaps range {_fmt(a)} in the same list",
@@ -715,7 +715,7 @@ class _Compiler:
             for lo, hi in spans or ():
                 bounds.append((ValueBound(lo, hi, v.min, v.max, v.signed), j))
         bounds.sort(key=lambda b: b[0].low)
-        for (a, ja), (b, jb) in zip(bounds, bounds[1:], strict=False):
+        for (a, ja), (b, jb) in itertools.pairwise(bounds):
             if b.low <= a.high and ja != jb:
                 self.err((*vp, max(ja, jb)), f"values addresses {b.low}-{b.high} overlap "
                          f"{a.low}-{a.high}", "each address may have one value range")
