@@ -1,0 +1,402 @@
+"""Shared fixtures: a throw-away PKI, PLCs (pymodbus and scripted trio ones), a proxy launcher.
+
+Everything listens on 127.0.0.1 port 0 and is stopped by its fixture. pymodbus runs in a thread
+with its own asyncio loop (pytest runs trio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mbsec.audit import ListSink, make_logger
+from mbsec.metrics import Metrics
+from mbsec.modbus.mbap import FrameBuffer, encode_adu
+from mbsec.pki.ca import CertificateAuthority, IssuedFiles
+from mbsec.settings import LoggingSettings, build_settings
+
+TEST_POLICY = """\
+version: 1
+default: deny
+targets:
+  plc:
+    unit_ids: [1, 2]
+rules:
+  - id: operator-read
+    description: Operators read process values
+    roles: [operator]
+    functions: [read_holding_registers, read_input_registers, read_coils]
+    addresses: ["0-199"]
+  - id: engineer-rw
+    description: Engineers read and write registers and coils
+    roles: [engineer]
+    functions: [read_holding_registers, write_single_register, write_multiple_registers,
+                read_coils, write_single_coil]
+    addresses: ["0-199"]
+  - id: limited-read
+    description: Readers get small replies only
+    roles: [small]
+    functions: [read_holding_registers]
+    addresses: ["0-199"]
+    max_response_bytes: 10
+"""
+
+
+# -- PKI ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    dir: Path
+    ca: CertificateAuthority
+    server: IssuedFiles
+    operator: IssuedFiles
+    engineer: IssuedFiles
+    small: IssuedFiles
+    norole: IssuedFiles
+    rogue: IssuedFiles
+    crl: Path
+    extra: dict[str, IssuedFiles] = field(default_factory=dict)
+
+    def client_ctx(
+        self,
+        who: IssuedFiles | None,
+        *,
+        max_version: ssl.TLSVersion | None = None,
+    ) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca.trust_bundle))
+        if max_version is not None:
+            ctx.maximum_version = max_version
+        if who is not None:
+            ctx.load_cert_chain(str(who.chain), str(who.key))
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority.init(d / "ca", common_name="Test Plant CA")
+    out = d / "certs"
+    server = ca.issue("server", "mbsec-test", dns=("localhost",), ips=("127.0.0.1",),
+                      out_dir=out, name="server")
+    operator = ca.issue("client", "op-1", role="operator", out_dir=out, name="operator")
+    engineer = ca.issue("client", "eng-1", role="engineer", out_dir=out, name="engineer")
+    small = ca.issue("client", "small-1", role="small", out_dir=out, name="small")
+    norole = ca.issue("client", "norole-1", out_dir=out, name="norole")
+    rogue_ca = CertificateAuthority.init(d / "rogue", common_name="Rogue CA")
+    rogue = rogue_ca.issue("client", "rogue-1", role="operator", out_dir=out, name="rogue")
+    crl = ca.write_crl(next_update_days=7)
+    return Pki(d, ca, server, operator, engineer, small, norole, rogue, crl)
+
+
+@pytest.fixture
+def fresh_ca(tmp_path: Path) -> CertificateAuthority:
+    """A CA a test may modify (revoke, odd certificates) without touching the shared one."""
+    return CertificateAuthority.init(tmp_path / "ca", common_name="Fresh CA")
+
+
+# -- PLCs -----------------------------------------------------------------------------------
+
+
+class PymodbusPlc:
+    """pymodbus ModbusTcpServer (unit 1 and 2) in a thread with its own asyncio loop.
+
+    Holding register / coil ``i`` initially holds ``i`` (resp. ``i % 2``).
+    """
+
+    def __init__(self) -> None:
+        from pymodbus.datastore import (
+            ModbusDeviceContext,
+            ModbusSequentialDataBlock,
+            ModbusServerContext,
+        )
+
+        def device() -> Any:
+            return ModbusDeviceContext(
+                hr=ModbusSequentialDataBlock(1, list(range(1001))),
+                ir=ModbusSequentialDataBlock(1, [1000 + i for i in range(1001)]),
+                co=ModbusSequentialDataBlock(1, [i % 2 for i in range(1001)]),
+                di=ModbusSequentialDataBlock(1, [0] * 1001),
+            )
+
+        self.devices = {1: device(), 2: device()}
+        self.context = ModbusServerContext(devices=self.devices, single=False)
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.server: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+
+        self.server = ModbusTcpServer(self.context, address=("127.0.0.1", 0))
+        await self.server.serve_forever(background=True)
+        self.port = self.server.transport.sockets[0].getsockname()[1]
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self._ready.wait(10), "pymodbus PLC did not start"
+
+    def stop(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop)
+        try:
+            fut.result(5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+
+    async def holding(self, unit: int, address: int, count: int = 1) -> list[int]:
+        """Read the PLC's registers directly over plain Modbus/TCP (not through the proxy)."""
+        return await plain_read(self.port, unit, address, count)
+
+
+async def plain_read(port: int, unit: int, address: int, count: int) -> list[int]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(encode_adu(0x7777, unit, struct.pack(">BHH", 3, address, count)))
+        frames = FrameBuffer()
+        with trio.fail_after(5):
+            while (adu := frames.next_frame()) is None:
+                frames.receive_data(await stream.receive_some(4096))
+        assert adu.pdu[0] == 3, adu.pdu
+        return list(struct.unpack(f">{count}H", adu.pdu[2 : 2 + 2 * count]))
+    finally:
+        await stream.aclose()
+
+
+@pytest.fixture
+def plc() -> Iterator[PymodbusPlc]:
+    p = PymodbusPlc()
+    p.start()
+    yield p
+    p.stop()
+
+
+class ScriptedPlc:
+    """A trio Modbus/TCP PLC whose behaviour a test scripts.
+
+    FC03 reply: register i holds ``value(unit, address + i)``; ``delay(address)`` seconds pass
+    before the reply; requests on one connection are handled concurrently, so replies can be
+    reordered. ``silent=True`` never answers.
+    """
+
+    def __init__(
+        self,
+        *,
+        delay: Callable[[int], float] = lambda a: 0.0,
+        value: Callable[[int, int], int] = lambda u, a: a,
+        silent: bool = False,
+    ) -> None:
+        self.delay = delay
+        self.value = value
+        self.silent = silent
+        self.port = 0
+        self.connections = 0
+        self.requests: list[tuple[int, int, bytes]] = []
+
+    async def _reply(self, stream: trio.SocketStream, lock: trio.Lock, tid: int, unit: int,
+                     pdu: bytes) -> None:
+        fc = pdu[0]
+        if fc in (3, 4):
+            addr, count = struct.unpack(">HH", pdu[1:5])
+            await trio.sleep(self.delay(addr))
+            vals = [self.value(unit, addr + i) & 0xFFFF for i in range(count)]
+            out = bytes([fc, 2 * count]) + struct.pack(f">{count}H", *vals)
+        elif fc in (5, 6, 16):
+            out = pdu[:5]
+        else:
+            out = bytes([fc | 0x80, 1])
+        async with lock:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode_adu(tid, unit, out))
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        frames = FrameBuffer()
+        lock = trio.Lock()
+        async with trio.open_nursery() as n:
+            try:
+                while True:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    frames.receive_data(data)
+                    while (adu := frames.next_frame()) is not None:
+                        self.requests.append((adu.transaction_id, adu.unit_id, adu.pdu))
+                        if not self.silent:
+                            n.start_soon(self._reply, stream, lock, adu.transaction_id,
+                                         adu.unit_id, adu.pdu)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = int(listeners[0].socket.getsockname()[1])
+        async with trio.open_nursery() as n:
+            await n.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self.port)
+
+
+def unused_port() -> int:
+    """A port nothing listens on (bound then closed): the 'PLC down' case."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- proxy --------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyHandle:
+    proxy: Any
+    port: int
+    sink: ListSink
+    metrics: Metrics
+    policy_path: Path
+
+    def events(self, action: str | None = None) -> list[dict[str, Any]]:
+        from mbsec.audit import flatten
+
+        evs = [flatten(json.loads(line)) for line in self.sink.lines]
+        if action is not None:
+            evs = [e for e in evs if e.get("event.action") == action]
+        return evs
+
+    async def wait_event(
+        self, action: str, pred: Callable[[dict[str, Any]], bool] = lambda e: True
+    ) -> dict[str, Any]:
+        with trio.fail_after(5):
+            while True:
+                for e in self.events(action):
+                    if pred(e):
+                        return e
+                await trio.sleep(0.01)
+
+
+StartProxy = Callable[..., Awaitable[ProxyHandle]]
+
+
+@pytest.fixture
+async def start_proxy(pki: Pki, tmp_path: Path, nursery: trio.Nursery) -> StartProxy:
+    """``await start_proxy(plc_port, policy=..., limits=..., upstream=..., tls=...)``."""
+
+    async def start(
+        plc_port: int,
+        *,
+        policy: str = TEST_POLICY,
+        unit_ids: list[int] | None = None,
+        upstream: dict[str, Any] | None = None,
+        tls: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        allowed_requests: str = "info",
+        crl: list[Path] | None = None,
+    ) -> ProxyHandle:
+        from mbsec.server import Proxy
+
+        policy_path = tmp_path / "policy.yaml"
+        policy_path.write_text(policy, encoding="utf-8")
+        up = {"host": "127.0.0.1", "port": plc_port, "unit_ids": unit_ids or [1, 2],
+              "request_timeout": 1.0, "connect_timeout": 1.0}
+        up.update(upstream or {})
+        tls_cfg: dict[str, Any] = {
+            "cert": str(pki.server.chain),
+            "key": str(pki.server.key),
+            "client_ca": str(pki.ca.trust_bundle),
+            "crl": [str(p) for p in (crl if crl is not None else [pki.crl])],
+            "handshake_timeout": 5.0,
+        }
+        tls_cfg.update(tls or {})
+        settings = build_settings(
+            {
+                "listen": ["127.0.0.1:0"],
+                "tls": tls_cfg,
+                "policy": str(policy_path),
+                "upstreams": {"plc": up},
+                "limits": limits or {},
+                "logging": {"stdout": False, "allowed_requests": allowed_requests},
+            }
+        )
+        sink = ListSink()
+        log = make_logger(
+            LoggingSettings(stdout=False, allowed_requests=allowed_requests),  # type: ignore[arg-type]
+            extra_sinks=[sink],
+        )
+        metrics = Metrics()
+        proxy = Proxy(settings, log=log, metrics=metrics)
+        addrs = await nursery.start(proxy.serve)
+        return ProxyHandle(proxy, addrs[0][1], sink, metrics, policy_path)
+
+    return start
+
+
+# -- a raw mutual-TLS Modbus client ---------------------------------------------------------
+
+
+class TlsClient:
+    """Speaks MBAP over TLS with full control: pipelining, raw bytes, reading the alert."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+        self.frames = FrameBuffer()
+
+    @classmethod
+    async def connect(cls, port: int, ctx: ssl.SSLContext) -> TlsClient:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        s = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+        await s.do_handshake()
+        return cls(s)
+
+    async def send(self, tid: int, unit: int, pdu: bytes) -> None:
+        await self.stream.send_all(encode_adu(tid, unit, pdu))
+
+    async def recv(self) -> tuple[int, int, bytes] | None:
+        """The next reply (tid, unit, pdu), or None at EOF (5 s deadline)."""
+        with trio.fail_after(5):
+            while True:
+                adu = self.frames.next_frame()
+                if adu is not None:
+                    return adu.transaction_id, adu.unit_id, adu.pdu
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.frames.receive_data(data)
+
+    async def request(self, tid: int, unit: int, pdu: bytes) -> tuple[int, int, bytes] | None:
+        await self.send(tid, unit, pdu)
+        return await self.recv()
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+def read_hr(address: int, count: int) -> bytes:
+    return struct.pack(">BHH", 3, address, count)
+
+
+def write_reg(address: int, value: int) -> bytes:
+    return struct.pack(">BHH", 6, address, value)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
