@@ -8,22 +8,46 @@ code path a live request takes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
 
 from mbsec.identity import PeerIdentity
-from mbsec.modbus.access import Access, Table
+from mbsec.modbus.access import Access
+from mbsec.modbus.errors import ProtocolError
+from mbsec.modbus.pdu import (
+    DiagnosticsRequest,
+    FileRecord,
+    FileSubRequest,
+    GetCommEventCounterRequest,
+    GetCommEventLogRequest,
+    MaskWriteRegisterRequest,
+    MeiRequest,
+    OpaqueRequest,
+    ReadCoilsRequest,
+    ReadDeviceIdentificationRequest,
+    ReadDiscreteInputsRequest,
+    ReadExceptionStatusRequest,
+    ReadFifoQueueRequest,
+    ReadFileRecordRequest,
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    ReadWriteMultipleRegistersRequest,
+    ReportServerIdRequest,
+    Request,
+    WriteFileRecordRequest,
+    WriteMultipleCoilsRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleCoilRequest,
+    WriteSingleRegisterRequest,
+    encode_request,
+    parse_request,
+)
 from mbsec.policy.engine import Decision, Policy
-from mbsec.policy.names import DIAGNOSTICS, ENCAPSULATED, function_label
+from mbsec.policy.names import function_label
 
 _EPOCH = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
-_TABLE_READ = {1: Table.COILS, 2: Table.DISCRETE_INPUTS, 3: Table.HOLDING_REGISTERS,
-               4: Table.INPUT_REGISTERS, 20: Table.FILE_RECORDS, 23: Table.HOLDING_REGISTERS,
-               24: Table.HOLDING_REGISTERS}
-_TABLE_WRITE = {5: Table.COILS, 15: Table.COILS, 6: Table.HOLDING_REGISTERS,
-                16: Table.HOLDING_REGISTERS, 22: Table.HOLDING_REGISTERS,
-                21: Table.FILE_RECORDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,67 +97,80 @@ def build_access(function_code: int, *, address: int = 0, quantity: int = 1,
                  write_address: int | None = None, write_quantity: int | None = None,
                  values: tuple[int, ...] | None = None, subfunction: int | None = None,
                  pdu_bytes: int | None = None) -> Access:
-    """The :class:`Access` a well-formed request with these fields produces.
+    """The :class:`Access` the proxy derives from a well-formed request with these fields.
 
-    Raises ``ValueError`` with an admin-readable message for impossible combinations.
+    The typed request is encoded and parsed back with the Modbus core, so a case exercises
+    the live path and a request the proxy would reject before policy (quantity over the
+    spec limit, coil value not on/off...) is refused here too. Raises ``ValueError`` with
+    an admin-readable message.
     """
-    fc = function_code
-    read: tuple[int, int] | None = None
-    write: tuple[int, int] | None = None
-    vals: tuple[int, ...] = ()
-    table = Table.NONE
-    length = 1
-    if not 0 <= address <= 0xFFFF:
-        raise ValueError(f"address {address} is outside 0-65535")
-    if fc in (1, 2, 3, 4, 20, 24):
-        table = _TABLE_READ[fc]
-        read = (address, 1 if fc == 24 else quantity)
-        length = {20: 9, 24: 3}.get(fc, 5)
-    elif fc == 5:
-        table, write = Table.COILS, (address, 1)
-        v = values[0] if values else 0
-        if v not in (0, 1, 0xFF00):
-            raise ValueError("write_single_coil takes on (0xFF00 / 1) or off (0)")
-        vals, length = (1 if v else 0,), 5
-    elif fc == 6:
-        table, write = Table.HOLDING_REGISTERS, (address, 1)
-        vals, length = (values[0] if values else 0,), 5
-    elif fc in (15, 16):
-        table = _TABLE_WRITE[fc]
-        vals = values if values else (0,) * quantity
-        write = (address, len(vals))
-        if fc == 15:
+    req = _request(function_code, address, quantity, write_address, write_quantity,
+                   values, subfunction)
+    try:
+        access = parse_request(encode_request(req)).access()
+    except ProtocolError as exc:
+        raise ValueError(f"the proxy rejects this request before policy: {exc.message}") \
+            from None
+    if pdu_bytes is not None:
+        access = dataclasses.replace(access, pdu_length=pdu_bytes)
+    return access
+
+
+def _request(fc: int, address: int, quantity: int, write_address: int | None,
+             write_quantity: int | None, values: tuple[int, ...] | None,
+             sub: int | None) -> Request:
+    vals = values or ()
+    first = vals[0] if vals else 0
+    match fc:
+        case 1:
+            return ReadCoilsRequest(address, quantity)
+        case 2:
+            return ReadDiscreteInputsRequest(address, quantity)
+        case 3:
+            return ReadHoldingRegistersRequest(address, quantity)
+        case 4:
+            return ReadInputRegistersRequest(address, quantity)
+        case 5:
+            if first not in (0, 1, 0xFF00):
+                raise ValueError("write_single_coil takes on (1) or off (0)")
+            return WriteSingleCoilRequest(address, bool(first))
+        case 6:
+            return WriteSingleRegisterRequest(address, first)
+        case 7:
+            return ReadExceptionStatusRequest()
+        case 8:
+            return DiagnosticsRequest(0 if sub is None else sub, b"\x00\x00")
+        case 11:
+            return GetCommEventCounterRequest()
+        case 12:
+            return GetCommEventLogRequest()
+        case 15:
             if any(v not in (0, 1) for v in vals):
                 raise ValueError("write_multiple_coils values are 0 or 1")
-            length = 6 + (len(vals) + 7) // 8
-        else:
-            length = 6 + 2 * len(vals)
-    elif fc == 21:
-        table, write, vals, length = Table.FILE_RECORDS, (address, quantity), (), 10 + 2 * quantity
-    elif fc == 22:
-        table, write = Table.HOLDING_REGISTERS, (address, 1)
-        vals = values if values and len(values) == 2 else (0xFFFF, 0)
-        length = 7
-    elif fc == 23:
-        table = Table.HOLDING_REGISTERS
-        read = (address, quantity)
-        vals = values if values else (0,) * (write_quantity or 1)
-        write = (address if write_address is None else write_address, len(vals))
-        length = 10 + 2 * len(vals)
-    elif fc == DIAGNOSTICS:
-        length = 5
-        subfunction = 0 if subfunction is None else subfunction
-    elif fc == ENCAPSULATED:
-        length = 4
-        subfunction = 14 if subfunction is None else subfunction
-    for span in (read, write):
-        if span is not None and (span[1] < 1 or span[0] + span[1] - 1 > 0xFFFF):
-            raise ValueError(f"range {span[0]}+{span[1]} is outside 0-65535")
-    if any(not 0 <= v <= 0xFFFF for v in vals):
-        raise ValueError("register values are 0-65535 (write negative values as 65536-n)")
-    return Access(function_code=fc, table=table, read=read, write=write, values=vals,
-                  subfunction=subfunction if fc in (DIAGNOSTICS, ENCAPSULATED) else None,
-                  pdu_length=pdu_bytes if pdu_bytes is not None else length)
+            return WriteMultipleCoilsRequest(
+                address, tuple(bool(v) for v in vals) if vals else (False,) * quantity)
+        case 16:
+            return WriteMultipleRegistersRequest(address, vals or (0,) * quantity)
+        case 17:
+            return ReportServerIdRequest()
+        case 20:
+            return ReadFileRecordRequest((FileSubRequest(1, address, quantity),))
+        case 21:
+            return WriteFileRecordRequest((FileRecord(1, address, vals or (0,) * quantity),))
+        case 22:
+            and_mask, or_mask = vals if len(vals) == 2 else (0xFFFF, 0)
+            return MaskWriteRegisterRequest(address, and_mask, or_mask)
+        case 23:
+            return ReadWriteMultipleRegistersRequest(
+                address, quantity, address if write_address is None else write_address,
+                vals or (0,) * (write_quantity or 1))
+        case 24:
+            return ReadFifoQueueRequest(address)
+        case 43 if sub is None or sub == 14:
+            return ReadDeviceIdentificationRequest(1, 0)
+        case 43:
+            return MeiRequest(sub if sub is not None else 14, b"")
+    return OpaqueRequest(fc, b"")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,18 +7,7 @@ about, and the names of FC08 diagnostics sub-functions.
 
 from __future__ import annotations
 
-# Interim copy until mbsec.modbus.pdu lands; replaced by an import from there.
-FUNCTION_NAMES: dict[int, str] = {
-    1: "read_coils", 2: "read_discrete_inputs", 3: "read_holding_registers",
-    4: "read_input_registers", 5: "write_single_coil", 6: "write_single_register",
-    7: "read_exception_status", 8: "diagnostics", 11: "get_comm_event_counter",
-    12: "get_comm_event_log", 15: "write_multiple_coils", 16: "write_multiple_registers",
-    17: "report_server_id", 20: "read_file_record", 21: "write_file_record",
-    22: "mask_write_register", 23: "read_write_multiple_registers", 24: "read_fifo_queue",
-    43: "encapsulated_interface_transport",
-}
-MEI_NAMES: dict[int, str] = {13: "can_open_general_reference", 14: "read_device_identification"}
-WRITE_FUNCTIONS: frozenset[int] = frozenset({5, 6, 15, 16, 21, 22, 23})
+from mbsec.modbus.pdu import FUNCTION_NAMES, MEI_NAMES, WRITE_FUNCTIONS
 
 __all__ = [
     "ADDRESSED_FUNCTIONS",
