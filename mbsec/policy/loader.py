@@ -657,12 +657,15 @@ class _Compiler:
             self.err((*p, given[0]), "address ranges have no effect: none of this rule's "
                      "functions addresses data", "remove the address keys")
         reads, writes = codes & READ_FUNCTIONS, codes & WRITE_FUNCTIONS
-        if rd is not None and both is None and wr is None and writes:
+        # An allow rule that bounds one direction only would leave the other wide open; a
+        # deny rule bounded on one side is only broader, which is safe.
+        allow = rm.action == "allow"
+        if allow and rd is not None and both is None and wr is None and writes:
             self.err((*p, "read_addresses"), "this rule restricts read addresses but leaves "
                      "the writes of " + ", ".join(FUNCTION_NAMES.get(c, str(c))
                                                   for c in sorted(writes)) + " unrestricted",
                      "add 'write_addresses' (or use 'addresses' for both)")
-        if wr is not None and both is None and rd is None and reads:
+        if allow and wr is not None and both is None and rd is None and reads:
             self.err((*p, "write_addresses"), "this rule restricts write addresses but leaves "
                      "the reads of " + ", ".join(FUNCTION_NAMES.get(c, str(c))
                                                  for c in sorted(reads)) + " unrestricted",
