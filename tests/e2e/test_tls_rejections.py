@@ -1,0 +1,322 @@
+"""Every TLS rejection path: the client must receive the fatal alert, the SIEM an event with the
+reason, and the PLC nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
+from cryptography import x509
+
+from mbsec.identity import ROLE_OID
+from mbsec.pki.ca import CertificateAuthority
+
+
+@dataclass
+class Outcome:
+    kind: str  # "reply" | "alert" | "eof"
+    detail: str | bytes
+
+
+async def attempt(port: int, ctx: ssl.SSLContext) -> Outcome:
+    """Connect, handshake, send one FC03 request and see what comes back."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+    try:
+        with trio.fail_after(5):
+            try:
+                await stream.do_handshake()
+                await stream.send_all(bytes.fromhex("000100000006010300000001"))
+                data = await stream.receive_some(4096)
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, ssl.SSLError):
+                    return Outcome("alert" if "ALERT" in (cause.reason or "") else "error",
+                                   cause.reason or str(cause))
+                return Outcome("eof", repr(cause))
+            return Outcome("reply", data) if data else Outcome("eof", b"")
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@pytest.fixture
+async def silent_plc(nursery: trio.Nursery) -> ScriptedPlc:
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    return plc
+
+
+async def rejected(h: object, reason: str) -> dict[str, object]:
+    ev = await h.wait_event(  # type: ignore[attr-defined]
+        "tls-handshake", lambda e: e.get("event.outcome") == "failure"
+    )
+    assert ev["event.reason"] == reason, ev
+    assert ev["log.level"] == "warning"
+    return ev  # type: ignore[no-any-return]
+
+
+async def test_accepted_client_gets_a_reply(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(pki.operator))
+    assert out.kind == "reply"
+    ev = await h.wait_event("tls-handshake")
+    assert ev["event.outcome"] == "success"
+    assert ev["tls.version"] in ("1.2", "1.3")
+    assert ev["tls.client.x509.subject.common_name"] == "op-1"
+    assert len(ev["tls.client.hash.sha256"]) == 64
+
+
+async def test_no_certificate_tls13_alert_reaches_client(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(None))
+    assert out.kind == "alert", out
+    assert out.detail == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    await rejected(h, "no_certificate")
+    assert silent_plc.requests == []
+
+
+async def test_no_certificate_tls12_alert_reaches_client(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    # Under TLS 1.2 the client waits for the server's Finished; without the alert flush it
+    # would only see a bare EOF.
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(None, max_version=ssl.TLSVersion.TLSv1_2))
+    assert out.kind == "alert", out
+    assert "HANDSHAKE_FAILURE" in str(out.detail) or "CERTIFICATE" in str(out.detail)
+    await rejected(h, "no_certificate")
+
+
+async def test_unknown_ca(pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy) -> None:
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(pki.rogue))
+    assert out == Outcome("alert", "TLSV1_ALERT_UNKNOWN_CA")
+    await rejected(h, "unknown_ca")
+
+
+async def test_unknown_ca_tls12(pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy) -> None:
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(pki.rogue, max_version=ssl.TLSVersion.TLSv1_2))
+    assert out == Outcome("alert", "TLSV1_ALERT_UNKNOWN_CA")
+    await rejected(h, "unknown_ca")
+
+
+def _ctx_for(pki: Pki, ca: CertificateAuthority, cert: object) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca.trust_bundle))
+    ctx.load_cert_chain(str(cert.chain), str(cert.key))  # type: ignore[attr-defined]
+    return ctx
+
+
+async def _proxy_trusting(
+    ca: CertificateAuthority, pki: Pki, plc: ScriptedPlc, start_proxy: StartProxy,
+    crl: Path | None = None,
+) -> object:
+    return await start_proxy(
+        plc.port,
+        tls={"client_ca": str(ca.trust_bundle)},
+        crl=[crl or ca.write_crl()],
+    )
+
+
+async def test_expired_certificate(
+    pki: Pki, fresh_ca: CertificateAuthority, silent_plc: ScriptedPlc, start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    cert = fresh_ca.issue("client", "old", role="operator", out_dir=tmp_path, name="old",
+                          not_before=now - dt.timedelta(days=30),
+                          not_after=now - dt.timedelta(days=1))
+    h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
+    out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))  # type: ignore[attr-defined]
+    assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_EXPIRED")
+    await rejected(h, "certificate_expired")
+
+
+async def test_not_yet_valid_certificate(
+    pki: Pki, fresh_ca: CertificateAuthority, silent_plc: ScriptedPlc, start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    cert = fresh_ca.issue("client", "future", role="operator", out_dir=tmp_path, name="future",
+                          not_before=now + dt.timedelta(days=2),
+                          not_after=now + dt.timedelta(days=30))
+    h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
+    out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))  # type: ignore[attr-defined]
+    assert out.kind == "alert"
+    await rejected(h, "certificate_not_yet_valid")
+
+
+async def test_revoked_certificate(
+    pki: Pki, fresh_ca: CertificateAuthority, silent_plc: ScriptedPlc, start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    good = fresh_ca.issue("client", "good", role="operator", out_dir=tmp_path, name="good")
+    bad = fresh_ca.issue("client", "bad", role="operator", out_dir=tmp_path, name="bad")
+    fresh_ca.revoke(bad.serial)
+    crl = fresh_ca.write_crl(tmp_path / "crl.pem")
+    h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy, crl)
+    assert (await attempt(h.port, _ctx_for(pki, fresh_ca, good))).kind == "reply"
+    out = await attempt(h.port, _ctx_for(pki, fresh_ca, bad))
+    assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_REVOKED")
+    await rejected(h, "certificate_revoked")
+
+
+async def test_revocation_after_reload_applies_to_the_same_client(
+    pki: Pki, fresh_ca: CertificateAuthority, silent_plc: ScriptedPlc, start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    """A client accepted before the CRL changed is rejected on its next connection (no
+    session resumption can carry it past the new CRL)."""
+    cert = fresh_ca.issue("client", "later-bad", role="operator", out_dir=tmp_path, name="lb")
+    crl = fresh_ca.write_crl(tmp_path / "crl.pem")
+    h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy, crl)
+    ctx = _ctx_for(pki, fresh_ca, cert)
+    assert (await attempt(h.port, ctx)).kind == "reply"
+    fresh_ca.revoke(cert.serial)
+    fresh_ca.write_crl(tmp_path / "crl.pem")
+    assert h.proxy.reload()  # type: ignore[attr-defined]
+    out = await attempt(h.port, ctx)
+    assert out.kind == "alert"
+    await rejected(h, "certificate_revoked")
+
+
+async def test_unknown_critical_extension(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    odd = (x509.ObjectIdentifier("1.3.6.1.4.1.99999.1.2"), b"\x05\x00")
+    cert = pki.ca.issue("client", "crit", role="operator", out_dir=tmp_path, name="crit",
+                        extra_extensions=[(odd, True)])
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(cert))
+    assert out.kind == "alert"
+    await rejected(h, "unhandled_critical_extension")
+
+
+async def test_malformed_role_printable_string(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    role = (x509.ObjectIdentifier(ROLE_OID), b"\x13\x08operator")  # PrintableString, not UTF8
+    cert = pki.ca.issue("client", "badrole", out_dir=tmp_path, name="badrole",
+                        extra_extensions=[(role, False)])
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(cert))
+    assert out.kind in ("eof", "alert"), out  # no Modbus reply: the connection is dropped
+    ev = await rejected(h, "role_not_utf8string")
+    assert ev["error.message"]
+    assert silent_plc.requests == []
+
+
+async def test_two_roles_rejected(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    r1 = (x509.ObjectIdentifier(ROLE_OID), b"\x0c\x08operator")
+    r2 = (x509.ObjectIdentifier(ROLE_OID), b"\x0c\x08engineer")
+    try:
+        cert = pki.ca.issue("client", "tworoles", out_dir=tmp_path, name="tworoles",
+                            extra_extensions=[(r1, False), (r2, False)])
+    except Exception as exc:  # the PKI may refuse to build it at all
+        pytest.skip(f"PKI refuses duplicate extensions: {exc}")
+    h = await start_proxy(silent_plc.port)
+    out = await attempt(h.port, pki.client_ctx(cert))
+    assert out.kind != "reply"
+    ev = await h.wait_event("tls-handshake", lambda e: e.get("event.outcome") == "failure")
+    assert ev["event.reason"] in ("role_duplicated", "certificate_malformed",
+                                  "certificate_verify_failed")
+
+
+async def test_tls11_client_refused(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(pki.ca.trust_bundle))
+    ctx.load_cert_chain(str(pki.operator.chain), str(pki.operator.key))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    out = await attempt(h.port, ctx)
+    assert out.kind in ("alert", "error"), out
+    assert out.kind != "reply"
+    await rejected(h, "unsupported_protocol_version")
+
+
+async def test_plaintext_modbus_on_the_tls_port(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port)
+    s = await trio.open_tcp_stream("127.0.0.1", h.port)
+    await s.send_all(bytes.fromhex("000100000006010300000001"))
+    with trio.fail_after(5):
+        rest = b""
+        while chunk := await s.receive_some(4096):
+            rest += chunk
+    await s.aclose()
+    assert not rest.startswith(b"\x00\x01")  # never a Modbus reply; at most a TLS alert
+    await rejected(h, "not_tls")
+
+
+async def test_handshake_timeout(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port, tls={"handshake_timeout": 0.2})
+    s = await trio.open_tcp_stream("127.0.0.1", h.port)
+    with trio.fail_after(5):
+        assert await s.receive_some(10) == b""  # the proxy hangs up
+    await s.aclose()
+    await rejected(h, "handshake_timeout")
+
+
+async def test_tls_material_is_strict(pki: Pki, start_proxy: StartProxy,
+                                      silent_plc: ScriptedPlc) -> None:
+    h = await start_proxy(silent_plc.port)
+    ctx = h.proxy.state.tls.context  # type: ignore[attr-defined]
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert ctx.options & ssl.OP_NO_TICKET
+    assert ctx.num_tickets == 0
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
+    names = {c["name"] for c in ctx.get_ciphers()}
+    assert {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"} <= names
+
+
+async def test_whole_server_chain_is_sent(
+    tmp_path: Path, silent_plc: ScriptedPlc, start_proxy: StartProxy, pki: Pki
+) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ica", common_name="Chain CA", intermediate=True)
+    server = ca.issue("server", "chain-srv", dns=("localhost",), out_dir=tmp_path, name="srv")
+    client = ca.issue("client", "chain-cli", role="operator", out_dir=tmp_path, name="cli")
+    h = await start_proxy(
+        silent_plc.port,
+        tls={"cert": str(server.chain), "key": str(server.key),
+             "client_ca": str(ca.trust_bundle)},
+        crl=[ca.write_crl(tmp_path / "crl.pem")],
+    )
+    # The client trusts only the root: it can only verify if the intermediate is sent.
+    ctx = ssl.create_default_context(cafile=str(ca.trust_bundle))
+    ctx.load_cert_chain(str(client.chain), str(client.key))
+    assert (await attempt(h.port, ctx)).kind == "reply"
+
+
+async def test_tls_client_class_roundtrip(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.request(9, 1, read_hr(3, 2)) == (9, 1, bytes([3, 4, 0, 3, 0, 4]))
+    await c.aclose()
