@@ -693,6 +693,10 @@ class CertificateAuthority:
         cert_path = Path(cert_path)
         old = load_certificate(cert_path)
         self._check_issued_here(old, cert_path)
+        try:
+            role = read_role(old)
+        except IdentityError as exc:
+            raise PKIError(f"{cert_path}: {exc.message}; issue a new certificate instead") from None
         if not force and not renewal_due(old, now=now, threshold=threshold):
             return None
         kind = _kind_of(old)
@@ -707,10 +711,6 @@ class CertificateAuthority:
             if not key_p.parent.is_dir():
                 raise PKIError(f"{key_p.parent}: directory does not exist")
             key = generate_key(key_type_of(old.public_key()))
-        try:
-            role = read_role(old)
-        except IdentityError as exc:
-            raise PKIError(f"{cert_path}: {exc.message}; issue a new certificate instead") from None
         dns, ips, uris = san_values(old)
         # custom extensions survive renewal (easy-rsa's renew silently drops them)
         extras: list[ExtraExtension] = [
