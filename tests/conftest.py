@@ -386,6 +386,13 @@ class TlsClient:
         await self.send(tid, unit, pdu)
         return await self.recv()
 
+    async def closed_by_peer(self) -> bool:
+        """True when the proxy hangs up (EOF or a reset/alert) instead of replying."""
+        try:
+            return await self.recv() is None
+        except trio.BrokenResourceError:
+            return True
+
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 

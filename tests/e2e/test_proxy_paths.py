@@ -1,0 +1,302 @@
+"""The request path over real sockets: framing errors, denials, PLC failures, pipelining,
+sharing one PLC connection, reload, limits, drain."""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+from conftest import TEST_POLICY, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr, unused_port
+
+from mbsec.modbus.mbap import encode_adu
+
+
+async def scripted(nursery: trio.Nursery, **kw: object) -> ScriptedPlc:
+    plc = ScriptedPlc(**kw)  # type: ignore[arg-type]
+    await nursery.start(plc.serve)
+    return plc
+
+
+def regs(pdu: bytes) -> list[int]:
+    assert pdu[0] == 3, pdu
+    return list(struct.unpack(f">{pdu[1] // 2}H", pdu[2:]))
+
+
+async def test_bad_protocol_id_closes_the_connection(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    await c.stream.send_all(bytes.fromhex("0001" "0001" "0006" "01" "0300000001"))
+    assert await c.closed_by_peer()
+    ev = await h.wait_event("modbus-framing-error")
+    assert ev["event.reason"] == "bad_protocol_id"
+    closed = await h.wait_event("connection-closed")
+    assert closed["event.reason"] == "bad_protocol_id"
+    assert plc.requests == []
+
+
+async def test_oversize_length_field_closes_the_connection(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    # length 300 > 254: rejected from the header alone, nothing is buffered or forwarded
+    await c.stream.send_all(struct.pack(">HHHB", 1, 0, 300, 1) + b"\x03\x00\x00\x00\x01")
+    assert await c.closed_by_peer()
+    ev = await h.wait_event("modbus-framing-error")
+    assert ev["event.reason"] == "bad_length"
+    assert plc.requests == []
+
+
+async def test_invalid_pdu_gets_an_exception_and_the_connection_stays(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    tid, unit, pdu = await c.request(5, 1, struct.pack(">BHH", 3, 0, 0))  # quantity 0
+    assert (tid, unit) == (5, 1) and pdu == bytes([0x83, 0x03])
+    assert await c.request(6, 1, read_hr(0, 1)) == (6, 1, bytes([3, 2, 0, 0]))
+    ev = await h.wait_event("modbus-request", lambda e: e.get("modbus.decision") == "invalid")
+    assert ev["modbus.exception_code"] == 3
+    assert len(plc.requests) == 1
+
+
+async def test_policy_deny_event_and_default_exception(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.norole))  # NULL role: nothing allowed
+    assert await c.request(77, 2, read_hr(0, 1)) == (77, 2, bytes([0x83, 0x01]))
+    ev = await h.wait_event("modbus-request")
+    assert ev["modbus.decision"] == "deny"
+    assert ev["modbus.transaction_id"] == 77 and ev["modbus.unit_id"] == 2
+    assert ev["user.roles"] == []
+    assert plc.requests == []
+
+
+async def test_rule_exception_code_is_used(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    policy = TEST_POLICY.replace(
+        "rules:\n",
+        "rules:\n  - id: no-writes\n    description: writes answered with 02\n    action: deny\n"
+        "    exception_code: 2\n    functions: [write_single_register]\n",
+        1,
+    )
+    h = await start_proxy(plc.port, policy=policy)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.engineer))
+    assert await c.request(1, 1, struct.pack(">BHH", 6, 3, 3)) == (1, 1, bytes([0x86, 0x02]))
+    ev = await h.wait_event("modbus-request")
+    assert ev["rule.id"] == "no-writes"
+
+
+async def test_plc_down_gives_0x0a(pki: Pki, start_proxy: StartProxy) -> None:
+    h = await start_proxy(unused_port(), upstream={"connect_timeout": 0.5})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.request(3, 1, read_hr(0, 1)) == (3, 1, bytes([0x83, 0x0A]))
+    ev = await h.wait_event("modbus-request", lambda e: e.get("modbus.exception_code") == 0x0A)
+    assert ev["event.outcome"] == "failure"
+
+
+async def test_unrouted_unit_gives_0x0a(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    # the policy allows unit 3 (operator-read names no target), but no upstream routes it
+    assert await c.request(3, 3, read_hr(0, 1)) == (3, 3, bytes([0x83, 0x0A]))
+    assert plc.requests == []
+
+
+async def test_plc_silent_gives_0x0b(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, silent=True)
+    h = await start_proxy(plc.port, upstream={"request_timeout": 0.3})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.request(4, 1, read_hr(0, 1)) == (4, 1, bytes([0x83, 0x0B]))
+
+
+async def test_max_response_bytes_withholds_the_reply(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.small))
+    assert (await c.request(1, 1, read_hr(0, 2)))[2][0] == 3  # 6-byte PDU: within 10
+    assert await c.request(2, 1, read_hr(0, 10)) == (2, 1, bytes([0x83, 0x04]))
+    ev = await h.wait_event("modbus-request",
+                            lambda e: e.get("event.reason") == "response_too_large")
+    assert ev["mbsec.max_response_bytes"] == 10
+
+
+async def test_client_disconnect_mid_request(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, delay=lambda a: 0.3 if a == 10 else 0.0)
+    h = await start_proxy(plc.port)
+    c1 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    await c1.send(1, 1, read_hr(10, 1))
+    await trio.sleep(0.05)
+    await c1.aclose()  # gone before the PLC answers
+    c2 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c2.request(1, 1, read_hr(20, 2)) == (1, 1, bytes([3, 4, 0, 20, 0, 21]))
+    await trio.sleep(0.4)  # the late reply to c1 must not reach c2
+    assert await c2.request(2, 1, read_hr(30, 1)) == (2, 1, bytes([3, 2, 0, 30]))
+    closed = await h.wait_event("connection-closed")
+    assert closed["mbsec.requests"] == 1
+    assert plc.connections == 1
+
+
+async def test_pipelined_requests_get_their_own_replies_out_of_order(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    # The PLC answers low addresses last, so replies come back in reverse order.
+    plc = await scripted(nursery, delay=lambda a: 0.05 * (10 - a))
+    h = await start_proxy(plc.port, upstream={"depth": 8}, limits={"max_pipelined": 8})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    batch = b"".join(encode_adu(100 + a, 1, read_hr(a, 1)) for a in range(1, 6))
+    await c.stream.send_all(batch)  # five requests in one TLS record
+    replies = [await c.recv() for _ in range(5)]
+    got = {r[0]: regs(r[2]) for r in replies if r is not None}
+    assert got == {100 + a: [a] for a in range(1, 6)}
+    order = [r[0] for r in replies if r is not None]
+    assert order != sorted(order)  # they really were interleaved
+    assert plc.connections == 1
+
+
+async def test_many_clients_share_one_plc_connection(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, delay=lambda a: (a % 7) * 0.005)
+    h = await start_proxy(plc.port, upstream={"depth": 4, "pool_size": 1},
+                          limits={"max_pipelined": 4})
+    errors: list[str] = []
+
+    async def client(n: int) -> None:
+        c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+        base = n * 10
+        for k in range(4):
+            await c.send(k + 1, 1, read_hr(base + k, 1))
+        for _ in range(4):
+            r = await c.recv()
+            assert r is not None
+            tid, _unit, pdu = r
+            if regs(pdu) != [base + tid - 1]:
+                errors.append(f"client {n} tid {tid} got {regs(pdu)}")
+        await c.aclose()
+
+    async with trio.open_nursery() as n:
+        for i in range(12):
+            n.start_soon(client, i)
+    assert errors == []
+    assert plc.connections == 1
+    assert len(plc.requests) == 48
+    assert h.metrics.value("mbsec_requests_total", decision="allow",
+                           function="read_holding_registers") == 48
+
+
+async def test_reload_with_a_bad_policy_keeps_the_old_state(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    old = h.proxy.state
+    h.policy_path.write_text("version: 1\ndefault: deny\nrules:\n  - id: x\n    nonsense: 1\n")
+    assert h.proxy.reload() is False
+    assert h.proxy.state is old
+    ev = await h.wait_event("config-reload")
+    assert ev["event.outcome"] == "failure" and ev["error.message"]
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert (await c.request(1, 1, read_hr(0, 1)))[2] == bytes([3, 2, 0, 0])
+    # a good reload applies to the next request on the same connection
+    no_fc03 = TEST_POLICY.replace("read_holding_registers, read_input", "read_input")
+    h.policy_path.write_text(no_fc03)
+    assert h.proxy.reload() is True
+    assert (await c.request(2, 1, read_hr(0, 1)))[2] == bytes([0x83, 0x01])
+
+
+async def test_idle_timeout_closes(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port, limits={"idle_timeout": 0.2})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.closed_by_peer()
+    ev = await h.wait_event("connection-closed")
+    assert ev["event.reason"] == "idle_timeout"
+
+
+async def test_per_source_limit(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port, limits={"max_per_source": 1})
+    c1 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    s = await trio.open_tcp_stream("127.0.0.1", h.port)
+    with trio.fail_after(5):
+        assert await s.receive_some(10) == b""
+    ev = await h.wait_event("connection-rejected")
+    assert ev["event.reason"] == "too_many_connections_from_source"
+    assert (await c1.request(1, 1, read_hr(0, 1)))[2][0] == 3
+
+
+async def test_per_identity_limit(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port, limits={"max_per_identity": 1})
+    c1 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert (await c1.request(1, 1, read_hr(0, 1)))[2][0] == 3
+    c2 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c2.closed_by_peer()
+    ev = await h.wait_event("tls-handshake", lambda e: e.get("event.outcome") == "failure")
+    assert ev["event.reason"] == "too_many_connections_for_identity"
+    c3 = await TlsClient.connect(h.port, pki.client_ctx(pki.engineer))  # another identity: fine
+    assert (await c3.request(1, 1, read_hr(0, 1)))[2][0] == 3
+
+
+async def test_shutdown_drains_in_flight_requests(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, delay=lambda a: 0.3)
+    h = await start_proxy(plc.port, limits={"drain_timeout": 5})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    await c.send(1, 1, read_hr(8, 1))
+    await trio.sleep(0.05)
+    h.proxy.request_shutdown()
+    assert await c.recv() == (1, 1, bytes([3, 2, 0, 8]))  # the in-flight request completes
+    ev = await h.wait_event("connection-closed")
+    assert ev["event.reason"] == "server_shutdown"
+    # no longer accepting
+    with trio.fail_after(5):
+        while True:
+            try:
+                s = await trio.open_tcp_stream("127.0.0.1", h.port)
+            except OSError:
+                break
+            await s.aclose()
+            await trio.sleep(0.02)
+
+
+async def test_connection_closed_line_counts(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    await c.request(1, 1, read_hr(0, 1))
+    await c.request(2, 1, struct.pack(">BHH", 6, 0, 1))  # denied
+    await c.stream.aclose()
+    ev = await h.wait_event("connection-closed")
+    assert ev["event.reason"] == "client_closed"
+    assert (ev["mbsec.requests"], ev["mbsec.allowed"], ev["mbsec.denied"]) == (2, 1, 1)
+    assert ev["source.bytes"] == 24 and ev["destination.bytes"] == 11 + 9
+    assert ev["event.duration"] > 0
