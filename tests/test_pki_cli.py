@@ -176,7 +176,7 @@ def test_csr_and_sign(ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     dev = tmp_path / "device"
     code, out, _ = run(capsys, "csr", "hmi-07", "--role", "admin", "--dns", "hmi-07.plant",
                        "--key-out", dev / "hmi-07.key", "--csr-out", dev / "hmi-07.csr")
-    assert code == EXIT_OK
+    assert code == EXIT_OK and "stays on this device" in out
     assert stat.S_IMODE((dev / "hmi-07.key").stat().st_mode) == 0o600
     code, _, err = run(capsys, "csr", "hmi-07", "--key-out", dev / "hmi-07.key",
                        "--csr-out", dev / "other.csr")
