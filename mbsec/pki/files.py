@@ -98,7 +98,7 @@ def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certif
             certs = x509.load_pem_x509_certificates(data)
         else:
             certs = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+    except ValueError:
         raise PKIError(f"{path}: not a readable {what} (expected PEM or DER)") from None
     if not certs:
         raise PKIError(f"{path}: contains no certificate")
