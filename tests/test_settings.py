@@ -1,0 +1,185 @@
+"""Configuration: TOML + MBSEC_* environment, strictness, one clear line per problem, and
+`mbsec config check` (which loads TLS material, CRLs and the policy and cross-checks targets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TEST_POLICY, Pki
+
+from mbsec.cli import main as mbsec_main
+from mbsec.settings import SettingsError, load_settings, parse_hostport
+
+
+def write_config(d: Path, pki: Pki, extra: str = "", *, policy: str = TEST_POLICY,
+                 upstream: str | None = None) -> Path:
+    (d / "policy.yaml").write_text(policy, encoding="utf-8")
+    up = upstream if upstream is not None else (
+        '[upstreams.plc]\nhost = "127.0.0.1"\nport = 5020\nunit_ids = [1, 2]\n'
+    )
+    cfg = d / "mbsec.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:8020"]\npolicy = "policy.yaml"\n{extra}\n'
+        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
+        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n\n{up}',
+        encoding="utf-8",
+    )
+    return cfg
+
+
+def test_defaults_and_relative_paths(tmp_path: Path, pki: Pki) -> None:
+    s = load_settings(write_config(tmp_path, pki))
+    assert s.policy == tmp_path.resolve() / "policy.yaml"  # relative to the config file
+    assert s.tls.min_version == "1.2"
+    assert s.limits.max_pipelined >= 1
+    assert s.logging.allowed_requests == "debug"
+    [t] = s.upstream_targets()
+    assert (t.name, t.host, t.port, t.unit_ids, t.pool_size, t.depth) == (
+        "plc", "127.0.0.1", 5020, frozenset({1, 2}), 1, 1)
+
+
+def test_default_listen_port_is_802(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(tmp_path, pki)
+    cfg.write_text(cfg.read_text().replace('listen = ["127.0.0.1:8020"]\n', ""))
+    assert load_settings(cfg).listen_addresses() == [("0.0.0.0", 802)]
+
+
+def test_environment_overrides_the_file(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MBSEC_LIMITS__IDLE_TIMEOUT", "12.5")
+    monkeypatch.setenv("MBSEC_TLS__MIN_VERSION", "1.3")
+    monkeypatch.setenv("MBSEC_LISTEN", '["127.0.0.1:9999"]')
+    s = load_settings(write_config(tmp_path, pki, "[limits]\nidle_timeout = 60\n"))
+    assert s.limits.idle_timeout == 12.5
+    assert s.tls.min_version == "1.3"
+    assert s.listen == ["127.0.0.1:9999"]
+
+
+def test_unknown_key_is_one_clear_line(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(tmp_path, pki, "[limits]\nmax_conections = 5\n")
+    with pytest.raises(SettingsError) as ei:
+        load_settings(cfg)
+    assert ei.value.problems == [f"{cfg}: limits.max_conections: unknown key (typo?)"]
+
+
+def test_every_problem_is_reported(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(
+        tmp_path, pki, '[logging]\nformat = "xml"\n',
+        upstream='[upstreams.a]\nhost = "h"\nunit_ids = [1, 300]\n'
+                 '[upstreams.b]\nhost = "h2"\nunit_ids = [2]\nport = 0\n',
+    )
+    with pytest.raises(SettingsError) as ei:
+        load_settings(cfg)
+    text = "\n".join(ei.value.problems)
+    assert "logging.format" in text
+    assert "upstreams.a.unit_ids" in text and "0..255" in text
+    assert "upstreams.b.port" in text
+    assert all(p.startswith(f"{cfg}: ") for p in ei.value.problems)
+
+
+def test_unit_routed_twice(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(tmp_path, pki, upstream=(
+        '[upstreams.a]\nhost = "h"\nunit_ids = [1]\n[upstreams.b]\nhost = "i"\nunit_ids = [1]\n'))
+    with pytest.raises(SettingsError, match="unit id 1 is routed to both"):
+        load_settings(cfg)
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="file not found"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = [\n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:802", ("127.0.0.1", 802)), ("[::1]:8020", ("::1", 8020)),
+     (":802", ("", 802)), ("plc.local", ("plc.local", 502))],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text, default_port=502) == expected
+
+
+def test_parse_hostport_rejects() -> None:
+    for bad in ("h:99999", "h:x", "[::1"):
+        with pytest.raises(ValueError):
+            parse_hostport(bad, default_port=1)
+
+
+# -- mbsec config check ---------------------------------------------------------------------
+
+
+def test_config_check_ok(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mbsec_main(["config", "check", str(write_config(tmp_path, pki))]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_config_check_missing_tls_file(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, pki)
+    cfg.write_text(cfg.read_text().replace(str(pki.server.key), str(tmp_path / "gone.key")))
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"tls.key: file not found: {tmp_path / 'gone.key'}" in err
+    assert "Traceback" not in err
+
+
+def test_config_check_key_does_not_match(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, pki)
+    cfg.write_text(cfg.read_text().replace(str(pki.server.key), str(pki.operator.key)))
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    assert "does the key match the certificate" in capsys.readouterr().err
+
+
+def test_config_check_bad_policy_and_cross_check(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, pki, policy="version: 1\ndefault: allow\nrules: []\n")
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    assert "policy.yaml" in capsys.readouterr().err
+
+    named = TEST_POLICY.replace("    unit_ids: [1, 2]\n",
+                                '    unit_ids: [1, 2]\n    upstream: "10.0.0.9:502"\n')
+    cfg = write_config(tmp_path, pki, policy=named)
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "targets.plc.upstream: 10.0.0.9:502 is not the host:port of any" in err
+
+    unrouted = TEST_POLICY.replace("unit_ids: [1, 2]", "unit_ids: [1, 2, 7]")
+    cfg = write_config(tmp_path, pki, policy=unrouted)
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    assert "unit id 7 is not routed" in capsys.readouterr().err
+
+
+def test_config_check_expired_crl_warns(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datetime as dt
+
+    from mbsec.pki.ca import CertificateAuthority
+
+    ca = CertificateAuthority.init(tmp_path / "ca2")
+    old = ca.write_crl(tmp_path / "old.crl", next_update_days=1,
+                       now=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    cfg = write_config(tmp_path, pki)
+    cfg.write_text(cfg.read_text().replace(f'crl = ["{pki.crl}"]', f'crl = ["{old}"]'))
+    assert mbsec_main(["config", "check", str(cfg)]) == 0
+    assert "EXPIRED" in capsys.readouterr().err
+
+
+def test_serve_reports_config_problems_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('policy = "p.yaml"\n[tls]\ncert = "a"\n')
+    assert mbsec_main(["serve", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "tls.key: Field required" in err and "tls.client_ca: Field required" in err
+    assert "Traceback" not in err
