@@ -147,6 +147,9 @@ def _fmt_labels(k: LabelKey) -> str:
 
 
 def _num(v: float) -> str:
+    v = float(v)  # callers may pass ints (len(...))
+    if math.isinf(v) or math.isnan(v):
+        return "+Inf" if v > 0 else ("-Inf" if v < 0 else "NaN")
     return str(int(v)) if v.is_integer() else repr(v)
 
 
