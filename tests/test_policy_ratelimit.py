@@ -1,0 +1,151 @@
+"""Rate limits with a fake clock: token buckets per identity, writes separately, in-flight cap."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from mbsec.identity import PeerIdentity
+from mbsec.policy import Policy, Principal, RateLimiter, load_policy_text
+from mbsec.policy.cases import build_access
+from mbsec.policy.ratelimit import REASON_IN_FLIGHT, REASON_REQUEST_RATE, REASON_WRITE_RATE
+
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+READ = build_access(3)
+WRITE = build_access(6, values=(1,))
+
+POLICY = """\
+version: 1
+default: deny
+limits:
+  default: {requests_per_second: 2, burst: 3, max_in_flight: 10}
+  roles:
+    eng: {writes_per_second: 1, write_burst: 2}
+    slow: {requests_per_second: 1, burst: 1, max_in_flight: 1}
+rules: []
+"""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def who(p: Policy, role: str | None, fp: str = "aa", source: str = "10.0.0.1") -> Principal:
+    ident = None if fp == "" else PeerIdentity(
+        subject="CN=x", common_name="x", organizational_units=(), san_dns=(), san_ip=(),
+        san_uri=(), issuer="CN=ca", serial=1, fingerprint_sha256=fp * 32, not_before=T0,
+        not_after=T0, role=role)
+    return p.principal(ident, source)
+
+
+def setup() -> tuple[Policy, FakeClock, RateLimiter]:
+    p = load_policy_text(POLICY)
+    clock = FakeClock()
+    return p, clock, RateLimiter(p, clock)
+
+
+def admit(lim: RateLimiter, pr: Principal, access: object = READ) -> str | None:
+    reason = lim.acquire(pr, access)  # type: ignore[arg-type]
+    if reason is None:
+        lim.release(pr)
+    return reason
+
+
+def test_burst_then_refill() -> None:
+    p, clock, lim = setup()
+    pr = who(p, None)
+    assert [admit(lim, pr) for _ in range(4)] == [None, None, None, REASON_REQUEST_RATE]
+    clock.now += 0.49
+    assert admit(lim, pr) == REASON_REQUEST_RATE
+    clock.now += 0.01  # 0.5 s at 2/s = one token
+    assert admit(lim, pr) is None
+    assert admit(lim, pr) == REASON_REQUEST_RATE
+    clock.now += 100  # refills to the burst, not beyond
+    assert [admit(lim, pr) for _ in range(4)] == [None, None, None, REASON_REQUEST_RATE]
+
+
+def test_writes_have_their_own_bucket_and_inherit_the_default() -> None:
+    p, clock, lim = setup()
+    pr = who(p, "eng")
+    assert admit(lim, pr, WRITE) is None
+    assert admit(lim, pr, WRITE) is None
+    assert admit(lim, pr, WRITE) == REASON_WRITE_RATE
+    assert admit(lim, pr, READ) is None  # the third request token
+    assert admit(lim, pr, READ) == REASON_REQUEST_RATE
+    clock.now += 1.0
+    assert admit(lim, pr, WRITE) is None  # one write token back, two request tokens back
+    assert admit(lim, pr, READ) is None
+
+
+def test_refused_write_does_not_spend_a_request_token() -> None:
+    p, _, lim = setup()
+    pr = who(p, "eng")
+    assert admit(lim, pr, WRITE) is None and admit(lim, pr, WRITE) is None
+    assert admit(lim, pr, WRITE) == REASON_WRITE_RATE
+    assert admit(lim, pr, READ) is None  # the third request token is still there
+
+
+def test_in_flight_cap_and_release() -> None:
+    p, clock, lim = setup()
+    pr = who(p, "slow")
+    assert lim.acquire(pr, READ) is None
+    assert lim.in_flight(pr) == 1
+    clock.now += 10
+    assert lim.acquire(pr, READ) == REASON_IN_FLIGHT
+    lim.release(pr)
+    assert lim.in_flight(pr) == 0
+    assert lim.acquire(pr, READ) is None
+    lim.release(pr)
+    lim.release(pr)  # an extra release never goes negative
+    assert lim.in_flight(pr) == 0
+
+
+def test_budgets_are_per_identity_not_per_connection() -> None:
+    p, _, lim = setup()
+    a1 = who(p, None, "aa", "10.0.0.1")
+    a2 = who(p, None, "aa", "10.0.0.2")  # same certificate, another connection
+    b = who(p, None, "bb")
+    assert [admit(lim, x) for x in (a1, a2, a1)] == [None, None, None]
+    assert admit(lim, a2) == REASON_REQUEST_RATE
+    assert admit(lim, b) is None
+
+
+def test_anonymous_clients_are_keyed_by_source_ip() -> None:
+    p, _, lim = setup()
+    x, y = who(p, None, "", "10.0.0.1"), who(p, None, "", "10.0.0.2")
+    assert x.key == "ip:10.0.0.1"
+    for _ in range(3):
+        assert admit(lim, x) is None
+    assert admit(lim, x) == REASON_REQUEST_RATE
+    assert admit(lim, y) is None
+
+
+def test_no_limits_means_unlimited() -> None:
+    p = load_policy_text("version: 1\ndefault: deny\nrules: []\n")
+    lim = RateLimiter(p, FakeClock())
+    pr = who(p, None)
+    assert all(lim.acquire(pr, WRITE) is None for _ in range(1000))
+
+
+def test_policy_update_applies_new_limits() -> None:
+    p, _, lim = setup()
+    pr = who(p, None)
+    assert [admit(lim, pr) for _ in range(4)][-1] == REASON_REQUEST_RATE
+    looser = load_policy_text(POLICY.replace("burst: 3", "burst: 50"))
+    lim.update_policy(looser)
+    pr2 = who(looser, None)
+    assert all(admit(lim, pr2) is None for _ in range(50))
+
+
+def test_idle_entries_are_pruned() -> None:
+    p = load_policy_text(POLICY)
+    clock = FakeClock()
+    lim = RateLimiter(p, clock, max_entries=3)
+    for fp in ("01", "02", "03"):
+        assert admit(lim, who(p, None, fp)) is None
+    clock.now += 10  # everyone refilled and idle
+    assert admit(lim, who(p, None, "04")) is None
+    assert len(lim._state) <= 3
