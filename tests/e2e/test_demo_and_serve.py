@@ -1,0 +1,109 @@
+"""The two user-facing commands as users run them: `mbsec demo`, and `mbsec serve` as a real
+process driven by signals (SIGHUP reload, SIGTERM drain + exit 0)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import TEST_POLICY, Pki, ScriptedPlc, TlsClient, read_hr
+
+import mbsec.demo
+
+
+def test_demo_runs_green(capsys: pytest.CaptureFixture[str]) -> None:
+    assert mbsec.demo.main([]) == 0
+    out = capsys.readouterr().out
+    assert "RESULT: OK" in out
+    assert "4/4 steps" in out
+    events = [json.loads(line.strip()) for line in out.splitlines()
+              if line.strip().startswith("{")]
+    reasons = {e["event"].get("reason") for e in events if e["event"]["action"] == "tls-handshake"}
+    assert {"no_certificate", "unknown_ca"} <= reasons
+    denied = [e for e in events if e["event"]["action"] == "modbus-request"
+              and e["modbus"]["decision"] == "deny"]
+    assert denied and denied[0]["modbus"]["exception_code"] == 1
+
+
+def test_demo_keeps_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("mbsec-demo-*"))
+    assert mbsec.demo.main(["--quiet-events"]) == 0
+    assert set(Path(tempfile.gettempdir()).glob("mbsec-demo-*")) == before
+    assert '{"@timestamp"' not in capsys.readouterr().out
+
+
+class ServeProcess:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+
+    async def next_event(self, action: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        with trio.fail_after(10):
+            while True:
+                while b"\n" in self.buf:
+                    line, self.buf = self.buf.split(b"\n", 1)
+                    ev = json.loads(line)
+                    self.events.append(ev)
+                    if ev.get("event", {}).get("action") == action:
+                        return ev
+                chunk = await self.proc.stdout.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"mbsec serve ended before {action!r}: {self.events}")
+                self.buf += chunk
+
+
+async def test_serve_process_reload_and_sigterm(
+    pki: Pki, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TEST_POLICY)
+    cfg = tmp_path / "mbsec.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\n'
+        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
+        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
+        f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc.port}\nunit_ids = [1, 2]\n'
+        f'[limits]\ndrain_timeout = 3\n'
+    )
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+    )
+    sp = ServeProcess(proc)
+    try:
+        start = await sp.next_event("server-start")
+        port = int(start["mbsec"]["listen"][0].rsplit(":", 1)[1])
+        c = await TlsClient.connect(port, pki.client_ctx(pki.operator))
+        assert (await c.request(1, 1, read_hr(0, 1)))[2] == bytes([3, 2, 0, 0])
+
+        policy.write_text("this is: [not a policy")
+        proc.send_signal(signal.SIGHUP)
+        assert (await sp.next_event("config-reload"))["event"]["outcome"] == "failure"
+        assert (await c.request(2, 1, read_hr(0, 1)))[2] == bytes([3, 2, 0, 0])
+
+        policy.write_text(TEST_POLICY.replace("read_holding_registers, read_input", "read_input"))
+        proc.send_signal(signal.SIGHUP)
+        assert (await sp.next_event("config-reload"))["event"]["outcome"] == "success"
+        assert (await c.request(3, 1, read_hr(0, 1)))[2] == bytes([0x83, 0x01])
+
+        proc.send_signal(signal.SIGTERM)
+        await sp.next_event("server-stop")
+        assert await c.closed_by_peer()
+        with trio.fail_after(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
