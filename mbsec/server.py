@@ -390,6 +390,20 @@ class Proxy:
         self.metrics.set("mbsec_connections_active", len(self.sessions))
         try:
             await session.run()
+        except Exception as exc:  # a bug in one session must never take the listener down
+            self.log.error(
+                "session failed unexpectedly",
+                **{
+                    "event.kind": "event",
+                    "event.category": ["network"],
+                    "event.type": ["error"],
+                    "event.action": "session-error",
+                    "event.outcome": "failure",
+                    "error.type": type(exc).__name__,
+                    "error.message": str(exc),
+                    "source.ip": source,
+                },
+            )
         finally:
             self.sessions.discard(session)
             if not self.sessions:
