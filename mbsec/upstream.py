@@ -188,7 +188,7 @@ async def tcp_dialer(host: str, port: int) -> trio.abc.Stream:
 class _Pending:
     """One request on the wire: the reader fills ``reply`` or ``error`` and sets ``done``."""
 
-    __slots__ = ("done", "error", "reply", "request", "unit_id")
+    __slots__ = ("deadline", "done", "error", "reply", "request", "sending", "unit_id")
 
     def __init__(self, request: Request, unit_id: int) -> None:
         self.request = request
@@ -196,6 +196,8 @@ class _Pending:
         self.done = trio.Event()
         self.reply: UpstreamReply | None = None
         self.error: UpstreamError | None = None
+        self.deadline = math.inf
+        self.sending = False
 
     def fail(self, error: UpstreamError) -> None:
         if not self.done.is_set():
@@ -226,8 +228,12 @@ class _Connection:
         self._pending: dict[int, _Pending] = {}
         self._expired: dict[int, None] = {}  # insertion-ordered set of timed-out tids
         self._next_tid = 1
-        self._slots = trio.Semaphore(target.depth)
-        self._send_lock = trio.StrictFIFOLock() if target.depth > 1 else None
+        # Slots (depth) and the send right are plain counters with a parking lot behind them:
+        # the uncontended request path takes them without a trio checkpoint.
+        self._in_flight = 0
+        self._slot_lot = trio.lowlevel.ParkingLot()
+        self._sending = False
+        self._send_lot = trio.lowlevel.ParkingLot()
         self.retry_at = -math.inf
         self._backoff = target.backoff_initial
         self._last_error = ""
@@ -290,7 +296,10 @@ class _Connection:
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                why = await self._read_loop(stream)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watchdog)
+                    why = await self._read_loop(stream)
+                    nursery.cancel_scope.cancel()
         finally:
             self._scope = None
             if why is None:
@@ -395,8 +404,47 @@ class _Connection:
         self._changed.set()
         self._changed = trio.Event()
 
-    def request_reset(self, reason: str, message: str) -> None:
-        """Called from a request task: the byte stream is unusable, let the manager reset it."""
+    async def _watchdog(self) -> None:
+        """Fail requests whose reply is overdue: one task per connection, not one timer each.
+
+        Every request gets ``deadline = send time + request_timeout`` and enters ``_pending``
+        when it is sent, so the dict's order is deadline order: sleeping until the oldest
+        deadline (or a whole ``request_timeout`` when nothing is pending, since anything sent
+        later is due later) never oversleeps one.
+        """
+        t = self.target
+        pending = self._pending
+        while True:
+            now = trio.current_time()
+            while pending:
+                tid, p = next(iter(pending.items()))
+                if p.deadline > now:
+                    break
+                del pending[tid]
+                self._expire(tid)
+                p.fail(
+                    TargetNoResponse(
+                        f"no reply from upstream {t.name} within {t.request_timeout:g} s",
+                        reason="timeout",
+                    )
+                )
+                self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
+                if p.sending:  # stuck in send_all: the PLC stopped reading
+                    self.request_reset(
+                        self.stream, "send_timeout", "PLC did not accept the request in time"
+                    )
+            if pending:
+                await trio.sleep_until(next(iter(pending.values())).deadline)
+            else:
+                await trio.sleep(t.request_timeout)
+
+    def request_reset(self, stream: trio.abc.Stream | None, reason: str, message: str) -> None:
+        """Called from a request task: ``stream`` is unusable, let the manager reset it.
+
+        A failure seen on an old stream must not reset the connection that replaced it.
+        """
+        if stream is None or stream is not self.stream:
+            return
         if self._reset_why is None:
             self._reset_why = (reason, message)
         if self._scope is not None:
@@ -444,66 +492,81 @@ class _Connection:
         if len(self._expired) > EXPIRED_MAX:
             del self._expired[next(iter(self._expired))]
 
+    async def _wait_for_slot(self) -> None:
+        """Queue (FIFO) for one of ``depth`` slots, for at most ``request_timeout``."""
+        t = self.target
+        with trio.move_on_after(t.request_timeout):
+            while self._in_flight >= t.depth:
+                await self._slot_lot.park()
+            return
+        if self._in_flight < t.depth:  # the wake-up we were handed goes to the next in line
+            self._slot_lot.unpark()
+        self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
+        raise TargetNoResponse(
+            f"upstream {t.name}: no free slot within {t.request_timeout:g} s "
+            f"({t.pool_size} connection(s) x depth {t.depth} busy)",
+            reason="timeout",
+        )
+
     async def exchange(self, unit_id: int, request: Request, pdu: bytes) -> UpstreamReply:
         t = self.target
-        plc_unit = t.unit_rewrite.get(unit_id, unit_id)
-        stream = self.stream
-        if stream is None:
-            stream = await self._ensure_connected()
-        deadline = trio.current_time() + t.request_timeout
+        plc_unit = t.unit_rewrite.get(unit_id, unit_id) if t.unit_rewrite else unit_id
+        if self.stream is None:
+            await self._ensure_connected()
+        if self._in_flight >= t.depth:
+            await self._wait_for_slot()
+        self._in_flight += 1
         pending = _Pending(request, plc_unit)
         tid = -1
-        sent_at = 0.0
-        sending = False
         try:
-            with trio.move_on_at(deadline):
-                async with self._slots:
-                    stream = self.stream  # the connection may have been reset while we queued
-                    if stream is None:
-                        raise TargetNoResponse(
-                            f"upstream {t.name} connection lost before the request was sent: "
-                            f"{self._last_error}",
-                            reason="connection_lost",
-                        )
-                    tid = self._allocate_tid()
-                    self._pending[tid] = pending
-                    adu = encode_adu(tid, plc_unit, pdu)
-                    sent_at = trio.current_time()
-                    sending = True
-                    if self._send_lock is None:
-                        await stream.send_all(adu)
-                    else:
-                        async with self._send_lock:
-                            await stream.send_all(adu)
-                    sending = False
-                    await pending.done.wait()
+            while self._sending:  # another request is in send_all on this connection
+                await self._send_lot.park()
+            stream = self.stream  # the connection may have been reset while we waited
+            if stream is None:
+                raise TargetNoResponse(
+                    f"upstream {t.name} connection lost before the request was sent: "
+                    f"{self._last_error}",
+                    reason="connection_lost",
+                )
+            tid = self._allocate_tid()
+            adu = encode_adu(tid, plc_unit, pdu)
+            sent_at = trio.current_time()
+            pending.deadline = sent_at + t.request_timeout
+            self._pending[tid] = pending
+            self._sending = pending.sending = True
+            sent = False
+            try:
+                await stream.send_all(adu)  # one write of one ADU
+                sent = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                sent = True  # the stream is reset below; nothing more to do for it
+                self.request_reset(stream, "send_failed", str(exc) or type(exc).__name__)
+                raise TargetNoResponse(
+                    f"upstream {t.name} connection lost while sending: {exc}",
+                    reason="connection_lost",
+                ) from exc
+            finally:
+                self._sending = pending.sending = False
+                if self._send_lot:
+                    self._send_lot.unpark()
+                if not sent:
+                    # Cancelled in the middle of send_all: part of an ADU may be on the wire,
+                    # so the stream is no longer framed. Never finish or repeat the write.
+                    self.request_reset(stream, "send_failed", "request cancelled while sent")
+            await pending.done.wait()
             if pending.reply is not None:
                 self._metrics.observe(
                     "mbsec_upstream_request_seconds", trio.current_time() - sent_at, target=t.name
                 )
                 return pending.reply
-            if pending.error is not None:
-                raise pending.error
-            self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
-            where = "sent" if tid >= 0 else "queued"
-            raise TargetNoResponse(
-                f"no reply from upstream {t.name} within {t.request_timeout:g} s ({where})",
-                reason="timeout",
-            )
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            sending = False
-            self.request_reset("send_failed", str(exc) or type(exc).__name__)
-            raise TargetNoResponse(
-                f"upstream {t.name} connection lost while sending: {exc}",
-                reason="connection_lost",
-            ) from exc
+            assert pending.error is not None
+            raise pending.error
         finally:
-            if sending:
-                # Cancelled in the middle of send_all: part of an ADU may be on the wire, so
-                # the stream is no longer framed. Never try to finish or repeat the write.
-                self.request_reset("send_failed", "request cancelled while being sent")
+            self._in_flight -= 1
+            if self._slot_lot:
+                self._slot_lot.unpark()
             if tid >= 0 and self._pending.get(tid) is pending:
-                del self._pending[tid]
+                del self._pending[tid]  # the caller went away: its reply will be dropped
                 self._expire(tid)
 
 

@@ -875,3 +875,83 @@ async def test_each_request_is_one_write_of_one_adu(nursery: trio.Nursery) -> No
         _tid, pid, length, unit = HEADER.unpack_from(w)
         assert pid == 0 and unit == 1 and len(w) == 6 + length == 12
     assert len({HEADER.unpack_from(w)[0] for w in writes}) == 10  # distinct proxy tids
+
+
+async def test_queued_request_times_out_waiting_for_a_slot(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    got = trio.Event()
+
+    async def silent(stream: trio.abc.Stream, n: int) -> None:
+        reader = AduReader(stream)
+        while await reader.next() is not None:
+            got.set()
+
+    plc = ScriptedPlc(silent)
+    port = await plc.start(nursery)
+    ups, _log, metrics = await started(nursery, target(port, depth=1, request_timeout=2.0))
+    errors: list[TargetNoResponse] = []
+
+    async def call(address: int) -> None:
+        with pytest.raises(TargetNoResponse) as exc:
+            await ups.exchange(1, *read_request(address, 1))
+        errors.append(exc.value)
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(call, 0)
+        await got.wait()
+        callers.start_soon(call, 1)  # waits for the only slot
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(2.0)
+    assert len(errors) == 2
+    assert all(e.exception_code == 0x0B and e.reason == "timeout" for e in errors)
+    assert any("no free slot" in e.message for e in errors)
+    assert metrics.count("mbsec_upstream_failures_total", reason="timeout") == 2
+
+
+async def test_plc_that_stops_reading_resets_the_connection(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """send_all blocked past the deadline: the watchdog fails it and resets the stream."""
+
+    class StuckStream(trio.abc.Stream):
+        def __init__(self) -> None:
+            self.closed = trio.Event()
+            self.sending = trio.Event()
+
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            self.sending.set()
+            await self.closed.wait()  # like a full socket buffer, until aclose
+            raise trio.ClosedResourceError("closed while sending")
+
+        async def wait_send_all_might_not_block(self) -> None:
+            await self.closed.wait()
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+            await self.closed.wait()
+            raise trio.ClosedResourceError("closed")
+
+        async def aclose(self) -> None:
+            self.closed.set()
+            await trio.lowlevel.checkpoint()
+
+    stuck = StuckStream()
+
+    async def dialer(host: str, port: int) -> trio.abc.Stream:
+        return stuck
+
+    ups, log, _metrics = await started(nursery, target(502, request_timeout=1.0), dialer=dialer)
+
+    async def expire() -> None:
+        await stuck.sending.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(1.0)
+
+    nursery.start_soon(expire)
+    with pytest.raises(TargetNoResponse) as exc:
+        await ups.exchange(1, *write_request(1, 2))
+    assert exc.value.exception_code == 0x0B
+    await trio.testing.wait_all_tasks_blocked()
+    assert stuck.closed.is_set()
+    resets = [e for e in log.events if e.get("event.action") == "upstream-reset"]
+    assert [e["event.reason"] for e in resets] == ["send_timeout"]
