@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ._fast import fast_init
 from .errors import Action, LocalProtocolError, RemoteProtocolError
 
 #: transaction id (2) + protocol id (2) + length (2) + unit id (1)
@@ -29,6 +30,7 @@ _unpack_header = _HEADER.unpack_from
 _pack_header = _HEADER.pack
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Adu:
     """One Modbus/TCP application data unit; ``pdu`` starts with the function code."""

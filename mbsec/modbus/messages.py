@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, TypeAlias
 
+from ._fast import fast_init, positional_factory
 from .access import Access, Table
+
+#: builds an Access without the frozen-dataclass __init__ overhead (access() is per request)
+_access = positional_factory(Access)
 
 
 class FunctionCode(IntEnum):
@@ -82,7 +86,7 @@ class ReadCoilsRequest:
     count: int
 
     def access(self) -> Access:
-        return Access(1, Table.COILS, (self.address, self.count), None, (), None, 5)
+        return _access(1, Table.COILS, (self.address, self.count), None, (), None, 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,7 @@ class ReadDiscreteInputsRequest:
     count: int
 
     def access(self) -> Access:
-        return Access(2, Table.DISCRETE_INPUTS, (self.address, self.count), None, (), None, 5)
+        return _access(2, Table.DISCRETE_INPUTS, (self.address, self.count), None, (), None, 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +106,7 @@ class ReadHoldingRegistersRequest:
     count: int
 
     def access(self) -> Access:
-        return Access(
+        return _access(
             3, Table.HOLDING_REGISTERS, (self.address, self.count), None, (), None, 5
         )
 
@@ -114,7 +118,7 @@ class ReadInputRegistersRequest:
     count: int
 
     def access(self) -> Access:
-        return Access(4, Table.INPUT_REGISTERS, (self.address, self.count), None, (), None, 5)
+        return _access(4, Table.INPUT_REGISTERS, (self.address, self.count), None, (), None, 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +130,7 @@ class WriteSingleCoilRequest:
     value: bool
 
     def access(self) -> Access:
-        return Access(
+        return _access(
             5, Table.COILS, None, (self.address, 1), (1,) if self.value else (0,), None, 5
         )
 
@@ -138,7 +142,7 @@ class WriteSingleRegisterRequest:
     value: int
 
     def access(self) -> Access:
-        return Access(
+        return _access(
             6, Table.HOLDING_REGISTERS, None, (self.address, 1), (self.value,), None, 5
         )
 
@@ -148,7 +152,7 @@ class ReadExceptionStatusRequest:
     function_code: ClassVar[int] = 7
 
     def access(self) -> Access:
-        return Access(7, Table.NONE, None, None, (), None, 1)
+        return _access(7, Table.NONE, None, None, (), None, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,7 @@ class DiagnosticsRequest:
     data: bytes
 
     def access(self) -> Access:
-        return Access(8, Table.NONE, None, None, (), self.sub_function, 3 + len(self.data))
+        return _access(8, Table.NONE, None, None, (), self.sub_function, 3 + len(self.data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,7 @@ class GetCommEventCounterRequest:
     function_code: ClassVar[int] = 11
 
     def access(self) -> Access:
-        return Access(11, Table.NONE, None, None, (), None, 1)
+        return _access(11, Table.NONE, None, None, (), None, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +180,7 @@ class GetCommEventLogRequest:
     function_code: ClassVar[int] = 12
 
     def access(self) -> Access:
-        return Access(12, Table.NONE, None, None, (), None, 1)
+        return _access(12, Table.NONE, None, None, (), None, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +191,7 @@ class WriteMultipleCoilsRequest:
 
     def access(self) -> Access:
         n = len(self.values)
-        return Access(
+        return _access(
             15,
             Table.COILS,
             None,
@@ -206,7 +210,7 @@ class WriteMultipleRegistersRequest:
 
     def access(self) -> Access:
         n = len(self.values)
-        return Access(
+        return _access(
             16, Table.HOLDING_REGISTERS, None, (self.address, n), self.values, None, 6 + 2 * n
         )
 
@@ -216,7 +220,7 @@ class ReportServerIdRequest:
     function_code: ClassVar[int] = 17
 
     def access(self) -> Access:
-        return Access(17, Table.NONE, None, None, (), None, 1)
+        return _access(17, Table.NONE, None, None, (), None, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +260,7 @@ class ReadFileRecordRequest:
         rng = _covering(
             [(r.record_number, r.record_number + r.record_length) for r in self.records]
         )
-        return Access(20, Table.FILE_RECORDS, rng, None, (), None, 2 + 7 * len(self.records))
+        return _access(20, Table.FILE_RECORDS, rng, None, (), None, 2 + 7 * len(self.records))
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +275,7 @@ class WriteFileRecordRequest:
             [(r.record_number, r.record_number + len(r.values)) for r in self.records]
         )
         values = tuple(v for r in self.records for v in r.values)
-        return Access(
+        return _access(
             21,
             Table.FILE_RECORDS,
             None,
@@ -292,7 +296,7 @@ class MaskWriteRegisterRequest:
     or_mask: int
 
     def access(self) -> Access:
-        return Access(
+        return _access(
             22,
             Table.HOLDING_REGISTERS,
             None,
@@ -315,7 +319,7 @@ class ReadWriteMultipleRegistersRequest:
 
     def access(self) -> Access:
         n = len(self.values)
-        return Access(
+        return _access(
             23,
             Table.HOLDING_REGISTERS,
             (self.read_address, self.read_count),
@@ -334,7 +338,7 @@ class ReadFifoQueueRequest:
     address: int
 
     def access(self) -> Access:
-        return Access(24, Table.HOLDING_REGISTERS, (self.address, 1), None, (), None, 3)
+        return _access(24, Table.HOLDING_REGISTERS, (self.address, 1), None, (), None, 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +351,7 @@ class ReadDeviceIdentificationRequest:
     object_id: int
 
     def access(self) -> Access:
-        return Access(43, Table.NONE, None, None, (), 14, 4)
+        return _access(43, Table.NONE, None, None, (), 14, 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +363,7 @@ class MeiRequest:
     data: bytes
 
     def access(self) -> Access:
-        return Access(43, Table.NONE, None, None, (), self.mei_type, 2 + len(self.data))
+        return _access(43, Table.NONE, None, None, (), self.mei_type, 2 + len(self.data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +377,7 @@ class OpaqueRequest:
     data: bytes
 
     def access(self) -> Access:
-        return Access(self.function_code, Table.NONE, None, None, (), None, 1 + len(self.data))
+        return _access(self.function_code, Table.NONE, None, None, (), None, 1 + len(self.data))
 
 
 Request: TypeAlias = (
@@ -592,3 +596,14 @@ Response: TypeAlias = (
     | MeiResponse
     | OpaqueResponse
 )
+
+
+for _cls in (
+    *Request.__args__,
+    *Response.__args__,
+    ExceptionResponse,
+    FileSubRequest,
+    FileRecord,
+):
+    fast_init(_cls)
+del _cls
