@@ -289,7 +289,9 @@ class Session:
             return False
         self._identity_key = key
         self.identity = identity
-        self._principal = state.policy.principal(identity, self.peer_ip or "")
+        # no peer address only happens on in-memory test streams: "unspecified" matches only
+        # rules without a source restriction (or 0.0.0.0/0)
+        self._principal = state.policy.principal(identity, self.peer_ip or "0.0.0.0")
         cipher = ssl_stream.cipher()
         tls_fields = {
             "tls.version": (ssl_stream.version() or "").removeprefix("TLSv"),

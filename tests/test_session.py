@@ -1,0 +1,170 @@
+"""The session alone, over in-memory streams with a fake upstream: deterministic checks of
+backpressure, id mapping, monitor mode, rate limits and the alert flush."""
+
+from __future__ import annotations
+
+import ssl
+import struct
+from typing import Any
+
+import trio
+import trio.testing
+from conftest import TEST_POLICY, Pki
+
+from mbsec.audit import ListSink, flatten, make_logger
+from mbsec.modbus.mbap import FrameBuffer, encode_adu
+from mbsec.modbus.pdu import Request, parse_response
+from mbsec.policy import RateLimiter, load_policy_text
+from mbsec.session import ProxyState, Session
+from mbsec.settings import LimitsSettings, LoggingSettings, TlsSettings
+from mbsec.tls import build_material
+from mbsec.upstream import TargetNoResponse, UpstreamReply
+
+
+class FakeUpstreams:
+    """Answers FC03 with register = address; ``gate`` holds every exchange until set."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bytes]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.gate: trio.Event | None = None
+        self.fail = False
+
+    async def exchange(self, unit_id: int, request: Request, pdu: bytes) -> UpstreamReply:
+        self.calls.append((unit_id, pdu))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail:
+                raise TargetNoResponse("silent", reason="timeout")
+            addr, count = struct.unpack(">HH", pdu[1:5])
+            reply = bytes([3, 2 * count]) + b"".join(struct.pack(">H", addr + i)
+                                                     for i in range(count))
+            return UpstreamReply(reply, parse_response(request, reply), "fake")
+        finally:
+            self.in_flight -= 1
+
+
+def state_for(pki: Pki, policy: str = TEST_POLICY) -> ProxyState:
+    tls = build_material(TlsSettings(cert=pki.server.chain, key=pki.server.key,
+                                     client_ca=pki.ca.trust_bundle, crl=[pki.crl]))
+    pol = load_policy_text(policy)
+    return ProxyState(tls=tls, policy=pol, limiter=RateLimiter(pol))
+
+
+async def run_session(
+    nursery: trio.Nursery, pki: Pki, *, who: Any, policy: str = TEST_POLICY,
+    limits: LimitsSettings | None = None, upstreams: FakeUpstreams | None = None,
+    client_ctx: ssl.SSLContext | None = None,
+) -> tuple[trio.SSLStream[Any], FakeUpstreams, ListSink, trio.abc.Stream]:
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    ups = upstreams or FakeUpstreams()
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False, allowed_requests="info"), extra_sinks=[sink])
+    state = state_for(pki, policy)
+    session = Session(server_raw, state=lambda: state, upstreams=ups,
+                      limits=limits or LimitsSettings(), log=log, allowed_requests="info")
+    nursery.start_soon(session.run)
+    ctx = client_ctx or pki.client_ctx(who)
+    client = trio.SSLStream(client_raw, ctx, server_hostname="localhost")
+    return client, ups, sink, client_raw
+
+
+async def read_replies(client: trio.SSLStream[Any], n: int) -> list[tuple[int, int, bytes]]:
+    frames = FrameBuffer()
+    out: list[tuple[int, int, bytes]] = []
+    with trio.fail_after(5):
+        while len(out) < n:
+            adu = frames.next_frame()
+            if adu is not None:
+                out.append((adu.transaction_id, adu.unit_id, adu.pdu))
+                continue
+            data = await client.receive_some(65536)
+            assert data, "session closed early"
+            frames.receive_data(data)
+    return out
+
+
+def events(sink: ListSink, action: str) -> list[dict[str, Any]]:
+    return [flatten(e) for e in sink.events() if e.get("event", {}).get("action") == action]
+
+
+async def test_pipelining_is_bounded_per_client(pki: Pki, nursery: trio.Nursery) -> None:
+    ups = FakeUpstreams()
+    ups.gate = trio.Event()
+    client, ups, _sink, _ = await run_session(nursery, pki, who=pki.operator, upstreams=ups,
+                                               limits=LimitsSettings(max_pipelined=2))
+    await client.send_all(b"".join(encode_adu(t, 1, struct.pack(">BHH", 3, t, 1))
+                                   for t in range(5)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert ups.in_flight == 2  # the rest waits: reading pauses at the limit
+    ups.gate.set()
+    replies = await read_replies(client, 5)
+    assert sorted((t, p) for t, _u, p in replies) == [
+        (t, bytes([3, 2, 0, t])) for t in range(5)]
+    assert ups.max_in_flight == 2
+
+
+async def test_reply_carries_the_clients_tid_and_unit(pki: Pki, nursery: trio.Nursery) -> None:
+    client, ups, sink, _ = await run_session(nursery, pki, who=pki.operator)
+    await client.send_all(encode_adu(0xBEEF, 2, struct.pack(">BHH", 3, 7, 2)))
+    assert await read_replies(client, 1) == [(0xBEEF, 2, bytes([3, 4, 0, 7, 0, 8]))]
+    assert ups.calls == [(2, struct.pack(">BHH", 3, 7, 2))]
+    [ev] = events(sink, "modbus-request")
+    assert ev["modbus.transaction_id"] == 0xBEEF and ev["modbus.decision"] == "allow"
+    assert ev["mbsec.target"] == "fake"
+
+
+async def test_monitor_mode_forwards_and_logs_would_deny(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    policy = TEST_POLICY.replace("default: deny\n", "default: deny\nmode: monitor\n")
+    client, ups, sink, _ = await run_session(nursery, pki, who=pki.norole, policy=policy)
+    await client.send_all(encode_adu(1, 1, struct.pack(">BHH", 3, 0, 1)))
+    assert (await read_replies(client, 1))[0][2][0] == 3
+    assert len(ups.calls) == 1
+    evs = events(sink, "modbus-request")
+    assert any(e["modbus.decision"] == "would_deny" and e["log.level"] == "warning" for e in evs)
+
+
+async def test_rate_limit_answers_busy(pki: Pki, nursery: trio.Nursery) -> None:
+    policy = TEST_POLICY + ("limits:\n  default:\n    requests_per_second: 0.001\n"
+                            "    burst: 1\n")
+    client, ups, sink, _ = await run_session(nursery, pki, who=pki.operator, policy=policy)
+    await client.send_all(encode_adu(1, 1, struct.pack(">BHH", 3, 0, 1)))
+    assert (await read_replies(client, 1))[0][2][0] == 3
+    await client.send_all(encode_adu(2, 1, struct.pack(">BHH", 3, 0, 1)))
+    assert (await read_replies(client, 1))[0] == (2, 1, bytes([0x83, 0x06]))
+    assert len(ups.calls) == 1
+    denied = [e for e in events(sink, "modbus-request") if e["modbus.decision"] == "rate_limited"]
+    assert denied and denied[0]["modbus.exception_code"] == 6
+
+
+async def test_upstream_failure_maps_to_its_exception(pki: Pki, nursery: trio.Nursery) -> None:
+    ups = FakeUpstreams()
+    ups.fail = True
+    client, ups, sink, _ = await run_session(nursery, pki, who=pki.operator, upstreams=ups)
+    await client.send_all(encode_adu(9, 1, struct.pack(">BHH", 3, 0, 1)))
+    assert await read_replies(client, 1) == [(9, 1, bytes([0x83, 0x0B]))]
+    [ev] = events(sink, "modbus-request")
+    assert ev["event.reason"] == "timeout" and ev["modbus.exception_code"] == 0x0B
+
+
+async def test_failed_handshake_alert_bytes_are_flushed(pki: Pki, nursery: trio.Nursery) -> None:
+    """TLS 1.2: the client learns *why* (unknown_ca alert), not just a bare EOF."""
+    client, _ups, sink, _raw = await run_session(
+        nursery, pki, who=pki.rogue,
+        client_ctx=pki.client_ctx(pki.rogue, max_version=ssl.TLSVersion.TLSv1_2))
+    try:
+        with trio.fail_after(5):
+            await client.do_handshake()
+    except trio.BrokenResourceError as exc:
+        assert isinstance(exc.__cause__, ssl.SSLError)
+        assert exc.__cause__.reason == "TLSV1_ALERT_UNKNOWN_CA"
+    else:
+        raise AssertionError("handshake should have failed")
+    [ev] = events(sink, "tls-handshake")
+    assert ev["event.reason"] == "unknown_ca"
