@@ -535,3 +535,53 @@ def test_exception_pdu_rejects() -> None:
         exception_pdu(256, 1)
     with pytest.raises(LocalProtocolError):
         exception_pdu(3, -1)
+
+
+# ---------------------------------------------------------------------------- fast init
+
+
+def test_fast_init_keeps_dataclass_semantics() -> None:
+    import dataclasses
+
+    from mbsec.modbus import Adu
+
+    req = ReadHoldingRegistersRequest(address=5, count=2)
+    assert req == ReadHoldingRegistersRequest(5, 2)
+    assert hash(req) == hash(ReadHoldingRegistersRequest(5, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.address = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ReadHoldingRegistersRequest(5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        ReadHoldingRegistersRequest(5, 2, 3)  # type: ignore[call-arg]
+    assert Adu(1, 2, b"\x07") == Adu(transaction_id=1, unit_id=2, pdu=b"\x07")
+    assert ReadExceptionStatusRequest() == ReadExceptionStatusRequest()
+    access = req.access()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        access.read = None  # type: ignore[misc]
+
+
+def test_fast_factory_falls_back_for_classes_it_cannot_handle() -> None:
+    import dataclasses
+
+    from mbsec.modbus._fast import fast_init, positional_factory
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        x: int
+
+        def __post_init__(self) -> None:
+            if self.x < 0:
+                raise ValueError("negative")
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Defaulted:
+        x: int = 1
+
+    assert positional_factory(Checked) is Checked
+    original = Checked.__init__
+    assert fast_init(Checked).__init__ is original
+    with pytest.raises(ValueError):
+        Checked(-1)
+    assert positional_factory(Defaulted) is Defaulted
+    assert Defaulted() == Defaulted(1)
