@@ -213,3 +213,14 @@ def test_openssl_printablestring_role_is_rejected(tmp_path: Path) -> None:
         "-addext", f"{ROLE_OID}=ASN1:PRINTABLESTRING:operator")
     assert result.returncode == 0, result.stderr
     assert reason_of(der_of(crt)) == "role_not_utf8string"
+
+
+@given(st.binary(max_size=300))
+def test_decode_role_fuzz_only_raises_identity_error(value: bytes) -> None:
+    try:
+        role = decode_role(value)
+    except IdentityError as exc:
+        assert exc.reason in {"role_malformed", "role_not_utf8string", "role_empty",
+                              "role_invalid_utf8"}
+    else:
+        assert value[0] == 0x0C and role and value.endswith(role.encode("utf-8"))

@@ -309,3 +309,33 @@ def test_installed_console_script(tmp_path: Path) -> None:
     r = subprocess.run([exe, "list", "--dir", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_passphrase_prompt_needs_a_terminal(ca_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    code, _, err = run(capsys, "issue", "client", "x", "--key-passphrase-prompt", "--dir", ca_dir,
+                       "--out-dir", tmp_path)
+    assert code == EXIT_ERROR and "no terminal" in one_line_error(err)
+    assert not (tmp_path / "x.key").exists()
+
+
+def test_passphrase_prompt_on_a_terminal(ca_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    answers = iter(["typed secret", "typed secret"])
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    code, _, _ = run(capsys, "issue", "client", "x", "--key-passphrase-prompt", "--dir", ca_dir,
+                     "--out-dir", tmp_path)
+    assert code == EXIT_OK
+    from mbsec.pki.files import load_key
+
+    load_key(tmp_path / "x.key", b"typed secret")
+    answers = iter(["one", "two"])
+    code, _, err = run(capsys, "issue", "client", "y", "--key-passphrase-prompt", "--dir", ca_dir,
+                       "--out-dir", tmp_path)
+    assert code == EXIT_ERROR and "do not match" in one_line_error(err)

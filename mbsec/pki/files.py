@@ -143,11 +143,17 @@ def write_file(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = 
             os.replace(tmp, path)
         else:
             try:
-                os.link(tmp, path)
+                os.link(tmp, path)  # atomic "create if absent"
             except FileExistsError:
                 raise PKIError(f"{path}: already exists (use --force to overwrite)") from None
+            except OSError:
+                # no hard links (FAT-formatted USB stick, some FUSE mounts): check, then rename
+                if path.exists():
+                    raise PKIError(f"{path}: already exists (use --force to overwrite)") from None
+                os.rename(tmp, path)
             finally:
-                tmp.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
