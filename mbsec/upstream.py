@@ -493,14 +493,15 @@ class _Connection:
             del self._expired[next(iter(self._expired))]
 
     async def _wait_for_slot(self) -> None:
-        """Queue (FIFO) for one of ``depth`` slots, for at most ``request_timeout``."""
+        """Queue (FIFO) for a slot, for at most ``request_timeout``.
+
+        A finishing request hands its slot straight to the first waiter (``_in_flight`` stays
+        up), so a caller that loops cannot barge ahead of the queue and starve it.
+        """
         t = self.target
         with trio.move_on_after(t.request_timeout):
-            while self._in_flight >= t.depth:
-                await self._slot_lot.park()
-            return
-        if self._in_flight < t.depth:  # the wake-up we were handed goes to the next in line
-            self._slot_lot.unpark()
+            await self._slot_lot.park()
+            return  # woken by _release_slot: the slot is ours
         self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
         raise TargetNoResponse(
             f"upstream {t.name}: no free slot within {t.request_timeout:g} s "
@@ -508,34 +509,50 @@ class _Connection:
             reason="timeout",
         )
 
+    def _release_slot(self) -> None:
+        if self._slot_lot:
+            self._slot_lot.unpark()
+        else:
+            self._in_flight -= 1
+
+    def _release_send(self) -> None:
+        if self._send_lot:
+            self._send_lot.unpark()
+        else:
+            self._sending = False
+
     async def exchange(self, unit_id: int, request: Request, pdu: bytes) -> UpstreamReply:
         t = self.target
         plc_unit = t.unit_rewrite.get(unit_id, unit_id) if t.unit_rewrite else unit_id
         if self.stream is None:
             await self._ensure_connected()
-        if self._in_flight >= t.depth:
+        if self._in_flight < t.depth and not self._slot_lot:
+            self._in_flight += 1  # fast path: a free slot and nobody queued before us
+        else:
             await self._wait_for_slot()
-        self._in_flight += 1
         pending = _Pending(request, plc_unit)
         tid = -1
         try:
-            while self._sending:  # another request is in send_all on this connection
+            if not self._sending and not self._send_lot:
+                self._sending = True
+            else:  # another request is in send_all on this connection; it hands over to us
                 await self._send_lot.park()
             stream = self.stream  # the connection may have been reset while we waited
-            if stream is None:
-                raise TargetNoResponse(
-                    f"upstream {t.name} connection lost before the request was sent: "
-                    f"{self._last_error}",
-                    reason="connection_lost",
-                )
-            tid = self._allocate_tid()
-            adu = encode_adu(tid, plc_unit, pdu)
-            sent_at = trio.current_time()
-            pending.deadline = sent_at + t.request_timeout
-            self._pending[tid] = pending
-            self._sending = pending.sending = True
             sent = False
             try:
+                if stream is None:
+                    sent = True
+                    raise TargetNoResponse(
+                        f"upstream {t.name} connection lost before the request was sent: "
+                        f"{self._last_error}",
+                        reason="connection_lost",
+                    )
+                tid = self._allocate_tid()
+                adu = encode_adu(tid, plc_unit, pdu)
+                sent_at = trio.current_time()
+                pending.deadline = sent_at + t.request_timeout
+                self._pending[tid] = pending
+                pending.sending = True
                 await stream.send_all(adu)  # one write of one ADU
                 sent = True
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -546,9 +563,8 @@ class _Connection:
                     reason="connection_lost",
                 ) from exc
             finally:
-                self._sending = pending.sending = False
-                if self._send_lot:
-                    self._send_lot.unpark()
+                pending.sending = False
+                self._release_send()
                 if not sent:
                     # Cancelled in the middle of send_all: part of an ADU may be on the wire,
                     # so the stream is no longer framed. Never finish or repeat the write.
@@ -562,9 +578,7 @@ class _Connection:
             assert pending.error is not None
             raise pending.error
         finally:
-            self._in_flight -= 1
-            if self._slot_lot:
-                self._slot_lot.unpark()
+            self._release_slot()
             if tid >= 0 and self._pending.get(tid) is pending:
                 del self._pending[tid]  # the caller went away: its reply will be dropped
                 self._expire(tid)
