@@ -445,3 +445,46 @@ def test_renew_refuses_foreign_or_broken(tmp_path: Path) -> None:
                       extra_extensions=[((ROLE_OID, b"\x0c\x01x"), False)])
     with pytest.raises(PKIError, match="more than one role"):
         ca.renew(broken.cert, force=True)
+
+
+def test_mutual_tls_over_a_socketpair(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    ca = CertificateAuthority.init(tmp_path / "ca", intermediate=True)
+    server = ca.issue("server", "proxy", dns=["localhost"], out_dir=tmp_path)
+    client = ca.issue("client", "eng-01", role="engineer", out_dir=tmp_path)
+    s_ctx = server_context(server.chain, server.key, ca.trust_bundle, ca.write_crl())
+    c_ctx = client_context(client.chain, client.key, ca.trust_bundle)
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    seen: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            with s_ctx.wrap_socket(a, server_side=True) as tls:
+                seen["der"] = tls.getpeercert(binary_form=True)
+                seen["version"] = tls.version()
+                tls.sendall(tls.recv(4))
+        except Exception as exc:  # reported by the assertion below
+            seen["error"] = exc
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with c_ctx.wrap_socket(b, server_hostname="localhost") as tls:
+        tls.sendall(b"ping")
+        assert tls.recv(4) == b"ping"
+    t.join(10)
+    assert "error" not in seen, seen
+    assert seen["version"] in ("TLSv1.2", "TLSv1.3")
+    der = seen["der"]
+    assert isinstance(der, bytes)
+    ident = parse_identity(der)
+    assert ident.role == "engineer" and ident.issuer.endswith("Issuing")
+
+
+def test_expired_ca_refuses_to_issue(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca", days=10, now=T0)
+    with pytest.raises(PKIError, match="issuing CA expired"):
+        ca.issue("client", "late", out_dir=tmp_path, now=T0 + dt.timedelta(days=11))

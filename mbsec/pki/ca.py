@@ -547,9 +547,15 @@ class CertificateAuthority:
             cert = _resign(cert, issuer_key, swaps)
         return cert
 
+    def _check_ca_alive(self, now: dt.datetime) -> None:
+        if self.issuer_cert.not_valid_after_utc <= now:
+            raise PKIError(f"the issuing CA expired on "
+                           f"{self.issuer_cert.not_valid_after_utc:%Y-%m-%d}; create a new CA")
+
     def _validity(self, kind: str, days: int | None, not_before: dt.datetime | None,
                   not_after: dt.datetime | None,
                   now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+        self._check_ca_alive(now)
         start = _aware(not_before) if not_before is not None else now - BACKDATE
         if not_after is not None:
             return start, _aware(not_after)
@@ -719,6 +725,7 @@ class CertificateAuthority:
         ]
         lifetime = old.not_valid_after_utc - old.not_valid_before_utc - BACKDATE
         end = now + (dt.timedelta(days=days) if days is not None else lifetime)
+        self._check_ca_alive(now)
         end = min(end, self.issuer_cert.not_valid_after_utc)
         cert = self._build_leaf(kind, old.subject, key.public_key(), role=role, dns=dns, ips=ips,
                                 uris=uris, not_before=now - BACKDATE, not_after=end,
