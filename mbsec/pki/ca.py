@@ -34,7 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mbsec.identity import ROLE_OID, IdentityError, encode_role, read_role, role_extension
+from mbsec.identity import (
+    ROLE_OID,
+    IdentityError,
+    decode_role,
+    encode_role,
+    read_role,
+    role_extension,
+)
 from mbsec.pki.files import (
     DEFAULT_KEY_TYPE,
     PKIError,
@@ -314,16 +321,10 @@ def csr_requested_role(csr: x509.CertificateSigningRequest) -> str | None:
     for ext in csr.extensions:
         if ext.oid.dotted_string == ROLE_OID and isinstance(ext.value, x509.UnrecognizedExtension):
             try:
-                return read_role_value(ext.value.value)
+                return decode_role(ext.value.value)
             except IdentityError:
                 return "<malformed>"
     return None
-
-
-def read_role_value(value: bytes) -> str:
-    from mbsec.identity import decode_role
-
-    return decode_role(value)
 
 
 class CertificateAuthority:
