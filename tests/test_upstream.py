@@ -955,3 +955,37 @@ async def test_plc_that_stops_reading_resets_the_connection(
     assert stuck.closed.is_set()
     resets = [e for e in log.events if e.get("event.action") == "upstream-reset"]
     assert [e["event.reason"] for e in resets] == ["send_timeout"]
+
+
+async def test_queued_callers_are_served_in_order_not_starved(nursery: trio.Nursery) -> None:
+    """A caller that loops must not barge ahead of callers already waiting for the slot."""
+    order: list[int] = []
+    first_seen = trio.Event()
+    go = trio.Event()
+
+    async def recording(stream: trio.abc.Stream, n: int) -> None:
+        reader = AduReader(stream)
+        while (req := await reader.next()) is not None:
+            tid, unit, pdu = req
+            order.append(struct.unpack(">H", pdu[1:3])[0])
+            first_seen.set()
+            await go.wait()
+            await stream.send_all(adu(tid, unit, fc03_reply(unit, pdu)))
+
+    plc = ScriptedPlc(recording)
+    port = await plc.start(nursery)
+    ups, _log, _metrics = await started(nursery, target(port, depth=1))
+
+    async def caller(addresses: list[int]) -> None:
+        for a in addresses:
+            assert registers((await ups.exchange(1, *read_request(a, 1))).pdu) == [value(1, a)]
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(caller, [0, 1, 2])
+        await first_seen.wait()
+        callers.start_soon(caller, [10])
+        await trio.testing.wait_all_tasks_blocked()
+        callers.start_soon(caller, [20])
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    assert order == [0, 10, 20, 1, 2]
