@@ -488,3 +488,12 @@ def test_expired_ca_refuses_to_issue(tmp_path: Path) -> None:
     ca = CertificateAuthority.init(tmp_path / "ca", days=10, now=T0)
     with pytest.raises(PKIError, match="issuing CA expired"):
         ca.issue("client", "late", out_dir=tmp_path, now=T0 + dt.timedelta(days=11))
+
+
+def test_key_types() -> None:
+    from mbsec.pki.files import key_type_of
+
+    for kt in ("ec-p256", "ec-p384", "rsa-3072"):
+        assert key_type_of(generate_key(kt)) == kt
+    with pytest.raises(PKIError, match="unknown key type"):
+        generate_key("dsa-1024")

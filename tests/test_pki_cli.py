@@ -227,6 +227,10 @@ def test_renew_check_and_exec(ca_dir: Path, tmp_path: Path,
     assert new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.DNSName) == ["proxy.example"]
 
+    code, out, _ = run(capsys, "list", "--dir", d, "--json", "--now", "2030-03-02T02:00")
+    states = {r["serial"]: r["state"] for r in json.loads(out)}
+    assert states == {f"{serial0:X}": "superseded", f"{new.serial_number:X}": "valid"}
+
     code, _, err = run(capsys, "renew", crt, "--force", "--dir", d, "--exec", "exit 7")
     assert code == EXIT_ERROR and "exit code 7" in one_line_error(err)
     code, _, err = run(capsys, "renew", crt, "--threshold", "1.5", "--dir", d)

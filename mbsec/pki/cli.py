@@ -286,6 +286,8 @@ def _status(entry: dict[str, Any], now: dt.datetime, within: int) -> str:
     end = dt.datetime.fromisoformat(entry["not_after"])
     if now > end:
         return "expired"
+    if entry.get("renewed_by"):
+        return "superseded"  # still valid, but a renewal replaced it in the field
     if end - now < dt.timedelta(days=within):
         return "expiring"
     return "valid"
@@ -305,9 +307,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no certificates" + ("" if args.status == "all" else f" with status {args.status}"))
         return EXIT_OK
-    print(f"{'SERIAL':<42} {'KIND':<6} {'STATE':<8} {'EXPIRES':<10} {'ROLE':<12} COMMON NAME")
+    print(f"{'SERIAL':<42} {'KIND':<6} {'STATE':<10} {'EXPIRES':<10} {'ROLE':<12} COMMON NAME")
     for r in rows:
-        print(f"{r['serial']:<42} {r['kind']:<6} {r['state']:<8} {r['not_after'][:10]:<10} "
+        print(f"{r['serial']:<42} {r['kind']:<6} {r['state']:<10} {r['not_after'][:10]:<10} "
               f"{(r.get('role') or '-'):<12} {r.get('common_name') or '-'}")
     return EXIT_OK
 
@@ -551,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
             "mbsec-pki list", "mbsec-pki list --status expiring --within 60",
             "mbsec-pki list --json")
     _dir_opt(p, passphrase=False)
-    p.add_argument("--status", choices=("all", "valid", "expiring", "expired", "revoked"),
+    p.add_argument("--status", choices=("all", "valid", "expiring", "expired", "revoked",
+                                        "superseded"),
                    default="all")
     p.add_argument("--within", type=int, default=30, metavar="DAYS",
                    help="'expiring' means expiring within DAYS (default 30)")
