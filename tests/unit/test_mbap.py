@@ -207,3 +207,4 @@ def test_fuzz_only_protocol_errors_and_bounded(chunks: list[bytes]) -> None:
             assert fb.buffered < MAX_ADU
     except ProtocolError as exc:
         assert exc.action is Action.CLOSE
+        assert exc.reason in {"bad_protocol_id", "bad_length", "buffer_overflow"}

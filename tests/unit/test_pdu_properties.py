@@ -63,6 +63,14 @@ from mbsec.modbus import (
     parse_response,
 )
 
+REQUEST_REASONS = {
+    "empty_pdu", "illegal_function", "bad_pdu_length", "bad_quantity", "bad_byte_count",
+    "bad_value", "bad_address", "bad_file_reference",
+}
+RESPONSE_REASONS = {
+    "function_mismatch", "bad_exception_pdu", "byte_count_mismatch", "echo_mismatch",
+    "mei_mismatch", "bad_response_length", "bad_response",
+}
 KNOWN = {1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 17, 20, 21, 22, 23, 24, 43}
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -268,6 +276,7 @@ def test_fuzz_parse_request(raw: bytes) -> None:
     try:
         req = parse_request(raw)
     except RemoteProtocolError as exc:
+        assert exc.reason in REQUEST_REASONS
         assert exc.action is (Action.CLOSE if not raw else Action.EXCEPTION)
         if exc.action is Action.EXCEPTION:
             assert exc.exception_code in (1, 2, 3)
@@ -289,6 +298,7 @@ def test_fuzz_parse_response_random(request_bytes: bytes, raw: bytes) -> None:
     try:
         parse_response(req, raw)
     except RemoteProtocolError as exc:
+        assert exc.reason in RESPONSE_REASONS
         assert exc.action is Action.CLOSE
 
 
@@ -303,4 +313,5 @@ def test_fuzz_parse_response_mutated(pair: tuple[Request, Any], data: st.DataObj
     try:
         parse_response(req, bytes(raw[:cut]))
     except RemoteProtocolError as exc:
+        assert exc.reason in RESPONSE_REASONS
         assert exc.action is Action.CLOSE
