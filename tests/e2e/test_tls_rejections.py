@@ -287,6 +287,7 @@ async def test_tls_material_is_strict(pki: Pki, start_proxy: StartProxy,
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.options & ssl.OP_NO_RENEGOTIATION
     assert ctx.options & ssl.OP_NO_TICKET
+    assert ctx.options & ssl.OP_NO_COMPRESSION
     assert ctx.num_tickets == 0
     assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
     names = {c["name"] for c in ctx.get_ciphers()}
