@@ -21,7 +21,7 @@ bad_file_reference         EXC 02     parse_request: FC20/21 reference type != 6
 function_mismatch          CLOSE      parse_response: neither fc nor fc | 0x80
 bad_exception_pdu          CLOSE      parse_response: exception PDU is not 2 bytes
 byte_count_mismatch        CLOSE      parse_response: byte count != requested quantity
-echo_mismatch              CLOSE      parse_response: FC05/06/08/15/16/21/22 echo differs
+echo_mismatch              CLOSE      parse_response: FC05/06/08/15/16/21/22/43 echo differs
 mei_mismatch               CLOSE      parse_response: FC43 MEI type differs
 bad_response_length        CLOSE      parse_response: fixed-size response of wrong size
 bad_response               CLOSE      parse_response: FC20 sub-response reference type != 6

@@ -740,6 +740,8 @@ def _resp_device_identification(req: Any, pdu: bytes) -> Response:
     if len(pdu) < 7:
         _resp_length(43, pdu, 7)
     read_code, conformity, more, next_id, n = pdu[2], pdu[3], pdu[4], pdu[5], pdu[6]
+    if read_code != req.read_code:
+        _echo_mismatch(43)  # spec: the response carries the request's read device id code
     objects = []
     off = 7
     for _ in range(n):

@@ -427,6 +427,8 @@ def test_exception_response() -> None:
          "mei_mismatch"),
         (ReadDeviceIdentificationRequest(1, 0), bytes.fromhex("2b 0e 01 01 00 00 01 00 05 61"),
          "bad_response_length"),
+        (ReadDeviceIdentificationRequest(1, 0), bytes.fromhex("2b 0e 02 01 00 00 00"),
+         "echo_mismatch"),
         (MeiRequest(13, b""), bytes.fromhex("2b 0e"), "mei_mismatch"),
         (ReadFifoQueueRequest(0), bytes.fromhex("18 0004 0002 0001"), "byte_count_mismatch"),
         (ReadFifoQueueRequest(0), bytes.fromhex("18 0042 0020") + bytes(64),
