@@ -183,3 +183,11 @@ def test_serve_reports_config_problems_without_traceback(
     err = capsys.readouterr().err
     assert "tls.key: Field required" in err and "tls.client_ca: Field required" in err
     assert "Traceback" not in err
+
+
+def test_deploy_sample_config_is_valid() -> None:
+    cfg = Path(__file__).resolve().parent.parent / "deploy" / "mbsec.toml"
+    s = load_settings(cfg)
+    assert s.listen_addresses() == [("0.0.0.0", 802)]
+    assert s.tls.cert == cfg.parent / "tls" / "server-chain.pem"
+    assert [t.name for t in s.upstream_targets()] == ["line1-plc"]
