@@ -86,7 +86,7 @@ def test_split_at_every_offset() -> None:
         assert got == ADUS, cut
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
 def test_split_at_arbitrary_offsets(cuts: list[int]) -> None:
     points = [0, *sorted(cuts), len(STREAM)]
@@ -193,7 +193,7 @@ def test_empty_receive_is_noop() -> None:
     assert fb.next_frame() is None
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.binary(max_size=300), max_size=20))
 def test_fuzz_only_protocol_errors_and_bounded(chunks: list[bytes]) -> None:
     fb = FrameBuffer()

@@ -170,7 +170,7 @@ REQUESTS: st.SearchStrategy[Request] = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
 @given(REQUESTS)
 def test_request_round_trip(req: Request) -> None:
     raw = encode_request(req)
@@ -252,7 +252,7 @@ PAIRS = st.one_of(REQUESTS.filter(lambda r: not isinstance(r, ReadFileRecordRequ
                   SMALL_FILE_READS).flatmap(lambda r: st.tuples(st.just(r), response_for(r)))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
 @given(PAIRS)
 def test_response_round_trip(pair: tuple[Request, Any]) -> None:
     req, resp = pair
@@ -261,7 +261,7 @@ def test_response_round_trip(pair: tuple[Request, Any]) -> None:
     assert parse_response(req, raw) == resp
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(REQUESTS, u8)
 def test_exception_round_trip(req: Request, code: int) -> None:
     exc = ExceptionResponse(req.function_code, code)
@@ -270,7 +270,7 @@ def test_exception_round_trip(req: Request, code: int) -> None:
     assert parse_response(req, raw) == exc
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=260))
 def test_fuzz_parse_request(raw: bytes) -> None:
     try:
@@ -287,7 +287,7 @@ def test_fuzz_parse_request(raw: bytes) -> None:
     assert parse_request(again) == req
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None)
 @given(st.binary(min_size=1, max_size=20), st.binary(max_size=260))
 def test_fuzz_parse_response_random(request_bytes: bytes, raw: bytes) -> None:
     try:
@@ -302,7 +302,7 @@ def test_fuzz_parse_response_random(request_bytes: bytes, raw: bytes) -> None:
         assert exc.action is Action.CLOSE
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=600, deadline=None, derandomize=True, database=None)
 @given(PAIRS, st.data())
 def test_fuzz_parse_response_mutated(pair: tuple[Request, Any], data: st.DataObject) -> None:
     req, resp = pair
