@@ -168,7 +168,7 @@ targets:
     upstream: "127.0.0.1:{plc_port}"
     unit_ids: [1]
 limits:
-  default: {{requests_per_second: 10000000, burst: 10000000, max_in_flight: 64}}
+  default: {{requests_per_second: 10000000, burst: 10000000, max_in_flight: 4096}}
 rules:
   - id: no-writes-on-bench
     description: Writes are refused before any allow rule is looked at
