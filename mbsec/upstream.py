@@ -9,9 +9,16 @@ id, wrong unit, wrong function or body, broken MBAP) means the byte stream can n
 trusted: the connection is reset, its pending requests fail with 0x0B and it reconnects with
 backoff. Nothing is retried, writes least of all: a replayed write moves real equipment.
 
-Per-connection tasks (a manager that connects and reads) live in :meth:`Upstreams.run`; the
-request path itself spawns no task: it sends one ADU and waits on a ``trio.Event`` that the
-reader sets.
+Per-connection tasks live in :meth:`Upstreams.run`: a manager that connects on demand and
+reads replies, and one deadline watchdog. The request path spawns no task and opens no cancel
+scope: it takes a slot (``depth`` per connection, FIFO hand-off when full), sends one ADU in
+one write and waits on a ``trio.Event`` that the reader or the watchdog sets.
+
+Deadlines: ``connect_timeout`` for the TCP connect (then 0x0A, and requests fail fast with
+0x0A until the backoff, doubling from ``backoff_initial`` to ``backoff_max``, has passed);
+``request_timeout`` from send to validated reply (then 0x0B; the connection stays, and the
+late reply is dropped by its transaction id); a caller queued for a slot also gives up after
+``request_timeout``.
 
 Events (structlog, ECS keys): ``event.action`` = ``upstream-connect``,
 ``upstream-connect-failed``, ``upstream-reset``, ``upstream-late-reply``, with
@@ -21,7 +28,8 @@ Metrics: ``mbsec_upstream_connects_total{target}``,
 ``mbsec_upstream_failures_total{target,reason}`` (reason: ``connect_failed``,
 ``connect_timeout``, ``backoff``, ``no_route``, ``timeout``, ``late_reply``, or the reset
 reason: ``unknown_tid``, ``wrong_unit``, ``bad_reply``, ``bad_frame``, ``connection_lost``,
-``eof``, ``send_failed``), ``mbsec_upstream_request_seconds{target}`` (send to validated reply).
+``eof``, ``send_failed``, ``send_timeout``), ``mbsec_upstream_request_seconds{target}`` (send
+to validated reply).
 """
 
 from __future__ import annotations
