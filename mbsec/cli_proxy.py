@@ -26,6 +26,18 @@ def _problems(lines: list[str]) -> int:
     return 1
 
 
+def _first_oserror(exc: BaseException) -> OSError | None:
+    """Binding a port fails inside trio nurseries, so the OSError may come wrapped in groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_oserror(sub)
+            if found is not None:
+                return found
+    return None
+
+
 def _load(path: str) -> tuple[Settings | None, list[str]]:
     try:
         return load_settings(path), []
@@ -72,9 +84,12 @@ def serve_main(argv: list[str]) -> int:
 
     try:
         trio.run(run)
-    except OSError as exc:
+    except (OSError, BaseExceptionGroup) as exc:
+        oserr = _first_oserror(exc)
+        if oserr is None:
+            raise
         close_logger(log)
-        return _problems([f"{args.config}: listen: {exc.strerror or exc}"])
+        return _problems([f"{args.config}: cannot listen: {oserr.strerror or oserr}"])
     close_logger(log)
     return 0
 

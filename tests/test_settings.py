@@ -191,3 +191,20 @@ def test_deploy_sample_config_is_valid() -> None:
     assert s.listen_addresses() == [("0.0.0.0", 802)]
     assert s.tls.cert == cfg.parent / "tls" / "server-chain.pem"
     assert [t.name for t in s.upstream_targets()] == ["line1-plc"]
+
+
+def test_serve_port_in_use_is_one_line(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, pki)
+        cfg.write_text(cfg.read_text().replace("127.0.0.1:8020", f"127.0.0.1:{port}"))
+        assert mbsec_main(["serve", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot listen: Address already in use" in err
+    assert "Traceback" not in err
