@@ -163,7 +163,10 @@ def test_eval_allow_and_default_with_reason() -> None:
     rc, out, _ = run("eval", ENGINEER, "--role", "engineer", "--target", "line1-plc",
                      "--function", "6", "--address", "120", "--value", "2000")
     assert out.startswith("deny  rule=default") and "Modbus exception 01" in out
-    assert "not rule engineer-setpoints" in out and "values" in out
+    assert "not rule engineer-setpoints" in out
+    assert "value 2000 at address 120 is outside 0..1500" in out
+    rc, out, _ = run("eval", OPERATOR, "--role", "engineer", "--unit", "1", "--function", "3")
+    assert "no rule for this role and function" in out
 
 
 def test_eval_json_and_monitor() -> None:

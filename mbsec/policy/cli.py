@@ -274,6 +274,7 @@ def _explain_fall_through(policy: Policy, who: Who, source: str, unit: int,
                           access: Access, out: TextIO) -> None:
     """Name rules that nearly matched (same role and function) and why they did not."""
     roles = policy.roles_for(who.identity())
+    near = False
     for r in policy.rules:
         if access.function_code not in r.functions:
             continue
@@ -281,4 +282,8 @@ def _explain_fall_through(policy: Policy, who: Who, source: str, unit: int,
             continue
         reasons = why_not(policy, r, roles, source, unit, access)
         if reasons:
+            near = True
             print(f"  not rule {r.id} (line {r.line}): " + "; ".join(reasons), file=out)
+    if not near:
+        print(f"  no rule for this role and function (roles: {', '.join(sorted(roles)) or 'none'})"
+              "; see 'mbsec policy explain'", file=out)

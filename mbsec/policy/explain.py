@@ -228,10 +228,27 @@ def why_not(policy: Policy, rule: Rule, roles: frozenset[str], source: str, unit
             continue
         end = span[0] + span[1] - 1
         if not any(lo <= span[0] and end <= hi for lo, hi in ranges):
-            reasons.append(f"{kind} {span[0]}-{end} is outside {fmt_ranges(ranges)}")
+            reasons.append(f"{kind} {fmt_ranges(((span[0], end),))} is outside "
+                           f"{fmt_ranges(ranges)}")
     if not reasons and not rule.matches_what(a):
-        reasons.append("written values are outside the rule's values/coil_states")
+        reasons.append(_value_reason(rule, a))
     return reasons
+
+
+def _value_reason(rule: Rule, a: Access) -> str:
+    start = a.write[0] if a.write is not None else 0
+    if rule.coil_states is not None and a.function_code in (5, 15):
+        allowed = "/".join("on" if s else "off" for s in sorted(rule.coil_states, reverse=True))
+        return f"coil state is not {allowed}"
+    for i, v in enumerate(a.values):
+        addr = start + i
+        bound = next((b for b in rule.values or () if b.low <= addr <= b.high), None)
+        if bound is None:
+            return f"no values range covers address {addr}"
+        x = v - 0x10000 if bound.signed and v >= 0x8000 else v
+        if not bound.vmin <= x <= bound.vmax:
+            return f"value {x} at address {addr} is outside {bound.vmin}..{bound.vmax}"
+    return "written values are outside the rule's values"
 
 
 # -- diff -------------------------------------------------------------------------------------
