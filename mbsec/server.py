@@ -32,6 +32,7 @@ from mbsec.upstream import Upstreams
 KEEPALIVE_IDLE = 30
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
+CRL_CHECK_INTERVAL = 3600.0
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
@@ -248,6 +249,12 @@ class Proxy:
                 },
             )
 
+    async def _crl_watch(self) -> None:
+        """Re-check CRL expiry while running: a CRL lapses weeks after the last reload."""
+        while True:
+            await trio.sleep(CRL_CHECK_INTERVAL)
+            self._warn_crls()
+
     # -- serving ---------------------------------------------------------------------------
 
     def request_shutdown(self) -> None:
@@ -274,6 +281,7 @@ class Proxy:
                         task_status=task_status,
                     )
                 )
+            root.start_soon(self._crl_watch)
             listeners: list[trio.SocketListener] = []
             for host, port in self.settings.listen_addresses():
                 listeners.extend(await trio.open_tcp_listeners(port, host=host or None))
@@ -301,6 +309,7 @@ class Proxy:
                         "event.action": "server-start",
                         "event.outcome": "success",
                         "mbsec.listen": [f"{h}:{p}" for h, p in self.addresses],
+                        "mbsec.metrics_port": self.metrics_port,
                         "mbsec.upstreams": sorted(self.settings.upstreams),
                     },
                 )

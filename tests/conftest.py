@@ -407,3 +407,15 @@ def write_reg(address: int, value: int) -> bytes:
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+async def http_get(port: int, path: str) -> tuple[str, str]:
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    await s.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await s.receive_some(65536):
+            data += chunk
+    await s.aclose()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head.split("\r\n")[0], body

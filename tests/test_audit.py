@@ -8,6 +8,7 @@ from pathlib import Path
 
 import structlog
 import trio
+from conftest import http_get
 
 from mbsec.audit import ListSink, flatten, make_logger, nest_dotted
 from mbsec.metrics import Metrics, NullMetrics, serve_metrics
@@ -126,18 +127,6 @@ def test_label_values_are_escaped() -> None:
     m = Metrics()
     m.inc("mbsec_x_total", reason='a"b\\c')
     assert 'reason="a\\"b\\\\c"' in m.render()
-
-
-async def http_get(port: int, path: str) -> tuple[str, str]:
-    s = await trio.open_tcp_stream("127.0.0.1", port)
-    await s.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    data = b""
-    with trio.fail_after(5):
-        while chunk := await s.receive_some(65536):
-            data += chunk
-    await s.aclose()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return head.split("\r\n")[0], body
 
 
 async def test_metrics_endpoint(nursery: trio.Nursery) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TEST_POLICY, Pki, ScriptedPlc, TlsClient, read_hr
+from conftest import TEST_POLICY, Pki, ScriptedPlc, TlsClient, http_get, read_hr
 
 import mbsec.demo
 
@@ -75,7 +75,7 @@ async def test_serve_process_reload_and_sigterm(
         f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
         f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
         f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc.port}\nunit_ids = [1, 2]\n'
-        f'[limits]\ndrain_timeout = 3\n'
+        f'[limits]\ndrain_timeout = 3\n[metrics]\nlisten = "127.0.0.1:0"\n'
     )
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
@@ -87,6 +87,9 @@ async def test_serve_process_reload_and_sigterm(
         port = int(start["mbsec"]["listen"][0].rsplit(":", 1)[1])
         c = await TlsClient.connect(port, pki.client_ctx(pki.operator))
         assert (await c.request(1, 1, read_hr(0, 1)))[2] == bytes([3, 2, 0, 0])
+        status, body = await http_get(start["mbsec"]["metrics_port"], "/metrics")
+        assert status == "HTTP/1.1 200 OK"
+        assert 'mbsec_tls_handshakes_total{outcome="success",reason="ok"} 1' in body
 
         policy.write_text("this is: [not a policy")
         proc.send_signal(signal.SIGHUP)
