@@ -156,6 +156,7 @@ class Rule:
         return True
 
     def decision(self, target: str | None) -> Decision:
+        """The (pre-built, shared) decision this rule makes for a unit of ``target``."""
         d = self._decisions.get(target)
         if d is None:
             if self.allow:
@@ -247,6 +248,9 @@ class Policy:
         for name, (units, _) in self.targets.items():
             for u in sorted(units):
                 self._unit_target.setdefault(u, name)
+        for r in self.rules:  # build every decision now: evaluate() then only reads
+            for target in (None, *self.targets):
+                r.decision(target)
         outcome: Outcome = "would_deny" if self.monitor else "deny"
         for target in (None, *self.targets):
             self._default[target] = Decision(self.monitor, outcome, "default", 1,
@@ -264,7 +268,10 @@ class Policy:
         return frozenset(roles)
 
     def principal(self, identity: PeerIdentity | None, source_ip: str) -> Principal:
-        """Resolve a connection's principal once: roles, rate-limit key, pre-filtered rules."""
+        """Resolve a connection's principal once: roles, rate-limit key, pre-filtered rules.
+
+        Raises ``ValueError`` if ``source_ip`` is not an IP address.
+        """
         source = parse_source(source_ip)
         roles = self.roles_for(identity)
         key = (identity.fingerprint_sha256.lower() if identity is not None
