@@ -184,6 +184,9 @@ class Session:
                 if handshake_ok:
                     await self._serve_requests()
         finally:
+            if self._identity_key is not None:
+                self._identity_slots.release_identity(self._identity_key)
+                self._identity_key = None
             await self._close()
             if handshake_ok:
                 self._log_closed()
@@ -329,16 +332,11 @@ class Session:
     # -- request loop -------------------------------------------------------------------
 
     async def _serve_requests(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                with self._reader_scope:
-                    await self._read_loop(nursery)
-                # reader finished (EOF, idle, drain): in-flight requests still complete
-        finally:
-            if self._identity_key is not None:
-                self._identity_slots.release_identity(self._identity_key)
-                self._identity_key = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with self._reader_scope:
+                await self._read_loop(nursery)
+            # reader finished (EOF, idle, drain): in-flight requests still complete
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         assert self._ssl is not None

@@ -261,6 +261,11 @@ async def test_per_identity_limit(
     assert ev["event.reason"] == "too_many_connections_for_identity"
     c3 = await TlsClient.connect(h.port, pki.client_ctx(pki.engineer))  # another identity: fine
     assert (await c3.request(1, 1, read_hr(0, 1)))[2][0] == 3
+    await c1.stream.aclose()  # the slot is released with the connection
+    await h.wait_event("connection-closed",
+                       lambda e: e.get("tls.client.x509.subject.common_name") == "op-1")
+    c4 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert (await c4.request(1, 1, read_hr(0, 1)))[2][0] == 3
 
 
 async def test_shutdown_drains_in_flight_requests(
