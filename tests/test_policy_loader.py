@@ -273,7 +273,7 @@ def test_shadowed_rule_is_a_warning_and_strict_makes_it_an_error() -> None:
     p = load_policy_text(text, "p.yaml")
     assert len(p.warnings) == 1
     w = p.warnings[0]
-    assert isinstance(w, Diagnostic) and w.severity == "warning"
+    assert w.severity == "warning"
     assert "'r2' can never match" in w.message and "'r1'" in w.message and w.line == 8
     ds = diags(text, strict=True)
     assert [d.severity for d in ds] == ["error"]
@@ -351,3 +351,24 @@ def test_load_policy_from_path_and_unreadable(tmp_path: Path) -> None:
 def test_diagnostic_format() -> None:
     d = Diagnostic("error", "f.yaml", 3, 7, "bad", "fix it")
     assert str(d) == "f.yaml:3:7: error: bad\n    hint: fix it"
+
+
+def test_several_documents_are_refused() -> None:
+    d = one_error(HEAD + "rules: []\n---\n" + HEAD + "rules: []\n")
+    assert "YAML" in d.message and d.line == 4
+
+
+def test_values_shorthand_mapping_covers_every_address() -> None:
+    p = load_policy_text(rule('roles: [a]\nfunctions: [6]\nvalues: {min: 0, max: 9}\n'))
+    v = p.rules[0].values
+    assert v is not None and (v[0].low, v[0].high, v[0].vmin, v[0].vmax) == (0, 65535, 0, 9)
+
+
+def test_one_name_table_in_the_project() -> None:
+    from mbsec.modbus import pdu
+    from mbsec.policy import names
+
+    assert names.FUNCTION_NAMES is pdu.FUNCTION_NAMES and names.MEI_NAMES is pdu.MEI_NAMES
+    assert names.WRITE_FUNCTIONS is pdu.WRITE_FUNCTIONS
+    assert set(names.PRESETS["read-write"]) - set(names.PRESETS["read-only"]) == \
+        {(c, None) for c in pdu.WRITE_FUNCTIONS}

@@ -216,4 +216,4 @@ def run_case(policy: Policy, case: Case) -> CaseResult:
 
 
 def run_cases(policy: Policy) -> list[CaseResult]:
-    return [run_case(policy, c) for c in policy.cases if isinstance(c, Case)]
+    return [run_case(policy, c) for c in policy.cases]

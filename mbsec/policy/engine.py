@@ -11,10 +11,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mbsec.identity import PeerIdentity
 from mbsec.modbus.access import Access
+
+if TYPE_CHECKING:  # runtime imports would be circular; these modules build a Policy
+    from mbsec.policy.cases import Case
+    from mbsec.policy.loader import Diagnostic
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -233,8 +237,8 @@ class Policy:
     identities: tuple[IdentityRule, ...]
     default_limit: RateLimit | None
     role_limits: tuple[tuple[str, RateLimit], ...]
-    cases: tuple[object, ...] = ()  # mbsec.policy.cases.Case, kept opaque to stay import-free
-    warnings: tuple[object, ...] = ()  # mbsec.policy.loader.Diagnostic
+    cases: tuple[Case, ...] = ()  # inline tests: cases
+    warnings: tuple[Diagnostic, ...] = ()
     _by_function: dict[int, tuple[Rule, ...]] = field(default_factory=dict, repr=False)
     _unit_target: dict[int, str] = field(default_factory=dict, repr=False)
     _default: dict[str | None, Decision] = field(default_factory=dict, repr=False)
