@@ -206,10 +206,12 @@ class ScriptedPlc:
         delay: Callable[[int], float] = lambda a: 0.0,
         value: Callable[[int, int], int] = lambda u, a: a,
         silent: bool = False,
+        garbage_at: frozenset[int] = frozenset(),
     ) -> None:
         self.delay = delay
         self.value = value
         self.silent = silent
+        self.garbage_at = garbage_at  # FC03 addresses answered with a broken MBAP frame
         self.port = 0
         self.connections = 0
         self.requests: list[tuple[int, int, bytes]] = []
@@ -226,9 +228,12 @@ class ScriptedPlc:
             out = pdu[:5]
         else:
             out = bytes([fc | 0x80, 1])
+        frame = encode_adu(tid, unit, out)
+        if fc == 3 and struct.unpack(">H", pdu[1:3])[0] in self.garbage_at:
+            frame = b"\xde\xad" + frame[2:4] + b"\x00\x05" + b"junk!"  # bad protocol id
         async with lock:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(encode_adu(tid, unit, out))
+                await stream.send_all(frame)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1

@@ -305,3 +305,33 @@ async def test_connection_closed_line_counts(
     assert (ev["mbsec.requests"], ev["mbsec.allowed"], ev["mbsec.denied"]) == (2, 1, 1)
     assert ev["source.bytes"] == 24 and ev["destination.bytes"] == 11 + 9
     assert ev["event.duration"] > 0
+
+
+async def test_late_plc_reply_never_reaches_the_next_request(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, delay=lambda a: 0.5 if a == 10 else 0.0)
+    h = await start_proxy(plc.port, upstream={"request_timeout": 0.2})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.request(1, 1, read_hr(10, 1)) == (1, 1, bytes([0x83, 0x0B]))
+    # the reply for address 10 arrives while these are outstanding: each gets its own data
+    for tid, addr in ((2, 20), (3, 30), (4, 40)):
+        assert await c.request(tid, 1, read_hr(addr, 1)) == (tid, 1, bytes([3, 2, 0, addr]))
+        await trio.sleep(0.15)
+
+
+async def test_garbage_plc_reply_gives_0x0b_and_recovers(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, garbage_at=frozenset({13}))
+    h = await start_proxy(plc.port, upstream={"backoff_initial": 0.05})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.request(1, 1, read_hr(13, 1)) == (1, 1, bytes([0x83, 0x0B]))
+    with trio.fail_after(5):
+        while True:  # the upstream connection is reset and re-established
+            reply = await c.request(2, 1, read_hr(14, 1))
+            if reply == (2, 1, bytes([3, 2, 0, 14])):
+                break
+            assert reply is not None and reply[2][0] == 0x83
+            await trio.sleep(0.05)
+    assert plc.connections >= 2
