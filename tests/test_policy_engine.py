@@ -293,3 +293,9 @@ def test_evaluate_is_pure_and_repeatable() -> None:
 def test_who_label_and_anonymous_case() -> None:
     assert Who(anonymous=True).identity() is None
     assert Who(role="a", cn="b").label() == "role=a cn=b"
+
+
+def test_san_ip_matching_is_canonical() -> None:
+    p = policy("identities:\n  - {match: {san_ip: '2001:db8::1'}, roles: [r]}\nrules: []\n")
+    assert p.roles_for(ident(None, san_ip=("2001:DB8:0::1",))) == {"r"}
+    assert p.roles_for(ident(None, san_ip=("garbage",))) == frozenset()

@@ -85,7 +85,7 @@ def _identity_values(identity: PeerIdentity, name: str) -> tuple[str, ...]:
         case "san_dns":
             return tuple(d.lower() for d in identity.san_dns)
         case "san_ip":
-            return tuple(str(ipaddress.ip_address(i)) for i in identity.san_ip)
+            return tuple(_canonical_ip(i) for i in identity.san_ip)
         case "san_uri":
             return identity.san_uri
         case "issuer":
@@ -93,6 +93,14 @@ def _identity_values(identity: PeerIdentity, name: str) -> tuple[str, ...]:
         case "fingerprint_sha256":
             return (identity.fingerprint_sha256.lower().replace(":", ""),)
     raise ValueError(name)  # pragma: no cover - the loader only builds known names
+
+
+def _canonical_ip(text: str) -> str:
+    """``2001:DB8::1`` and ``2001:db8:0::1`` compare equal; an unparsable SAN stays as is."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
 
 
 @dataclass(frozen=True, slots=True)
