@@ -261,6 +261,7 @@ class Demo:
                     "logging": {"stdout": False, "allowed_requests": "info"},
                 },
                 source="demo",
+                environment=False,  # the demo is self-contained: no MBSEC_* overrides
             )
             log = make_logger(LoggingSettings(stdout=False, allowed_requests="info"),
                               extra_sinks=[self.sink])

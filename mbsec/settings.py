@@ -240,6 +240,21 @@ class Settings(BaseSettings):
         return self.model_copy(update={"tls": tls, "policy": r(self.policy), "logging": logging})
 
 
+class FileOnlySettings(Settings):
+    """The same tree without the environment: the demo and tests must not pick up MBSEC_*."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -257,11 +272,16 @@ def format_validation_error(source: str, exc: ValidationError) -> list[str]:
 
 
 def build_settings(
-    data: Mapping[str, Any], *, source: str = "<config>", base: Path | None = None
+    data: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    base: Path | None = None,
+    environment: bool = True,
 ) -> Settings:
-    """Validate an already parsed tree (tests, the demo) with the environment applied on top."""
+    """Validate an already parsed tree; ``environment=False`` ignores ``MBSEC_*`` variables."""
+    cls = Settings if environment else FileOnlySettings
     try:
-        s = Settings(**dict(data))
+        s = cls(**dict(data))
     except ValidationError as exc:
         raise SettingsError(format_validation_error(source, exc)) from None
     return s.with_paths_resolved(base) if base is not None else s

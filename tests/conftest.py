@@ -340,7 +340,8 @@ async def start_proxy(pki: Pki, tmp_path: Path, nursery: trio.Nursery) -> StartP
                 "upstreams": {"plc": up},
                 "limits": limits or {},
                 "logging": {"stdout": False, "allowed_requests": allowed_requests},
-            }
+            },
+            environment=False,
         )
         sink = ListSink()
         log = make_logger(

@@ -208,3 +208,14 @@ def test_serve_port_in_use_is_one_line(
     err = capsys.readouterr().err
     assert "cannot listen: Address already in use" in err
     assert "Traceback" not in err
+
+
+def test_build_settings_can_ignore_the_environment(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbsec.settings import build_settings
+
+    monkeypatch.setenv("MBSEC_LIMITS__IDLE_TIMEOUT", "1")
+    data = {"policy": "p.yaml", "tls": {"cert": "c", "key": "k", "client_ca": "a"}}
+    assert build_settings(data).limits.idle_timeout == 1
+    assert build_settings(data, environment=False).limits.idle_timeout == 300
