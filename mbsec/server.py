@@ -227,7 +227,31 @@ class Proxy:
             },
         )
         self._warn_crls()
+        self._drop_revoked(state)
         return True
+
+    def _drop_revoked(self, state: ProxyState) -> None:
+        """A reloaded CRL also ends open connections of now-revoked certificates (their
+        in-flight requests still complete); HMIs hold connections for weeks."""
+        for s in list(self.sessions):
+            ident = s.identity
+            if ident is not None and state.tls.is_revoked(ident.issuer, ident.serial):
+                self.log.warning(
+                    "certificate revoked by the reloaded CRL, closing its connection",
+                    **{
+                        "event.kind": "event",
+                        "event.category": ["network", "authentication"],
+                        "event.type": ["connection", "end", "denied"],
+                        "event.action": "connection-revoked",
+                        "event.outcome": "success",
+                        "event.reason": "certificate_revoked",
+                        "mbsec.conn_id": s.conn_id,
+                        "tls.client.x509.subject.common_name": ident.common_name,
+                        "tls.client.hash.sha256": ident.fingerprint_sha256,
+                        "source.ip": s.peer_ip,
+                    },
+                )
+                s.stop_reading("certificate_revoked")
 
     def _warn_crls(self) -> None:
         crls = self.state.tls.crls

@@ -183,12 +183,20 @@ async def test_revocation_after_reload_applies_to_the_same_client(
     h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy, crl)
     ctx = _ctx_for(pki, fresh_ca, cert)
     assert (await attempt(h.port, ctx)).kind == "reply"
+    held = await TlsClient.connect(h.port, ctx)  # a long-lived HMI connection
+    assert (await held.request(1, 1, read_hr(0, 1)))[2][0] == 3
     fresh_ca.revoke(cert.serial)
     fresh_ca.write_crl(tmp_path / "crl.pem")
     assert h.proxy.reload()  # type: ignore[attr-defined]
     out = await attempt(h.port, ctx)
     assert out.kind == "alert"
     await rejected(h, "certificate_revoked")
+    assert await held.closed_by_peer()  # the open connection is ended too
+    ev = await h.wait_event("connection-revoked")  # type: ignore[attr-defined]
+    assert ev["event.reason"] == "certificate_revoked"
+    closed = await h.wait_event(  # type: ignore[attr-defined]
+        "connection-closed", lambda e: e.get("event.reason") == "certificate_revoked")
+    assert closed["mbsec.requests"] == 1
 
 
 async def test_unknown_critical_extension(
