@@ -59,7 +59,9 @@ def say(msg: str) -> None:
 
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a setup step; its output goes to stderr so stdout carries only the tables."""
     say("$ " + " ".join(cmd))
+    kw.setdefault("stdout", sys.stderr)
     return subprocess.run(cmd, check=True, text=True, **kw)
 
 
@@ -148,7 +150,10 @@ class Stack:
                     proc.wait()
         if self.peers_started:
             subprocess.run(
-                [str(self.kit / "run-peers.sh"), "stop"], env=self.peers_env, check=False
+                [str(self.kit / "run-peers.sh"), "stop"],
+                env=self.peers_env,
+                check=False,
+                stdout=sys.stderr,
             )
             self.peers_started = False
 
