@@ -1,8 +1,10 @@
 """Load a policy file: strict YAML -> schema (pydantic) -> semantic checks -> compiled engine.
 
 Every problem becomes a :class:`Diagnostic` with ``file:line:col`` and, where we can tell,
-how to fix it. All problems in a file are reported at once; a file with any error never
-produces a :class:`Policy`, so a typo can never widen access.
+how to fix it. All structural problems (unknown keys, wrong types) are reported together; the
+semantic checks (names, ranges, shadowing, inline tests) then run on a well-formed file and
+also report everything at once. A file with any error never produces a :class:`Policy`, so a
+typo can never widen access.
 """
 
 from __future__ import annotations
