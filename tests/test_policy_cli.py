@@ -219,3 +219,37 @@ def test_installed_console_script() -> None:
     res = subprocess.run([exe, "policy", "check"], capture_output=True, text=True,
                          timeout=60, check=False)
     assert res.returncode == 2
+
+
+def test_diff_reports_other_effective_changes(tmp_path: Path) -> None:
+    base = """\
+version: 1
+default: deny
+identities:
+  - {match: {subject_cn: hist-01}, roles: [historian]}
+targets:
+  plc: {unit_ids: [1]}
+rules:
+  - {id: d, description: d, action: deny, functions: [6], exception_code: 2}
+  - {id: r, description: r, roles: [historian], targets: [plc], functions: [4],
+     max_response_bytes: 200}
+"""
+    changed = base.replace("hist-01", "hist-02").replace("unit_ids: [1]", "unit_ids: [1, 2]") \
+        .replace("exception_code: 2", "exception_code: 3").replace("200}", "100}")
+    old, new = write(tmp_path, "a.yaml", base), write(tmp_path, "b.yaml", changed)
+    rc, out, _ = run("diff", old, new)
+    assert rc == 0
+    assert "~ rule d: exception 02 -> 03" in out
+    assert "~ rule r: max_response_bytes 200 -> 100" in out
+    assert "~ target plc: units 1 -> 1,2" in out
+    assert "+ identity mapping subject_cn=hist-02 -> roles historian" in out
+    assert "- identity mapping subject_cn=hist-01 -> roles historian" in out
+
+
+def test_explain_marks_monitor_rules(tmp_path: Path) -> None:
+    f = write(tmp_path, "m.yaml", "version: 1\ndefault: deny\nmode: monitor\nrules:\n"
+              "  - {id: t, description: d, action: deny, roles: [a], functions: [6]}\n")
+    rc, out, _ = run("explain", f, "--role", "a")
+    assert rc == 0 and "would_deny" in out and "logged as would_deny in monitor mode" in out
+    rc, out, _ = run("explain", f)
+    assert "a client without a matching role" in out and "No rule applies" in out
