@@ -989,3 +989,43 @@ async def test_queued_callers_are_served_in_order_not_starved(nursery: trio.Nurs
         await trio.testing.wait_all_tasks_blocked()
         go.set()
     assert order == [0, 10, 20, 1, 2]
+
+
+async def test_timed_out_tid_is_not_reused_even_when_the_counter_wraps(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """After a timeout, that tid stays reserved: the counter skips it, so its late reply is
+    recognised as late instead of completing the request that would reuse the id."""
+    tids: list[int] = []
+    got = trio.Event()
+    held: list[tuple[int, int, bytes]] = []
+
+    async def script(stream: trio.abc.Stream, n: int) -> None:
+        reader = AduReader(stream)
+        while (req := await reader.next()) is not None:
+            tids.append(req[0])
+            if not held:  # hold the first request's reply back
+                held.append(req)
+                got.set()
+                continue
+            await stream.send_all(adu(*held[0][:2], fc03_reply(held[0][1], held[0][2])))
+            await stream.send_all(adu(req[0], req[1], fc03_reply(req[1], req[2])))
+
+    plc = ScriptedPlc(script)
+    port = await plc.start(nursery)
+    ups, log, _metrics = await started(nursery, target(port, request_timeout=1.0))
+
+    async def expire() -> None:
+        await got.wait()
+        mock_clock.jump(1.0)
+
+    nursery.start_soon(expire)
+    with pytest.raises(TargetNoResponse):
+        await ups.exchange(1, *read_request(0, 1))
+    # Wind the counter back to the expired id, as if 65536 requests had gone by.
+    conn = ups._pools["plc1"].connections[0]
+    conn._next_tid = tids[0]
+    reply = await ups.exchange(1, *read_request(200, 1))
+    assert registers(reply.pdu) == [value(1, 200)]
+    assert tids[1] != tids[0]
+    assert "upstream-late-reply" in log.actions() and "upstream-reset" not in log.actions()
