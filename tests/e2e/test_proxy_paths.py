@@ -310,14 +310,14 @@ async def test_connection_closed_line_counts(
 async def test_late_plc_reply_never_reaches_the_next_request(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
-    plc = await scripted(nursery, delay=lambda a: 0.5 if a == 10 else 0.0)
-    h = await start_proxy(plc.port, upstream={"request_timeout": 0.2})
+    plc = await scripted(nursery, delay=lambda a: 0.8 if a == 10 else 0.0)
+    h = await start_proxy(plc.port, upstream={"request_timeout": 0.4})
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
     assert await c.request(1, 1, read_hr(10, 1)) == (1, 1, bytes([0x83, 0x0B]))
     # the reply for address 10 arrives while these are outstanding: each gets its own data
     for tid, addr in ((2, 20), (3, 30), (4, 40)):
         assert await c.request(tid, 1, read_hr(addr, 1)) == (tid, 1, bytes([3, 2, 0, addr]))
-        await trio.sleep(0.15)
+        await trio.sleep(0.2)
 
 
 async def test_garbage_plc_reply_gives_0x0b_and_recovers(
