@@ -102,7 +102,7 @@ def config_main(argv: list[str]) -> int:
     )
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("check", help="validate FILE and exit (0 ok, 1 problems)")
-    c.add_argument("file", metavar="FILE")
+    c.add_argument("file", metavar="FILE", help="the TOML configuration (docs/config.md)")
     args = p.parse_args(argv)
     settings, problems = _load(args.file)
     if settings is None:

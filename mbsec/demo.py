@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "behaved as expected.",
     )
     p.add_argument("--quiet-events", action="store_true", help="do not print the JSON events")
-    p.add_argument("--keep", metavar="DIR", help="use DIR instead of a temp dir and keep it")
+    p.add_argument("--keep", metavar="DIR",
+                   help="work in DIR (new or empty) instead of a temp dir, and keep it")
     args = p.parse_args(argv or [])
     if args.keep:
         workdir = Path(args.keep)
