@@ -329,3 +329,29 @@ async def test_tls_client_class_roundtrip(
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
     assert await c.request(9, 1, read_hr(3, 2)) == (9, 1, bytes([3, 4, 0, 3, 0, 4]))
     await c.aclose()
+
+
+def _blocking_request(port: int, ctx: ssl.SSLContext,
+                      session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession | None]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+        s.sendall(bytes.fromhex("000100000006010300000001"))
+        assert s.recv(100)
+        return s.session_reused, s.session
+
+
+async def test_sessions_are_never_resumed(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """Every connection is a full handshake, so it is always checked against the current CRL."""
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    h = await start_proxy(plc.port)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = pki.client_ctx(pki.operator, max_version=version)
+        reused, session = await trio.to_thread.run_sync(_blocking_request, h.port, ctx)
+        assert not reused
+        reused, _ = await trio.to_thread.run_sync(_blocking_request, h.port, ctx, session)
+        assert not reused, f"{version.name}: session resumed"
