@@ -219,3 +219,15 @@ def test_build_settings_can_ignore_the_environment(
     data = {"policy": "p.yaml", "tls": {"cert": "c", "key": "k", "client_ca": "a"}}
     assert build_settings(data).limits.idle_timeout == 1
     assert build_settings(data, environment=False).limits.idle_timeout == 300
+
+
+def test_unit_rewrite_from_toml(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(tmp_path, pki, upstream=(
+        '[upstreams.gw]\nhost = "10.0.0.9"\nunit_ids = [10, 11]\n'
+        'unit_rewrite = { 10 = 1, 11 = 2 }\n'))
+    [t] = load_settings(cfg).upstream_targets()
+    assert dict(t.unit_rewrite) == {10: 1, 11: 2}
+    bad = write_config(tmp_path, pki, upstream=(
+        '[upstreams.gw]\nhost = "h"\nunit_ids = [10]\nunit_rewrite = { 12 = 1 }\n'))
+    with pytest.raises(SettingsError, match="unit 12 is not in unit_ids"):
+        load_settings(bad)
