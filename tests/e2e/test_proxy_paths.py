@@ -335,3 +335,15 @@ async def test_garbage_plc_reply_gives_0x0b_and_recovers(
             assert reply is not None and reply[2][0] == 0x83
             await trio.sleep(0.05)
     assert plc.connections >= 2
+
+
+async def test_unit_rewrite_round_trip(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await scripted(nursery, value=lambda u, a: u * 100 + a)
+    h = await start_proxy(plc.port, unit_ids=[1, 2, 9], upstream={"unit_rewrite": {9: 1}})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    # the client speaks to unit 9, the PLC sees unit 1, the reply carries unit 9 again
+    assert await c.request(5, 9, read_hr(3, 1)) == (5, 9, bytes([3, 2, 0, 103]))
+    assert plc.requests[-1][1] == 1
+    assert await c.request(6, 2, read_hr(3, 1)) == (6, 2, bytes([3, 2, 0, 203]))
