@@ -408,12 +408,18 @@ class Session:
     async def _send(self, data: bytes) -> None:
         assert self._ssl is not None
         async with self._send_lock:
-            try:
-                await self._ssl.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                if self.close_reason == "unknown":
-                    self.close_reason = "client_gone"
-                self._reader_scope.cancel()
+            # A client that stops reading its replies must not hold its slot forever.
+            with trio.move_on_after(self._limits.idle_timeout) as cs:
+                try:
+                    await self._ssl.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if self.close_reason == "unknown":
+                        self.close_reason = "client_gone"
+                    self._reader_scope.cancel()
+                    return
+            if cs.cancelled_caught:
+                self.close_reason = "client_stalled"
+                self._nursery.cancel_scope.cancel()
                 return
         self.bytes_out += len(data)
 

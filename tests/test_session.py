@@ -168,3 +168,30 @@ async def test_failed_handshake_alert_bytes_are_flushed(pki: Pki, nursery: trio.
         raise AssertionError("handshake should have failed")
     [ev] = events(sink, "tls-handshake")
     assert ev["event.reason"] == "unknown_ca"
+
+
+async def test_client_that_stops_reading_is_disconnected(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    client_raw, server_raw = trio.testing.lockstep_stream_pair()  # no buffering at all
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    state = state_for(pki)
+    session = Session(server_raw, state=lambda: state, upstreams=FakeUpstreams(),
+                      limits=LimitsSettings(idle_timeout=0.3), log=log)
+    done = trio.Event()
+
+    async def run() -> None:
+        await session.run()
+        done.set()
+
+    nursery.start_soon(run)
+    client = trio.SSLStream(client_raw, pki.client_ctx(pki.operator), server_hostname="localhost")
+    with trio.fail_after(5):
+        await client.do_handshake()
+        # TLS 1.3 tickets are off, so nothing is pending; send and never read the reply
+        await client.send_all(encode_adu(1, 1, struct.pack(">BHH", 3, 0, 1)))
+        await done.wait()
+    assert session.close_reason == "client_stalled"
+    [ev] = events(sink, "connection-closed")
+    assert ev["event.reason"] == "client_stalled"
