@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping
@@ -237,6 +239,30 @@ def make_logger(
         cache_logger_on_first_use=False,
     )
     return logger
+
+
+def check_sinks(settings: LoggingSettings) -> list[str]:
+    """Problems that would stop the sinks from opening, found without creating anything."""
+    problems = []
+    if settings.file is not None:
+        parent = settings.file.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if settings.file.is_dir():
+            problems.append(f"logging.file: {settings.file} is a directory")
+        elif not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(f"logging.file: cannot create {settings.file} ({parent} is not a "
+                            "writable directory)")
+    if settings.syslog is not None:
+        addr = settings.syslog.address
+        is_sock = os.path.exists(addr) and stat.S_ISSOCK(os.stat(addr).st_mode)
+        if addr.startswith("/") and not is_sock:
+            problems.append(f"logging.syslog: {addr} is not a unix socket (is syslog running?)")
+        try:
+            SyslogSink(settings.syslog.address, settings.syslog.facility).close()
+        except (OSError, ValueError) as exc:
+            problems.append(f"logging.syslog: {settings.syslog.address}: {exc}")
+    return problems
 
 
 def close_logger(log: FilteringBoundLogger) -> None:

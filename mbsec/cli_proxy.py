@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from mbsec.audit import close_logger, make_logger
+from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.metrics import Metrics
 from mbsec.settings import Settings, SettingsError, load_settings
 from mbsec.tls import crl_warnings
@@ -109,10 +109,14 @@ def config_main(argv: list[str]) -> int:
         return _problems(problems)
     from mbsec.server import StartupError, build_state
 
+    problems = []
     try:
         state = build_state(settings)
     except StartupError as exc:
-        return _problems([f"{args.file}: {line}" for line in exc.problems])
+        problems = [f"{args.file}: {line}" for line in exc.problems]
+    problems.extend(f"{args.file}: {line}" for line in check_sinks(settings.logging))
+    if problems:
+        return _problems(problems)
     for line in crl_warnings(state.tls.crls, warn_days=settings.tls.crl_warn_days):
         print(f"warning: {line}", file=sys.stderr)
     units = sum(len(u.unit_ids) for u in settings.upstreams.values())

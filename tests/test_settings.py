@@ -231,3 +231,17 @@ def test_unit_rewrite_from_toml(tmp_path: Path, pki: Pki) -> None:
         '[upstreams.gw]\nhost = "h"\nunit_ids = [10]\nunit_rewrite = { 12 = 1 }\n'))
     with pytest.raises(SettingsError, match="unit 12 is not in unit_ids"):
         load_settings(bad)
+
+
+def test_config_check_reports_unusable_log_sinks(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    cfg = write_config(tmp_path, pki, f'[logging]\nfile = "{blocker}/events.jsonl"\n'
+                                      '[logging.syslog]\naddress = "/nonexistent/log"\n')
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"{cfg}: logging.file: cannot create" in err
+    assert f"{cfg}: logging.syslog: /nonexistent/log" in err
+    assert "Traceback" not in err
