@@ -56,6 +56,9 @@ def serve_main(argv: list[str]) -> int:
         return _problems(problems)
     from mbsec.server import Proxy, StartupError
 
+    sink_problems = check_sinks(settings.logging)
+    if sink_problems:
+        return _problems([f"{args.config}: {line}" for line in sink_problems])
     try:
         log = make_logger(settings.logging)
     except (OSError, ValueError) as exc:
