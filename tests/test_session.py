@@ -195,3 +195,55 @@ async def test_client_that_stops_reading_is_disconnected(
     assert session.close_reason == "client_stalled"
     [ev] = events(sink, "connection-closed")
     assert ev["event.reason"] == "client_stalled"
+
+
+class RecordingStream(trio.abc.Stream):
+    """Passes bytes through and keeps what the server sent, to count TLS records."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.received = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.received += data
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def tls_records(data: bytes) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        rtype, length = data[pos], struct.unpack(">H", data[pos + 3 : pos + 5])[0]
+        out.append((rtype, length))
+        pos += 5 + length
+    assert pos == len(data), "partial record"
+    return out
+
+
+async def test_one_adu_per_tls_record(pki: Pki, nursery: trio.Nursery) -> None:
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    state = state_for(pki)
+    session = Session(server_raw, state=lambda: state, upstreams=FakeUpstreams(),
+                      limits=LimitsSettings(), log=make_logger(LoggingSettings(stdout=False)))
+    nursery.start_soon(session.run)
+    rec = RecordingStream(client_raw)
+    client = trio.SSLStream(rec, pki.client_ctx(pki.operator), server_hostname="localhost")
+    await client.do_handshake()
+    mark = len(rec.received)
+    await client.send_all(b"".join(encode_adu(t, 1, struct.pack(">BHH", 3, t, 1 + t))
+                                   for t in range(6)))
+    replies = await read_replies(client, 6)
+    assert len(replies) == 6
+    records = tls_records(bytes(rec.received[mark:]))
+    assert [r[0] for r in records] == [23] * 6  # application data, one record per reply
+    sizes = sorted(r[1] for r in records)
+    assert sizes == sorted(len(encode_adu(t, 1, p)) + 17 for t, _u, p in replies)  # TLS 1.3 AEAD
