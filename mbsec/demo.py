@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from mbsec.audit import ListSink, make_logger
+from mbsec.audit import ListSink, flatten, make_logger
 from mbsec.modbus.mbap import FrameBuffer, encode_adu
 from mbsec.settings import LoggingSettings, build_settings
 
@@ -212,7 +212,8 @@ class Demo:
 
     def record(self, title: str, ok: bool, told: str) -> None:
         self.steps.append(Step(title, ok, told))
-        self.say(f"  [{'ok' if ok else 'FAIL'}] {told}")
+        mark = "[ok]  " if ok else "[FAIL]"
+        self.say(f"  {mark} " + told.replace("\n", "\n         "))
 
     def make_pki(self) -> dict[str, Any]:
         from mbsec.pki.ca import CertificateAuthority
@@ -277,6 +278,19 @@ class Demo:
         self.say("Shut down; the temporary directory is removed next.")
         return all(s.ok for s in self.steps) and len(self.steps) == 4
 
+    async def expect_event(self, action: str, **want: Any) -> dict[str, Any] | None:
+        """Wait (2 s at most) for a not yet shown event with this action and these fields."""
+        with trio.move_on_after(2):
+            while True:
+                for line in self.sink.lines[self.shown :]:
+                    ev = flatten(json.loads(line))
+                    if ev.get("event.action") == action and all(
+                        ev.get(k) == v for k, v in want.items()
+                    ):
+                        return ev
+                await trio.sleep(0.01)
+        return None
+
     async def drive(self, port: int, pki: dict[str, Any], plc: SimulatedPlc) -> None:
         bundle = pki["ca"].trust_bundle
         op = pki["operator"]
@@ -285,48 +299,48 @@ class Demo:
         self.say()
         self.say("Step A: the operator reads holding registers 0-9 of unit 1 (allowed).")
         r = await modbus_over_tls(port, operator, 1, struct.pack(">BHH", 3, 0, 10), tid=0x0101)
+        ev = await self.expect_event("modbus-request", **{"modbus.decision": "allow"})
+        await self.expect_event("connection-closed")
         if r.reply and r.reply[0] == 3 and r.reply[1] == 20:
             vals = list(struct.unpack(">10H", r.reply[2:22]))
-            self.record("allowed read", vals == plc.registers[:10],
-                        f"the PLC answered through the proxy: registers 0-9 = {vals}")
+            self.record("allowed read", vals == plc.registers[:10] and ev is not None,
+                        f"the PLC answered through the proxy: registers 0-9 = {vals}\n"
+                        f"logged as allowed by rule {ev and ev.get('rule.id')!r}")
         else:
             self.record("allowed read", False, f"expected registers, got {r}")
-        await trio.sleep(0.05)
         self.events_since_last()
 
         self.say()
         self.say("Step B: the operator tries to write 1234 into holding register 10 (denied).")
         before = plc.writes
         r = await modbus_over_tls(port, operator, 1, struct.pack(">BHH", 6, 10, 1234), tid=0x0202)
-        ok = r.reply == bytes([0x86, 0x01]) and plc.writes == before
+        ev = await self.expect_event("modbus-request", **{"modbus.decision": "deny"})
+        await self.expect_event("connection-closed")
+        ok = r.reply == bytes([0x86, 0x01]) and plc.writes == before and ev is not None
         self.record("denied write", ok,
-                    "the proxy answered with Modbus exception 01 (illegal function); the PLC "
-                    "never saw the write" if ok else f"expected exception 01, got {r}")
-        await trio.sleep(0.05)
+                    "the proxy answered with Modbus exception 01 (illegal function)\n"
+                    "the PLC never saw the write; a denial event was logged" if ok
+                    else f"expected exception 01 and a denial event, got {r}")
         self.events_since_last()
 
-        self.say()
-        self.say("Step C: a client without any certificate connects (rejected).")
-        anon = client_context(bundle, None, None)
-        r = await modbus_over_tls(port, anon, 1, struct.pack(">BHH", 3, 0, 1))
-        ok = r.reply is None and r.error is not None
-        self.record("no certificate", ok,
-                    f"the TLS handshake was refused; the client was told: {r.error}" if ok
-                    else f"expected a TLS rejection, got {r}")
-        await trio.sleep(0.05)
-        self.events_since_last()
-
-        self.say()
-        self.say("Step D: a client with a certificate from an unknown CA connects (rejected).")
-        rg = pki["rogue"]
-        rogue = client_context(bundle, rg.cert, rg.key)
-        r = await modbus_over_tls(port, rogue, 1, struct.pack(">BHH", 3, 0, 1))
-        ok = r.reply is None and r.error is not None
-        self.record("unknown CA", ok,
-                    f"the TLS handshake was refused; the client was told: {r.error}" if ok
-                    else f"expected a TLS rejection, got {r}")
-        await trio.sleep(0.05)
-        self.events_since_last()
+        for title, who, reason in (
+            ("Step C: a client without any certificate connects (rejected).", None,
+             "no_certificate"),
+            ("Step D: a client with a certificate from an unknown CA connects (rejected).",
+             pki["rogue"], "unknown_ca"),
+        ):
+            self.say()
+            self.say(title)
+            ctx = client_context(bundle, who.cert if who else None, who.key if who else None)
+            r = await modbus_over_tls(port, ctx, 1, struct.pack(">BHH", 3, 0, 1))
+            ev = await self.expect_event("tls-handshake", **{"event.outcome": "failure"})
+            ok = r.reply is None and r.error is not None and ev is not None \
+                and ev.get("event.reason") == reason
+            self.record(reason, ok,
+                        f"the TLS handshake was refused; the client was told {r.error}\n"
+                        f"the proxy logged the rejection with reason {reason!r}" if ok
+                        else f"expected a TLS rejection ({reason}), got {r} / event {ev}")
+            self.events_since_last()
 
 
 def main(argv: list[str] | None = None) -> int:
