@@ -355,3 +355,13 @@ async def test_sessions_are_never_resumed(
         assert not reused
         reused, _ = await trio.to_thread.run_sync(_blocking_request, h.port, ctx, session)
         assert not reused, f"{version.name}: session resumed"
+
+
+async def test_min_version_13_refuses_tls12(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port, tls={"min_version": "1.3"})
+    out = await attempt(h.port, pki.client_ctx(pki.operator, max_version=ssl.TLSVersion.TLSv1_2))
+    assert out == Outcome("alert", "TLSV1_ALERT_PROTOCOL_VERSION")
+    await rejected(h, "unsupported_protocol_version")
+    assert (await attempt(h.port, pki.client_ctx(pki.operator))).kind == "reply"
