@@ -187,21 +187,6 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     )
 
 
-class TlsHolder:
-    """The current :class:`TlsMaterial`; a reload swaps it in one assignment, so a new
-    connection sees either the old set or the new one, never half of each."""
-
-    def __init__(self, material: TlsMaterial) -> None:
-        self._material = material
-
-    @property
-    def current(self) -> TlsMaterial:
-        return self._material
-
-    def replace(self, material: TlsMaterial) -> None:
-        self._material = material
-
-
 # OpenSSL X509_V_ERR_* codes -> event reason slugs
 _VERIFY_REASONS = {
     2: "unknown_ca",  # unable to get issuer certificate

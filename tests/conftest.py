@@ -407,10 +407,6 @@ def read_hr(address: int, count: int) -> bytes:
     return struct.pack(">BHH", 3, address, count)
 
 
-def write_reg(address: int, value: int) -> bytes:
-    return struct.pack(">BHH", 6, address, value)
-
-
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

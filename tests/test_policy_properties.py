@@ -15,8 +15,6 @@ from mbsec.policy.cases import Who, build_access
 
 ROLES = ["operator", "engineer", "vendor"]
 FUNCS = [1, 3, 4, 5, 6, 15, 16, 23]
-READS = {1, 3, 4, 23}
-WRITES = {5, 6, 15, 16, 23}
 
 
 @st.composite

@@ -51,7 +51,6 @@ from mbsec.pki.files import (
     generate_key,
     key_type_of,
     load_certificate,
-    load_certificates,
     load_key,
     read_bytes,
     write_file,
@@ -824,8 +823,6 @@ class CertificateAuthority:
             builder = builder.add_revoked_certificate(rb.build())
         return builder.sign(key, _signing_hash(key))
 
-    def load_issued(self, entry: dict[str, Any]) -> x509.Certificate:
-        return load_certificates(self.directory / "certs" / f"{entry['serial']}.pem")[0]
 
 
 def _ca_key_usage() -> x509.KeyUsage:

@@ -308,10 +308,6 @@ class Policy:
                 return r.decision(target)
         return self._default[target]
 
-    def target_of(self, unit_id: int) -> str | None:
-        """The first target (file order) listing this unit id."""
-        return self._unit_target.get(unit_id)
-
     def rule(self, rule_id: str) -> Rule | None:
         for r in self.rules:
             if r.id == rule_id:

@@ -57,13 +57,6 @@ class RateLimiter:
         self._max_entries = max_entries
         self._state: dict[str, _State] = {}
 
-    def update_policy(self, policy: Policy) -> None:
-        """Adopt a reloaded policy; budgets restart at the new limits, in-flight counts stay."""
-        self._policy = policy
-        for key, st in list(self._state.items()):
-            if st.in_flight == 0:
-                del self._state[key]
-
     def acquire(self, principal: Principal, access: Access) -> str | None:
         limit = self._policy.limit_for(principal.roles)
         if limit is None:
