@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
+from pki_helpers import der_of, needs_openssl, openssl
 
 from mbsec.identity import (
     ROLE_OID,
@@ -23,11 +24,6 @@ from mbsec.identity import (
     parse_identity,
 )
 from mbsec.pki.ca import CertificateAuthority
-
-try:  # tests/ may or may not become a package; work either way
-    from tests.pki_helpers import der_of, needs_openssl, openssl
-except ImportError:
-    from pki_helpers import der_of, needs_openssl, openssl  # type: ignore[no-redef]
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)

@@ -10,6 +10,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pki_helpers import (
+    client_context,
+    der_of,
+    handshake,
+    needs_openssl,
+    openssl,
+    server_context,
+)
 
 from mbsec.identity import ROLE_OID, parse_identity
 from mbsec.pki.ca import (
@@ -22,25 +30,6 @@ from mbsec.pki.ca import (
 )
 from mbsec.pki.files import generate_key, load_certificate, load_key, write_file
 from mbsec.pki.verify import verify_certificate
-
-try:  # tests/ may or may not become a package; work either way
-    from tests.pki_helpers import (
-        client_context,
-        der_of,
-        handshake,
-        needs_openssl,
-        openssl,
-        server_context,
-    )
-except ImportError:
-    from pki_helpers import (  # type: ignore[no-redef]
-        client_context,
-        der_of,
-        handshake,
-        needs_openssl,
-        openssl,
-        server_context,
-    )
 
 T0 = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.UTC)
 

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from pki_helpers import der_of, needs_openssl, openssl
 
 from mbsec.identity import parse_identity
 from mbsec.pki.cli import EXIT_DUE, EXIT_ERROR, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
-
-try:  # tests/ may or may not become a package; work either way
-    from tests.pki_helpers import der_of, needs_openssl, openssl
-except ImportError:
-    from pki_helpers import der_of, needs_openssl, openssl  # type: ignore[no-redef]
 
 COMMANDS = ["init", "issue", "csr", "sign", "renew", "revoke", "crl", "list", "show", "verify",
             "profiles"]

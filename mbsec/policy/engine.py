@@ -9,7 +9,7 @@ code at load time, and per connection :meth:`Policy.principal` keeps only the ru
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +24,19 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Outcome = Literal["allow", "deny", "would_deny"]
 Interval = tuple[int, int]  # inclusive (low, high)
+
+
+
+def merge_intervals(ranges: Iterable[Interval]) -> tuple[Interval, ...]:
+    """Sorted, with overlapping and adjacent intervals joined: ``[(5, 9), (0, 4)] -> ((0, 9),)``."""
+    out: list[Interval] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
 
 REASON_ALLOWED = "allowed_by_rule"
 REASON_RULE_DENY = "denied_by_rule"

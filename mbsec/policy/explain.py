@@ -12,7 +12,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mbsec.modbus.access import Access
-from mbsec.policy.engine import Interval, Policy, RateLimit, Rule, parse_source
+from mbsec.policy.engine import (
+    Interval,
+    Policy,
+    RateLimit,
+    Rule,
+    merge_intervals,
+    parse_source,
+)
 from mbsec.policy.names import (
     ADDRESSED_FUNCTIONS,
     ENCAPSULATED,
@@ -30,18 +37,8 @@ OTHER_UNITS = "(other units)"
 
 # -- interval sets ----------------------------------------------------------------------------
 
-def _norm(ranges: Iterable[Interval]) -> tuple[Interval, ...]:
-    out: list[Interval] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return tuple(out)
-
-
 def _intersect(a: Sequence[Interval], b: Sequence[Interval]) -> tuple[Interval, ...]:
-    return _norm((max(x[0], y[0]), min(x[1], y[1])) for x in a for y in b
+    return merge_intervals((max(x[0], y[0]), min(x[1], y[1])) for x in a for y in b
                  if max(x[0], y[0]) <= min(x[1], y[1]))
 
 
@@ -58,7 +55,7 @@ def _subtract(a: Sequence[Interval], b: Sequence[Interval]) -> tuple[Interval, .
             if bhi < hi:
                 nxt.append((bhi + 1, hi))
         out = nxt
-    return _norm(out)
+    return merge_intervals(out)
 
 
 def fmt_ranges(ranges: Sequence[Interval] | None) -> str:
@@ -313,7 +310,7 @@ def grants(policy: Policy, roles: Iterable[str], targets: Iterable[str]) -> Gran
                         part = _intersect(rr, free[d])
                         if r.allow and part:
                             key = (role, target, code, d, "; ".join(cond))
-                            g.ranges[key] = _norm((*g.ranges.get(key, ()), *part))
+                            g.ranges[key] = merge_intervals((*g.ranges.get(key, ()), *part))
                             g.rules.setdefault(key, set()).add(r.id)
                         if not cond:
                             free[d] = _subtract(free[d], rr)

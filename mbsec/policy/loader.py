@@ -32,6 +32,7 @@ from mbsec.policy.engine import (
     RateLimit,
     Rule,
     ValueBound,
+    merge_intervals,
     parse_source,
 )
 from mbsec.policy.names import (
@@ -539,7 +540,7 @@ class _Compiler:
                 self.err((*path, max(ja, jb)),
                          f"range {_fmt(b)} overlaps range {_fmt(a)} in the same list",
                          "merge them into one range or remove the duplicate")
-        return _merge([r for r, _ in parsed])
+        return merge_intervals(r for r, _ in parsed)
 
     def _rule(self, i: int, rm: m.RuleModel) -> Rule | None:
         p: Path_ = ("rules", i)
@@ -831,16 +832,6 @@ def _register_number_hint(lo: int, hi: int, raw: str) -> tuple[str, str] | None:
 
 def _fmt(r: Interval) -> str:
     return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
-
-
-def _merge(ranges: list[Interval]) -> tuple[Interval, ...]:
-    out: list[Interval] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return tuple(out)
 
 
 def _within(inner: tuple[Interval, ...] | None, outer: tuple[Interval, ...] | None) -> bool:

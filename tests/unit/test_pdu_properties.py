@@ -14,6 +14,7 @@ from mbsec.modbus import (
     ExceptionResponse,
     FileRecord,
     FileSubRequest,
+    FunctionCode,
     GetCommEventCounterRequest,
     GetCommEventCounterResponse,
     GetCommEventLogRequest,
@@ -71,7 +72,7 @@ RESPONSE_REASONS = {
     "function_mismatch", "bad_exception_pdu", "byte_count_mismatch", "echo_mismatch",
     "mei_mismatch", "bad_response_length", "bad_response",
 }
-KNOWN = {1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 17, 20, 21, 22, 23, 24, 43}
+KNOWN = {int(f) for f in FunctionCode}  # every public function code the core models
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
 
