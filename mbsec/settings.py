@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -155,6 +155,8 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
     )
+    #: False in :class:`FileOnlySettings`: only the file counts, MBSEC_* is ignored
+    _read_environment: ClassVar[bool] = True
 
     listen: list[str] = Field(default_factory=lambda: [f"0.0.0.0:{DEFAULT_PORT}"], min_length=1)
     tls: TlsSettings
@@ -174,7 +176,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file arrives as init kwargs; the environment must win over it.
-        return (env_settings, init_settings)
+        return (env_settings, init_settings) if cls._read_environment else (init_settings,)
 
     @field_validator("listen")
     @classmethod
@@ -243,16 +245,7 @@ class Settings(BaseSettings):
 class FileOnlySettings(Settings):
     """The same tree without the environment: the demo and tests must not pick up MBSEC_*."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
+    _read_environment: ClassVar[bool] = False
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

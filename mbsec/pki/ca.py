@@ -362,40 +362,17 @@ class CertificateAuthority:
         ensure_dir(directory / "certs")
         root_key = generate_key(key_type)
         root_name = _subject(common_name, organization, ())
-        root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
-        root = (
-            x509.CertificateBuilder()
-            .subject_name(root_name).issuer_name(root_name)
-            .public_key(root_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1 if intermediate else 0),
-                           critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(root_ski, critical=False)
-            .sign(root_key, _signing_hash(root_key))
-        )
+        root = _ca_certificate(root_name, root_key.public_key(), root_name, root_key,
+                               now - BACKDATE, now + dt.timedelta(days=days),
+                               path_length=1 if intermediate else 0)
         write_key(directory / "private" / "ca.key", root_key, passphrase=passphrase)
         write_file(directory / "ca.crt", cert_pem(root))
         if intermediate:
             int_key = generate_key(key_type)
             int_name = _subject(f"{common_name} Issuing", organization, ())
-            inter = (
-                x509.CertificateBuilder()
-                .subject_name(int_name).issuer_name(root_name)
-                .public_key(int_key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - BACKDATE)
-                .not_valid_after(now + dt.timedelta(days=max(1, days - 1)))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(_ca_key_usage(), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(int_key.public_key()),
-                               critical=False)
-                .add_extension(
-                    x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
-                    critical=False)
-                .sign(root_key, _signing_hash(root_key))
-            )
+            inter = _ca_certificate(int_name, int_key.public_key(), root_name, root_key,
+                                    now - BACKDATE, now + dt.timedelta(days=max(1, days - 1)),
+                                    path_length=0)
             write_key(directory / "private" / "intermediate.key", int_key, passphrase=passphrase)
             write_file(directory / "intermediate.crt", cert_pem(inter))
         settings: dict[str, Any] = {
@@ -823,6 +800,28 @@ class CertificateAuthority:
             builder = builder.add_revoked_certificate(rb.build())
         return builder.sign(key, _signing_hash(key))
 
+
+
+def _ca_certificate(subject: x509.Name, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+                    issuer: x509.Name, issuer_key: PrivateKey, not_before: dt.datetime,
+                    not_after: dt.datetime, *, path_length: int) -> x509.Certificate:
+    """A CA certificate (root when ``issuer_key`` is its own key, else an intermediate)."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(ski, critical=False)
+    )
+    if issuer_key.public_key() != public_key:  # an intermediate: name the root's key
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False)
+    return builder.sign(issuer_key, _signing_hash(issuer_key))
 
 
 def _ca_key_usage() -> x509.KeyUsage:
