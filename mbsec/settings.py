@@ -260,6 +260,8 @@ def format_validation_error(source: str, exc: ValidationError) -> list[str]:
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing (docs/config.md)"
         lines.append(f"{source}: {_loc(tuple(err['loc']))}: {msg}")
     return lines
 
@@ -292,6 +294,9 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise SettingsError([f"{p}: cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError([f"{p}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError([f"{p}: not valid TOML: not UTF-8 text (byte {exc.start})"]) \
+            from None
     return build_settings(data, source=str(p), base=p.resolve().parent)
 
 

@@ -57,6 +57,16 @@ def test_unknown_key_suggests_the_right_one() -> None:
     assert (d.line, d.col) == (8, 5)
 
 
+def test_misspelt_required_key_is_one_error() -> None:
+    """'functons' is one mistake: not also "missing required key 'functions'"."""
+    d = one_error(rule("""\
+        roles: [operator]
+        functons: [3]
+    """))
+    assert d.message == "unknown key 'functons'"
+    assert d.hint is not None and "did you mean 'functions'" in d.hint
+
+
 def test_unknown_key_in_nested_mapping() -> None:
     d = one_error(HEAD + "targets:\n  plc: {unit_ids: [1], upstrem: 'a:502'}\nrules: []\n")
     assert "upstrem" in d.message and d.hint is not None and "upstream" in d.hint
@@ -345,7 +355,15 @@ def test_load_policy_from_path_and_unreadable(tmp_path: Path) -> None:
     assert p.path == str(f) and len(p.digest) == 64
     with pytest.raises(PolicyError) as exc:
         load_policy(tmp_path / "missing.yaml")
-    assert "cannot read file" in str(exc.value)
+    assert str(exc.value).endswith("missing.yaml:1:1: error: file not found")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(tmp_path)
+    assert "cannot read file: Is a directory" in str(exc.value)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# r\xe8gles\n".encode("latin-1"))
+    with pytest.raises(PolicyError) as exc:
+        load_policy(latin1)
+    assert "not UTF-8 text" in str(exc.value)
 
 
 def test_diagnostic_format() -> None:

@@ -93,6 +93,10 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     bad.write_text("listen = [\n")
     with pytest.raises(SettingsError, match="not valid TOML"):
         load_settings(bad)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('policy = "r\xe8gles.yaml"\n'.encode("latin-1"))
+    with pytest.raises(SettingsError, match="not UTF-8"):
+        load_settings(latin1)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +185,7 @@ def test_serve_reports_config_problems_without_traceback(
     cfg.write_text('policy = "p.yaml"\n[tls]\ncert = "a"\n')
     assert mbsec_main(["serve", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
-    assert "tls.key: Field required" in err and "tls.client_ca: Field required" in err
+    assert "tls.key: required key is missing" in err and "tls.client_ca: required key is missing" in err
     assert "Traceback" not in err
 
 

@@ -95,9 +95,15 @@ def load_policy(path: str | Path, *, strict: bool = False) -> Policy:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([Diagnostic("error", str(p), 1, 1, f"cannot read file: {exc}")]) \
-            from None
+    except FileNotFoundError:
+        raise PolicyError([Diagnostic("error", str(p), 1, 1, "file not found")]) from None
+    except OSError as exc:
+        raise PolicyError([Diagnostic("error", str(p), 1, 1,
+                                      f"cannot read file: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError([Diagnostic("error", str(p), 1, 1,
+                                      f"not UTF-8 text (byte {exc.start})",
+                                      "save the file as UTF-8")]) from None
     return load_policy_text(text, str(p), strict=strict)
 
 
@@ -204,8 +210,20 @@ def _is_model(a: Any) -> bool:
     return isinstance(a, type) and issubclass(a, pydantic.BaseModel)
 
 
+def _close_key(loc: Path_) -> tuple[list[str], str | None]:
+    """The keys allowed beside the unknown key at ``loc``, and the one it most resembles."""
+    parent = _model_at(loc[:-1])
+    allowed = sorted(parent.model_fields) if parent else []
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    return allowed, (close[0] if close else None)
+
+
 def _schema_errors(exc: pydantic.ValidationError, src: Source, diags: _Diagnostics) -> None:
     seen: set[tuple[Path_, str]] = set()
+    # a misspelt required key is one mistake: report the unknown key (with "did you mean"),
+    # not also the required key it was meant to be
+    misspelt = {(tuple(e["loc"])[:-1], _close_key(tuple(e["loc"]))[1])
+                for e in exc.errors() if e["type"] == "extra_forbidden"}
     for err in exc.errors():
         loc: Path_ = tuple(err["loc"])
         kind = err["type"]
@@ -215,10 +233,8 @@ def _schema_errors(exc: pydantic.ValidationError, src: Source, diags: _Diagnosti
             path = path[:-1]
         if kind == "extra_forbidden":
             key = loc[-1]
-            parent = _model_at(loc[:-1])
-            allowed = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = (f"did you mean '{close[0]}'? " if close else "") + \
+            allowed, close = _close_key(loc)
+            hint = (f"did you mean '{close}'? " if close else "") + \
                 (f"allowed keys here: {', '.join(allowed)}" if allowed else "")
             if (path, kind) not in seen:
                 seen.add((path, kind))
@@ -226,6 +242,8 @@ def _schema_errors(exc: pydantic.ValidationError, src: Source, diags: _Diagnosti
             continue
         if kind == "missing":
             parent_path = loc[:-1]
+            if (parent_path, str(loc[-1])) in misspelt:
+                continue
             custom = _CUSTOM.get((str(loc[-1]), kind)) if len(loc) == 1 else None
             if custom:
                 diags.at(parent_path, *custom)
