@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mbsec.settings import TlsSettings
@@ -78,6 +80,25 @@ def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
     return None
 
 
+def _pem_problem(key: str, data: bytes) -> str | None:
+    """What is wrong with the content of ``tls.cert`` / ``tls.key`` / ``tls.client_ca``."""
+    if key == "key":
+        if b"ENCRYPTED" in data:
+            return ("the private key is encrypted; mbsec needs it unencrypted (protect it with "
+                    "file mode 0600 instead, see docs/pki.md)")
+        try:
+            serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return "not a PEM private key"
+        return None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return ("not a PEM certificate chain" if key == "cert"
+                else "not a PEM bundle of CA certificates")
+    return None
+
+
 def load_crl(path: Path, data: bytes) -> x509.CertificateRevocationList:
     if b"-----BEGIN X509 CRL-----" in data:
         return x509.load_pem_x509_crl(data)
@@ -114,6 +135,12 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
         p: Path = getattr(tls, key)
         if not p.is_file():
             problems.append(f"{what}.{key}: file not found: {p}")
+            continue
+        data = _read(p, f"{what}.{key}", problems)
+        if data is not None:
+            problem = _pem_problem(key, data)
+            if problem:
+                problems.append(f"{what}.{key}: {p}: {problem}")
     crl_infos: list[CrlInfo] = []
     crl_pem: list[str] = []
     for i, p in enumerate(tls.crl):
@@ -122,8 +149,8 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
             continue
         try:
             crl = load_crl(p, data)
-        except ValueError as exc:
-            problems.append(f"{what}.crl[{i}]: {p}: not a PEM or DER CRL ({exc})")
+        except ValueError:
+            problems.append(f"{what}.crl[{i}]: {p}: not a PEM or DER CRL")
             continue
         crl_pem.append(crl.public_bytes(Encoding.PEM).decode("ascii"))
         crl_infos.append(
@@ -151,7 +178,8 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     except ssl.SSLError as exc:  # pragma: no cover - depends on the OpenSSL build
         problems.append(f"{what}: cipher list rejected by OpenSSL: {exc}")
     try:
-        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+        # never let OpenSSL prompt for a passphrase on the terminal (start or SIGHUP reload)
+        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key), password=b"")
     except ssl.SSLError as exc:
         problems.append(
             f"{what}.cert/{what}.key: cannot load the server chain and key "

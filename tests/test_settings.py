@@ -142,6 +142,35 @@ def test_config_check_key_does_not_match(
     assert "does the key match the certificate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("key", "content", "expected"),
+    [
+        ("cert", b"garbage\n", "not a PEM certificate chain"),
+        ("key", b"garbage\n", "not a PEM private key"),
+        ("key", b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n"
+                b"-----END ENCRYPTED PRIVATE KEY-----\n", "the private key is encrypted"),
+        ("client_ca", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+         "not a PEM bundle of CA certificates"),
+        ("crl", b"garbage\n", "not a PEM or DER CRL"),
+    ],
+)
+def test_config_check_corrupt_tls_file_is_one_line(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str], key: str, content: bytes,
+    expected: str,
+) -> None:
+    """A corrupt or passphrase-protected PEM names the key and the file (and never makes
+    OpenSSL prompt for a passphrase on the terminal)."""
+    original = {"cert": pki.server.chain, "key": pki.server.key,
+                "client_ca": pki.ca.trust_bundle, "crl": pki.crl}[key]
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(content)
+    cfg = write_config(tmp_path, pki)
+    cfg.write_text(cfg.read_text().replace(str(original), str(bad)))
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f": {bad}: {expected}" in err[0], err
+
+
 def test_config_check_bad_policy_and_cross_check(
     tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -185,7 +214,8 @@ def test_serve_reports_config_problems_without_traceback(
     cfg.write_text('policy = "p.yaml"\n[tls]\ncert = "a"\n')
     assert mbsec_main(["serve", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
-    assert "tls.key: required key is missing" in err and "tls.client_ca: required key is missing" in err
+    assert "tls.key: required key is missing" in err
+    assert "tls.client_ca: required key is missing" in err
     assert "Traceback" not in err
 
 

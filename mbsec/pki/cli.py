@@ -191,8 +191,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
     try:
         csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data
                else x509.load_der_x509_csr(data))
-    except ValueError as exc:
-        raise PKIError(f"{args.csr}: not a readable CSR ({exc})") from None
+    except ValueError:
+        raise PKIError(f"{args.csr}: not a readable CSR (expected PEM 'BEGIN CERTIFICATE "
+                       "REQUEST' or DER; create one with 'mbsec-pki csr')") from None
     asked = csr_requested_role(csr)
     if asked is not None and asked != role:
         print(f"note: the CSR asks for role {asked!r}; ignored (the role comes from --role or "

@@ -67,7 +67,7 @@ def load_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
     except ValueError as exc:
         if passphrase is not None and "password" in str(exc).lower():
             raise PKIError(f"{path}: wrong passphrase for the private key") from None
-        raise PKIError(f"{path}: not a readable PEM private key ({exc})") from None
+        raise PKIError(f"{path}: not a readable PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise PKIError(f"{path}: unsupported key algorithm (use ECDSA or RSA)")
     return key
