@@ -1,4 +1,4 @@
-"""The TLS front of Modbus/TCP Security: server context, CRLs, and a holder SIGHUP can swap.
+"""The TLS front of Modbus/TCP Security: server context, CRLs, handshake failure reasons.
 
 Choices and why:
 
