@@ -2,7 +2,7 @@
 
 Choices and why:
 
-* TLS 1.2 is the floor (R-01), 1.3 is allowed; ``min_version = "1.3"`` raises the floor.
+* TLS 1.2 is the floor, 1.3 is allowed; ``min_version = "1.3"`` raises the floor.
 * The two mandatory suites (ECDHE-RSA/ECDSA-AES128-GCM-SHA256) lead the TLS 1.2 list.
 * ``CERT_REQUIRED``: a client without a certificate fails the handshake with a fatal alert.
 * Renegotiation is refused (``OP_NO_RENEGOTIATION``).

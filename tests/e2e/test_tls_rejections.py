@@ -300,6 +300,26 @@ async def test_tls_material_is_strict(pki: Pki, start_proxy: StartProxy,
     assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
     names = {c["name"] for c in ctx.get_ciphers()}
     assert {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256"} <= names
+    # TLS 1.2: the mandatory suites first, then only ECDHE AEAD suites (no CBC, static RSA, NULL)
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert {c["name"] for c in tls12[:2]} == {"ECDHE-ECDSA-AES128-GCM-SHA256",
+                                             "ECDHE-RSA-AES128-GCM-SHA256"}
+    for c in tls12:
+        assert c["kea"] == "kx-ecdhe" and c["aead"], c["name"]
+
+
+async def test_client_certificate_without_client_auth_usage_is_refused(
+    pki: Pki, fresh_ca: CertificateAuthority, silent_plc: ScriptedPlc, start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    """A certificate whose extended key usage is serverAuth only cannot log in as a client."""
+    cert = fresh_ca.issue("server", "not-a-client", dns=("localhost",), out_dir=tmp_path,
+                          name="srvonly")
+    h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
+    out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))
+    assert out.kind == "alert", out
+    await rejected(h, "invalid_purpose")
+    assert silent_plc.requests == []
 
 
 async def test_whole_server_chain_is_sent(
