@@ -43,8 +43,23 @@ class MetricsLike(Protocol):
     def set(self, name: str, value: float, **labels: str | int) -> None: ...
 
 
+_KEYS: dict[tuple[tuple[str, str | int], ...], LabelKey] = {}
+_KEYS_MAX = 4096  # distinct label sets remembered; beyond that keys are built each time
+
+
 def _key(labels: dict[str, str | int]) -> LabelKey:
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+    """Canonical (sorted, stringified) label key, cached by the labels as passed.
+
+    The per-request series are a handful of label sets, so the sort and ``str`` calls are paid
+    once per set instead of once per request.
+    """
+    raw = tuple(labels.items())
+    k = _KEYS.get(raw)
+    if k is None:
+        k = tuple(sorted((n, str(v)) for n, v in raw))
+        if len(_KEYS) < _KEYS_MAX:
+            _KEYS[raw] = k
+    return k
 
 
 class _Histogram:

@@ -8,7 +8,15 @@ an invalid PDU, a denial or an upstream failure becomes a Modbus exception reply
 Client pipelining: requests are read as they arrive and handled concurrently, at most
 ``limits.max_pipelined`` at a time per connection (reading pauses at the limit, which is the
 backpressure). Each reply carries the client's own transaction id and unit id and is written as
-one ``send_all`` = one TLS record, in completion order.
+one TLS record, in completion order.
+
+Hot path: the handshake runs in ``trio.SSLStream`` (it keeps the alert flush and the TLS 1.3
+ticket handling); after it, :class:`_RecordIO` drives the same ``SSLObject`` and memory BIOs
+directly and reads/writes the socket without ``SSLStream``'s locks and retry loop. A request
+that arrives alone while nothing else is in flight (every request of a depth-1 client) is
+handled in the reader task itself, without spawning a task; requests that arrive together or
+while others are in flight get a task each, as before. The idle timeout is one watchdog task
+per connection, not a cancel scope per read.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import itertools
+import math
+import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +43,7 @@ from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
 from mbsec.modbus.pdu import FUNCTION_NAMES, ExceptionCode, exception_pdu, parse_request
 from mbsec.settings import LimitsSettings
 from mbsec.tls import TlsMaterial, handshake_failure_reason
-from mbsec.upstream import UpstreamError, UpstreamReply
+from mbsec.upstream import UpstreamError, UpstreamReply, receive_raw, socket_fd
 
 if TYPE_CHECKING:
     from mbsec.modbus.pdu import Request
@@ -79,10 +90,129 @@ class UnlimitedIdentities:
         pass
 
 
+class _Stopped(Exception):
+    """The reader stops: the connection is being closed (the reason is already recorded)."""
+
+
 class _Closing(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _RecordIO:
+    """TLS application data after the handshake, on the ``SSLStream``'s own ``SSLObject``.
+
+    ``receive`` feeds ciphertext into the incoming BIO until ``SSLObject.read`` yields
+    plaintext. ``send`` encrypts one message (one ``SSLObject.write`` = one TLS record) and
+    writes the ciphertext: directly to the socket when the kernel takes it, otherwise the
+    caller waits (at most ``stall_limit``) for the socket to drain; replies that complete meanwhile
+    queue behind it in order. Any ciphertext the read side produces (a TLS 1.3 key update
+    reply) goes out in the same order. A TLS error or a socket error is ``BrokenResourceError``.
+    """
+
+    def __init__(self, ssl_stream: trio.SSLStream[Any], stall_limit: float) -> None:
+        self._stall_limit = stall_limit
+        self._obj: ssl.SSLObject = ssl_stream._ssl_object
+        self._incoming: ssl.MemoryBIO = ssl_stream._incoming
+        self._outgoing: ssl.MemoryBIO = ssl_stream._outgoing
+        self._transport = ssl_stream.transport_stream
+        self._fd = socket_fd(self._transport)
+        # TLS 1.3 tickets SSLStream held back after the handshake (none when tickets are off)
+        delayed = ssl_stream._delayed_outgoing
+        ssl_stream._delayed_outgoing = None
+        self._out = bytearray(delayed or b"")  # ciphertext not yet written, in order
+        self._flushing = False
+        self._flushed = trio.lowlevel.ParkingLot()
+        self.broken = False  # no close_notify can follow: close the transport as is
+
+    @property
+    def unsent(self) -> int:
+        return len(self._out)
+
+    async def receive(self, max_bytes: int) -> bytes:
+        obj = self._obj
+        while True:
+            try:
+                data = obj.read(max_bytes)  # b"": the client sent close_notify
+            except ssl.SSLWantReadError:
+                data = None
+            except ssl.SSLError as exc:
+                self.broken = True
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if self._outgoing.pending:
+                self._out += self._outgoing.read()
+                if not self._flushing:
+                    await self._flush(math.inf)
+            if data is not None:
+                return data
+            if self._fd >= 0:
+                raw = await receive_raw(self._fd, RECEIVE_SIZE)
+            else:
+                raw = await self._transport.receive_some(RECEIVE_SIZE)
+            if raw:
+                self._incoming.write(raw)
+            else:
+                self._incoming.write_eof()
+
+    async def send(self, data: bytes) -> bool:
+        """Encrypt and write one message; False if the socket did not drain within
+        ``stall_limit`` seconds."""
+        if self.broken:
+            raise trio.BrokenResourceError("TLS stream is broken")
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as exc:
+            self.broken = True
+            raise trio.BrokenResourceError(str(exc)) from exc
+        self._out += self._outgoing.read()
+        if self._flushing:  # another reply is waiting for the socket; it writes ours too
+            await self._flushed.park()
+            if self.broken:
+                raise trio.BrokenResourceError("TLS stream is broken")
+            return not self._out
+        return await self._flush(self._stall_limit)
+
+    async def _flush(self, limit: float) -> bool:
+        out = self._out
+        fd = self._fd
+        if fd >= 0:
+            try:
+                n = os.write(fd, out)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self.broken = True
+                raise trio.BrokenResourceError(str(exc)) from exc
+            del out[:n]
+            if not out:
+                return True
+        self._flushing = True
+        try:
+            with trio.move_on_after(limit):
+                while out:
+                    if fd >= 0:
+                        await trio.lowlevel.wait_writable(fd)
+                        try:
+                            n = os.write(fd, out)
+                        except BlockingIOError:
+                            continue
+                        except OSError as exc:
+                            raise trio.BrokenResourceError(str(exc)) from exc
+                        del out[:n]
+                    else:
+                        chunk = bytes(out)
+                        await self._transport.send_all(chunk)
+                        del out[: len(chunk)]
+            return not out
+        except BaseException:
+            self.broken = True  # part of a record may be on the wire
+            raise
+        finally:
+            if out:
+                self.broken = True
+            self._flushing = False
+            self._flushed.unpark_all()
 
 
 def _addr(sockname: Any) -> tuple[str | None, int | None]:
@@ -137,11 +267,15 @@ class Session:
         self._handshake_done = False
         self._identity_key: str | None = None
         self._nursery: trio.Nursery
-        self._send_lock = trio.Lock()
+        self._io: _RecordIO | None = None
         self._reader_scope = trio.CancelScope()
+        self._idle_scope = trio.CancelScope()
         self._session_scope: trio.CancelScope | None = None
         self._inflight = 0
-        self._pipeline = trio.Semaphore(limits.max_pipelined)
+        self._slots = trio.lowlevel.ParkingLot()  # the reader waits here at max_pipelined
+        self._inline = False  # the reader task is handling a request itself
+        self._stop = False
+        self._idle_base = 0.0
         self.identity: PeerIdentity | None = None
         self._principal: Principal | None = None
         self.close_reason = "unknown"
@@ -160,7 +294,9 @@ class Session:
         """Drain: take no new requests; those in flight still get their replies."""
         if self.close_reason == "unknown":
             self.close_reason = reason
-        self._reader_scope.cancel()
+        self._stop = True
+        if not self._inline:  # else the reader stops once its own request is answered
+            self._reader_scope.cancel()
 
     def abort(self) -> None:
         if self._session_scope is not None:
@@ -332,48 +468,83 @@ class Session:
     # -- request loop -------------------------------------------------------------------
 
     async def _serve_requests(self) -> None:
+        assert self._ssl is not None
+        self._io = _RecordIO(self._ssl, self._limits.idle_timeout)
+        self._idle_base = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            with self._reader_scope:
+            nursery.start_soon(self._idle_watch)
+            with self._reader_scope, contextlib.suppress(_Stopped):
                 await self._read_loop(nursery)
+            self._idle_scope.cancel()
             # reader finished (EOF, idle, drain): in-flight requests still complete
 
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
-        assert self._ssl is not None
-        frames = FrameBuffer()
+    async def _idle_watch(self) -> None:
+        """Stop reading after ``idle_timeout`` without a byte from the client, unless a request
+        is in flight (then the wait starts over, as a new full period)."""
         idle = self._limits.idle_timeout
-        while True:
-            with trio.move_on_after(idle) as cs:
-                try:
-                    data = await self._ssl.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                    if self.close_reason == "unknown":
-                        self.close_reason = "client_reset"
-            if cs.cancelled_caught:
+        with self._idle_scope:
+            while True:
+                await trio.sleep_until(self._idle_base + idle)
+                now = trio.current_time()
+                if now < self._idle_base + idle:
+                    continue  # data arrived meanwhile
                 if self._inflight:
+                    self._idle_base = now
                     continue
                 self.close_reason = "idle_timeout"
+                self._reader_scope.cancel()
                 return
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        io = self._io
+        assert io is not None
+        frames = FrameBuffer()
+        max_pipelined = self._limits.max_pipelined
+        while True:
+            try:
+                data = await io.receive(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+                if self.close_reason == "unknown":
+                    self.close_reason = "client_reset"
             if not data:
                 if self.close_reason == "unknown":
                     self.close_reason = "client_closed"
                 return
+            self._idle_base = trio.current_time()
             self.bytes_in += len(data)
             frames.receive_data(data)
-            while True:
-                try:
-                    adu = frames.next_frame()
-                except RemoteProtocolError as exc:
-                    self._framing_error(exc)
-                    self.close_reason = exc.reason
-                    nursery.cancel_scope.cancel()  # nothing more from a broken stream
-                    return
-                if adu is None:
-                    break
-                await self._pipeline.acquire()
-                self._inflight += 1
-                nursery.start_soon(self._handle, adu, time.monotonic())
+            adu = self._next_frame(frames)
+            while adu is not None:
+                t0 = time.monotonic()
+                following = self._next_frame(frames)
+                if following is None and not self._inflight:
+                    # alone and nothing in flight: answer it here, no task to spawn
+                    self._inflight = 1
+                    self._inline = True
+                    try:
+                        await self._respond(adu, t0)
+                    finally:
+                        self._inflight -= 1
+                        self._inline = False
+                    if self._stop:
+                        return
+                else:
+                    while self._inflight >= max_pipelined:
+                        await self._slots.park()
+                    self._inflight += 1
+                    nursery.start_soon(self._handle, adu, t0)
+                adu = following
+
+    def _next_frame(self, frames: FrameBuffer) -> Adu | None:
+        try:
+            return frames.next_frame()
+        except RemoteProtocolError as exc:
+            self._framing_error(exc)
+            self.close_reason = exc.reason
+            self._nursery.cancel_scope.cancel()  # nothing more from a broken stream
+            raise _Stopped from None
 
     def _framing_error(self, exc: RemoteProtocolError) -> None:
         self.errors += 1
@@ -393,34 +564,36 @@ class Session:
 
     async def _handle(self, adu: Adu, t0: float) -> None:
         try:
-            try:
-                pdu = await self._process(adu, t0)
-            except _Closing as exc:
-                self.close_reason = exc.reason
-                self._nursery.cancel_scope.cancel()
-                return
-            await self._send(encode_adu(adu.transaction_id, adu.unit_id, pdu))
-            self._metrics.observe("mbsec_request_seconds", time.monotonic() - t0)
+            await self._respond(adu, t0)
         finally:
             self._inflight -= 1
-            self._pipeline.release()
+            self._slots.unpark()
+
+    async def _respond(self, adu: Adu, t0: float) -> None:
+        try:
+            pdu = await self._process(adu, t0)
+        except _Closing as exc:
+            self.close_reason = exc.reason
+            self._nursery.cancel_scope.cancel()
+            return
+        await self._send(encode_adu(adu.transaction_id, adu.unit_id, pdu))
+        self._metrics.observe("mbsec_request_seconds", time.monotonic() - t0)
 
     async def _send(self, data: bytes) -> None:
-        assert self._ssl is not None
-        async with self._send_lock:
+        io = self._io
+        assert io is not None
+        try:
             # A client that stops reading its replies must not hold its slot forever.
-            with trio.move_on_after(self._limits.idle_timeout) as cs:
-                try:
-                    await self._ssl.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    if self.close_reason == "unknown":
-                        self.close_reason = "client_gone"
-                    self._reader_scope.cancel()
-                    return
-            if cs.cancelled_caught:
-                self.close_reason = "client_stalled"
-                self._nursery.cancel_scope.cancel()
-                return
+            sent = await io.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.close_reason == "unknown":
+                self.close_reason = "client_gone"
+            self._reader_scope.cancel()
+            return
+        if not sent:
+            self.close_reason = "client_stalled"
+            self._nursery.cancel_scope.cancel()
+            return
         self.bytes_out += len(data)
 
     async def _process(self, adu: Adu, t0: float) -> bytes:
@@ -588,7 +761,10 @@ class Session:
         with trio.move_on_after(CLOSE_TIMEOUT) as cs:
             cs.shield = True
             try:
-                if self._handshake_done and self._ssl is not None:
+                io = self._io
+                if io is not None and (io.broken or io.unsent):
+                    await self._raw.aclose()  # no clean close_notify after a broken record
+                elif self._handshake_done and self._ssl is not None:
                     await self._ssl.aclose()  # close_notify, then TCP close
                 else:
                     await self._raw.aclose()
