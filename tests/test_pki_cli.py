@@ -98,6 +98,27 @@ def test_issue_with_profiles(ca_dir: Path, tmp_path: Path,
         assert name in out
 
 
+def test_builtin_profiles_ship_with_the_package() -> None:
+    """--profile must work from an installed wheel: the profiles are package data (the
+    repository's pki/profiles links to them), not files next to a source checkout."""
+    import tomllib
+
+    import mbsec
+    from mbsec.pki.profiles import builtin_profile_dir
+
+    package = Path(mbsec.__file__).resolve().parent
+    shipped = builtin_profile_dir()
+    assert shipped.is_relative_to(package)
+    names = {p.stem for p in shipped.glob("*.yaml")}
+    assert {"proxy-server", "hmi-operator", "engineering-workstation", "historian",
+            "vendor"} <= names
+    root = package.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["mbsec"]
+    assert any(sorted(package.glob(pat)) == sorted(shipped.glob("*.yaml")) for pat in patterns)
+    assert (root / "pki" / "profiles").resolve() == shipped
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["issue", "client", "x", "--profile", "nope"], "unknown profile 'nope'"),
     (["issue", "client", "x", "--profile", "proxy-server"], "is for server certificates"),

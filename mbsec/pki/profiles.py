@@ -33,8 +33,9 @@ class Profile:
 
 
 def builtin_profile_dir() -> Path:
-    """The profiles shipped in the repository's ``pki/profiles``."""
-    return Path(__file__).resolve().parents[2] / "pki" / "profiles"
+    """The profiles shipped with mbsec (package data; ``pki/profiles`` in the repository links
+    here), so ``--profile`` works from an installed wheel too, not only from a checkout."""
+    return Path(__file__).resolve().parent / "profiles"
 
 
 def search_path(ca_dir: Path | None = None, extra: Path | None = None) -> list[Path]:
