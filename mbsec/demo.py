@@ -356,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv or [])
     if args.keep:
         workdir = Path(args.keep)
-        workdir.mkdir(parents=True, exist_ok=True)
+        if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+            p.error(f"--keep {workdir}: must be a new or empty directory")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            p.error(f"--keep {workdir}: cannot create it: {exc.strerror or exc}")
     else:
         workdir = Path(tempfile.mkdtemp(prefix="mbsec-demo-"))
 

@@ -40,6 +40,24 @@ def test_demo_keeps_nothing_behind(capsys: pytest.CaptureFixture[str]) -> None:
     assert '{"@timestamp"' not in out
 
 
+@pytest.mark.parametrize("existing", ["file", "non-empty dir"])
+def test_demo_keep_refuses_a_file_or_non_empty_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: str
+) -> None:
+    target = tmp_path / "target"
+    if existing == "file":
+        target.write_text("x")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        mbsec.demo.main(["--keep", str(target)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--keep {target}: must be a new or empty directory" in err
+    assert "Traceback" not in err
+
+
 class ServeProcess:
     def __init__(self, proc: trio.Process) -> None:
         self.proc = proc
