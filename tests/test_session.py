@@ -247,3 +247,108 @@ async def test_one_adu_per_tls_record(pki: Pki, nursery: trio.Nursery) -> None:
     assert [r[0] for r in records] == [23] * 6  # application data, one record per reply
     sizes = sorted(r[1] for r in records)
     assert sizes == sorted(len(encode_adu(t, 1, p)) + 17 for t, _u, p in replies)  # TLS 1.3 AEAD
+
+
+async def test_drain_lets_a_request_handled_in_the_reader_finish(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """A lone request is answered by the reader task itself; a drain (stop_reading) that comes
+    while it waits for the PLC must not cancel it: the reply goes out, then the session ends."""
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    ups = FakeUpstreams()
+    ups.gate = trio.Event()
+    sink = ListSink()
+    state = state_for(pki)
+    session = Session(server_raw, state=lambda: state, upstreams=ups, limits=LimitsSettings(),
+                      log=make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]))
+    done = trio.Event()
+
+    async def run() -> None:
+        await session.run()
+        done.set()
+
+    nursery.start_soon(run)
+    client = trio.SSLStream(client_raw, pki.client_ctx(pki.operator), server_hostname="localhost")
+    await client.send_all(encode_adu(7, 1, struct.pack(">BHH", 3, 4, 1)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert ups.in_flight == 1
+    session.stop_reading()
+    await trio.testing.wait_all_tasks_blocked()
+    assert not done.is_set() and ups.in_flight == 1
+    ups.gate.set()
+    assert await read_replies(client, 1) == [(7, 1, bytes([3, 2, 0, 4]))]
+    with trio.fail_after(5):
+        await done.wait()
+    assert session.close_reason == "server_shutdown"
+    assert (session.requests, session.allowed) == (1, 1)
+
+
+async def test_idle_timeout_spares_a_connection_with_a_request_in_flight(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """The idle watchdog closes a silent connection, but not while a request is in flight."""
+    ups = FakeUpstreams()
+    ups.gate = trio.Event()
+    client, ups, sink, _ = await run_session(nursery, pki, who=pki.operator, upstreams=ups,
+                                             limits=LimitsSettings(idle_timeout=0.2))
+    await client.send_all(encode_adu(3, 1, struct.pack(">BHH", 3, 1, 1)))
+    await trio.sleep(0.5)  # more than two idle periods with the PLC silent
+    assert not events(sink, "connection-closed")
+    ups.gate.set()
+    assert await read_replies(client, 1) == [(3, 1, bytes([3, 2, 0, 1]))]
+    for _ in range(100):
+        if events(sink, "connection-closed"):
+            break
+        await trio.sleep(0.05)
+    [ev] = events(sink, "connection-closed")
+    assert ev["event.reason"] == "idle_timeout" and ev["mbsec.requests"] == 1
+
+
+class GatedStream(RecordingStream):
+    """A RecordingStream whose sends block while ``gate`` is closed (a full socket buffer)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.sends = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends += 1
+        await self.gate.wait()
+        await self.inner.send_all(data)
+
+
+async def test_replies_queued_behind_a_blocked_send_keep_one_record_each(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """While one reply waits for the transport, replies that complete meanwhile queue behind
+    it in completion order and go out in one write, still one TLS record per reply."""
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    gated = GatedStream(server_raw)
+    ups = FakeUpstreams()
+    ups.gate = trio.Event()
+    state = state_for(pki)
+    session = Session(gated, state=lambda: state, upstreams=ups, limits=LimitsSettings(),
+                      log=make_logger(LoggingSettings(stdout=False)))
+    nursery.start_soon(session.run)
+    rec = RecordingStream(client_raw)
+    client = trio.SSLStream(rec, pki.client_ctx(pki.operator), server_hostname="localhost")
+    await client.do_handshake()
+    mark = len(rec.received)
+    await client.send_all(b"".join(encode_adu(t, 1, struct.pack(">BHH", 3, t, 1))
+                                   for t in range(4)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert ups.in_flight == 4
+    gated.gate = trio.Event()  # the transport stops taking data
+    sends_before = gated.sends
+    ups.gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert gated.sends == sends_before + 1  # the first reply is stuck, the rest queue behind it
+    gated.gate.set()
+    replies = await read_replies(client, 4)
+    assert sorted(t for t, _u, _p in replies) == [0, 1, 2, 3]
+    assert gated.sends == sends_before + 2  # the queued three went out together
+    records = tls_records(bytes(rec.received[mark:]))
+    assert [r[0] for r in records] == [23] * 4
+    assert session.bytes_out == 4 * 11
