@@ -89,6 +89,18 @@ class UpstreamSettings(_Model):
     backoff_initial: float = Field(default=0.2, gt=0)
     backoff_max: float = Field(default=10.0, gt=0)
 
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("host is empty")
+        if ":" in v:
+            try:
+                ipaddress.IPv6Address(v.strip("[]"))
+            except ValueError:
+                raise ValueError(f"{v!r}: give the port in 'port', not in 'host'") from None
+        return v.strip("[]")
+
     @field_validator("unit_ids")
     @classmethod
     def _unit_range(cls, v: list[int]) -> list[int]:

@@ -79,6 +79,20 @@ def test_every_problem_is_reported(tmp_path: Path, pki: Pki) -> None:
     assert all(p.startswith(f"{cfg}: ") for p in ei.value.problems)
 
 
+@pytest.mark.parametrize(("host", "ok"), [("10.20.0.5:502", False), ("plc-1:502", False),
+                                          ("", False), ("::1", True), ("[::1]", True),
+                                          ("plc-1.plant.example", True)])
+def test_upstream_host_takes_no_port(tmp_path: Path, pki: Pki, host: str, ok: bool) -> None:
+    cfg = write_config(tmp_path, pki, upstream=f'[upstreams.plc]\nhost = "{host}"\n'
+                       'port = 5020\nunit_ids = [1]\n')
+    if ok:
+        assert load_settings(cfg).upstreams["plc"].host == host.strip("[]")
+        return
+    with pytest.raises(SettingsError) as exc:
+        load_settings(cfg)
+    assert exc.value.problems[0].startswith(f"{cfg}: upstreams.plc.host: ")
+
+
 def test_unit_routed_twice(tmp_path: Path, pki: Pki) -> None:
     cfg = write_config(tmp_path, pki, upstream=(
         '[upstreams.a]\nhost = "h"\nunit_ids = [1]\n[upstreams.b]\nhost = "i"\nunit_ids = [1]\n'))
