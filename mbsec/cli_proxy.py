@@ -92,7 +92,9 @@ def serve_main(argv: list[str]) -> int:
         if oserr is None:
             raise
         close_logger(log)
-        return _problems([f"{args.config}: cannot listen: {oserr.strerror or oserr}"])
+        where = ", ".join(settings.listen) + (
+            f"; metrics.listen {settings.metrics.listen}" if settings.metrics.listen else "")
+        return _problems([f"{args.config}: cannot listen ({where}): {oserr.strerror or oserr}"])
     close_logger(log)
     return 0
 

@@ -254,7 +254,7 @@ def test_serve_port_in_use_is_one_line(
         cfg.write_text(cfg.read_text().replace("127.0.0.1:8020", f"127.0.0.1:{port}"))
         assert mbsec_main(["serve", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
-    assert "cannot listen: Address already in use" in err
+    assert f"cannot listen (127.0.0.1:{port}): Address already in use" in err
     assert "Traceback" not in err
 
 
