@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,20 +140,39 @@ def _key_pw(args: argparse.Namespace) -> bytes | None:
                             confirm=True)
 
 
-def cmd_issue(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _LeafChoices:
+    """What a new leaf gets: the command line wins over the profile (issue and sign)."""
+
+    profile: Profile | None
+    role: str | None
+    days: int | None
+    organization: str | None
+    organizational_units: tuple[str, ...]
+
+
+def _leaf_choices(args: argparse.Namespace) -> _LeafChoices:
     prof = _profile(args, args.kind)
     role = args.role if args.role is not None else (prof.role if prof else None)
-    if args.no_role:
-        role = None
+    return _LeafChoices(
+        profile=prof,
+        role=None if args.no_role else role,
+        days=args.days if args.days is not None else (prof.days if prof else None),
+        organization=args.org or (prof.organization if prof else None),
+        organizational_units=tuple(args.ou) or (prof.organizational_units if prof else ()),
+    )
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    leaf = _leaf_choices(args)
+    prof, role = leaf.profile, leaf.role
     key_pw = _key_pw(args)
     ca = _open_ca(args)
     files = ca.issue(
-        args.kind, args.common_name, role=role, dns=args.dns, ips=args.ip,
-        days=args.days if args.days is not None else (prof.days if prof else None),
+        args.kind, args.common_name, role=role, dns=args.dns, ips=args.ip, days=leaf.days,
         out_dir=Path(args.out_dir) if args.out_dir else None, name=args.name,
         key_type=args.key_type or (prof.key_type if prof else None),
-        organization=args.org or (prof.organization if prof else None),
-        organizational_units=args.ou or (prof.organizational_units if prof else ()),
+        organization=leaf.organization, organizational_units=leaf.organizational_units,
         key_passphrase=key_pw, force=args.force, now=_now(args.now))
     cert = load_certificate(files.cert)
     print(f"issued {args.kind} certificate serial {serial_hex(files.serial)}"
@@ -183,10 +203,8 @@ def cmd_csr(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    prof = _profile(args, args.kind)
-    role = args.role if args.role is not None else (prof.role if prof else None)
-    if args.no_role:
-        role = None
+    leaf = _leaf_choices(args)
+    role = leaf.role
     data = read_bytes(Path(args.csr), "CSR")
     try:
         csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data
@@ -201,11 +219,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.csr).with_suffix(".crt")
     ca = _open_ca(args)
     signed = ca.sign_csr(
-        data, args.kind, out=out, role=role,
-        days=args.days if args.days is not None else (prof.days if prof else None),
+        data, args.kind, out=out, role=role, days=leaf.days,
         common_name=args.cn, dns=args.dns, ips=args.ip, use_csr_sans=args.use_csr_sans,
-        organization=args.org or (prof.organization if prof else None),
-        organizational_units=args.ou or (prof.organizational_units if prof else ()),
+        organization=leaf.organization, organizational_units=leaf.organizational_units,
         force=args.force, now=_now(args.now))
     cert = load_certificate(signed.cert)
     dns, ips, _ = san_values(cert)
