@@ -54,18 +54,43 @@ def serve_main(argv: list[str]) -> int:
     settings, problems = _load(args.config)
     if settings is None:
         return _problems(problems)
-    from mbsec.server import Proxy, StartupError
+    from mbsec.server import (
+        Proxy,
+        StartupError,
+        bind_worker_sockets,
+        build_state,
+        run_workers,
+        worker_from_environment,
+        worker_problems,
+    )
 
     sink_problems = check_sinks(settings.logging)
     if sink_problems:
         return _problems([f"{args.config}: {line}" for line in sink_problems])
+    worker = worker_from_environment()
+    if worker is None and settings.workers > 1:
+        # main process of a worker set: check everything, bind, then start the workers
+        problems = worker_problems(settings)
+        try:
+            build_state(settings)
+        except StartupError as exc:
+            problems.extend(exc.problems)
+        if problems:
+            return _problems([f"{args.config}: {line}" for line in problems])
+        try:
+            per_worker = bind_worker_sockets(settings, settings.workers)
+        except OSError as exc:
+            where = ", ".join(settings.listen)
+            return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
+        return run_workers(args.config, per_worker)
     try:
         log = make_logger(settings.logging)
     except (OSError, ValueError) as exc:
         return _problems([f"{args.config}: logging: {exc}"])
     metrics = Metrics()
     try:
-        proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config))
+        proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config),
+                      listen_sockets=worker[2] if worker is not None else None)
     except StartupError as exc:
         close_logger(log)
         return _problems([f"{args.config}: {line}" for line in exc.problems])

@@ -9,9 +9,15 @@ and stop reading new requests, then give in-flight requests ``limits.drain_timeo
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
 import errno
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -24,7 +30,7 @@ from structlog.typing import FilteringBoundLogger
 from mbsec.audit import null_logger
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics, serve_metrics
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
-from mbsec.session import ProxyState, Session
+from mbsec.session import ProxyState, Session, set_conn_id_space
 from mbsec.settings import Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
 from mbsec.upstream import Upstreams
@@ -140,8 +146,11 @@ class Proxy:
         metrics: MetricsLike | None = None,
         config_path: Path | None = None,
         dialer: Dialer | None = None,
+        listen_sockets: list[socket.socket] | None = None,
     ) -> None:
         self.settings = settings
+        #: already bound and listening (a worker process gets them from its parent)
+        self._listen_sockets = listen_sockets
         self.config_path = config_path
         self.log = log or null_logger()
         self.metrics: MetricsLike = metrics or NullMetrics()
@@ -205,7 +214,7 @@ class Proxy:
             return False
         ignored = [
             key
-            for key in ("listen", "limits", "logging", "metrics")
+            for key in ("listen", "limits", "logging", "metrics", "workers")
             if getattr(settings, key) != getattr(self.settings, key)
         ]
         self.upstreams.replace_targets(targets)
@@ -307,7 +316,12 @@ class Proxy:
                 )
             root.start_soon(self._crl_watch)
             listeners: list[trio.SocketListener] = []
-            for host, port in self.settings.listen_addresses():
+            if self._listen_sockets is not None:
+                listeners = [
+                    trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                    for sock in self._listen_sockets
+                ]
+            for host, port in self.settings.listen_addresses() if not listeners else ():
                 listeners.extend(await trio.open_tcp_listeners(port, host=host or None))
             self.addresses = [
                 (str(ln.socket.getsockname()[0]), int(ln.socket.getsockname()[1]))
@@ -445,3 +459,121 @@ class Proxy:
             if self._per_source[source] <= 0:
                 del self._per_source[source]
             self.metrics.set("mbsec_connections_active", len(self.sessions))
+
+
+# -- worker processes ---------------------------------------------------------------------------
+
+WORKER_ENV = "_MBSEC_WORKER"  # "index/count/fd,fd,...": set by the main process for a worker
+LISTEN_BACKLOG = 1024
+
+
+def worker_problems(settings: Settings) -> list[str]:
+    if settings.workers > 1 and settings.metrics.listen:
+        return [
+            "workers: the metrics endpoint is per process; with workers > 1 leave "
+            "[metrics] listen unset"
+        ]
+    return []
+
+
+def bind_worker_sockets(settings: Settings, workers: int) -> list[list[socket.socket]]:
+    """For each worker, its own listening socket per listen address, all bound with
+    ``SO_REUSEPORT`` to the same port (port 0 is resolved by the first bind), so the kernel
+    spreads new connections evenly over the workers."""
+    per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
+    try:
+        for host, port in settings.listen_addresses():
+            infos = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            seen: set[tuple[int, Any]] = set()
+            for family, type_, proto, _name, addr in infos:
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                bound = addr
+                for w in range(workers):
+                    sock = socket.socket(family, type_, proto)
+                    per_worker[w].append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(bound)
+                    sock.listen(LISTEN_BACKLOG)
+                    bound = sock.getsockname()  # later workers take the port the first got
+    except OSError:
+        for socks in per_worker:
+            for sock in socks:
+                sock.close()
+        raise
+    return per_worker
+
+
+def worker_from_environment() -> tuple[int, int, list[socket.socket]] | None:
+    """In a worker process: (index, count, listening sockets) from the parent; else None."""
+    spec = os.environ.pop(WORKER_ENV, None)
+    if not spec:
+        return None
+    index, count, fds = spec.split("/")
+    socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+    set_conn_id_space(int(index) + 1, int(count))
+    return int(index), int(count), socks
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a worker never outlives the main process
+
+
+def run_workers(config: str, per_worker: list[list[socket.socket]]) -> int:
+    """The main process with ``workers > 1``: start one ``mbsec serve`` per worker on its
+    inherited sockets, forward SIGHUP (each worker reloads the file itself) and SIGTERM/SIGINT
+    (each drains), and exit 0 once all workers exited 0. A worker that dies on its own takes
+    the others down and the exit status is 1, so the service manager restarts the whole set."""
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        for index, socks in enumerate(per_worker):
+            fds = [s.fileno() for s in socks]
+            env = dict(os.environ)
+            env[WORKER_ENV] = f"{index}/{len(per_worker)}/{','.join(map(str, fds))}"
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mbsec.cli", "serve", "--config", config],
+                    pass_fds=fds, env=env, preexec_fn=_die_with_parent,
+                )
+            )
+        for socks in per_worker:  # the workers hold them now
+            for sock in socks:
+                sock.close()
+        failed = False
+        while True:
+            alive = [p for p in procs if p.poll() is None]
+            if not alive:
+                break
+            if not stopping and len(alive) < len(procs):
+                failed = True  # a worker ended on its own: stop the set
+                forward(signal.SIGTERM, None)
+            time.sleep(0.1)
+        codes = [p.returncode for p in procs]
+        return 1 if failed or any(codes) else 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for s, h in old.items():
+            signal.signal(s, h)

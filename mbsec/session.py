@@ -58,6 +58,13 @@ RESPONSE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
 _conn_ids = itertools.count(1)
 
 
+def set_conn_id_space(first: int, step: int) -> None:
+    """Worker processes number connections ``first, first + step, ...`` so ids stay unique
+    across the workers of one proxy."""
+    global _conn_ids
+    _conn_ids = itertools.count(first, step)
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyState:
     """Everything a reload replaces, swapped as one object: TLS material, policy, rate limiter.

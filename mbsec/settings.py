@@ -177,6 +177,8 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    #: proxy processes sharing the listen ports (SO_REUSEPORT); each has its own upstream pools
+    workers: int = Field(default=1, ge=1, le=64)
 
     @classmethod
     def settings_customise_sources(

@@ -3,7 +3,14 @@ sharing one PLC connection, reload, limits, drain."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import trio
 from conftest import TEST_POLICY, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr, unused_port
@@ -347,3 +354,116 @@ async def test_unit_rewrite_round_trip(
     assert await c.request(5, 9, read_hr(3, 1)) == (5, 9, bytes([3, 2, 0, 103]))
     assert plc.requests[-1][1] == 1
     assert await c.request(6, 2, read_hr(3, 1)) == (6, 2, bytes([3, 2, 0, 203]))
+
+
+def _worker_config(pki: Pki, tmp_path: Path, plc_port: int, extra: str = "") -> Path:
+    (tmp_path / "policy.yaml").write_text(TEST_POLICY)
+    cfg = tmp_path / "mbsec.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\nworkers = 2\n'
+        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
+        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
+        f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc_port}\nunit_ids = [1, 2]\n'
+        f'[limits]\ndrain_timeout = 3\n{extra}'
+    )
+    return cfg
+
+
+async def test_workers_share_the_port_reload_and_drain_together(
+    pki: Pki, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """workers = 2: both processes accept on one port (connection ids interleave: worker 0
+    numbers 1, 3, 5..., worker 1 numbers 2, 4, 6...); SIGHUP to the main process reloads both,
+    SIGTERM drains both and the main process exits 0."""
+    plc = await scripted(nursery)
+    cfg = _worker_config(pki, tmp_path, plc.port)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+    )
+    out = _EventReader(proc)
+    try:
+        starts = [await out.next_event("server-start") for _ in range(2)]
+        ports = {int(s["mbsec"]["listen"][0].rsplit(":", 1)[1]) for s in starts}
+        assert len(ports) == 1  # one port, two listening processes
+        port = ports.pop()
+        clients = [await TlsClient.connect(port, pki.client_ctx(pki.operator)) for _ in range(16)]
+        for i, c in enumerate(clients):
+            assert await c.request(i, 1, read_hr(i, 1)) == (i, 1, bytes([3, 2, 0, i]))
+        accepted = [await out.next_event("tls-handshake") for _ in clients]
+        conn_ids = [e["mbsec"]["conn_id"] for e in accepted]
+        assert len(set(conn_ids)) == 16
+        assert {i % 2 for i in conn_ids} == {0, 1}  # both workers took connections
+
+        (tmp_path / "policy.yaml").write_text(
+            TEST_POLICY.replace("read_holding_registers, read_input", "read_input"))
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(2):
+            assert (await out.next_event("config-reload"))["event"]["outcome"] == "success"
+        for i, c in enumerate(clients):
+            assert await c.request(100 + i, 1, read_hr(0, 1)) == (100 + i, 1, bytes([0x83, 1]))
+
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            assert await c.closed_by_peer()
+        with trio.fail_after(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_dead_worker_stops_the_set_with_status_1(
+    pki: Pki, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A worker that dies on its own takes the others down; the main process exits 1 so the
+    service manager restarts the whole set."""
+    plc = await scripted(nursery)
+    cfg = _worker_config(pki, tmp_path, plc.port)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+    )
+    out = _EventReader(proc)
+    try:
+        for _ in range(2):
+            await out.next_event("server-start")
+        listing = trio.Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        children = (await listing.read_text()).split()
+        assert len(children) == 2
+        os.kill(int(children[0]), signal.SIGKILL)
+        await out.next_event("server-stop")  # the other worker drains
+        with trio.fail_after(10):
+            assert await proc.wait() == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_workers_refuse_a_metrics_endpoint(pki: Pki, tmp_path: Path) -> None:
+    cfg = _worker_config(pki, tmp_path, 1502, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    res = subprocess.run([sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 1
+    assert "workers: the metrics endpoint is per process" in res.stderr
+
+
+class _EventReader:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.buf = b""
+
+    async def next_event(self, action: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        with trio.fail_after(15):
+            while True:
+                while b"\n" in self.buf:
+                    line, self.buf = self.buf.split(b"\n", 1)
+                    ev = json.loads(line)
+                    if ev.get("event", {}).get("action") == action:
+                        return dict(ev)
+                chunk = await self.proc.stdout.receive_some(65536)
+                assert chunk, f"mbsec serve ended before {action!r}"
+                self.buf += chunk
