@@ -2,7 +2,8 @@
 """mbsec against stunnel and haproxy, with the neutral kit in ../shared/bench (not run in CI).
 
 One run measures, interleaved so drift hits every target alike:
-  direct (mbload -> mbplc), stunnel, haproxy and mbsec (mutual TLS -> mbplc)
+  direct (mbload -> mbplc), stunnel, haproxy, mbsec (one process) and mbsec-workers
+  (``workers = --workers``, default 2: processes sharing the port) (mutual TLS -> mbplc)
 at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), FC03 quantity 10, with the
 full mbsec policy on (role from the certificate, source network, unit, function, address
 range, quantity and response-size limits, a rate limiter sized not to bind). It prints a
@@ -39,7 +40,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = REPO.parent / "shared" / "bench"
 POINTS = ("1x1", "10x1", "100x1", "10x4")
-TARGETS = ("direct", "stunnel", "haproxy", "mbsec")
+TARGETS = ("direct", "stunnel", "haproxy", "mbsec", "mbsec-workers")
+MBSEC_TARGETS = ("mbsec", "mbsec-workers")
 ERROR_KEYS = (
     "mismatch",
     "bad_tid",
@@ -126,6 +128,16 @@ class Stack:
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     peers_started: bool = False
 
+    def cpu_pids(self, name: str) -> list[int]:
+        """The processes whose CPU counts for ``name``: a worker set is its main process and
+        every worker."""
+        pid = self.pid(name)
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        return [pid, *(int(k) for k in kids)]
+
     def pid(self, name: str) -> int:
         if name in self.procs:
             return self.procs[name].pid
@@ -158,7 +170,10 @@ class Stack:
             self.peers_started = False
 
 
-def write_mbsec_config(work: Path, port: int, plc_port: int, pool: int, depth: int) -> Path:
+def write_mbsec_config(
+    work: Path, port: int, plc_port: int, pool: int, depth: int, workers: int = 1,
+    name: str = "mbsec",
+) -> Path:
     """A config and policy that enforce everything a production policy would check."""
     (work / "policy.yaml").write_text(
         f"""\
@@ -199,11 +214,12 @@ tests:
      address: 0, quantity: 10, expect: deny}}
 """
     )
-    cfg = work / "mbsec.toml"
+    cfg = work / f"{name}.toml"
     cfg.write_text(
         f"""\
 listen = ["127.0.0.1:{port}"]
 policy = "policy.yaml"
+workers = {workers}
 
 [tls]
 cert = "certs/server.crt"
@@ -227,7 +243,7 @@ max_pipelined = 16
 level = "info"
 allowed_requests = "off"
 stdout = false
-file = "mbsec.log"
+file = "{name}.log"
 """
     )
     return cfg
@@ -241,6 +257,7 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
         "stunnel": free_port(),
         "haproxy": free_port(),
         "mbsec": free_port(),
+        "mbsec-workers": free_port(),
     }
     peers_env = dict(
         os.environ,
@@ -266,19 +283,24 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
         stack.peers_started = True
         run([str(kit / "run-peers.sh"), "start", str(certs)], env=peers_env)
 
-        cfg = write_mbsec_config(work, ports["mbsec"], ports["direct"], args.pool, args.depth)
         mbsec = str(REPO / ".venv" / "bin" / "mbsec")
         if not Path(mbsec).exists():
             mbsec = shutil.which("mbsec") or "mbsec"
-        run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")])
-        run([mbsec, "policy", "test", str(work / "policy.yaml")])
-        run([mbsec, "config", "check", str(cfg)])
-        say(f"starting mbsec serve on 127.0.0.1:{ports['mbsec']}")
-        out = (work / "mbsec.out").open("w")
-        stack.procs["mbsec"] = subprocess.Popen(
-            [mbsec, "serve", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT
-        )
-        wait_listening(ports["mbsec"], stack.procs["mbsec"], "mbsec", 15)
+        for name in MBSEC_TARGETS:
+            if name not in args.target_list:
+                continue
+            workers = args.workers if name == "mbsec-workers" else 1
+            cfg = write_mbsec_config(work, ports[name], ports["direct"], args.pool, args.depth,
+                                     workers, name)
+            run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")])
+            run([mbsec, "policy", "test", str(work / "policy.yaml")])
+            run([mbsec, "config", "check", str(cfg)])
+            say(f"starting mbsec serve ({workers} worker(s)) on 127.0.0.1:{ports[name]}")
+            out = (work / f"{name}.out").open("w")
+            stack.procs[name] = subprocess.Popen(
+                [mbsec, "serve", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT
+            )
+            wait_listening(ports[name], stack.procs[name], name, 15)
         yield stack, ports
     finally:
         stack.stop()
@@ -293,7 +315,7 @@ class Result:
     target: str
     rep: int
     data: dict[str, Any]
-    proxy_pid: int | None
+    proxy_pids: list[int]
     plc_pid: int
     exit_status: int
 
@@ -313,6 +335,10 @@ class Result:
         v = self.data.get("cpu_pct", {}).get(str(pid))
         return float(v) if v is not None else None
 
+    def proxy_cpu(self) -> float | None:
+        vals = [self.cpu(p) for p in self.proxy_pids]
+        return sum(v for v in vals if v is not None) if vals and None not in vals else None
+
 
 def mbload(
     stack: Stack, ports: dict[str, int], target: str, point: str, rep: int, duration: float
@@ -320,12 +346,13 @@ def mbload(
     conns, depth = point.split("x")
     certs = stack.work / "certs"
     cmd = [str(stack.kit / "mbload"), "--port", str(ports[target])]
-    proxy_pid = None
+    proxy_pids: list[int] = []
     if target != "direct":
         cmd += ["--tls", "--cert", str(certs / "client.crt"), "--key", str(certs / "client.key")]
         cmd += ["--ca", str(certs / "ca.crt")]
-        proxy_pid = stack.pid(target)
-        cmd += ["--cpu-pid", str(proxy_pid)]
+        proxy_pids = stack.cpu_pids(target)
+        for pid in proxy_pids:
+            cmd += ["--cpu-pid", str(pid)]
     plc_pid = stack.pid("mbplc")
     cmd += ["--cpu-pid", str(plc_pid), "--conns", conns, "--depth", depth]
     cmd += ["--duration", f"{duration:g}", "--fc", "3", "--qty", "10", "--unit", "1", "--quiet"]
@@ -337,10 +364,10 @@ def mbload(
         raise SystemExit(
             f"mbload gave no JSON for {target} {point} (status {proc.returncode}):\n{proc.stderr}"
         ) from None
-    r = Result(point, target, rep, data, proxy_pid, plc_pid, proc.returncode)
+    r = Result(point, target, rep, data, proxy_pids, plc_pid, proc.returncode)
     status = "ok" if r.failed == 0 and not r.errors() else f"FAILED {r.failed} {r.errors()}"
     say(
-        f"{point:>6} {target:<8} rep {rep}: {data['rps']:>9,.0f} rps  p50 {data['p50_us']:,.0f} us"
+        f"{point:>6} {target:<13} rep {rep}: {data['rps']:>9,.0f} rps  p50 {data['p50_us']:,.0f} us"
         f"  p99 {data['p99_us']:,.0f} us  {status}"
     )
     if r.failed or r.errors():
@@ -374,11 +401,11 @@ def summarize(results: list[Result], points: list[str], targets: list[str]) -> s
             rs = [r for r in results if r.point == point and r.target == target]
             if not rs:
                 continue
-            cpu = [c for r in rs if (c := r.cpu(r.proxy_pid)) is not None]
+            cpu = [c for r in rs if (c := r.proxy_cpu()) is not None]
             us = [
                 c / 100 * 1e6 / r.data["rps"]
                 for r in rs
-                if (c := r.cpu(r.proxy_pid)) is not None and r.data["rps"]
+                if (c := r.proxy_cpu()) is not None and r.data["rps"]
             ]
             a: dict[str, float | None] = {
                 "rps": median([r.data["rps"] for r in rs]),
@@ -396,15 +423,17 @@ def summarize(results: list[Result], points: list[str], targets: list[str]) -> s
                 f"| {fmt(a['cpu'])} | {fmt(a['us'], '.1f')} | {fmt(a['plc'])} "
                 f"| {fmt(a['load'])} | {failed} |"
             )
-    if "mbsec" in targets:
+    ours = [t for t in MBSEC_TARGETS if t in targets]
+    if ours:
         rows += [
             "",
-            "| conns x depth | rps mbsec/stunnel | rps mbsec/haproxy | p50 mbsec-stunnel µs "
-            "| CPU/req mbsec/stunnel | CPU/req mbsec/haproxy |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| conns x depth | mbsec | rps /stunnel | rps /haproxy | p50 -stunnel µs "
+            "| CPU/req /stunnel | CPU/req /haproxy |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for point in points:
-            m = agg.get((point, "mbsec"))
+    for point in points:
+        for target in ours:
+            m = agg.get((point, target))
             s = agg.get((point, "stunnel"))
             h = agg.get((point, "haproxy"))
             if m is None:
@@ -414,7 +443,7 @@ def summarize(results: list[Result], points: list[str], targets: list[str]) -> s
             if s is not None and s["p50"] is not None and m["p50"] is not None:
                 diff = f"{m['p50'] - s['p50']:+,.0f}"
             rows.append(
-                f"| {point} | {_ratio(m, s, 'rps')} | {_ratio(m, h, 'rps')} | {diff} "
+                f"| {point} | {target} | {_ratio(m, s, 'rps')} | {_ratio(m, h, 'rps')} | {diff} "
                 f"| {_ratio(m, s, 'us')} | {_ratio(m, h, 'us')} |"
             )
     return "\n".join(rows)
@@ -429,12 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
     p.add_argument("--pool", type=int, default=4, help="mbsec upstream pool_size to mbplc")
     p.add_argument("--depth", type=int, default=16, help="mbsec upstream depth per connection")
+    p.add_argument("--workers", type=int, default=2, help="workers of the mbsec-workers target")
     p.add_argument("--workdir", type=Path, help="keep certs, configs and logs here")
     p.add_argument("--json-out", type=Path, help="append every mbload result as a JSON line")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing packages")
     args = p.parse_args(argv)
     points = [x.strip() for x in args.points.split(",") if x.strip()]
     targets = [x.strip() for x in args.targets.split(",") if x.strip()]
+    args.target_list = targets
     unknown = set(targets) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
@@ -454,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
                 for point in points:
                     for target in targets:
                         results.append(mbload(stack, ports, target, point, rep, args.duration))
-                    if stack.procs["mbsec"].poll() is not None:
-                        raise SystemExit("mbsec exited during the run; see mbsec.out/mbsec.log")
+                    for name in MBSEC_TARGETS:
+                        proc = stack.procs.get(name)
+                        if proc is not None and proc.poll() is not None:
+                            raise SystemExit(
+                                f"{name} exited during the run; see {name}.out/{name}.log")
     finally:
         if args.json_out is not None:
             with args.json_out.open("a") as f:
@@ -470,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"FC03 qty 10, {args.duration:g} s per run, {args.reps} rep(s), interleaved; "
-        f"mbsec upstream pool {args.pool} x depth {args.depth}; {os.cpu_count()} CPUs"
+        f"mbsec upstream pool {args.pool} x depth {args.depth} (per worker); mbsec-workers: "
+        f"workers = {args.workers}; {os.cpu_count()} CPUs"
     )
     print(summarize(results, points, targets))
     if bad:
