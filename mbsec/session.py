@@ -139,14 +139,18 @@ class _RecordIO:
 
     async def receive(self, max_bytes: int) -> bytes:
         obj = self._obj
+        incoming = self._incoming
         while True:
-            try:
-                data = obj.read(max_bytes)  # b"": the client sent close_notify
-            except ssl.SSLWantReadError:
-                data = None
-            except ssl.SSLError as exc:
-                self.broken = True
-                raise trio.BrokenResourceError(str(exc)) from exc
+            if not incoming.pending and not incoming.eof and not obj.pending():
+                data = None  # nothing buffered: skip a read that can only want more
+            else:
+                try:
+                    data = obj.read(max_bytes)  # b"": the client sent close_notify
+                except ssl.SSLWantReadError:
+                    data = None
+                except ssl.SSLError as exc:
+                    self.broken = True
+                    raise trio.BrokenResourceError(str(exc)) from exc
             if self._outgoing.pending:
                 self._out += self._outgoing.read()
                 if not self._flushing:
@@ -158,9 +162,9 @@ class _RecordIO:
             else:
                 raw = await self._transport.receive_some(RECEIVE_SIZE)
             if raw:
-                self._incoming.write(raw)
+                incoming.write(raw)
             else:
-                self._incoming.write_eof()
+                incoming.write_eof()
 
     async def send(self, data: bytes) -> bool:
         """Encrypt and write one message; False if the socket did not drain within
@@ -172,12 +176,24 @@ class _RecordIO:
         except ssl.SSLError as exc:
             self.broken = True
             raise trio.BrokenResourceError(str(exc)) from exc
-        self._out += self._outgoing.read()
+        out = self._out
+        out += self._outgoing.read()
         if self._flushing:  # another reply is waiting for the socket; it writes ours too
             await self._flushed.park()
             if self.broken:
                 raise trio.BrokenResourceError("TLS stream is broken")
-            return not self._out
+            return not out
+        if self._fd >= 0:  # the common case, without another coroutine: the kernel takes it
+            try:
+                n = os.write(self._fd, out)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self.broken = True
+                raise trio.BrokenResourceError(str(exc)) from exc
+            del out[:n]
+            if not out:
+                return True
         return await self._flush(self._stall_limit)
 
     async def _flush(self, limit: float) -> bool:
@@ -634,7 +650,7 @@ class Session:
         assert principal is not None
         access = request.access()
         decision = state.policy.evaluate(principal, adu.unit_id, access)
-        fname = FUNCTION_NAMES.get(fc, str(fc))
+        fname = FUNCTION_NAMES.get(fc) or str(fc)
         if not decision.allowed:
             return self._deny(adu, fc, access, t0, decision.rule_id, decision.reason,
                               decision.exception_code, "deny")

@@ -298,6 +298,7 @@ class _Connection:
             }
         )
         self.stream: trio.abc.Stream | None = None
+        self.fd = -1  # the stream's socket, when it is a trio.SocketStream
         self.load = 0  # callers currently using this connection (queued or in flight)
         self._pending: dict[int, _Pending] = {}
         self._expired: dict[int, None] = {}  # insertion-ordered set of timed-out tids
@@ -344,6 +345,7 @@ class _Connection:
             message = str(exc) or type(exc).__name__
         else:
             self.stream = stream
+            self.fd = socket_fd(stream)
             self._reset_why = None
             self._metrics.inc("mbsec_upstream_connects_total", target=t.name)
             self._log.info("upstream-connect", **{"event.action": "upstream-connect"})
@@ -632,9 +634,14 @@ class _Connection:
                 pending.deadline = sent_at + t.request_timeout
                 self._pending[tid] = pending
                 pending.sending = True
-                fd = socket_fd(stream)
-                if fd >= 0:
-                    await send_raw(fd, adu)  # one write of one ADU
+                fd = self.fd if stream is self.stream else socket_fd(stream)
+                if fd >= 0:  # one write of one ADU
+                    try:
+                        n = os.write(fd, adu)
+                    except BlockingIOError:
+                        n = 0
+                    if n < len(adu):
+                        await send_raw(fd, adu[n:])
                 else:
                     await stream.send_all(adu)
                 sent = True
