@@ -1,0 +1,199 @@
+"""Security review findings: each test proves one bug and is expected to fail (strict xfail)
+until the production code is fixed. Remove the xfail marker together with the fix.
+
+Real sockets on 127.0.0.1 (the proxy from conftest's ``start_proxy``) or sans-IO calls.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import TEST_POLICY, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
+
+from mbsec.modbus.errors import RemoteProtocolError
+from mbsec.modbus.pdu import DiagnosticsRequest, parse_response
+from mbsec.pki.ca import CertificateAuthority
+
+
+async def _scripted(nursery: trio.Nursery, **kw: object) -> ScriptedPlc:
+    plc = ScriptedPlc(**kw)  # type: ignore[arg-type]
+    await nursery.start(plc.serve)
+    return plc
+
+
+# -- 1. reload: roles granted by the OLD policy's identities: mapping survive the reload ---------
+
+POLICY_WITH_IDENTITY_GRANT = TEST_POLICY.replace(
+    "targets:\n",
+    'identities:\n  - match: {subject_cn: "norole-1"}\n    roles: [operator]\n\ntargets:\n',
+    1,
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Policy.evaluate re-derives the rule plan for an old principal but keeps the roles "
+    "the OLD policy's identities: mapping granted (engine.py:314-315, session.py:470): a "
+    "reload that withdraws a role does not apply to open connections",
+)
+async def test_reload_withdrawing_an_identity_role_applies_to_open_connections(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await _scripted(nursery)
+    h = await start_proxy(plc.port, policy=POLICY_WITH_IDENTITY_GRANT)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.norole))
+    # the certificate has no role extension; the policy's identities: entry makes it operator
+    r = await c.request(1, 1, read_hr(0, 1))
+    assert r is not None and r[2] == bytes([3, 2, 0, 0])
+    # the admin withdraws the grant (the plain test policy has no identities: section)
+    h.policy_path.write_text(TEST_POLICY, encoding="utf-8")
+    assert h.proxy.reload() is True
+    # a NEW connection is denied, as it should be ...
+    fresh = await TlsClient.connect(h.port, pki.client_ctx(pki.norole))
+    r = await fresh.request(2, 1, read_hr(0, 1))
+    assert r is not None and r[2] == bytes([0x83, 0x01])
+    # ... and docs/config.md (SIGHUP): "the next request on every connection uses the new
+    # policy" -- but the open connection still reads with the withdrawn role
+    r = await c.request(3, 1, read_hr(0, 1))
+    assert r is not None and r[2] == bytes([0x83, 0x01]), r
+
+
+# -- 2. a handshake in progress during a CRL reload is checked against the OLD CRL --------------
+
+
+def _ctx_for(pki: Pki, cert: object) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca.trust_bundle))
+    ctx.load_cert_chain(str(cert.chain), str(cert.key))  # type: ignore[attr-defined]
+    return ctx
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Session._handshake takes the state once before the handshake; _accept_identity "
+    "re-checks the serial against that OLD state's CRL (session.py:402,460), and "
+    "Proxy._drop_revoked skips sessions whose identity is not known yet (server.py:246): "
+    "a revoked client that was mid-handshake during the SIGHUP is accepted and kept",
+)
+async def test_revoked_client_mid_handshake_during_reload_is_rejected(
+    pki: Pki, fresh_ca: CertificateAuthority, start_proxy: StartProxy,
+    nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    plc = await _scripted(nursery)
+    cert = fresh_ca.issue("client", "soon-revoked", role="operator", out_dir=tmp_path,
+                          name="sr")
+    crl = fresh_ca.write_crl(tmp_path / "crl.pem")
+    h = await start_proxy(plc.port, tls={"client_ca": str(fresh_ca.trust_bundle)}, crl=[crl])
+    # the attacker opens TCP; the proxy starts the TLS handshake (and takes its state) now
+    tcp = await trio.open_tcp_stream("127.0.0.1", h.port)
+    await trio.sleep(0.2)
+    # meanwhile the admin revokes the certificate and reloads
+    fresh_ca.revoke(cert.serial)
+    fresh_ca.write_crl(tmp_path / "crl.pem")
+    assert h.proxy.reload() is True
+    assert h.proxy.state.tls.is_revoked(  # the running state does know it is revoked
+        fresh_ca.issuer_cert.subject.rfc4514_string(), cert.serial)
+    # then the attacker finishes the handshake (well within tls.handshake_timeout)
+    stream = trio.SSLStream(tcp, _ctx_for(pki, cert), server_hostname="localhost")
+    c = TlsClient(stream)
+    accepted = True
+    try:
+        with trio.fail_after(5):
+            await stream.do_handshake()
+            r = await c.request(1, 1, read_hr(0, 1))
+        accepted = r is not None and r[2][0] == 3
+    except trio.BrokenResourceError:
+        accepted = False
+    assert not accepted, "a certificate on the loaded CRL was served"
+
+
+# -- 3. FC08 response: a non-echo sub-function reply of any length is accepted -----------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pdu._resp_diagnostics (pdu.py:649-656) checks only the sub-function echo for "
+    "sub-functions other than 0: the data field (always 2 bytes for them) may have any "
+    "length, so a confused PLC's reply is forwarded instead of resetting the connection",
+)
+def test_fc08_counter_reply_with_wrong_data_length_is_rejected() -> None:
+    req = DiagnosticsRequest(0x000B, b"\x00\x00")  # return bus message count
+    bad = bytes([0x08, 0x00, 0x0B]) + bytes(40)  # 40 data bytes instead of 2
+    with pytest.raises(RemoteProtocolError):
+        parse_response(req, bad)
+
+
+# -- 4. reload resets every client's rate-limit budget and in-flight count ---------------------
+
+RATE_LIMITED_POLICY = TEST_POLICY + (
+    "limits:\n  default: {requests_per_second: 0.001, burst: 1}\n"
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Proxy.reload -> build_state makes a brand-new RateLimiter (server.py:121, 199): "
+    "every SIGHUP refills every client's token buckets and forgets its in-flight count, so "
+    "a reload (e.g. the hourly CRL refresh) lets a throttled client through again",
+)
+async def test_reload_keeps_a_clients_spent_rate_budget(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = await _scripted(nursery)
+    h = await start_proxy(plc.port, policy=RATE_LIMITED_POLICY)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    r = await c.request(1, 1, read_hr(0, 1))
+    assert r is not None and r[2][0] == 3  # the one token of the burst
+    r = await c.request(2, 1, read_hr(0, 1))
+    assert r is not None and r[2] == bytes([0x83, 0x06])  # budget spent: busy
+    assert h.proxy.reload() is True  # the same files: nothing about limits changed
+    r = await c.request(3, 1, read_hr(0, 1))
+    assert r is not None and r[2] == bytes([0x83, 0x06]), r
+
+
+# -- 5. a root CRL that revokes the issuing intermediate is loaded but never applied -------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="tls.build_material sets only VERIFY_CRL_CHECK_LEAF (tls.py:206) and "
+    "TlsMaterial.is_revoked checks only the leaf serial (session.py:460): a CRL in tls.crl "
+    "that revokes an intermediate CA has no effect, its clients are still accepted",
+)
+async def test_root_crl_revoking_the_intermediate_rejects_its_clients(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    plc = await _scripted(nursery)
+    ca = CertificateAuthority.init(tmp_path / "ica", common_name="Plant CA", intermediate=True)
+    assert ca.intermediate is not None
+    leaf = ca.issue("client", "via-intermediate", role="operator", out_dir=tmp_path,
+                    name="vi")
+    crl = ca.write_crl(tmp_path / "crl.pem")  # intermediate's CRL (empty) + root's (empty)
+    now = dt.datetime.now(dt.UTC)
+    revoked_at = (now - dt.timedelta(minutes=5)).isoformat()
+    root_crl = CertificateAuthority._crl(  # the root revokes the (compromised) intermediate
+        ca.root, ca._root_key(),
+        [{"serial": format(ca.intermediate.serial_number, "x"), "revoked_at": revoked_at,
+          "revocation_reason": "ca_compromise"}],
+        99, now, 7,
+    )
+    from cryptography.hazmat.primitives import serialization
+
+    pems = crl.read_bytes().split(b"-----END X509 CRL-----")
+    leaf_crl = pems[0] + b"-----END X509 CRL-----\n"  # keep the intermediate's own CRL
+    (tmp_path / "both.pem").write_bytes(
+        leaf_crl + root_crl.public_bytes(serialization.Encoding.PEM))
+    h = await start_proxy(plc.port, tls={"client_ca": str(ca.trust_bundle)},
+                          crl=[tmp_path / "both.pem"])
+    served = True
+    try:
+        c = await TlsClient.connect(h.port, _ctx_for(pki, leaf))
+        r = await c.request(1, 1, read_hr(0, 1))
+        served = r is not None and r[2][0] == 3
+    except trio.BrokenResourceError:
+        served = False
+    assert not served, "a client of a revoked intermediate CA was served"
