@@ -14,6 +14,7 @@ import trio
 from conftest import TEST_POLICY, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
 
 from mbsec.modbus.errors import RemoteProtocolError
+from mbsec.modbus.mbap import FrameBuffer
 from mbsec.modbus.pdu import DiagnosticsRequest, parse_response
 from mbsec.pki.ca import CertificateAuthority
 
@@ -197,3 +198,99 @@ async def test_root_crl_revoking_the_intermediate_rejects_its_clients(
     except trio.BrokenResourceError:
         served = False
     assert not served, "a client of a revoked intermediate CA was served"
+
+
+# -- 6. a request cancelled mid-send hands the send right over before the stream is reset -----
+
+
+class _HalfWriteStream(trio.abc.Stream):
+    """A PLC connection whose first send_all puts ``PARTIAL`` bytes on the wire and then
+    blocks (the PLC stopped reading); later sends go through. ``wire`` is what the PLC
+    would receive."""
+
+    PARTIAL = 13  # MBAP header + FC16 address, quantity, byte count: the values are missing
+
+    def __init__(self) -> None:
+        self.wire = bytearray()
+        self._first = True
+        self._closed = trio.Event()
+        self.stuck = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed.is_set():
+            raise trio.ClosedResourceError
+        if self._first:
+            self._first = False
+            self.wire += bytes(data)[: self.PARTIAL]
+            self.stuck.set()
+            await trio.sleep_forever()
+        self.wire += bytes(data)
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await self._closed.wait()
+        raise trio.ClosedResourceError
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="upstream._Connection.exchange's finally (upstream.py:655-661) calls "
+    "_release_send() BEFORE request_reset(): the next queued request takes the send right "
+    "while self.stream is still the half-written stream and writes its ADU behind the "
+    "partial one, so the PLC parses a frame spliced from two requests (a corrupted write)",
+)
+async def test_request_cancelled_mid_send_never_lets_another_adu_follow_it(
+    nursery: trio.Nursery,
+) -> None:
+    from mbsec.modbus.mbap import encode_adu
+    from mbsec.modbus.pdu import parse_request
+    from mbsec.upstream import UpstreamError, Upstreams, UpstreamTarget
+
+    stream = _HalfWriteStream()
+
+    async def dialer(host: str, port: int) -> trio.abc.Stream:
+        return stream
+
+    ups = Upstreams(
+        [UpstreamTarget(name="plc", host="plc", port=502, unit_ids=frozenset({1}), depth=2,
+                        request_timeout=5.0)],
+        dialer=dialer,
+    )
+    await nursery.start(ups.run)
+    pdu_x = bytes.fromhex("10000000020400010002")  # FC16: registers 0-1 := 1, 2
+    pdu_y = bytes.fromhex("0600640539")  # FC06: register 100 := 1337
+    results: dict[str, object] = {}
+
+    async def call(name: str, pdu: bytes, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                results[name] = await ups.exchange(1, parse_request(pdu), pdu)
+            except UpstreamError as exc:
+                results[name] = exc
+
+    x_scope, y_scope = trio.CancelScope(), trio.CancelScope()
+    nursery.start_soon(call, "x", pdu_x, x_scope)
+    with trio.fail_after(5):
+        await stream.stuck.wait()
+    nursery.start_soon(call, "y", pdu_y, y_scope)
+    await trio.sleep(0.05)  # y has a slot and waits for the send right
+    x_scope.cancel()  # e.g. x's client disconnected or broke its framing
+    await trio.sleep(0.2)
+    y_scope.cancel()
+    wire = bytes(stream.wire)
+    assert wire[: stream.PARTIAL] == encode_adu(1, 1, pdu_x)[: stream.PARTIAL]
+    spliced = FrameBuffer()
+    spliced.receive_data(wire)
+    first = spliced.next_frame() if len(wire) >= 17 else None
+    # after a partial ADU nothing more may ever be written to that stream; with the bug the
+    # PLC reads one valid FC16 frame "write registers 0-1" whose values are the first bytes
+    # of the next client's FC06 request (neither client asked for them)
+    assert len(wire) == stream.PARTIAL, (
+        f"PLC receives a spliced frame: {wire.hex()} -> {first!r}")
