@@ -294,3 +294,23 @@ async def test_request_cancelled_mid_send_never_lets_another_adu_follow_it(
     # of the next client's FC06 request (neither client asked for them)
     assert len(wire) == stream.PARTIAL, (
         f"PLC receives a spliced frame: {wire.hex()} -> {first!r}")
+
+
+# -- 7. FC43/14 response: "one specific object" answered with another object ------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pdu._resp_device_identification (pdu.py:735-755) checks only the read device id "
+    "code echo: for read code 04 (one specific object) the spec requires exactly the "
+    "requested object, More Follows = 00 and Next Object Id = 00; a reply with other "
+    "objects is forwarded instead of resetting the connection",
+)
+def test_fc43_individual_object_reply_must_carry_the_requested_object() -> None:
+    from mbsec.modbus.pdu import ReadDeviceIdentificationRequest
+
+    req = ReadDeviceIdentificationRequest(4, 0x05)  # object 5 only (ModelName)
+    # read code 4, conformity 0x81, more follows 0xFF, next id 0x06, 2 objects: 0x00 and 0x01
+    bad = bytes([43, 14, 4, 0x81, 0xFF, 0x06, 2, 0x00, 3]) + b"ACM" + bytes([0x01, 2]) + b"X1"
+    with pytest.raises(RemoteProtocolError):
+        parse_response(req, bad)
