@@ -314,3 +314,49 @@ def test_fc43_individual_object_reply_must_carry_the_requested_object() -> None:
     bad = bytes([43, 14, 4, 0x81, 0xFF, 0x06, 2, 0x00, 3]) + b"ACM" + bytes([0x01, 2]) + b"X1"
     with pytest.raises(RemoteProtocolError):
         parse_response(req, bad)
+
+
+# -- 8. unit_rewrite can alias a client-visible unit onto a unit the policy denies ------------
+
+ALIAS_POLICY = """\
+version: 1
+default: deny
+targets:
+  line1: {unit_ids: [1]}
+  safety-plc: {unit_ids: [2]}
+rules:
+  - id: operator-read-line1
+    description: Operators read line 1 only; the safety PLC (unit 2) is off limits
+    roles: [operator]
+    targets: [line1]
+    functions: [read_holding_registers]
+    addresses: ["0-199"]
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="settings.UpstreamSettings._rewrite_known (settings.py:114-121) and "
+    "server.cross_check accept unit_rewrite {1: 2} although 2 is itself a routed unit id "
+    "the policy treats separately: requests the reviewed policy allows for unit 1 reach the "
+    "PLC's unit 2, which the same policy denies",
+)
+async def test_unit_rewrite_cannot_alias_a_unit_the_policy_denies(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    from mbsec.server import StartupError
+    from mbsec.settings import SettingsError
+
+    plc = await _scripted(nursery)
+    try:
+        h = await start_proxy(plc.port, policy=ALIAS_POLICY, unit_ids=[1, 2],
+                              upstream={"unit_rewrite": {1: 2}})
+    except (SettingsError, StartupError, ValueError):
+        return  # the configuration is refused: fixed
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    r = await c.request(1, 2, read_hr(0, 1))
+    assert r is not None and r[2] == bytes([0x83, 0x01])  # unit 2 is denied ...
+    r = await c.request(2, 1, read_hr(0, 1))
+    assert r is not None
+    # ... but the PLC's unit 2 is read anyway, through unit 1
+    assert all(unit != 2 for _tid, unit, _pdu in plc.requests), plc.requests
