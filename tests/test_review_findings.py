@@ -360,3 +360,85 @@ async def test_unit_rewrite_cannot_alias_a_unit_the_policy_denies(
     assert r is not None
     # ... but the PLC's unit 2 is read anyway, through unit 1
     assert all(unit != 2 for _tid, unit, _pdu in plc.requests), plc.requests
+
+
+# -- 9. a reply queued behind the READER's flush has no stall limit --------------------------
+
+
+class _KeyUpdateSSLObject:
+    """Stands in for the session's SSLObject: every incoming record is a TLS 1.3 KeyUpdate
+    with update_requested, so reading it queues the proxy's own KeyUpdate for sending."""
+
+    def __init__(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
+        self._in = incoming
+        self._out = outgoing
+
+    def read(self, n: int) -> bytes:
+        if not self._in.read():
+            raise ssl.SSLWantReadError
+        self._out.write(b"\x17" * 22)  # our KeyUpdate record
+        raise ssl.SSLWantReadError  # no application data
+
+    def write(self, data: bytes) -> int:
+        self._out.write(b"\x17" + data)
+        return len(data)
+
+    def pending(self) -> int:
+        return 0
+
+
+class _NotReadingClient(trio.abc.Stream):
+    """The client's TCP socket: sends one record, never reads (its window stays full)."""
+
+    def __init__(self) -> None:
+        self._sent = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep_forever()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.sleep_forever()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._sent:
+            self._sent = True
+            return b"\x17\x03\x03\x00\x16" + bytes(22)
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class _FakeSSLStream:
+    def __init__(self) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl_object = _KeyUpdateSSLObject(self._incoming, self._outgoing)
+        self.transport_stream = _NotReadingClient()
+        self._delayed_outgoing = None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="session._RecordIO.receive flushes handshake-layer output (a TLS 1.3 KeyUpdate "
+    "reply) with _flush(math.inf) (session.py:154-157); replies that complete meanwhile "
+    "park on _flushed with no limit of their own, so a client that sends a KeyUpdate and "
+    "stops reading holds them (and, with one in flight, the idle watchdog never fires) "
+    "forever instead of being closed as client_stalled after limits.idle_timeout",
+)
+async def test_reply_behind_a_stuck_key_update_flush_is_bounded_by_the_stall_limit(
+    nursery: trio.Nursery,
+) -> None:
+    from mbsec.session import _RecordIO
+
+    io = _RecordIO(_FakeSSLStream(), stall_limit=0.2)  # type: ignore[arg-type]
+    nursery.start_soon(io.receive, 65536)  # the reader: reads the KeyUpdate, flushes ours
+    await trio.sleep(0.05)
+    outcome: object = "no answer"
+    with trio.move_on_after(2.0):
+        try:
+            outcome = await io.send(b"reply")  # False = stalled, as documented
+        except trio.BrokenResourceError as exc:
+            outcome = exc
+    assert outcome is False or isinstance(outcome, trio.BrokenResourceError), outcome
