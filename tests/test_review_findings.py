@@ -37,7 +37,7 @@ POLICY_WITH_IDENTITY_GRANT = TEST_POLICY.replace(
 @pytest.mark.xfail(
     strict=True,
     reason="Policy.evaluate re-derives the rule plan for an old principal but keeps the roles "
-    "the OLD policy's identities: mapping granted (engine.py:314-315, session.py:470): a "
+    "the OLD policy's identities: mapping granted (engine.py:314-315, session.py:456): a "
     "reload that withdraws a role does not apply to open connections",
 )
 async def test_reload_withdrawing_an_identity_role_applies_to_open_connections(
@@ -74,7 +74,7 @@ def _ctx_for(pki: Pki, cert: object) -> ssl.SSLContext:
 @pytest.mark.xfail(
     strict=True,
     reason="Session._handshake takes the state once before the handshake; _accept_identity "
-    "re-checks the serial against that OLD state's CRL (session.py:402,460), and "
+    "re-checks the serial against that OLD state's CRL (session.py:356, 437), and "
     "Proxy._drop_revoked skips sessions whose identity is not known yet (server.py:246): "
     "a revoked client that was mid-handshake during the SIGHUP is accepted and kept",
 )
@@ -160,7 +160,7 @@ async def test_reload_keeps_a_clients_spent_rate_budget(
 @pytest.mark.xfail(
     strict=True,
     reason="tls.build_material sets only VERIFY_CRL_CHECK_LEAF (tls.py:206) and "
-    "TlsMaterial.is_revoked checks only the leaf serial (session.py:460): a CRL in tls.crl "
+    "TlsMaterial.is_revoked checks only the leaf serial (session.py:437): a CRL in tls.crl "
     "that revokes an intermediate CA has no effect, its clients are still accepted",
 )
 async def test_root_crl_revoking_the_intermediate_rejects_its_clients(
