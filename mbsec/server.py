@@ -198,7 +198,9 @@ class Proxy:
                     settings = load_settings(self.config_path)
             state = build_state(settings, generation=self.state.generation + 1)
             targets = settings.upstream_targets()
-        except (SettingsError, StartupError) as exc:
+        except (SettingsError, StartupError, OSError, ValueError) as exc:
+            # a failed reload keeps the running state, whatever broke (ghostunnel's rule)
+            problems = getattr(exc, "problems", None) or [f"{type(exc).__name__}: {exc}"]
             self.metrics.inc("mbsec_config_reloads_total", outcome="failure")
             self.log.error(
                 "reload failed, keeping the running configuration",
@@ -208,7 +210,7 @@ class Proxy:
                     "event.type": ["change"],
                     "event.action": "config-reload",
                     "event.outcome": "failure",
-                    "error.message": "; ".join(exc.problems),
+                    "error.message": "; ".join(problems),
                 },
             )
             return False

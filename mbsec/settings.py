@@ -118,6 +118,13 @@ class UpstreamSettings(_Model):
                 raise ValueError(f"unit_rewrite: unit {src} is not in unit_ids")
             if not 0 <= dst <= 255:
                 raise ValueError(f"unit_rewrite: target unit {dst} is not 0..255")
+            if dst != src and dst in self.unit_ids:
+                # clients also reach `dst` directly, and the policy judges the two unit ids
+                # separately: a rewrite onto it would let a grant for `src` read/write `dst`
+                raise ValueError(
+                    f"unit_rewrite: {src} -> {dst} aliases unit {dst}, which clients of this "
+                    f"upstream also address directly; rewrite onto a unit id not in unit_ids"
+                )
         return self
 
 

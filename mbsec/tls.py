@@ -9,8 +9,10 @@ Choices and why:
 * Session resumption is off (no tickets, ``num_tickets = 0``), because OpenSSL does not re-check a
   resumed session against a CRL loaded later; in addition every session re-checks the peer serial
   against the currently loaded CRLs after the handshake (:meth:`TlsMaterial.is_revoked`).
-* CRLs are loaded into the context with ``VERIFY_CRL_CHECK_LEAF``. An expired CRL makes OpenSSL
-  reject every client, so :func:`crl_warnings` reports CRLs whose nextUpdate is near or past.
+* CRLs are loaded into the context with ``VERIFY_CRL_CHECK_CHAIN`` (a revoked intermediate
+  takes its clients with it; every CA in ``client_ca`` then needs a CRL, checked at start).
+  An expired CRL makes OpenSSL reject every client, so :func:`crl_warnings` reports CRLs
+  whose nextUpdate is near or past.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from mbsec.pki.verify import parse_crls
 from mbsec.settings import TlsSettings
 
 TLS12_CIPHERS = ":".join(
@@ -99,10 +102,24 @@ def _pem_problem(key: str, data: bytes) -> str | None:
     return None
 
 
-def load_crl(path: Path, data: bytes) -> x509.CertificateRevocationList:
-    if b"-----BEGIN X509 CRL-----" in data:
-        return x509.load_pem_x509_crl(data)
-    return x509.load_der_x509_crl(data)
+def _uncovered_cas(client_ca: Path, crls: list[CrlInfo], what: str) -> list[str]:
+    """CAs in the client CA bundle that no configured CRL covers.
+
+    With CRLs on, OpenSSL checks revocation along the whole chain and rejects every client
+    whose chain holds a CA without a CRL; say so at start instead of failing each handshake.
+    """
+    try:
+        cas = x509.load_pem_x509_certificates(client_ca.read_bytes())
+    except (OSError, ValueError):
+        return []  # reported where the bundle is loaded
+    issuers = {c.issuer for c in crls}
+    return [
+        f"{what}.crl: no CRL for CA '{ca.subject.rfc4514_string()}' in {what}.client_ca: with "
+        "CRLs on, revocation is checked along the whole chain, so every CA needs its CRL "
+        "(mbsec-pki crl writes one per CA)"
+        for ca in cas
+        if ca.subject.rfc4514_string() not in issuers
+    ]
 
 
 def crl_warnings(
@@ -148,19 +165,20 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
         if data is None:
             continue
         try:
-            crl = load_crl(p, data)
+            crls = parse_crls(data)  # a PEM file may hold several (issuing CA's + root's)
         except ValueError:
             problems.append(f"{what}.crl[{i}]: {p}: not a PEM or DER CRL")
             continue
-        crl_pem.append(crl.public_bytes(Encoding.PEM).decode("ascii"))
-        crl_infos.append(
-            CrlInfo(
-                path=p,
-                issuer=crl.issuer.rfc4514_string(),
-                next_update=crl.next_update_utc,
-                revoked=frozenset(r.serial_number for r in crl),
+        for crl in crls:
+            crl_pem.append(crl.public_bytes(Encoding.PEM).decode("ascii"))
+            crl_infos.append(
+                CrlInfo(
+                    path=p,
+                    issuer=crl.issuer.rfc4514_string(),
+                    next_update=crl.next_update_utc,
+                    revoked=frozenset(r.serial_number for r in crl),
+                )
             )
-        )
     if problems:
         raise TlsConfigError(problems)
 
@@ -195,15 +213,22 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     except (ssl.SSLError, OSError) as exc:
         problems.append(f"{what}.client_ca: cannot load {tls.client_ca}: {exc}")
     if crl_pem:
+        problems.extend(_uncovered_cas(tls.client_ca, crl_infos, what))
         # cadata= only takes certificates; a PEM *file* may hold CRLs (X509_load_cert_crl_file)
-        with tempfile.TemporaryDirectory(prefix="mbsec-crl-") as tmp:
-            bundle = Path(tmp) / "crls.pem"
-            bundle.write_text("".join(crl_pem), encoding="ascii")
-            try:
-                ctx.load_verify_locations(cafile=str(bundle))
-            except ssl.SSLError as exc:
-                problems.append(f"{what}.crl: OpenSSL rejected a CRL: {exc}")
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        try:
+            with tempfile.TemporaryDirectory(prefix="mbsec-crl-") as tmp:
+                bundle = Path(tmp) / "crls.pem"
+                bundle.write_text("".join(crl_pem), encoding="ascii")
+                try:
+                    ctx.load_verify_locations(cafile=str(bundle))
+                except ssl.SSLError as exc:
+                    problems.append(f"{what}.crl: OpenSSL rejected a CRL: {exc}")
+        except OSError as exc:
+            problems.append(f"{what}.crl: cannot stage the CRLs for OpenSSL in a temporary "
+                            f"directory ({exc.strerror or exc}): check TMPDIR")
+        # the whole chain, not only the leaf: a CRL revoking an intermediate CA must take every
+        # client it issued with it
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     if problems:
         raise TlsConfigError(problems)
     revoked = frozenset((c.issuer, s) for c in crl_infos for s in c.revoked)

@@ -113,12 +113,6 @@ async def test_revoked_client_mid_handshake_during_reload_is_rejected(
 # -- 3. FC08 response: a non-echo sub-function reply of any length is accepted -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pdu._resp_diagnostics (pdu.py:649-656) checks only the sub-function echo for "
-    "sub-functions other than 0: the data field (always 2 bytes for them) may have any "
-    "length, so a confused PLC's reply is forwarded instead of resetting the connection",
-)
 def test_fc08_counter_reply_with_wrong_data_length_is_rejected() -> None:
     req = DiagnosticsRequest(0x000B, b"\x00\x00")  # return bus message count
     bad = bytes([0x08, 0x00, 0x0B]) + bytes(40)  # 40 data bytes instead of 2
@@ -157,12 +151,6 @@ async def test_reload_keeps_a_clients_spent_rate_budget(
 # -- 5. a root CRL that revokes the issuing intermediate is loaded but never applied -------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tls.build_material sets only VERIFY_CRL_CHECK_LEAF (tls.py:206) and "
-    "TlsMaterial.is_revoked checks only the leaf serial (session.py:437): a CRL in tls.crl "
-    "that revokes an intermediate CA has no effect, its clients are still accepted",
-)
 async def test_root_crl_revoking_the_intermediate_rejects_its_clients(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -299,13 +287,6 @@ async def test_request_cancelled_mid_send_never_lets_another_adu_follow_it(
 # -- 7. FC43/14 response: "one specific object" answered with another object ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pdu._resp_device_identification (pdu.py:735-755) checks only the read device id "
-    "code echo: for read code 04 (one specific object) the spec requires exactly the "
-    "requested object, More Follows = 00 and Next Object Id = 00; a reply with other "
-    "objects is forwarded instead of resetting the connection",
-)
 def test_fc43_individual_object_reply_must_carry_the_requested_object() -> None:
     from mbsec.modbus.pdu import ReadDeviceIdentificationRequest
 
@@ -334,13 +315,6 @@ rules:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.UpstreamSettings._rewrite_known (settings.py:114-121) and "
-    "server.cross_check accept unit_rewrite {1: 2} although 2 is itself a routed unit id "
-    "the policy treats separately: requests the reviewed policy allows for unit 1 reach the "
-    "PLC's unit 2, which the same policy denies",
-)
 async def test_unit_rewrite_cannot_alias_a_unit_the_policy_denies(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
@@ -447,13 +421,6 @@ async def test_reply_behind_a_stuck_key_update_flush_is_bounded_by_the_stall_lim
 # -- 10. a reload that fails with an OSError takes the whole proxy down ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Proxy.reload catches only SettingsError/StartupError (server.py:201); "
-    "tls.build_material writes the CRL bundle through tempfile (tls.py:199) and an OSError "
-    "there (full or unwritable TMPDIR) escapes reload(), ends cli_proxy's SIGHUP watcher and "
-    "with it the proxy, instead of keeping the running state",
-)
 async def test_reload_that_cannot_write_the_crl_bundle_keeps_the_running_state(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery,
     monkeypatch: pytest.MonkeyPatch,

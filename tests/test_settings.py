@@ -210,11 +210,8 @@ def test_config_check_expired_crl_warns(
 ) -> None:
     import datetime as dt
 
-    from mbsec.pki.ca import CertificateAuthority
-
-    ca = CertificateAuthority.init(tmp_path / "ca2")
-    old = ca.write_crl(tmp_path / "old.crl", next_update_days=1,
-                       now=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    old = pki.ca.write_crl(tmp_path / "old.crl", next_update_days=1,
+                           now=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
     cfg = write_config(tmp_path, pki)
     cfg.write_text(cfg.read_text().replace(f'crl = ["{pki.crl}"]', f'crl = ["{old}"]'))
     assert mbsec_main(["config", "check", str(cfg)]) == 0

@@ -653,6 +653,8 @@ def _resp_diagnostics(req: Any, pdu: bytes) -> Response:
     data = pdu[3:]
     if sub != req.sub_function or (sub == 0 and data != req.data):
         _echo_mismatch(8)
+    if sub != 0:
+        _resp_length(8, pdu, 5)  # every other sub-function answers with one 2-byte data field
     return DiagnosticsResponse(sub, data)
 
 
@@ -752,6 +754,16 @@ def _resp_device_identification(req: Any, pdu: bytes) -> Response:
         off += 2 + length
     if off != len(pdu):
         _mismatch("bad_response_length", "function 43/14 response: bytes after the objects")
+    if more not in (0x00, 0xFF):  # Next Object Id is "useless" when 0x00: not judged
+        _mismatch("response_mismatch", "function 43/14 response: More Follows is not 00 or FF")
+    if read_code == 4 and (
+        more != 0 or len(objects) != 1 or objects[0][0] != req.object_id
+    ):
+        _mismatch(
+            "response_mismatch",
+            "function 43/14 response: an individual access must return exactly the "
+            "requested object",
+        )
     return ReadDeviceIdentificationResponse(read_code, conformity, more, next_id, tuple(objects))
 
 
@@ -859,6 +871,8 @@ def _encode_response_body(resp: Response | ExceptionResponse) -> bytes:
             return bytes((7, status))
         case DiagnosticsResponse(sub, data):
             _u16(sub)
+            if sub != 0 and len(data) != 2:
+                _invalid("function 8 response: sub-functions other than 0 carry 2 data bytes")
             return b"\x08" + _U16.pack(sub) + bytes(data)
         case GetCommEventCounterResponse(status, count):
             _u16(status, count)

@@ -46,19 +46,27 @@ class VerifyReport:
         return not self.problems
 
 
+def parse_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL of PEM data (mbsec-pki writes the issuing CA's and the root's) or one DER CRL.
+
+    Raises ValueError when the data holds no readable CRL.
+    """
+    if b"-----BEGIN" in data:
+        crls = [x509.load_pem_x509_crl(m.group(0)) for m in _PEM_CRL.finditer(data)]
+    else:
+        crls = [x509.load_der_x509_crl(data)]
+    if not crls:
+        raise ValueError("contains no CRL")
+    return crls
+
+
 def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
-    """Every CRL of a PEM file (mbsec-pki writes the issuing CA's and the root's) or one DER CRL."""
+    """:func:`parse_crls` on a file, with the error a CLI user can act on."""
     data = read_bytes(path, "CRL")
     try:
-        if b"-----BEGIN" in data:
-            crls = [x509.load_pem_x509_crl(m.group(0)) for m in _PEM_CRL.finditer(data)]
-        else:
-            crls = [x509.load_der_x509_crl(data)]
+        return parse_crls(data)
     except ValueError as exc:
         raise PKIError(f"{path}: not a readable CRL ({exc})") from None
-    if not crls:
-        raise PKIError(f"{path}: contains no CRL")
-    return crls
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

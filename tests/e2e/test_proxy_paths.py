@@ -348,11 +348,11 @@ async def test_unit_rewrite_round_trip(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
     plc = await scripted(nursery, value=lambda u, a: u * 100 + a)
-    h = await start_proxy(plc.port, unit_ids=[1, 2, 9], upstream={"unit_rewrite": {9: 1}})
+    h = await start_proxy(plc.port, unit_ids=[1, 2, 9], upstream={"unit_rewrite": {9: 3}})
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
-    # the client speaks to unit 9, the PLC sees unit 1, the reply carries unit 9 again
-    assert await c.request(5, 9, read_hr(3, 1)) == (5, 9, bytes([3, 2, 0, 103]))
-    assert plc.requests[-1][1] == 1
+    # the client speaks to unit 9, the PLC sees unit 3, the reply carries unit 9 again
+    assert await c.request(5, 9, read_hr(3, 1)) == (5, 9, bytes([3, 2, 1, 47]))  # 303
+    assert plc.requests[-1][1] == 3
     assert await c.request(6, 2, read_hr(3, 1)) == (6, 2, bytes([3, 2, 0, 203]))
 
 

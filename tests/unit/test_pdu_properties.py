@@ -211,7 +211,7 @@ def response_for(req: Request) -> st.SearchStrategy[Any]:
         case DiagnosticsRequest(0, data):
             return st.just(DiagnosticsResponse(0, data))
         case DiagnosticsRequest(sub, _):
-            return st.builds(DiagnosticsResponse, st.just(sub), st.binary(max_size=250))
+            return st.builds(DiagnosticsResponse, st.just(sub), st.binary(min_size=2, max_size=2))
         case GetCommEventCounterRequest():
             return st.builds(GetCommEventCounterResponse, u16, u16)
         case GetCommEventLogRequest():
@@ -232,6 +232,11 @@ def response_for(req: Request) -> st.SearchStrategy[Any]:
             return words(n).map(ReadWriteMultipleRegistersResponse)
         case ReadFifoQueueRequest():
             return st.lists(u16, max_size=31).map(lambda v: ReadFifoQueueResponse(tuple(v)))
+        case ReadDeviceIdentificationRequest(4, object_id):  # individual access: that object
+            return st.builds(
+                ReadDeviceIdentificationResponse, st.just(4), u8, st.just(0), u8,
+                st.tuples(st.tuples(st.just(object_id), st.binary(max_size=20))),
+            )
         case ReadDeviceIdentificationRequest(code, _):
             objs = st.lists(st.tuples(u8, st.binary(max_size=20)), max_size=8).map(tuple)
             return st.builds(
