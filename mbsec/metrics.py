@@ -87,7 +87,9 @@ class Metrics:
         self._hists: dict[str, dict[LabelKey, _Histogram]] = {}
 
     def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None:
-        series = self._counters.setdefault(name, {})
+        series = self._counters.get(name)
+        if series is None:  # not setdefault: that builds a throw-away dict per call
+            series = self._counters[name] = {}
         k = _key(labels)
         series[k] = series.get(k, 0.0) + value
 
@@ -95,7 +97,9 @@ class Metrics:
         self._gauges.setdefault(name, {})[_key(labels)] = value
 
     def observe(self, name: str, value: float, **labels: str | int) -> None:
-        series = self._hists.setdefault(name, {})
+        series = self._hists.get(name)
+        if series is None:
+            series = self._hists[name] = {}
         k = _key(labels)
         h = series.get(k)
         if h is None:
