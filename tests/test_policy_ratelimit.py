@@ -139,3 +139,35 @@ def test_idle_entries_are_pruned() -> None:
     clock.now += 10  # everyone refilled and idle
     assert admit(lim, who(p, None, "04")) is None
     assert len(lim._state) <= 3
+
+
+def test_limit_for_is_per_role_set_and_stays_right_when_asked_again() -> None:
+    # limit_for is cached per role set (it is asked once per request): every role set keeps
+    # its own answer, the first matching roles entry wins, and a repeated question (cache
+    # hit) gives the same object as the first one (cache miss).
+    p = load_policy_text(POLICY)
+    eng, slow = dict(p.role_limits)["eng"], dict(p.role_limits)["slow"]
+    cases = [
+        (frozenset(), p.default_limit),
+        (frozenset({"operator"}), p.default_limit),
+        (frozenset({"eng"}), eng),
+        (frozenset({"slow"}), slow),
+        (frozenset({"slow", "eng"}), eng),  # file order: eng comes first
+    ]
+    for _ in range(2):
+        for roles, expected in cases:
+            assert p.limit_for(roles) is expected
+    # the "slow" role's own bucket applies through the limiter too, after the cache warmed up
+    lim = RateLimiter(p, FakeClock())
+    pr = who(p, "slow")
+    assert [admit(lim, pr) for _ in range(2)] == [None, REASON_REQUEST_RATE]
+
+
+def test_a_copied_policy_does_not_share_the_limit_cache() -> None:
+    import dataclasses
+
+    p = load_policy_text(POLICY)
+    assert p.limit_for(frozenset({"slow"})) is dict(p.role_limits)["slow"]
+    q = dataclasses.replace(p, role_limits=())
+    assert q.limit_for(frozenset({"slow"})) is q.default_limit
+    assert p.limit_for(frozenset({"slow"})) is dict(p.role_limits)["slow"]

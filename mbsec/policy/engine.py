@@ -38,6 +38,8 @@ def merge_intervals(ranges: Iterable[Interval]) -> tuple[Interval, ...]:
     return tuple(out)
 
 
+LIMIT_CACHE_MAX = 4096  # role sets whose rate limit is remembered (a handful in practice)
+
 REASON_ALLOWED = "allowed_by_rule"
 REASON_RULE_DENY = "denied_by_rule"
 REASON_DEFAULT = "no_matching_rule"
@@ -267,6 +269,9 @@ class Policy:
     _by_function: dict[int, tuple[Rule, ...]] = field(default_factory=dict, repr=False)
     _unit_target: dict[int, str] = field(default_factory=dict, repr=False)
     _default: dict[str | None, Decision] = field(default_factory=dict, repr=False)
+    _limits: dict[frozenset[str], RateLimit | None] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         buckets: dict[int, list[Rule]] = {}
@@ -332,8 +337,20 @@ class Policy:
         return None
 
     def limit_for(self, roles: frozenset[str]) -> RateLimit | None:
-        """Rate limit of the first ``limits.roles`` entry the principal holds, else default."""
+        """Rate limit of the first ``limits.roles`` entry the principal holds, else default.
+
+        Cached per role set (asked once per request): the answer depends only on this
+        policy, which does not change once built.
+        """
+        try:
+            return self._limits[roles]
+        except KeyError:
+            pass
+        found = self.default_limit
         for role, lim in self.role_limits:
             if role in roles:
-                return lim
-        return self.default_limit
+                found = lim
+                break
+        if len(self._limits) < LIMIT_CACHE_MAX:
+            self._limits[roles] = found
+        return found

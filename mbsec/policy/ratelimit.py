@@ -56,17 +56,9 @@ class RateLimiter:
         self._clock = clock
         self._max_entries = max_entries
         self._state: dict[str, _State] = {}
-        # limit per role set: the policy is fixed for this limiter (a reload builds a new one)
-        self._limits: dict[frozenset[str], RateLimit | None] = {}
 
     def acquire(self, principal: Principal, access: Access) -> str | None:
-        roles = principal.roles
-        try:
-            limit = self._limits[roles]
-        except KeyError:
-            limit = self._policy.limit_for(roles)
-            if len(self._limits) < self._max_entries:
-                self._limits[roles] = limit
+        limit = self._policy.limit_for(principal.roles)
         if limit is None:
             return None
         now = self._clock()
