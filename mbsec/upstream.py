@@ -375,12 +375,16 @@ class _Connection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watchdog)
                     why = await self._read_loop(stream)
+                    self._retire_stream()  # broken framing: nothing more is written to it
                     nursery.cancel_scope.cancel()
         finally:
             self._scope = None
             if why is None:
                 why = self._reset_why or ("shutdown", "upstream pool stopped")
             reason, message = why
+            # requests that asked for a connection while this one was being retired are failed
+            # by the teardown; their demand must not skip the reconnect backoff
+            self._demand = trio.Event()
             self._teardown(reason, message, backoff=reason != "eof", log=reason != "shutdown")
             await trio.aclose_forcefully(stream)
 
@@ -528,8 +532,19 @@ class _Connection:
             return
         if self._reset_why is None:
             self._reset_why = (reason, message)
+        self._retire_stream()
         if self._scope is not None:
             self._scope.cancel()
+
+    def _retire_stream(self) -> None:
+        """No request may write to this stream any more; the manager still closes it.
+
+        Done at once, not at teardown: a request that gets the send right in between must
+        never append its ADU to a stream that is no longer framed (a half-written ADU
+        followed by the next one is a valid-looking frame spliced from two requests).
+        """
+        self.stream = None
+        self.fd = -1
 
     # -- request path -------------------------------------------------------------------
 
@@ -654,11 +669,12 @@ class _Connection:
                 ) from exc
             finally:
                 pending.sending = False
-                self._release_send()
                 if not sent:
                     # Cancelled in the middle of send_all: part of an ADU may be on the wire,
-                    # so the stream is no longer framed. Never finish or repeat the write.
+                    # so the stream is no longer framed. Never finish or repeat the write, and
+                    # retire the stream BEFORE handing the send right to the next request.
                     self.request_reset(stream, "send_failed", "request cancelled while sent")
+                self._release_send()
             if pending.finished:  # pending.wait() inlined: one coroutine less per request
                 await trio.lowlevel.checkpoint()
             else:

@@ -227,13 +227,6 @@ class _HalfWriteStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upstream._Connection.exchange's finally (upstream.py:655-661) calls "
-    "_release_send() BEFORE request_reset(): the next queued request takes the send right "
-    "while self.stream is still the half-written stream and writes its ADU behind the "
-    "partial one, so the PLC parses a frame spliced from two requests (a corrupted write)",
-)
 async def test_request_cancelled_mid_send_never_lets_another_adu_follow_it(
     nursery: trio.Nursery,
 ) -> None:
