@@ -98,7 +98,9 @@ def cross_check(settings: Settings, policy: Policy) -> list[str]:
     return problems
 
 
-def build_state(settings: Settings, *, generation: int = 0) -> ProxyState:
+def build_state(
+    settings: Settings, *, generation: int = 0, previous: ProxyState | None = None
+) -> ProxyState:
     """Load TLS material, CRLs and the policy and cross-check them; collect every problem."""
     problems: list[str] = []
     material = None
@@ -118,7 +120,10 @@ def build_state(settings: Settings, *, generation: int = 0) -> ProxyState:
         problems.extend(cross_check(settings, policy))
     if problems or material is None or policy is None:
         raise StartupError(problems or ["configuration is not usable"])
-    limiter = RateLimiter(policy, clock=time.monotonic)
+    if previous is None:
+        limiter = RateLimiter(policy, clock=time.monotonic)
+    else:  # a reload keeps every client's spent budget and in-flight count
+        limiter = previous.limiter.successor(policy)
     return ProxyState(tls=material, policy=policy, limiter=limiter, generation=generation)
 
 
@@ -196,7 +201,9 @@ class Proxy:
                     settings = self.settings
                 else:
                     settings = load_settings(self.config_path)
-            state = build_state(settings, generation=self.state.generation + 1)
+            state = build_state(
+                settings, generation=self.state.generation + 1, previous=self.state
+            )
             targets = settings.upstream_targets()
         except (SettingsError, StartupError, OSError, ValueError) as exc:
             # a failed reload keeps the running state, whatever broke (ghostunnel's rule)

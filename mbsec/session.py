@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import itertools
-import math
 import os
 import ssl
 import time
@@ -153,8 +152,10 @@ class _RecordIO:
                     raise trio.BrokenResourceError(str(exc)) from exc
             if self._outgoing.pending:
                 self._out += self._outgoing.read()
-                if not self._flushing:
-                    await self._flush(math.inf)
+                # e.g. a TLS 1.3 KeyUpdate answer: bounded like any reply, so a client that
+                # stops reading cannot hold the replies queued behind it forever
+                if not self._flushing and not await self._flush(self._stall_limit):
+                    raise trio.BrokenResourceError("client stopped reading (stall limit)")
             if data is not None:
                 return data
             if self._fd >= 0:
@@ -301,6 +302,7 @@ class Session:
         self._idle_base = 0.0
         self.identity: PeerIdentity | None = None
         self._principal: Principal | None = None
+        self._principal_generation = -1  # the state generation the principal was built from
         self.close_reason = "unknown"
         # counters for the canonical close line
         self.requests = 0
@@ -433,7 +435,9 @@ class Session:
             self._reject(exc.reason, exc.message, duration)
             return False
         # Resumption is disabled, but re-check anyway: a CRL loaded after the session was
-        # established is not consulted by OpenSSL for a resumed session.
+        # established is not consulted by OpenSSL for a resumed session. The state is read
+        # again here: a reload (new CRL, new policy) may have happened during the handshake.
+        state = self._state_fn()
         if state.tls.is_revoked(identity.issuer, identity.serial):
             self._reject("certificate_revoked", "serial is on the current CRL", duration, identity)
             return False
@@ -454,6 +458,7 @@ class Session:
         # no peer address only happens on in-memory test streams: "unspecified" matches only
         # rules without a source restriction (or 0.0.0.0/0)
         self._principal = state.policy.principal(identity, self.peer_ip or "0.0.0.0")
+        self._principal_generation = state.generation
         cipher = ssl_stream.cipher()
         tls_fields = {
             "tls.version": (ssl_stream.version() or "").removeprefix("TLSv"),
@@ -619,6 +624,14 @@ class Session:
             return
         self.bytes_out += len(data)
 
+    def _rebind_principal(self, state: ProxyState) -> None:
+        assert self.identity is not None
+        self._principal = state.policy.principal(self.identity, self.peer_ip or "0.0.0.0")
+        self._principal_generation = state.generation
+        structlog.contextvars.bind_contextvars(
+            **{"user.roles": list(getattr(self._principal, "roles", ()) or ())}
+        )
+
     async def _process(self, adu: Adu, t0: float) -> bytes:
         """Decide one request; return the PDU to send back (the PLC's reply or an exception)."""
         self.requests += 1
@@ -646,6 +659,8 @@ class Session:
             return exception_pdu(fc & 0x7F, exc.exception_code)
 
         state = self._state_fn()
+        if state.generation != self._principal_generation:
+            self._rebind_principal(state)  # a reload: roles come from the new policy's mapping
         principal = self._principal
         assert principal is not None
         access = request.access()

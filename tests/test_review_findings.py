@@ -1,5 +1,5 @@
-"""Security review findings: each test proves one bug and is expected to fail (strict xfail)
-until the production code is fixed. Remove the xfail marker together with the fix.
+"""Security review findings: each test proved one bug (it failed before the fix it names).
+They stay as regression tests: each fails again if its fix is undone.
 
 Real sockets on 127.0.0.1 (the proxy from conftest's ``start_proxy``) or sans-IO calls.
 """
@@ -34,12 +34,6 @@ POLICY_WITH_IDENTITY_GRANT = TEST_POLICY.replace(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Policy.evaluate re-derives the rule plan for an old principal but keeps the roles "
-    "the OLD policy's identities: mapping granted (engine.py:314-315, session.py:456): a "
-    "reload that withdraws a role does not apply to open connections",
-)
 async def test_reload_withdrawing_an_identity_role_applies_to_open_connections(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
@@ -71,13 +65,6 @@ def _ctx_for(pki: Pki, cert: object) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session._handshake takes the state once before the handshake; _accept_identity "
-    "re-checks the serial against that OLD state's CRL (session.py:356, 437), and "
-    "Proxy._drop_revoked skips sessions whose identity is not known yet (server.py:246): "
-    "a revoked client that was mid-handshake during the SIGHUP is accepted and kept",
-)
 async def test_revoked_client_mid_handshake_during_reload_is_rejected(
     pki: Pki, fresh_ca: CertificateAuthority, start_proxy: StartProxy,
     nursery: trio.Nursery, tmp_path: Path,
@@ -127,12 +114,6 @@ RATE_LIMITED_POLICY = TEST_POLICY + (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Proxy.reload -> build_state makes a brand-new RateLimiter (server.py:121, 199): "
-    "every SIGHUP refills every client's token buckets and forgets its in-flight count, so "
-    "a reload (e.g. the hourly CRL refresh) lets a throttled client through again",
-)
 async def test_reload_keeps_a_clients_spent_rate_budget(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
@@ -386,21 +367,20 @@ class _FakeSSLStream:
         self._delayed_outgoing = None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session._RecordIO.receive flushes handshake-layer output (a TLS 1.3 KeyUpdate "
-    "reply) with _flush(math.inf) (session.py:154-157); replies that complete meanwhile "
-    "park on _flushed with no limit of their own, so a client that sends a KeyUpdate and "
-    "stops reading holds them (and, with one in flight, the idle watchdog never fires) "
-    "forever instead of being closed as client_stalled after limits.idle_timeout",
-)
 async def test_reply_behind_a_stuck_key_update_flush_is_bounded_by_the_stall_limit(
     nursery: trio.Nursery,
 ) -> None:
     from mbsec.session import _RecordIO
 
     io = _RecordIO(_FakeSSLStream(), stall_limit=0.2)  # type: ignore[arg-type]
-    nursery.start_soon(io.receive, 65536)  # the reader: reads the KeyUpdate, flushes ours
+    reader_broke = trio.Event()
+
+    async def reader() -> None:  # reads the KeyUpdate, flushes ours, gives up at the limit
+        with pytest.raises(trio.BrokenResourceError):
+            await io.receive(65536)
+        reader_broke.set()
+
+    nursery.start_soon(reader)
     await trio.sleep(0.05)
     outcome: object = "no answer"
     with trio.move_on_after(2.0):
@@ -409,6 +389,8 @@ async def test_reply_behind_a_stuck_key_update_flush_is_bounded_by_the_stall_lim
         except trio.BrokenResourceError as exc:
             outcome = exc
     assert outcome is False or isinstance(outcome, trio.BrokenResourceError), outcome
+    with trio.fail_after(2.0):
+        await reader_broke.wait()  # the reader stops too: the connection closes
 
 
 # -- 10. a reload that fails with an OSError takes the whole proxy down ------------------------

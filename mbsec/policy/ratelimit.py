@@ -57,6 +57,17 @@ class RateLimiter:
         self._max_entries = max_entries
         self._state: dict[str, _State] = {}
 
+    def successor(self, policy: Policy) -> RateLimiter:
+        """The limiter for a reloaded policy, sharing this one's budgets and in-flight counts.
+
+        A reload (e.g. the hourly CRL refresh) must not refill a throttled client's buckets;
+        a changed limit is applied to the carried state on the client's next request, and a
+        release on either limiter decrements the same counter.
+        """
+        nxt = RateLimiter(policy, self._clock, max_entries=self._max_entries)
+        nxt._state = self._state
+        return nxt
+
     def acquire(self, principal: Principal, access: Access) -> str | None:
         limit = self._policy.limit_for(principal.roles)
         if limit is None:
