@@ -184,33 +184,30 @@ class _RecordIO:
             if self.broken:
                 raise trio.BrokenResourceError("TLS stream is broken")
             return not out
-        if self._fd >= 0:  # the common case, without another coroutine: the kernel takes it
-            try:
-                n = os.write(self._fd, out)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.broken = True
-                raise trio.BrokenResourceError(str(exc)) from exc
-            del out[:n]
-            if not out:
-                return True
+        if self._write_now():  # the common case, without another coroutine
+            return True
         return await self._flush(self._stall_limit)
+
+    def _write_now(self) -> bool:
+        """Write what the kernel takes without waiting; True when nothing is left."""
+        out = self._out
+        if self._fd < 0:
+            return not out
+        try:
+            n = os.write(self._fd, out)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.broken = True
+            raise trio.BrokenResourceError(str(exc)) from exc
+        del out[:n]
+        return not out
 
     async def _flush(self, limit: float) -> bool:
         out = self._out
         fd = self._fd
-        if fd >= 0:
-            try:
-                n = os.write(fd, out)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.broken = True
-                raise trio.BrokenResourceError(str(exc)) from exc
-            del out[:n]
-            if not out:
-                return True
+        if self._write_now():
+            return True
         self._flushing = True
         try:
             with trio.move_on_after(limit):
