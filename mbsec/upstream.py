@@ -584,9 +584,19 @@ class _Connection:
         return tid
 
     def _expire(self, tid: int) -> None:
+        """Remember a timed-out tid so its late reply is recognised and dropped.
+
+        When too many are remembered, the connection is reset instead of forgetting the
+        oldest: a forgotten tid could be reused, and a very late reply would then complete
+        another client's request.
+        """
         self._expired[tid] = None
         if len(self._expired) > EXPIRED_MAX:
-            del self._expired[next(iter(self._expired))]
+            self.request_reset(
+                self.stream,
+                "too_many_timeouts",
+                f"more than {EXPIRED_MAX} requests timed out on this connection",
+            )
 
     async def _wait_for_slot(self) -> None:
         """Queue (FIFO) for a slot, for at most ``request_timeout``.

@@ -1029,3 +1029,37 @@ async def test_timed_out_tid_is_not_reused_even_when_the_counter_wraps(
     assert registers(reply.pdu) == [value(1, 200)]
     assert tids[1] != tids[0]
     assert "upstream-late-reply" in log.actions() and "upstream-reset" not in log.actions()
+
+
+async def test_too_many_timed_out_tids_reset_the_connection_instead_of_forgetting_one(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forgotten timed-out tid could be reused and its very late reply would complete
+    another request: past the bound, the connection is reset (its ids start afresh)."""
+    import mbsec.upstream as upstream_mod
+
+    monkeypatch.setattr(upstream_mod, "EXPIRED_MAX", 2)
+    seen = 0
+
+    async def silent(stream: trio.abc.Stream, n: int) -> None:
+        nonlocal seen
+        reader = AduReader(stream)
+        while await reader.next() is not None:
+            seen += 1
+
+    plc = ScriptedPlc(silent)
+    port = await plc.start(nursery)
+    ups, log, _metrics = await started(nursery, target(port, request_timeout=1.0))
+    for i in range(3):
+        async def expire() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(1.0)
+
+        nursery.start_soon(expire)
+        with pytest.raises(TargetNoResponse):
+            await ups.exchange(1, *read_request(i, 1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert ("upstream-reset" in log.actions()) == (i == 2)
+    conn = ups._pools["plc1"].connections[0]
+    assert not conn._expired  # a fresh connection remembers nothing
+    assert seen == 3
