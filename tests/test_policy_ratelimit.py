@@ -171,3 +171,18 @@ def test_a_copied_policy_does_not_share_the_limit_cache() -> None:
     q = dataclasses.replace(p, role_limits=())
     assert q.limit_for(frozenset({"slow"})) is q.default_limit
     assert p.limit_for(frozenset({"slow"})) is dict(p.role_limits)["slow"]
+
+
+def test_successor_carries_spent_budgets_and_in_flight_into_a_reloaded_policy() -> None:
+    p, clock, lim = setup()
+    pr = who(p, "slow")
+    assert lim.acquire(pr, READ) is None  # in flight, and the one token of the burst spent
+    p2 = load_policy_text(POLICY.replace("max_in_flight: 1}", "max_in_flight: 2}"))
+    nxt = lim.successor(p2)
+    pr2 = who(p2, "slow")
+    assert nxt.in_flight(pr2) == 1
+    assert nxt.acquire(pr2, READ) == REASON_REQUEST_RATE  # no refill from the reload
+    lim.release(pr)  # released on the limiter that granted it: the same counter
+    assert nxt.in_flight(pr2) == 0
+    clock.now += 1.0
+    assert admit(nxt, pr2) is None
