@@ -31,7 +31,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mbsec {__version__}")
     p.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND",
                    help="; ".join(f"{k}: {v[2]}" for k, v in SUBCOMMANDS.items()))
-    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
@@ -41,8 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args:
         parser.print_help()
         return 2
-    ns = parser.parse_args(args[:1]) if args[0] not in ("-h", "--help", "--version") else \
-        parser.parse_args(args)
+    ns = parser.parse_args(args[:1])  # the subcommand parses the rest itself
     module, func, _ = SUBCOMMANDS[ns.command]
     entry: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
     try:

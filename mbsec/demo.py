@@ -121,7 +121,6 @@ class SimulatedPlc:
 
 @dataclass
 class ClientResult:
-    connected: bool
     reply: bytes | None = None
     error: str | None = None
 
@@ -150,28 +149,28 @@ async def modbus_over_tls(
             tcp = await trio.open_tcp_stream("127.0.0.1", port)
             stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
     except (trio.BrokenResourceError, OSError) as exc:
-        return ClientResult(False, error=_alert_name(exc))
+        return ClientResult(error=_alert_name(exc))
     try:
         with trio.fail_after(TIMEOUT):
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
-                return ClientResult(False, error=_alert_name(exc))
+                return ClientResult(error=_alert_name(exc))
             try:
                 await stream.send_all(encode_adu(tid, unit_id, pdu))
                 frames = FrameBuffer()
                 while True:
                     data = await stream.receive_some(4096)
                     if not data:
-                        return ClientResult(True, error="connection closed without a reply")
+                        return ClientResult(error="connection closed without a reply")
                     frames.receive_data(data)
                     adu = frames.next_frame()
                     if adu is not None:
                         if adu.transaction_id != tid:
-                            return ClientResult(True, error="reply with a foreign transaction id")
-                        return ClientResult(True, reply=adu.pdu)
+                            return ClientResult(error="reply with a foreign transaction id")
+                        return ClientResult(reply=adu.pdu)
             except trio.BrokenResourceError as exc:
-                return ClientResult(True, error=_alert_name(exc))
+                return ClientResult(error=_alert_name(exc))
     finally:
         with trio.move_on_after(1) as cs:
             cs.shield = True
