@@ -32,6 +32,9 @@ HELP: dict[str, str] = {
     "mbsec_protocol_errors_total": "Malformed client frames or PDUs by reason",
     "mbsec_config_reloads_total": "SIGHUP reloads by outcome",
     "mbsec_crl_next_update_seconds": "Seconds until the earliest loaded CRL's nextUpdate",
+    "mbsec_upstream_connects_total": "PLC connections made",
+    "mbsec_upstream_failures_total": "PLC-side failures by reason (connect, timeout, resets)",
+    "mbsec_upstream_request_seconds": "PLC round trip",
 }
 
 

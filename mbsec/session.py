@@ -291,7 +291,6 @@ class Session:
         self._io: _RecordIO | None = None
         self._reader_scope = trio.CancelScope()
         self._idle_scope = trio.CancelScope()
-        self._session_scope: trio.CancelScope | None = None
         self._inflight = 0
         self._slots = trio.lowlevel.ParkingLot()  # the reader waits here at max_pipelined
         self._inline = False  # the reader task is handling a request itself
@@ -320,10 +319,6 @@ class Session:
         if not self._inline:  # else the reader stops once its own request is answered
             self._reader_scope.cancel()
 
-    def abort(self) -> None:
-        if self._session_scope is not None:
-            self._session_scope.cancel()
-
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(
             **{
@@ -336,11 +331,9 @@ class Session:
         )
         handshake_ok = False
         try:
-            with trio.CancelScope() as scope:
-                self._session_scope = scope
-                handshake_ok = await self._handshake()
-                if handshake_ok:
-                    await self._serve_requests()
+            handshake_ok = await self._handshake()
+            if handshake_ok:
+                await self._serve_requests()
         finally:
             if self._identity_key is not None:
                 self._identity_slots.release_identity(self._identity_key)
@@ -385,7 +378,7 @@ class Session:
         """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
 
         trio's ``_retry`` raises on SSLError before it reads the BIO, so without this the
-        client never learns why (R-10/R-44): it sees a bare TCP close instead of e.g.
+        client never learns why (R-44): it sees a bare TCP close instead of e.g.
         ``certificate_required`` or ``unknown_ca``.
         """
         try:
