@@ -30,8 +30,9 @@ from structlog.typing import FilteringBoundLogger
 from mbsec.audit import null_logger
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics, serve_metrics
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
+from mbsec.reactor import DataPlane
 from mbsec.session import ProxyState, Session, set_conn_id_space
-from mbsec.settings import Settings, SettingsError, load_settings, parse_hostport
+from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
 from mbsec.upstream import Upstreams
 
@@ -164,6 +165,11 @@ class Proxy:
         if dialer is not None:
             up_kwargs["dialer"] = dialer
         self.upstreams = Upstreams(settings.upstream_targets(), **up_kwargs)
+        #: the threaded data plane (``data_plane = "thread"``); None runs everything in trio
+        self.data_plane: DataPlane | None = None
+        if settings.data_plane == "thread" and dialer is None:
+            self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
+                                        metrics=self.metrics)
         self.sessions: set[Session] = set()
         self._per_source: Counter[str] = Counter()
         self._per_identity: Counter[str] = Counter()
@@ -205,6 +211,7 @@ class Proxy:
                 settings, generation=self.state.generation + 1, previous=self.state
             )
             targets = settings.upstream_targets()
+            Upstreams.check_targets(targets)
         except (SettingsError, StartupError, OSError, ValueError) as exc:
             # a failed reload keeps the running state, whatever broke (ghostunnel's rule)
             problems = getattr(exc, "problems", None) or [f"{type(exc).__name__}: {exc}"]
@@ -226,6 +233,8 @@ class Proxy:
             for key in ("listen", "limits", "logging", "metrics", "workers")
             if getattr(settings, key) != getattr(self.settings, key)
         ]
+        if self.data_plane is not None:
+            self.data_plane.replace_targets_threadsafe(targets)
         self.upstreams.replace_targets(targets)
         self.state = state
         self.settings = self.settings.model_copy(
@@ -310,6 +319,17 @@ class Proxy:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         limits = self.settings.limits
+        if self.data_plane is not None:
+            self.data_plane.start()
+        try:
+            await self._serve(limits, task_status)
+        finally:
+            if self.data_plane is not None:
+                self.data_plane.stop()
+
+    async def _serve(
+        self, limits: LimitsSettings, task_status: trio.TaskStatus[list[tuple[str, int]]]
+    ) -> None:
         async with trio.open_nursery() as root:
             await root.start(self.upstreams.run)
             if self.settings.metrics.listen and isinstance(self.metrics, Metrics):
@@ -438,6 +458,7 @@ class Proxy:
             metrics=self.metrics,
             identity_slots=self,
             allowed_requests=self.settings.logging.allowed_requests,
+            data_plane=self.data_plane,
         )
         self.sessions.add(session)
         if self._no_sessions.is_set():

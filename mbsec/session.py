@@ -45,8 +45,10 @@ from mbsec.tls import TlsMaterial, handshake_failure_reason
 from mbsec.upstream import UpstreamError, UpstreamReply, receive_raw, socket_fd
 
 if TYPE_CHECKING:
+    from mbsec.modbus.access import Access
     from mbsec.modbus.pdu import Request
-    from mbsec.policy import Policy, Principal, RateLimiter
+    from mbsec.policy import Decision, Policy, Principal, RateLimiter
+    from mbsec.reactor import Client, DataPlane
 
 RECEIVE_SIZE = 65536
 ALERT_FLUSH_TIMEOUT = 1.0
@@ -76,6 +78,19 @@ class ProxyState:
     policy: Policy
     limiter: RateLimiter
     generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An allowed request on its way to the PLC: what :meth:`Session.complete` needs after."""
+
+    request: Request
+    access: Access
+    decision: Decision
+    principal: Principal
+    limiter: RateLimiter
+    fname: str
+    t0: float
 
 
 class UpstreamsLike(Protocol):
@@ -268,6 +283,7 @@ class Session:
         identity_slots: IdentitySlots | None = None,
         allowed_requests: str = "debug",
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        data_plane: DataPlane | None = None,
     ) -> None:
         self._raw = stream
         self._state_fn = state
@@ -277,11 +293,12 @@ class Session:
         self._metrics: MetricsLike = metrics or NullMetrics()
         self._identity_slots = identity_slots or UnlimitedIdentities()
         self._now = now
+        self._allowed_level = allowed_requests
         self._log_allowed: Callable[..., Any] | None = None
-        if allowed_requests == "info":
-            self._log_allowed = log.info
-        elif allowed_requests == "debug" and log.is_enabled_for(10):
-            self._log_allowed = log.debug
+        self._set_log(log)
+        self._plane = data_plane
+        self._client: Client | None = None  # set while the data plane owns the connection
+        self._plane_broken = False
         self.conn_id = next(_conn_ids)
         (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
         self._ssl: trio.SSLStream[trio.abc.Stream] | None = None
@@ -309,14 +326,33 @@ class Session:
         self.bytes_out = 0
         self.started = time.monotonic()
 
+    def _set_log(self, log: FilteringBoundLogger) -> None:
+        self._log = log
+        self._log_allowed = None
+        if self._allowed_level == "info":
+            self._log_allowed = log.info
+        elif self._allowed_level == "debug" and log.is_enabled_for(10):
+            self._log_allowed = log.debug
+
     # -- public ------------------------------------------------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    def note_close_reason(self, reason: str) -> None:
+        """The first reason wins: it is the cause, later ones are consequences."""
+        if self.close_reason == "unknown":
+            self.close_reason = reason
 
     def stop_reading(self, reason: str = "server_shutdown") -> None:
         """Drain: take no new requests; those in flight still get their replies."""
-        if self.close_reason == "unknown":
-            self.close_reason = reason
+        self.note_close_reason(reason)
         self._stop = True
-        if not self._inline:  # else the reader stops once its own request is answered
+        client = self._client
+        if client is not None and self._plane is not None:
+            self._plane.call_threadsafe(lambda: client.stop_reading(reason))
+        elif not self._inline:  # else the reader stops once its own request is answered
             self._reader_scope.cancel()
 
     async def run(self) -> None:
@@ -487,6 +523,11 @@ class Session:
 
     async def _serve_requests(self) -> None:
         assert self._ssl is not None
+        if self._plane is not None:
+            fd = socket_fd(self._ssl.transport_stream)
+            if fd >= 0:
+                await self._serve_in_plane(self._plane, fd)
+                return
         self._io = _RecordIO(self._ssl, self._limits.idle_timeout)
         self._idle_base = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -496,6 +537,41 @@ class Session:
                 await self._read_loop(nursery)
             self._idle_scope.cancel()
             # reader finished (EOF, idle, drain): in-flight requests still complete
+
+    async def _serve_in_plane(self, plane: DataPlane, fd: int) -> None:
+        """Hand the connection to the threaded data plane and wait until it gives it back."""
+        from mbsec.reactor import Client
+
+        ssl_stream = self._ssl
+        assert ssl_stream is not None
+        # the data plane has no contextvars: the connection's fields travel on the logger
+        self._set_log(self._log.bind(**structlog.contextvars.get_contextvars()))
+        delayed = ssl_stream._delayed_outgoing  # TLS 1.3 tickets SSLStream held back
+        ssl_stream._delayed_outgoing = None
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def finished(broken: bool) -> None:  # called in the data-plane thread
+            self._plane_broken = broken
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        client = Client(
+            plane, self, fd, ssl_stream._ssl_object, ssl_stream._incoming, ssl_stream._outgoing,
+            delayed or b"", max_pipelined=self._limits.max_pipelined,
+            idle_timeout=self._limits.idle_timeout, on_finished=finished,
+        )
+        self._client = client
+        plane.adopt_threadsafe(client)
+        try:
+            await done.wait()
+        finally:
+            if not done.is_set():  # cancelled (drain deadline): take the socket back first
+                plane.call_threadsafe(lambda: client.abort("server_shutdown"))
+                with trio.move_on_after(CLOSE_TIMEOUT) as cs:
+                    cs.shield = True
+                    await done.wait()
+            self._client = None
 
     async def _idle_watch(self) -> None:
         """Stop reading after ``idle_timeout`` without a byte from the client, unless a request
@@ -559,12 +635,12 @@ class Session:
         try:
             return frames.next_frame()
         except RemoteProtocolError as exc:
-            self._framing_error(exc)
+            self.framing_error(exc)
             self.close_reason = exc.reason
             self._nursery.cancel_scope.cancel()  # nothing more from a broken stream
             raise _Stopped from None
 
-    def _framing_error(self, exc: RemoteProtocolError) -> None:
+    def framing_error(self, exc: RemoteProtocolError) -> None:
         self.errors += 1
         self._metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
         self._log.warning(
@@ -618,20 +694,41 @@ class Session:
         assert self.identity is not None
         self._principal = state.policy.principal(self.identity, self.peer_ip or "0.0.0.0")
         self._principal_generation = state.generation
-        structlog.contextvars.bind_contextvars(
-            **{"user.roles": list(getattr(self._principal, "roles", ()) or ())}
-        )
+        roles = {"user.roles": list(getattr(self._principal, "roles", ()) or ())}
+        if self._client is not None:  # in the data-plane thread: no contextvars there
+            self._set_log(self._log.bind(**roles))
+        else:
+            structlog.contextvars.bind_contextvars(**roles)
 
     async def _process(self, adu: Adu, t0: float) -> bytes:
         """Decide one request; return the PDU to send back (the PLC's reply or an exception)."""
+        fwd = self.decide(adu, t0)
+        if fwd is None:
+            raise _Closing(self.close_reason)
+        if isinstance(fwd, bytes):
+            return fwd
+        try:
+            reply = await self._upstreams.exchange(adu.unit_id, fwd.request, adu.pdu)
+        except UpstreamError as exc:
+            return self.complete(adu, fwd, None, exc)
+        except BaseException:
+            self.abandon(fwd)
+            raise
+        return self.complete(adu, fwd, reply, None)
+
+    def decide(self, adu: Adu, t0: float) -> bytes | Forward | None:
+        """Everything before the PLC: parse, policy, rate limit. Returns the answer PDU when the
+        request goes no further, a :class:`Forward` when it goes to the PLC, or None when it
+        broke the connection (logged, ``close_reason`` set)."""
         self.requests += 1
         fc = adu.pdu[0] if adu.pdu else 0
         try:
             request = parse_request(adu.pdu)
         except RemoteProtocolError as exc:
             if exc.action is Action.CLOSE or exc.exception_code is None:
-                self._framing_error(exc)
-                raise _Closing(exc.reason) from None
+                self.framing_error(exc)
+                self.close_reason = exc.reason
+                return None
             self.errors += 1
             self._metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
             self._log.warning(
@@ -676,9 +773,25 @@ class Session:
         if limited is not None:
             return self._deny(adu, fc, access, t0, decision.rule_id, limited,
                               RATE_LIMIT_EXCEPTION, "rate_limited")
-        try:
-            reply = await self._upstreams.exchange(adu.unit_id, request, adu.pdu)
-        except UpstreamError as exc:
+        return Forward(request, access, decision, principal, limiter, fname, t0)
+
+    def abandon(self, fwd: Forward) -> None:
+        """The client went away before the reply: only the rate-limit slot is given back."""
+        fwd.limiter.release(fwd.principal)
+
+    def complete(
+        self, adu: Adu, fwd: Forward, reply: UpstreamReply | None, error: UpstreamError | None
+    ) -> bytes:
+        """Everything after the PLC: map a failure, check the reply against the rule's limits,
+        log; returns the PDU for the client."""
+        fwd.limiter.release(fwd.principal)
+        fc = adu.pdu[0]
+        fname = fwd.fname
+        access = fwd.access
+        decision = fwd.decision
+        t0 = fwd.t0
+        if error is not None or reply is None:
+            assert error is not None
             self.errors += 1
             self._metrics.inc("mbsec_requests_total", decision="upstream_error", function=fname)
             self._log.warning(
@@ -687,16 +800,14 @@ class Session:
                 **{
                     "event.type": ["protocol", "error"],
                     "event.outcome": "failure",
-                    "event.reason": exc.reason,
+                    "event.reason": error.reason,
                     "rule.id": decision.rule_id,
                     "modbus.decision": "allow",
-                    "modbus.exception_code": exc.exception_code,
-                    "error.message": exc.message,
+                    "modbus.exception_code": error.exception_code,
+                    "error.message": error.message,
                 },
             )
-            return exception_pdu(fc, exc.exception_code)
-        finally:
-            limiter.release(principal)
+            return exception_pdu(fc, error.exception_code)
         limit = decision.max_response_bytes
         if limit is not None and len(reply.pdu) > limit:
             self.errors += 1
@@ -790,7 +901,7 @@ class Session:
             cs.shield = True
             try:
                 io = self._io
-                if io is not None and (io.broken or io.unsent):
+                if self._plane_broken or (io is not None and (io.broken or io.unsent)):
                     await self._raw.aclose()  # no clean close_notify after a broken record
                 elif self._handshake_done and self._ssl is not None:
                     await self._ssl.aclose()  # close_notify, then TCP close

@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     #: proxy processes sharing the listen ports (SO_REUSEPORT); each has its own upstream pools
     workers: int = Field(default=1, ge=1, le=64)
+    #: "thread": client and PLC sockets after the handshake run in one epoll thread (fast);
+    #: "trio": everything in trio tasks (the reference engine)
+    data_plane: Literal["thread", "trio"] = "thread"
 
     @classmethod
     def settings_customise_sources(

@@ -775,7 +775,8 @@ class Upstreams:
         self._install(list(targets))
 
     @staticmethod
-    def _check(targets: list[UpstreamTarget]) -> None:
+    def check_targets(targets: list[UpstreamTarget]) -> None:
+        """Names unique, every unit id routed to one target; ``ValueError`` otherwise."""
         names: set[str] = set()
         owner: dict[int, str] = {}
         for t in targets:
@@ -791,7 +792,7 @@ class Upstreams:
 
     def _install(self, targets: list[UpstreamTarget]) -> list[_Pool]:
         """Swap in a new target set; returns pools that are no longer used."""
-        self._check(targets)
+        self.check_targets(targets)
         old = self._pools
         pools: dict[str, _Pool] = {}
         for t in targets:

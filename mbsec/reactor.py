@@ -1,0 +1,969 @@
+"""The threaded data plane: client connections after their handshake, and the PLC links.
+
+Why a thread of its own: under trio every request costs two task wake-ups (client readable, PLC
+readable), and each wake-up is a pass through trio's run loop, an ``epoll_ctl`` re-arm and a
+coroutine switch. Measured on the benchmark box that is most of the 56 CPU µs a request cost,
+against 24 µs for stunnel (see ``benchmarks/README.md``). Here one thread blocks in
+``epoll_wait`` on level-triggered registrations made once per socket, handles every ready socket
+in a plain function call, and writes all requests queued for a PLC link in one ``write`` at the
+end of the pass, so a busy link carries many ADUs per system call.
+
+Trio keeps the control plane: accept, limits, the TLS handshake (with the alert flush), signals,
+reload, drain, metrics. A session hands its connection over with :meth:`DataPlane.adopt` and
+gets it back (for the close and the close line) when the data plane is done with it. The
+decisions themselves are the session's own (``Session.decide``/``Session.complete``), shared
+with the trio data plane (``data_plane = "trio"``), so both engines decide alike.
+
+Thread rules: everything below runs in the data-plane thread, except the ``*_threadsafe``
+entry points and :meth:`DataPlane.stop`, which only queue a call and wake the loop. Results go
+back to trio with ``TrioToken.run_sync_soon``.
+
+Upstream semantics are those of :mod:`mbsec.upstream` (proxy-owned transaction ids, depth,
+FIFO slot queue, deadlines, dropped late replies, reset on anything unexpected, backoff, never
+a retry), with the same events and metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import heapq
+import itertools
+import math
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from mbsec.modbus.errors import ProtocolError, RemoteProtocolError
+from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
+from mbsec.modbus.pdu import Request, parse_response
+from mbsec.upstream import (
+    EXPIRED_MAX,
+    RECEIVE_SIZE,
+    RETIRE_GRACE,
+    MetricsLike,
+    PathUnavailable,
+    TargetNoResponse,
+    UpstreamError,
+    UpstreamReply,
+    Upstreams,
+    UpstreamTarget,
+    configure_socket,
+)
+
+if TYPE_CHECKING:
+    from mbsec.session import Forward, Session
+
+__all__ = ["DataPlane"]
+
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+
+class _Timer:
+    """A heap entry; ``cancel`` makes it a no-op (lazy deletion)."""
+
+    __slots__ = ("fn", "when")
+
+    def __init__(self, when: float, fn: Callable[[], None] | None) -> None:
+        self.when = when
+        self.fn = fn
+
+    def cancel(self) -> None:
+        self.fn = None
+
+
+class DataPlane:
+    """One epoll loop in one thread for all adopted connections and all PLC links."""
+
+    def __init__(
+        self, targets: Iterable[UpstreamTarget], *, log: Any, metrics: MetricsLike
+    ) -> None:
+        self.log = log
+        self.metrics = metrics
+        self._ep = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, select.EPOLLIN)
+        self._handlers: dict[int, Callable[[int], None]] = {}
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+        self._dirty: list[_Link] = []  # links with queued requests to write at the end of a pass
+        self.now = time.monotonic()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._pools: dict[str, _Pool] = {}
+        self._routes: dict[int, _Pool] = {}
+        self._install(list(targets))
+
+    # -- trio side ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="mbsec-data-plane", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close every PLC link and end the thread (adopted clients must be finished first)."""
+        if self._thread is None:
+            return
+        self.call_threadsafe(self._shutdown)
+        self._thread.join()
+        self._thread = None
+        self._ep.close()
+        os.close(self._wake_fd)
+
+    def call_threadsafe(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def replace_targets_threadsafe(self, targets: Iterable[UpstreamTarget]) -> None:
+        """Reload: validated here (``ValueError`` keeps the running set), applied in the loop."""
+        new = list(targets)
+        Upstreams.check_targets(new)
+        self.call_threadsafe(lambda: self._install(new))
+
+    # -- loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ep = self._ep
+        handlers = self._handlers
+        timers = self._timers
+        dirty = self._dirty
+        wake = self._wake_fd
+        while self._running:
+            if self._calls:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = -1.0
+            events = ep.poll(timeout)
+            self.now = now = time.monotonic()
+            for fd, ev in events:
+                if fd == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                    continue
+                handler = handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(ev)
+                    except Exception as exc:  # pragma: no cover - only a bug gets here
+                        self._bug(exc)
+            while timers and timers[0][0] <= now:
+                timer = heapq.heappop(timers)[2]
+                fn = timer.fn
+                if fn is not None:
+                    timer.fn = None
+                    try:
+                        fn()
+                    except Exception as exc:  # pragma: no cover - only a bug gets here
+                        self._bug(exc)
+            while self._calls:
+                call = self._calls.popleft()
+                try:
+                    call()
+                except Exception as exc:  # pragma: no cover - only a bug gets here
+                    self._bug(exc)
+            if dirty:
+                links = list(dirty)
+                dirty.clear()
+                for link in links:
+                    link.flush()
+
+    def _bug(self, exc: Exception) -> None:
+        """A bug must cost one event, never the data plane."""
+        self.log.error(
+            "data plane error",
+            **{
+                "event.kind": "event",
+                "event.category": ["process"],
+                "event.type": ["error"],
+                "event.action": "data-plane-error",
+                "event.outcome": "failure",
+                "error.type": type(exc).__name__,
+                "error.message": str(exc),
+            },
+        )
+
+    def _shutdown(self) -> None:
+        for pool in list(self._pools.values()):
+            pool.close("shutdown", "upstream pool stopped")
+        self._running = False
+
+    def timer(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        t = _Timer(self.now + delay, fn)
+        heapq.heappush(self._timers, (t.when, next(self._seq), t))
+        return t
+
+    def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
+        self._handlers[fd] = handler
+        self._ep.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._ep.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+    def mark_dirty(self, link: _Link) -> None:
+        self._dirty.append(link)
+
+    # -- upstream routing -------------------------------------------------------------------
+
+    def _install(self, targets: list[UpstreamTarget]) -> None:
+        Upstreams.check_targets(targets)
+        old = self._pools
+        pools: dict[str, _Pool] = {}
+        for t in targets:
+            kept = old.get(t.name)
+            pools[t.name] = kept if kept is not None and kept.target == t else _Pool(self, t)
+        for name, pool in old.items():
+            if pools.get(name) is not pool:
+                pool.retire()
+        self._pools = pools
+        self._routes = {unit: p for p in pools.values() for unit in p.target.unit_ids}
+
+    def submit(self, unit_id: int, request: Request, pdu: bytes, exchange: Exchange) -> None:
+        """Send one request to the PLC for ``unit_id``; ``exchange.done`` is called exactly once."""
+        pool = self._routes.get(unit_id)
+        if pool is None:
+            self.metrics.inc("mbsec_upstream_failures_total", target="", reason="no_route")
+            error = PathUnavailable(f"no upstream target for unit id {unit_id}", reason="no_route")
+            exchange.done(None, error)
+            return
+        pool.pick().submit(unit_id, request, pdu, exchange)
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def adopt_threadsafe(self, client: Client) -> None:
+        self.call_threadsafe(client.start)
+
+
+class Exchange:
+    """One request on its way to a PLC; the link calls :meth:`done` once with a reply or error."""
+
+    __slots__ = ("adu", "client", "fwd", "link_deadline", "pdu", "plc_unit", "request", "sent",
+                 "t0", "tid")
+
+    def __init__(self, client: Client, adu: Adu, fwd: Forward, t0: float) -> None:
+        self.client = client
+        self.adu = adu
+        self.fwd = fwd
+        self.t0 = t0
+        self.request: Request | None = None
+        self.pdu = b""
+        self.plc_unit = 0
+        self.tid = -1
+        self.sent = 0.0
+        self.link_deadline: _Timer | None = None
+
+    def done(self, reply: UpstreamReply | None, error: UpstreamError | None) -> None:
+        self.client.finish_request(self, reply, error)
+
+
+# -- clients -------------------------------------------------------------------------------
+
+
+class Client:
+    """One TLS client connection after its handshake, owned by the data plane until ``finish``.
+
+    Mirrors the trio session's request loop: at most ``max_pipelined`` requests in flight
+    (reading pauses at the limit), one TLS record per reply in completion order, an idle
+    timeout that spares a connection with requests in flight, and a stall limit on a client
+    that stops reading its replies.
+    """
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        session: Session,
+        sock_fd: int,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        pending_out: bytes,
+        *,
+        max_pipelined: int,
+        idle_timeout: float,
+        on_finished: Callable[[bool], None],
+    ) -> None:
+        self.plane = plane
+        self.session = session
+        self.fd = sock_fd
+        self._obj = obj
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._out = bytearray(pending_out)
+        self._max = max_pipelined
+        self._idle = idle_timeout
+        self._on_finished = on_finished
+        self._frames = FrameBuffer()
+        self.inflight = 0
+        self._reading = True  # the peer may still send (no EOF, no stop)
+        self._mask = 0
+        self.closed = False
+        self.broken = False
+        self._last_rx = 0.0
+        self._idle_timer: _Timer | None = None
+        self._stall_timer: _Timer | None = None
+
+    # lifecycle
+
+    def start(self) -> None:
+        plane = self.plane
+        self._last_rx = plane.now
+        self._mask = _IN
+        plane.register(self.fd, _IN, self._on_event)
+        self._idle_timer = plane.timer(self._idle, self._idle_check)
+        if self._out:
+            self._write()
+        # bytes the client sent right after its handshake may already sit in the BIO
+        if self._incoming.pending:
+            self._decrypt()
+        if self.session.stop_requested and not self.closed:
+            self.stop_reading(self.session.close_reason)
+
+    def stop_reading(self, reason: str) -> None:
+        """Drain: take no new requests; those in flight still get their replies."""
+        if self.closed:
+            return
+        self.session.note_close_reason(reason)
+        self._reading = False
+        self._frames = FrameBuffer()  # requests not yet started are dropped, as in trio
+        self._update_mask()
+        self._maybe_finish()
+
+    def _finish(self, *, broken: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.broken = self.broken or broken or bool(self._out)
+        self.plane.unregister(self.fd)
+        for t in (self._idle_timer, self._stall_timer):
+            if t is not None:
+                t.cancel()
+        self._on_finished(self.broken)
+
+    def abort(self, reason: str) -> None:
+        """Give the socket back at once (the session was cancelled)."""
+        self._abort(reason, broken=True)
+
+    def _abort(self, reason: str, *, broken: bool = False) -> None:
+        """Close now; replies of requests still in flight are dropped."""
+        self.session.note_close_reason(reason)
+        self._finish(broken=broken)
+
+    def _maybe_finish(self) -> None:
+        if not self._reading and self.inflight == 0 and not self.closed:
+            if self._out:
+                return  # the last replies are still being written; finish when flushed
+            self._finish()
+
+    def _update_mask(self) -> None:
+        want = 0
+        if self._reading and self.inflight < self._max:
+            want |= _IN
+        if self._out:
+            want |= _OUT
+        if want != self._mask and not self.closed:
+            self._mask = want
+            self.plane.modify(self.fd, want)
+
+    # events
+
+    def _on_event(self, ev: int) -> None:
+        if ev & _OUT:
+            self._write()
+            if self.closed:
+                return
+        if ev & (select.EPOLLIN | _ERR | select.EPOLLRDHUP) and self._reading:
+            try:
+                raw = os.read(self.fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                raw = b""
+                self.broken = True
+                self.session.note_close_reason("client_reset")
+            if raw:
+                self._incoming.write(raw)
+            else:
+                self._incoming.write_eof()
+            self._last_rx = self.plane.now
+            self._decrypt()
+        elif ev & _ERR and not self._out:
+            self._abort("client_reset", broken=True)
+
+    def _decrypt(self) -> None:
+        obj = self._obj
+        session = self.session
+        frames = self._frames
+        eof = False
+        while True:
+            try:
+                data = obj.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError:
+                self.broken = True
+                session.note_close_reason("client_reset")
+                eof = True
+                break
+            if not data:
+                session.note_close_reason("client_closed")
+                eof = True
+                break
+            session.bytes_in += len(data)
+            frames.receive_data(data)
+        if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer, in order with replies
+            self._out += self._outgoing.read()
+            self._write()
+            if self.closed:
+                return
+        self._pump()
+        if eof and not self.closed:
+            self._reading = False
+            self._update_mask()
+            self._maybe_finish()
+
+    def _pump(self) -> None:
+        """Start buffered requests while there is a pipelining slot."""
+        session = self.session
+        frames = self._frames
+        while self.inflight < self._max and not self.closed:
+            try:
+                adu = frames.next_frame()
+            except RemoteProtocolError as exc:
+                session.framing_error(exc)
+                self._abort(exc.reason)
+                return
+            if adu is None:
+                break
+            self.inflight += 1
+            t0 = time.monotonic()
+            result = session.decide(adu, t0)
+            if result is None:  # the request broke the connection (logged)
+                self.inflight -= 1
+                self._finish()
+                return
+            if type(result) is bytes:
+                self.inflight -= 1
+                self._send(adu, result, t0)
+            else:
+                assert not isinstance(result, bytes)
+                self.plane.submit(adu.unit_id, result.request, adu.pdu,
+                                  Exchange(self, adu, result, t0))
+        self._update_mask()
+
+    def finish_request(
+        self, exchange: Exchange, reply: UpstreamReply | None, error: UpstreamError | None
+    ) -> None:
+        if self.closed:
+            self.session.abandon(exchange.fwd)  # releases its rate-limit slot, nothing to send
+            return
+        pdu = self.session.complete(exchange.adu, exchange.fwd, reply, error)
+        self.inflight -= 1
+        self._send(exchange.adu, pdu, exchange.t0)
+        if self.closed:
+            return
+        if self._reading:
+            self._pump()
+        else:
+            self._update_mask()
+            self._maybe_finish()
+
+    def _send(self, adu: Adu, pdu: bytes, t0: float) -> None:
+        data = encode_adu(adu.transaction_id, adu.unit_id, pdu)
+        try:
+            self._obj.write(data)  # one write, one TLS record
+        except ssl.SSLError:
+            self._abort("client_gone", broken=True)
+            return
+        self._out += self._outgoing.read()
+        self.session.bytes_out += len(data)
+        self.plane.metrics.observe("mbsec_request_seconds", time.monotonic() - t0)
+        if self._stall_timer is None:  # else the socket is full: the flush writes ours too
+            self._write()
+
+    def _write(self) -> None:
+        out = self._out
+        if not out:
+            return
+        try:
+            n = os.write(self.fd, out)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._abort("client_gone", broken=True)
+            return
+        del out[:n]
+        if out:
+            if self._stall_timer is None:
+                # a client that stops reading must not hold its replies' slots forever
+                self._stall_timer = self.plane.timer(self._idle, self._stalled)
+        elif self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._update_mask()
+        if not out:
+            self._maybe_finish()
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self._out:
+            self._abort("client_stalled", broken=True)
+
+    def _idle_check(self) -> None:
+        now = self.plane.now
+        if self.closed:
+            return
+        due = self._last_rx + self._idle
+        if now >= due:
+            if self.inflight:
+                self._last_rx = now  # the wait starts over, as a new full period
+            else:
+                self.stop_reading("idle_timeout")
+                return
+        self._idle_timer = self.plane.timer(max(0.0, self._last_rx + self._idle - now),
+                                            self._idle_check)
+
+
+# -- PLC links --------------------------------------------------------------------------------
+
+
+class _Pool:
+    """The links to one target; picks like :meth:`mbsec.upstream._Pool.pick`."""
+
+    def __init__(self, plane: DataPlane, target: UpstreamTarget) -> None:
+        self.plane = plane
+        self.target = target
+        self.links = [_Link(plane, target, i) for i in range(target.pool_size)]
+
+    def pick(self) -> _Link:
+        links = self.links
+        if len(links) == 1:
+            return links[0]
+        depth = self.target.depth
+        best: _Link | None = None
+        for c in links:
+            if c.fd >= 0 and c.load < depth and (best is None or c.load < best.load):
+                best = c
+        if best is not None:
+            return best
+        for c in links:
+            if c.fd < 0 and c.load < depth and not c.in_backoff():
+                return c
+        for c in links:
+            if not c.in_backoff() and (best is None or c.load < best.load):
+                best = c
+        return best if best is not None else links[0]
+
+    def retire(self) -> None:
+        """Replaced by a reload: in-flight requests finish (bounded by their deadlines)."""
+        t = self.target
+        self.plane.timer(t.connect_timeout + t.request_timeout + RETIRE_GRACE,
+                         lambda: self.close("shutdown", "target removed by a reload"))
+
+    def close(self, reason: str, message: str) -> None:
+        for link in self.links:
+            link.close(reason, message)
+
+
+class _Link:
+    """One TCP connection slot to a PLC: proxy-owned tids, depth, FIFO queue, deadlines."""
+
+    def __init__(self, plane: DataPlane, target: UpstreamTarget, index: int) -> None:
+        self.plane = plane
+        self.target = target
+        self.log = plane.log.bind(
+            **{
+                "mbsec.target": target.name,
+                "destination.ip": target.host,
+                "destination.port": target.port,
+                "mbsec.connection": index,
+            }
+        )
+        self.sock: socket.socket | None = None
+        self.fd = -1  # >= 0 once connected
+        self.connecting = False
+        self.load = 0  # requests queued or in flight here
+        self._pending: dict[int, Exchange] = {}
+        self._expired: dict[int, None] = {}
+        self._next_tid = 1
+        self._queue: collections.deque[Exchange] = collections.deque()
+        self._queue_timers: dict[int, _Timer] = {}
+        self._out = bytearray()
+        self._frames = FrameBuffer()
+        self._dirty = False
+        self._writing = False  # waiting for EPOLLOUT
+        self.retry_at = -math.inf
+        self._backoff = target.backoff_initial
+        self._last_error = ""
+        self._connect_timer: _Timer | None = None
+
+    def in_backoff(self) -> bool:
+        return self.fd < 0 and not self.connecting and self.plane.now < self.retry_at
+
+    # request path
+
+    def submit(self, unit_id: int, request: Request, pdu: bytes, ex: Exchange) -> None:
+        t = self.target
+        ex.request = request
+        ex.plc_unit = t.unit_rewrite.get(unit_id, unit_id) if t.unit_rewrite else unit_id
+        ex.pdu = pdu
+        self.load += 1
+        if self.fd < 0:
+            if self.in_backoff():
+                self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name,
+                                       reason="backoff")
+                self._fail(ex, PathUnavailable(
+                    f"upstream {t.name} unavailable (reconnect backoff): {self._last_error}",
+                    reason="backoff"))
+                return
+            self._queue.append(ex)
+            if not self.connecting:
+                self._connect()
+            return
+        if len(self._pending) < t.depth and not self._queue:
+            self._send(ex)
+        else:
+            self._enqueue(ex)
+
+    def _enqueue(self, ex: Exchange) -> None:
+        """Queue (FIFO) for a slot, for at most ``request_timeout``."""
+        self._queue.append(ex)
+        t = self.target
+        self._queue_timers[id(ex)] = self.plane.timer(t.request_timeout,
+                                                      lambda: self._slot_timeout(ex))
+
+    def _slot_timeout(self, ex: Exchange) -> None:
+        self._queue_timers.pop(id(ex), None)
+        try:
+            self._queue.remove(ex)
+        except ValueError:
+            return
+        t = self.target
+        self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
+        self._fail(ex, TargetNoResponse(
+            f"upstream {t.name}: no free slot within {t.request_timeout:g} s "
+            f"({t.pool_size} connection(s) x depth {t.depth} busy)",
+            reason="timeout"))
+
+    def _fail(self, ex: Exchange, error: UpstreamError) -> None:
+        self.load -= 1
+        ex.done(None, error)
+
+    def _send(self, ex: Exchange) -> None:
+        tid = self._allocate_tid()
+        ex.tid = tid
+        self._out += encode_adu(tid, ex.plc_unit, ex.pdu)
+        self._pending[tid] = ex
+        ex.sent = self.plane.now
+        ex.link_deadline = self.plane.timer(self.target.request_timeout,
+                                            lambda: self._deadline(ex))
+        if not self._dirty:
+            self._dirty = True
+            self.plane.mark_dirty(self)
+
+    def _allocate_tid(self) -> int:
+        """Next 16-bit id not in flight and not recently timed out (so a late reply is known)."""
+        tid = self._next_tid
+        pending = self._pending
+        expired = self._expired
+        while tid in pending or tid in expired:
+            tid = (tid + 1) & 0xFFFF
+        self._next_tid = (tid + 1) & 0xFFFF
+        return tid
+
+    def _next_from_queue(self) -> None:
+        depth = self.target.depth
+        while self._queue and self.fd >= 0 and len(self._pending) < depth:
+            ex = self._queue.popleft()
+            timer = self._queue_timers.pop(id(ex), None)
+            if timer is not None:
+                timer.cancel()
+            self._send(ex)
+
+    def flush(self) -> None:
+        """Write every queued ADU in one system call (end of a loop pass)."""
+        self._dirty = False
+        out = self._out
+        if not out or self.fd < 0 or self._writing:
+            return
+        try:
+            n = os.write(self.fd, out)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._reset("send_failed", str(exc) or type(exc).__name__)
+            return
+        del out[:n]
+        if out:
+            self._writing = True
+            self.plane.modify(self.fd, _IN | _OUT)
+
+    def _deadline(self, ex: Exchange) -> None:
+        tid = ex.tid
+        if self._pending.get(tid) is not ex:
+            return
+        del self._pending[tid]
+        t = self.target
+        unsent = bool(self._out)
+        self._fail(ex, TargetNoResponse(
+            f"no reply from upstream {t.name} within {t.request_timeout:g} s", reason="timeout"))
+        self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
+        if unsent and self._writing:  # stuck behind a full socket: the PLC stopped reading
+            self._reset("send_timeout", "PLC did not accept the request in time")
+            return
+        self._expire(tid)
+        self._next_from_queue()
+
+    def _expire(self, tid: int) -> None:
+        """Remember a timed-out tid so its late reply is recognised and dropped; past
+        ``EXPIRED_MAX`` the link is reset rather than forgetting one (a forgotten tid could be
+        reused and a very late reply would complete another client's request)."""
+        self._expired[tid] = None
+        if len(self._expired) > EXPIRED_MAX:
+            self._reset("too_many_timeouts",
+                        f"more than {EXPIRED_MAX} requests timed out on this connection")
+
+    # connection
+
+    def _connect(self) -> None:
+        t = self.target
+        self.connecting = True
+        try:
+            infos = socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
+            family, kind, proto, _name, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            self._connect_failed("connect_failed", str(exc) or type(exc).__name__)
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._connect_failed("connect_failed", os.strerror(err))
+            return
+        self.sock = sock
+        self.plane.register(sock.fileno(), _OUT, self._on_connect)
+        self._connect_timer = self.plane.timer(t.connect_timeout, self._connect_timeout)
+
+    def _on_connect(self, _ev: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.plane.unregister(sock.fileno())
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        if err:
+            sock.close()
+            self.sock = None
+            self._connect_failed("connect_failed", os.strerror(err))
+            return
+        try:
+            configure_socket(sock)  # type: ignore[arg-type]
+        except OSError as exc:
+            sock.close()
+            self.sock = None
+            self._connect_failed("connect_failed", str(exc))
+            return
+        self.connecting = False
+        self.fd = sock.fileno()
+        self._frames = FrameBuffer()
+        self.plane.register(self.fd, _IN, self._on_event)
+        self.plane.metrics.inc("mbsec_upstream_connects_total", target=self.target.name)
+        self.log.info("upstream-connect", **{"event.action": "upstream-connect"})
+        waiting = list(self._queue)
+        self._queue.clear()
+        for ex in waiting:  # they waited for the connection, not for a slot: keep FIFO order
+            if len(self._pending) < self.target.depth:
+                self._send(ex)
+            else:
+                self._enqueue(ex)
+
+    def _connect_timeout(self) -> None:
+        sock = self.sock
+        if sock is None or not self.connecting:
+            return
+        self.plane.unregister(sock.fileno())
+        sock.close()
+        self.sock = None
+        t = self.target
+        self._connect_failed("connect_timeout", f"no connection within {t.connect_timeout:g} s")
+
+    def _connect_failed(self, reason: str, message: str) -> None:
+        t = self.target
+        self.connecting = False
+        self._last_error = message
+        self.retry_at = self.plane.now + self._backoff
+        self.log.warning(
+            "upstream-connect-failed",
+            **{
+                "event.action": "upstream-connect-failed",
+                "event.reason": reason,
+                "error.message": message,
+                "mbsec.backoff": self._backoff,
+            },
+        )
+        self._backoff = min(self._backoff * 2, t.backoff_max)
+        self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason=reason)
+        waiting = list(self._queue)
+        self._queue.clear()
+        for ex in waiting:
+            self._fail(ex, PathUnavailable(
+                f"cannot connect to upstream {t.name} at {t.host}:{t.port}: {message}",
+                reason="connect_failed"))
+
+    # replies
+
+    def _on_event(self, ev: int) -> None:
+        if ev & _OUT and self._writing:
+            self._writing = False
+            self.plane.modify(self.fd, _IN)
+            self.flush()
+            if self.fd < 0:
+                return
+        if not ev & (select.EPOLLIN | _ERR | select.EPOLLRDHUP):
+            return
+        try:
+            data = os.read(self.fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._reset("connection_lost", str(exc) or type(exc).__name__)
+            return
+        if not data:
+            self._reset("eof", "connection closed by the PLC")
+            return
+        frames = self._frames
+        try:
+            frames.receive_data(data)
+            while True:
+                adu = frames.next_frame()
+                if adu is None:
+                    break
+                problem = self._dispatch(adu)
+                if problem is not None:
+                    self._reset(*problem)
+                    return
+        except ProtocolError as exc:
+            self._reset("bad_frame", exc.message)
+            return
+        self._next_from_queue()
+
+    def _dispatch(self, adu: Adu) -> tuple[str, str] | None:
+        """Hand a reply to the request that sent its tid; anything off resets the connection."""
+        tid = adu.transaction_id
+        ex = self._pending.pop(tid, None)
+        if ex is None:
+            if tid in self._expired:
+                del self._expired[tid]
+                self.log.info(
+                    "upstream-late-reply",
+                    **{
+                        "event.action": "upstream-late-reply",
+                        "modbus.transaction_id": tid,
+                        "error.message": "reply after its request timed out; dropped",
+                    },
+                )
+                self.plane.metrics.inc("mbsec_upstream_failures_total",
+                                       target=self.target.name, reason="late_reply")
+                return None
+            return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
+        timer = ex.link_deadline
+        if timer is not None:
+            timer.cancel()
+        if adu.unit_id != ex.plc_unit:
+            self._fail(ex, self._reset_error(f"reply from unit {adu.unit_id}"))
+            return "wrong_unit", (
+                f"reply to tid {tid} from unit {adu.unit_id}, expected {ex.plc_unit}"
+            )
+        request = ex.request
+        assert request is not None
+        try:
+            response = parse_response(request, adu.pdu)
+        except ProtocolError as exc:
+            self._fail(ex, self._reset_error(exc.message))
+            return "bad_reply", f"reply to tid {tid} does not match its request: {exc.message}"
+        self._backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
+        self.plane.metrics.observe("mbsec_upstream_request_seconds", self.plane.now - ex.sent,
+                                   target=self.target.name)
+        self.load -= 1
+        ex.done(UpstreamReply(adu.pdu, response, self.target.name), None)
+        return None
+
+    def _reset_error(self, message: str) -> TargetNoResponse:
+        return TargetNoResponse(
+            f"upstream {self.target.name} connection reset: {message}", reason="upstream_reset"
+        )
+
+    def _reset(self, reason: str, message: str) -> None:
+        """The byte stream cannot be trusted (or is gone): fail what is on it, back off."""
+        pending = list(self._pending.values())
+        self._pending = {}
+        self._expired.clear()
+        self._out.clear()
+        self._writing = False
+        self._drop_socket()
+        t = self.target
+        error = self._reset_error(message)
+        if reason in ("connection_lost", "eof"):
+            error.reason = "connection_lost"
+        for ex in pending:
+            if ex.link_deadline is not None:
+                ex.link_deadline.cancel()
+            self._fail(ex, error)
+        if reason != "eof" or pending:
+            self.retry_at = self.plane.now + self._backoff
+            self._backoff = min(self._backoff * 2, t.backoff_max)
+        if reason != "shutdown":
+            self._last_error = message
+            level = self.log.info if reason == "eof" and not pending else self.log.warning
+            level(
+                "upstream-reset",
+                **{
+                    "event.action": "upstream-reset",
+                    "event.reason": reason,
+                    "error.message": message,
+                    "mbsec.pending": len(pending),
+                },
+            )
+            self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason=reason)
+        waiting = list(self._queue)
+        self._queue.clear()
+        for ex in waiting:
+            timer = self._queue_timers.pop(id(ex), None)
+            if timer is not None:
+                timer.cancel()
+            self._fail(ex, TargetNoResponse(
+                f"upstream {t.name} connection lost before the request was sent: {message}",
+                reason="connection_lost"))
+
+    def _drop_socket(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            self.plane.unregister(sock.fileno())
+            sock.close()
+        self.sock = None
+        self.fd = -1
+        self.connecting = False
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+
+    def close(self, reason: str, message: str) -> None:
+        if self.sock is not None or self._pending or self._queue:
+            self._reset(reason, message)
