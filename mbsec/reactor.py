@@ -253,8 +253,7 @@ class DataPlane:
 class Exchange:
     """One request on its way to a PLC; the link calls :meth:`done` once with a reply or error."""
 
-    __slots__ = ("adu", "client", "fwd", "link_deadline", "pdu", "plc_unit", "request", "sent",
-                 "t0", "tid")
+    __slots__ = ("adu", "client", "fwd", "pdu", "plc_unit", "request", "sent", "t0", "tid")
 
     def __init__(self, client: Client, adu: Adu, fwd: Forward, t0: float) -> None:
         self.client = client
@@ -266,7 +265,6 @@ class Exchange:
         self.plc_unit = 0
         self.tid = -1
         self.sent = 0.0
-        self.link_deadline: _Timer | None = None
 
     def done(self, reply: UpstreamReply | None, error: UpstreamError | None) -> None:
         self.client.finish_request(self, reply, error)
@@ -409,8 +407,11 @@ class Client:
         obj = self._obj
         session = self.session
         frames = self._frames
+        incoming = self._incoming
         eof = False
         while True:
+            if not incoming.pending and not incoming.eof and not obj.pending():
+                break  # nothing buffered: a read could only raise SSLWantReadError
             try:
                 data = obj.read(RECEIVE_SIZE)
             except ssl.SSLWantReadError:
@@ -611,6 +612,7 @@ class _Link:
         self._backoff = target.backoff_initial
         self._last_error = ""
         self._connect_timer: _Timer | None = None
+        self._deadline_timer: _Timer | None = None
 
     def in_backoff(self) -> bool:
         return self.fd < 0 and not self.connecting and self.plane.now < self.retry_at
@@ -670,8 +672,8 @@ class _Link:
         self._out += encode_adu(tid, ex.plc_unit, ex.pdu)
         self._pending[tid] = ex
         ex.sent = self.plane.now
-        ex.link_deadline = self.plane.timer(self.target.request_timeout,
-                                            lambda: self._deadline(ex))
+        if self._deadline_timer is None:
+            self._deadline_timer = self.plane.timer(self.target.request_timeout, self._sweep)
         if not self._dirty:
             self._dirty = True
             self.plane.mark_dirty(self)
@@ -713,20 +715,34 @@ class _Link:
             self._writing = True
             self.plane.modify(self.fd, _IN | _OUT)
 
-    def _deadline(self, ex: Exchange) -> None:
-        tid = ex.tid
-        if self._pending.get(tid) is not ex:
-            return
-        del self._pending[tid]
+    def _sweep(self) -> None:
+        """Fail requests whose reply is overdue. One timer per link, not one per request:
+        every request waits ``request_timeout`` and ``_pending`` is in send order, so the
+        oldest entry is always the next deadline."""
+        self._deadline_timer = None
         t = self.target
-        unsent = bool(self._out)
-        self._fail(ex, TargetNoResponse(
-            f"no reply from upstream {t.name} within {t.request_timeout:g} s", reason="timeout"))
-        self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason="timeout")
-        if unsent and self._writing:  # stuck behind a full socket: the PLC stopped reading
-            self._reset("send_timeout", "PLC did not accept the request in time")
-            return
-        self._expire(tid)
+        timeout = t.request_timeout
+        now = self.plane.now
+        pending = self._pending
+        while pending:
+            tid, ex = next(iter(pending.items()))
+            if ex.sent + timeout > now:
+                break
+            del pending[tid]
+            self._fail(ex, TargetNoResponse(
+                f"no reply from upstream {t.name} within {timeout:g} s", reason="timeout"))
+            self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name,
+                                   reason="timeout")
+            if self._out and self._writing:  # stuck behind a full socket: the PLC stopped reading
+                self._reset("send_timeout", "PLC did not accept the request in time")
+                return
+            self._expire(tid)
+            if self.fd < 0:
+                return
+        if pending:
+            oldest = next(iter(pending.values()))
+            self._deadline_timer = self.plane.timer(max(0.0, oldest.sent + timeout - now),
+                                                    self._sweep)
         self._next_from_queue()
 
     def _expire(self, tid: int) -> None:
@@ -883,9 +899,6 @@ class _Link:
                                        target=self.target.name, reason="late_reply")
                 return None
             return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
-        timer = ex.link_deadline
-        if timer is not None:
-            timer.cancel()
         if adu.unit_id != ex.plc_unit:
             self._fail(ex, self._reset_error(f"reply from unit {adu.unit_id}"))
             return "wrong_unit", (
@@ -922,9 +935,10 @@ class _Link:
         error = self._reset_error(message)
         if reason in ("connection_lost", "eof"):
             error.reason = "connection_lost"
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for ex in pending:
-            if ex.link_deadline is not None:
-                ex.link_deadline.cancel()
             self._fail(ex, error)
         if reason != "eof" or pending:
             self.retry_at = self.plane.now + self._backoff
