@@ -100,6 +100,10 @@ class Metrics:
         self._gauges.setdefault(name, {})[_key(labels)] = value
 
     def observe(self, name: str, value: float, **labels: str | int) -> None:
+        self.histogram(name, **labels).observe(value)
+
+    def histogram(self, name: str, **labels: str | int) -> _Histogram:
+        """The series itself, for a hot path that observes the same one many times."""
         series = self._hists.get(name)
         if series is None:
             series = self._hists[name] = {}
@@ -107,7 +111,7 @@ class Metrics:
         h = series.get(k)
         if h is None:
             h = series[k] = _Histogram(self._buckets)
-        h.observe(value)
+        return h
 
     def value(self, name: str, **labels: str | int) -> float:
         """Current counter or gauge value (0 when never touched): for tests."""
@@ -143,6 +147,16 @@ class Metrics:
                 lines.append(f"{name}_sum{_fmt_labels(k)} {_num(h.sum)}")
                 lines.append(f"{name}_count{_fmt_labels(k)} {h.count}")
         return "\n".join(lines) + "\n"
+
+
+def observer(metrics: object, name: str, **labels: str | int) -> Callable[[float], None]:
+    """A bound ``observe`` for one series: the label lookup is paid once, not per request."""
+    histogram = getattr(metrics, "histogram", None)
+    if histogram is not None:
+        bound: Callable[[float], None] = histogram(name, **labels).observe
+        return bound
+    observe = metrics.observe  # type: ignore[attr-defined]
+    return lambda value: observe(name, value, **labels)
 
 
 class NullMetrics:

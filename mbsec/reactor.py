@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from mbsec.metrics import observer
 from mbsec.modbus.errors import ProtocolError, RemoteProtocolError
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
 from mbsec.modbus.pdu import Request, parse_response
@@ -84,10 +85,17 @@ class DataPlane:
     """One epoll loop in one thread for all adopted connections and all PLC links."""
 
     def __init__(
-        self, targets: Iterable[UpstreamTarget], *, log: Any, metrics: MetricsLike
+        self,
+        targets: Iterable[UpstreamTarget],
+        *,
+        log: Any,
+        metrics: MetricsLike,
+        busy_poll: float = 0.0,
     ) -> None:
         self.log = log
         self.metrics = metrics
+        self.observe_request = observer(metrics, "mbsec_request_seconds")
+        self._busy_poll = busy_poll
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
@@ -138,6 +146,8 @@ class DataPlane:
         timers = self._timers
         dirty = self._dirty
         wake = self._wake_fd
+        spin = self._busy_poll
+        active = False
         while self._running:
             if self._calls:
                 timeout = 0.0
@@ -145,7 +155,20 @@ class DataPlane:
                 timeout = max(0.0, timers[0][0] - time.monotonic())
             else:
                 timeout = -1.0
-            events = ep.poll(timeout)
+            if spin and active and timeout != 0.0:
+                # busy poll: while traffic flows, the next request or reply is picked up
+                # without a sleep and a wake-up (opt-in: it costs CPU, see docs/config.md)
+                end = time.monotonic() + spin
+                events = ep.poll(0)
+                while not events and time.monotonic() < end:
+                    events = ep.poll(0)
+                if not events:
+                    if timers:
+                        timeout = max(0.0, timers[0][0] - time.monotonic())
+                    events = ep.poll(timeout)
+            else:
+                events = ep.poll(timeout)
+            active = bool(events)
             self.now = now = time.monotonic()
             for fd, ev in events:
                 if fd == wake:
@@ -493,7 +516,7 @@ class Client:
             return
         self._out += self._outgoing.read()
         self.session.bytes_out += len(data)
-        self.plane.metrics.observe("mbsec_request_seconds", time.monotonic() - t0)
+        self.plane.observe_request(time.monotonic() - t0)
         if self._stall_timer is None:  # else the socket is full: the flush writes ours too
             self._write()
 
@@ -613,6 +636,8 @@ class _Link:
         self._last_error = ""
         self._connect_timer: _Timer | None = None
         self._deadline_timer: _Timer | None = None
+        self._observe_rtt = observer(plane.metrics, "mbsec_upstream_request_seconds",
+                                     target=target.name)
 
     def in_backoff(self) -> bool:
         return self.fd < 0 and not self.connecting and self.plane.now < self.retry_at
@@ -912,8 +937,8 @@ class _Link:
             self._fail(ex, self._reset_error(exc.message))
             return "bad_reply", f"reply to tid {tid} does not match its request: {exc.message}"
         self._backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
-        self.plane.metrics.observe("mbsec_upstream_request_seconds", self.plane.now - ex.sent,
-                                   target=self.target.name)
+        plane = self.plane
+        self._observe_rtt(plane.now - ex.sent)
         self.load -= 1
         ex.done(UpstreamReply(adu.pdu, response, self.target.name), None)
         return None

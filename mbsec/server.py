@@ -169,7 +169,8 @@ class Proxy:
         self.data_plane: DataPlane | None = None
         if settings.data_plane == "thread" and dialer is None:
             self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
-                                        metrics=self.metrics)
+                                        metrics=self.metrics,
+                                        busy_poll=settings.busy_poll_us / 1e6)
         self.sessions: set[Session] = set()
         self._per_source: Counter[str] = Counter()
         self._per_identity: Counter[str] = Counter()

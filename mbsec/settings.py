@@ -189,6 +189,8 @@ class Settings(BaseSettings):
     #: "thread": client and PLC sockets after the handshake run in one epoll thread (fast);
     #: "trio": everything in trio tasks (the reference engine)
     data_plane: Literal["thread", "trio"] = "thread"
+    #: thread data plane: spin this long for a PLC reply before sleeping (0: never spin)
+    busy_poll_us: int = Field(default=0, ge=0, le=1000)
 
     @classmethod
     def settings_customise_sources(
