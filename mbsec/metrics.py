@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import trio
 
@@ -65,6 +65,15 @@ def _key(labels: dict[str, str | int]) -> LabelKey:
     return k
 
 
+class Cell:
+    """One counter series; a hot path keeps it and adds to ``value`` directly."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
 class _Histogram:
     __slots__ = ("buckets", "count", "counts", "sum")
 
@@ -85,16 +94,23 @@ class Metrics:
 
     def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
         self._buckets = buckets
-        self._counters: dict[str, dict[LabelKey, float]] = {}
+        self._counters: dict[str, dict[LabelKey, Cell]] = {}
         self._gauges: dict[str, dict[LabelKey, float]] = {}
         self._hists: dict[str, dict[LabelKey, _Histogram]] = {}
 
     def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None:
+        self.counter(name, **labels).value += value
+
+    def counter(self, name: str, **labels: str | int) -> Cell:
+        """The series itself, for a hot path that counts the same one many times."""
         series = self._counters.get(name)
         if series is None:  # not setdefault: that builds a throw-away dict per call
             series = self._counters[name] = {}
         k = _key(labels)
-        series[k] = series.get(k, 0.0) + value
+        cell = series.get(k)
+        if cell is None:
+            cell = series[k] = Cell()
+        return cell
 
     def set(self, name: str, value: float, **labels: str | int) -> None:
         self._gauges.setdefault(name, {})[_key(labels)] = value
@@ -117,7 +133,8 @@ class Metrics:
         """Current counter or gauge value (0 when never touched): for tests."""
         k = _key(labels)
         if name in self._counters:
-            return self._counters[name].get(k, 0.0)
+            cell = self._counters[name].get(k)
+            return cell.value if cell is not None else 0.0
         return self._gauges.get(name, {}).get(k, 0.0)
 
     def render(self) -> str:
@@ -130,8 +147,8 @@ class Metrics:
 
         for name in sorted(self._counters):
             head(name, "counter")
-            for k, v in sorted(self._counters[name].items()):
-                lines.append(f"{name}{_fmt_labels(k)} {_num(v)}")
+            for k, cell in sorted(self._counters[name].items(), key=lambda kv: kv[0]):
+                lines.append(f"{name}{_fmt_labels(k)} {_num(cell.value)}")
         for name in sorted(self._gauges):
             head(name, "gauge")
             for k, v in sorted(self._gauges[name].items()):
@@ -147,6 +164,37 @@ class Metrics:
                 lines.append(f"{name}_sum{_fmt_labels(k)} {_num(h.sum)}")
                 lines.append(f"{name}_count{_fmt_labels(k)} {h.count}")
         return "\n".join(lines) + "\n"
+
+
+class _IncCell:
+    """Stands in for a :class:`Cell` on a metrics object without series (a test double):
+    ``cell.value += n`` becomes ``metrics.inc(name, n, **labels)``."""
+
+    __slots__ = ("_inc",)
+
+    def __init__(self, inc: Callable[[float], None]) -> None:
+        self._inc = inc
+
+    @property
+    def value(self) -> float:
+        return 0.0
+
+    @value.setter
+    def value(self, new: float) -> None:
+        self._inc(new)
+
+
+CounterCell: TypeAlias = "Cell | _IncCell"
+
+
+def counter(metrics: object, name: str, **labels: str | int) -> CounterCell:
+    """A counter series to add to directly (``cell.value += 1``)."""
+    get = getattr(metrics, "counter", None)
+    if get is not None:
+        cell: Cell = get(name, **labels)
+        return cell
+    inc = metrics.inc  # type: ignore[attr-defined]
+    return _IncCell(lambda n: inc(name, n, **labels))
 
 
 def observer(metrics: object, name: str, **labels: str | int) -> Callable[[float], None]:

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
+from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import ProtocolError
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
 from mbsec.modbus.pdu import ExceptionCode, ExceptionResponse, Request, Response, parse_response
@@ -140,6 +141,7 @@ class TargetNoResponse(UpstreamError):
     exception_code = int(ExceptionCode.GATEWAY_TARGET_NO_RESPONSE)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class UpstreamReply:
     """A validated reply: the PDU as the PLC sent it and its parsed form."""
