@@ -11,7 +11,7 @@ import trio
 from conftest import http_get
 
 from mbsec.audit import ListSink, flatten, make_logger, nest_dotted
-from mbsec.metrics import Metrics, NullMetrics, serve_metrics
+from mbsec.metrics import Metrics, NullMetrics, counter, observer, serve_metrics
 from mbsec.settings import LoggingSettings
 
 
@@ -121,6 +121,43 @@ def test_metrics_render_prometheus_text() -> None:
     assert "mbsec_request_seconds_count 2" in text
     assert m.value("mbsec_requests_total", decision="allow", function="read_coils") == 1
     NullMetrics().inc("x")  # same API, no effect
+
+
+def test_hot_path_series_handles_count_into_the_registry() -> None:
+    m = Metrics(buckets=(0.001, 0.01))
+    cell = counter(m, "mbsec_requests_total", decision="allow", function="read_coils")
+    cell.value += 1
+    cell.value += 1
+    m.inc("mbsec_requests_total", decision="allow", function="read_coils")
+    assert m.value("mbsec_requests_total", decision="allow", function="read_coils") == 3
+    assert counter(m, "mbsec_requests_total", function="read_coils", decision="allow") is cell
+    observe = observer(m, "mbsec_upstream_request_seconds", target="plc")
+    observe(0.005)
+    m.observe("mbsec_upstream_request_seconds", 0.5, target="plc")
+    text = m.render()
+    assert 'mbsec_upstream_request_seconds_count{target="plc"} 2' in text
+    assert 'mbsec_upstream_request_seconds_bucket{target="plc",le="0.01"} 1' in text
+
+
+def test_hot_path_handles_fall_back_to_inc_and_observe() -> None:
+    """A metrics object without series (a test double) still sees every count."""
+    calls: list[tuple[str, str, float, dict[str, str | int]]] = []
+
+    class Recording:
+        def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None:
+            calls.append(("inc", name, value, labels))
+
+        def observe(self, name: str, value: float, **labels: str | int) -> None:
+            calls.append(("observe", name, value, labels))
+
+    rec = Recording()
+    cell = counter(rec, "mbsec_requests_total", decision="allow")
+    cell.value += 1
+    observer(rec, "mbsec_request_seconds")(0.25)
+    assert calls == [
+        ("inc", "mbsec_requests_total", 1.0, {"decision": "allow"}),
+        ("observe", "mbsec_request_seconds", 0.25, {}),
+    ]
 
 
 def test_label_values_are_escaped() -> None:
