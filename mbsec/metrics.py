@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
 
@@ -145,17 +146,19 @@ class Metrics:
                 lines.append(f"# HELP {name} {HELP[name]}")
             lines.append(f"# TYPE {name} {kind}")
 
-        for name in sorted(self._counters):
+        # The data-plane thread adds series while this renders in trio's thread: every dict is
+        # copied by one C-level call (atomic under the GIL) before it is sorted and walked.
+        for name in sorted(list(self._counters)):
             head(name, "counter")
-            for k, cell in sorted(self._counters[name].items(), key=lambda kv: kv[0]):
+            for k, cell in sorted(list(self._counters[name].items()), key=_first):
                 lines.append(f"{name}{_fmt_labels(k)} {_num(cell.value)}")
-        for name in sorted(self._gauges):
+        for name in sorted(list(self._gauges)):
             head(name, "gauge")
-            for k, v in sorted(self._gauges[name].items()):
+            for k, v in sorted(list(self._gauges[name].items()), key=_first):
                 lines.append(f"{name}{_fmt_labels(k)} {_num(v)}")
-        for name in sorted(self._hists):
+        for name in sorted(list(self._hists)):
             head(name, "histogram")
-            for k, h in sorted(self._hists[name].items()):
+            for k, h in sorted(list(self._hists[name].items()), key=_first):
                 cum = 0
                 for bound, c in zip((*h.buckets, math.inf), h.counts, strict=True):
                     cum += c
@@ -164,6 +167,9 @@ class Metrics:
                 lines.append(f"{name}_sum{_fmt_labels(k)} {_num(h.sum)}")
                 lines.append(f"{name}_count{_fmt_labels(k)} {h.count}")
         return "\n".join(lines) + "\n"
+
+
+_first = operator.itemgetter(0)
 
 
 class _IncCell:
