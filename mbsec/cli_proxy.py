@@ -98,7 +98,6 @@ def serve_main(argv: list[str]) -> int:
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(proxy.serve)
 
                 async def watch() -> None:
                     async for sig in signals:
@@ -109,6 +108,8 @@ def serve_main(argv: list[str]) -> int:
                             return
 
                 nursery.start_soon(watch)
+                await proxy.serve()
+                nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
 
     try:
         trio.run(run)
@@ -121,7 +122,7 @@ def serve_main(argv: list[str]) -> int:
             f"; metrics.listen {settings.metrics.listen}" if settings.metrics.listen else "")
         return _problems([f"{args.config}: cannot listen ({where}): {oserr.strerror or oserr}"])
     close_logger(log)
-    return 0
+    return 1 if proxy.failed else 0
 
 
 def config_main(argv: list[str]) -> int:

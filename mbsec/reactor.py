@@ -91,11 +91,13 @@ class DataPlane:
         log: Any,
         metrics: MetricsLike,
         busy_poll: float = 0.0,
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.log = log
         self.metrics = metrics
         self.observe_request = observer(metrics, "mbsec_request_seconds")
         self._busy_poll = busy_poll
+        self._on_fatal = on_fatal
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
@@ -141,6 +143,25 @@ class DataPlane:
     # -- loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
+            self.log.critical(
+                "data plane stopped",
+                **{
+                    "event.kind": "event",
+                    "event.category": ["process"],
+                    "event.type": ["error"],
+                    "event.action": "data-plane-error",
+                    "event.outcome": "failure",
+                    "error.type": type(exc).__name__,
+                    "error.message": str(exc),
+                },
+            )
+            if self._on_fatal is not None:
+                self._on_fatal()
+
+    def _loop(self) -> None:
         ep = self._ep
         handlers = self._handlers
         timers = self._timers

@@ -167,14 +167,18 @@ class Proxy:
         self.upstreams = Upstreams(settings.upstream_targets(), **up_kwargs)
         #: the threaded data plane (``data_plane = "thread"``); None runs everything in trio
         self.data_plane: DataPlane | None = None
+        #: set when the proxy stopped because of an internal failure (exit status 1)
+        self.failed = False
         if settings.data_plane == "thread" and dialer is None:
             self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
                                         metrics=self.metrics,
-                                        busy_poll=settings.busy_poll_us / 1e6)
+                                        busy_poll=settings.busy_poll_us / 1e6,
+                                        on_fatal=self._data_plane_failed)
         self.sessions: set[Session] = set()
         self._per_source: Counter[str] = Counter()
         self._per_identity: Counter[str] = Counter()
         self._shutdown = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
         self._no_sessions = trio.Event()
         self._ready = False
         self.addresses: list[tuple[str, int]] = []
@@ -309,6 +313,15 @@ class Proxy:
 
     # -- serving ---------------------------------------------------------------------------
 
+    def _data_plane_failed(self) -> None:
+        """Called in the data-plane thread when its loop died: stop (and exit 1), so the
+        service manager restarts a proxy that would otherwise accept and never answer."""
+        self.failed = True
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self.request_shutdown)
+
     def request_shutdown(self) -> None:
         """SIGTERM: stop accepting, drain, return from :meth:`serve`."""
         self._shutdown.set()
@@ -320,6 +333,7 @@ class Proxy:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         limits = self.settings.limits
+        self._token = trio.lowlevel.current_trio_token()
         if self.data_plane is not None:
             self.data_plane.start()
         try:
