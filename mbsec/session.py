@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 RECEIVE_SIZE = 65536
 ALERT_FLUSH_TIMEOUT = 1.0
 CLOSE_TIMEOUT = 1.0
+DECIDED_MAX = 64  # decisions remembered per connection (read requests only)
 RATE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_BUSY)
 RESPONSE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
 
@@ -302,6 +303,10 @@ class Session:
         self._client: Client | None = None  # set while the data plane owns the connection
         self._plane_broken = False
         self._allowed_cells: dict[str, CounterCell] = {}  # mbsec_requests_total{allow,fc}
+        #: (unit id, request PDU) -> (request, access, decision) for requests that write nothing:
+        #: an HMI polls the same blocks all day, and the decision is a pure function of the
+        #: principal, the unit and the PDU under one policy (cleared when the policy changes)
+        self._decided: dict[tuple[int, bytes], tuple[Request, Access, Decision]] = {}
         self.conn_id = next(_conn_ids)
         (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
         self._ssl: trio.SSLStream[trio.abc.Stream] | None = None
@@ -697,6 +702,7 @@ class Session:
         assert self.identity is not None
         self._principal = state.policy.principal(self.identity, self.peer_ip or "0.0.0.0")
         self._principal_generation = state.generation
+        self._decided.clear()  # decided by the old policy
         roles = {"user.roles": list(getattr(self._principal, "roles", ()) or ())}
         if self._client is not None:  # in the data-plane thread: no contextvars there
             self._set_log(self._log.bind(**roles))
@@ -724,37 +730,28 @@ class Session:
         request goes no further, a :class:`Forward` when it goes to the PLC, or None when it
         broke the connection (logged, ``close_reason`` set)."""
         self.requests += 1
-        fc = adu.pdu[0] if adu.pdu else 0
-        try:
-            request = parse_request(adu.pdu)
-        except RemoteProtocolError as exc:
-            if exc.action is Action.CLOSE or exc.exception_code is None:
-                self.framing_error(exc)
-                self.close_reason = exc.reason
-                return None
-            self.errors += 1
-            self._metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
-            self._log.warning(
-                "invalid Modbus request",
-                **self._request_fields(adu, fc, None, t0),
-                **{
-                    "event.type": ["protocol", "denied"],
-                    "event.outcome": "failure",
-                    "event.reason": exc.reason,
-                    "modbus.decision": "invalid",
-                    "modbus.exception_code": exc.exception_code,
-                    "error.message": exc.message,
-                },
-            )
-            return exception_pdu(fc & 0x7F, exc.exception_code)
-
+        pdu = adu.pdu
+        fc = pdu[0] if pdu else 0
         state = self._state_fn()
         if state.generation != self._principal_generation:
             self._rebind_principal(state)  # a reload: roles come from the new policy's mapping
+        key = (adu.unit_id, pdu)
+        hit = self._decided.get(key)
+        if hit is not None:
+            request, access, decision = hit
+        else:
+            try:
+                request = parse_request(pdu)
+            except RemoteProtocolError as exc:
+                return self._invalid(adu, fc, t0, exc)
+            principal = self._principal
+            assert principal is not None
+            access = request.access()
+            decision = state.policy.evaluate(principal, adu.unit_id, access)
+            if access.write is None and len(self._decided) < DECIDED_MAX:
+                self._decided[key] = (request, access, decision)
         principal = self._principal
         assert principal is not None
-        access = request.access()
-        decision = state.policy.evaluate(principal, adu.unit_id, access)
         fname = FUNCTION_NAMES.get(fc) or str(fc)
         if not decision.allowed:
             return self._deny(adu, fc, access, t0, decision.rule_id, decision.reason,
@@ -777,6 +774,27 @@ class Session:
             return self._deny(adu, fc, access, t0, decision.rule_id, limited,
                               RATE_LIMIT_EXCEPTION, "rate_limited")
         return Forward(request, access, decision, principal, limiter, fname, t0)
+
+    def _invalid(self, adu: Adu, fc: int, t0: float, exc: RemoteProtocolError) -> bytes | None:
+        if exc.action is Action.CLOSE or exc.exception_code is None:
+            self.framing_error(exc)
+            self.close_reason = exc.reason
+            return None
+        self.errors += 1
+        self._metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
+        self._log.warning(
+            "invalid Modbus request",
+            **self._request_fields(adu, fc, None, t0),
+            **{
+                "event.type": ["protocol", "denied"],
+                "event.outcome": "failure",
+                "event.reason": exc.reason,
+                "modbus.decision": "invalid",
+                "modbus.exception_code": exc.exception_code,
+                "error.message": exc.message,
+            },
+        )
+        return exception_pdu(fc & 0x7F, exc.exception_code)
 
     def abandon(self, fwd: Forward) -> None:
         """The client went away before the reply: only the rate-limit slot is given back."""

@@ -352,3 +352,60 @@ async def test_replies_queued_behind_a_blocked_send_keep_one_record_each(
     records = tls_records(bytes(rec.received[mark:]))
     assert [r[0] for r in records] == [23] * 4
     assert session.bytes_out == 4 * 11
+
+
+class CountingPolicy:
+    """Delegates to a real policy and counts ``evaluate`` calls."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.evaluated: list[tuple[int, int]] = []  # (unit, function code)
+
+    def principal(self, identity: Any, source_ip: str) -> Any:
+        return self.policy.principal(identity, source_ip)
+
+    def evaluate(self, principal: Any, unit_id: int, access: Any) -> Any:
+        self.evaluated.append((unit_id, access.function_code))
+        return self.policy.evaluate(principal, unit_id, access)
+
+
+async def test_repeated_reads_are_decided_once_per_policy_and_every_denial_is_logged(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """The per-connection decision memo: a polled read is decided once per policy generation;
+    writes are always decided; a denial is still answered and logged every time."""
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    ups = FakeUpstreams()
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False, allowed_requests="info"), extra_sinks=[sink])
+    base = state_for(pki)
+    first = CountingPolicy(base.policy)
+    current = [ProxyState(tls=base.tls, policy=first, limiter=base.limiter)]  # type: ignore[arg-type]
+    session = Session(server_raw, state=lambda: current[0], upstreams=ups,
+                      limits=LimitsSettings(), log=log, allowed_requests="info")
+    nursery.start_soon(session.run)
+    client = trio.SSLStream(client_raw, pki.client_ctx(pki.operator), server_hostname="localhost")
+    read = struct.pack(">BHH", 3, 7, 2)
+    write = struct.pack(">BHH", 6, 7, 9)  # operators may not write
+    for tid in (1, 2, 3):
+        await client.send_all(encode_adu(tid, 1, read))
+        assert await read_replies(client, 1) == [(tid, 1, bytes([3, 4, 0, 7, 0, 8]))]
+    assert first.evaluated == [(1, 3)]
+    await client.send_all(encode_adu(4, 2, read))  # another unit is another decision
+    await read_replies(client, 1)
+    for tid in (5, 6):
+        await client.send_all(encode_adu(tid, 1, write))
+        assert await read_replies(client, 1) == [(tid, 1, bytes([0x86, 0x01]))]
+    assert first.evaluated == [(1, 3), (2, 3), (1, 6), (1, 6)]
+    # a reload (new generation) with a policy that denies everything: decided afresh
+    deny_all = CountingPolicy(load_policy_text("version: 1\ndefault: deny\nrules: []\n"))
+    current[0] = ProxyState(tls=base.tls, policy=deny_all, limiter=RateLimiter(deny_all.policy),  # type: ignore[arg-type]
+                            generation=1)
+    for tid in (7, 8):
+        await client.send_all(encode_adu(tid, 1, read))
+        assert await read_replies(client, 1) == [(tid, 1, bytes([0x83, 0x01]))]
+    assert deny_all.evaluated == [(1, 3)]
+    assert len(first.evaluated) == 4
+    denied = [e for e in events(sink, "modbus-request") if e["modbus.decision"] == "deny"]
+    assert [e["modbus.transaction_id"] for e in denied] == [5, 6, 7, 8]
+    assert len(ups.calls) == 4  # three polls of unit 1 and one of unit 2 reached the PLC
