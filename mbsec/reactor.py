@@ -29,6 +29,7 @@ import collections
 import contextlib
 import errno
 import heapq
+import ipaddress
 import itertools
 import math
 import os
@@ -656,6 +657,8 @@ class _Link:
         self._backoff = target.backoff_initial
         self._last_error = ""
         self._connect_timer: _Timer | None = None
+        self._attempt = 0  # connect attempts, so a late name resolution is recognised
+        self._addrs: list[tuple[Any, ...]] = []  # resolved addresses not tried yet
         self._deadline_timer: _Timer | None = None
         self._observe_rtt = observer(plane.metrics, "mbsec_upstream_request_seconds",
                                      target=target.name)
@@ -803,38 +806,72 @@ class _Link:
     # connection
 
     def _connect(self) -> None:
+        """Start a non-blocking connect; ``connect_timeout`` covers name resolution too."""
         t = self.target
         self.connecting = True
-        try:
-            infos = socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM)
-            family, kind, proto, _name, addr = infos[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            self._connect_failed("connect_failed", str(exc) or type(exc).__name__)
-            return
-        sock.setblocking(False)
-        err = sock.connect_ex(addr)
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            self._connect_failed("connect_failed", os.strerror(err))
-            return
-        self.sock = sock
-        self.plane.register(sock.fileno(), _OUT, self._on_connect)
+        self._attempt += 1
+        attempt = self._attempt
         self._connect_timer = self.plane.timer(t.connect_timeout, self._connect_timeout)
+        try:
+            ipaddress.ip_address(t.host)
+        except ValueError:  # a name: resolved off the loop, so a slow DNS stalls nobody else
+            plane = self.plane
+
+            def resolve() -> None:
+                result: list[tuple[Any, ...]] | OSError
+                try:
+                    result = list(socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM))
+                except OSError as exc:
+                    result = exc
+                plane.call_threadsafe(lambda: self._resolved(attempt, result))
+
+            threading.Thread(target=resolve, name="mbsec-resolve", daemon=True).start()
+            return
+        family = socket.AF_INET6 if ":" in t.host else socket.AF_INET
+        self._resolved(attempt, [(family, socket.SOCK_STREAM, 0, "", (t.host, t.port))])
+
+    def _resolved(self, attempt: int, result: list[tuple[Any, ...]] | OSError) -> None:
+        if attempt != self._attempt or not self.connecting or self.sock is not None:
+            return  # timed out (or superseded) meanwhile
+        if isinstance(result, OSError):
+            self._connect_failed("connect_failed", str(result) or type(result).__name__)
+            return
+        self._addrs = result
+        self._connect_next("no address")
+
+    def _connect_next(self, last_error: str) -> None:
+        """Try the next resolved address (a name may have A and AAAA records)."""
+        while self._addrs:
+            family, kind, proto, _name, addr = self._addrs.pop(0)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                last_error = str(exc) or type(exc).__name__
+                continue
+            sock.setblocking(False)
+            err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                last_error = os.strerror(err)
+                continue
+            self.sock = sock
+            self.plane.register(sock.fileno(), _OUT, self._on_connect)
+            return
+        self._connect_failed("connect_failed", last_error)
 
     def _on_connect(self, _ev: int) -> None:
         sock = self.sock
         assert sock is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.plane.unregister(sock.fileno())
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
         if err:
             sock.close()
             self.sock = None
-            self._connect_failed("connect_failed", os.strerror(err))
+            self._connect_next(os.strerror(err))
             return
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
         try:
             configure_socket(sock)  # type: ignore[arg-type]
         except OSError as exc:
@@ -857,18 +894,24 @@ class _Link:
                 self._enqueue(ex)
 
     def _connect_timeout(self) -> None:
-        sock = self.sock
-        if sock is None or not self.connecting:
+        self._connect_timer = None
+        if not self.connecting:
             return
-        self.plane.unregister(sock.fileno())
-        sock.close()
-        self.sock = None
+        sock = self.sock
+        if sock is not None:
+            self.plane.unregister(sock.fileno())
+            sock.close()
+            self.sock = None
         t = self.target
         self._connect_failed("connect_timeout", f"no connection within {t.connect_timeout:g} s")
 
     def _connect_failed(self, reason: str, message: str) -> None:
         t = self.target
         self.connecting = False
+        self._attempt += 1  # a resolution still running for this attempt is ignored
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
         self._last_error = message
         self.retry_at = self.plane.now + self._backoff
         self.log.warning(

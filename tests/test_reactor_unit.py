@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import trio
-from conftest import ScriptedPlc, StartProxy
+from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
 
 
 @pytest.fixture
@@ -28,9 +28,30 @@ async def test_a_dead_data_plane_loop_stops_the_proxy_and_marks_it_failed(
     ev = await h.wait_event("data-plane-error")
     assert ev["log.level"] == "critical" and ev["error.type"] == "ValueError"
     with trio.fail_after(5):
-        while not h.proxy._shutdown.is_set():
-            await trio.sleep(0.01)
+        await h.proxy._shutdown.wait()
     assert h.proxy.failed
     with trio.fail_after(5):  # serve() returns, the thread is gone
-        while any(t.name == "mbsec-data-plane" for t in threading.enumerate()):
+        while any(t.name == "mbsec-data-plane" for t in threading.enumerate()):  # noqa: ASYNC110
             await trio.sleep(0.01)
+
+
+async def test_upstream_by_host_name_is_resolved_off_the_loop(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    h = await start_proxy(plc.port, upstream={"host": "localhost"})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert await c.request(1, 1, read_hr(5, 1)) == (1, 1, bytes([3, 2, 0, 5]))
+    assert len(plc.requests) == 1
+
+
+async def test_unresolvable_upstream_name_gives_0x0a(
+    pki: Pki, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(502, upstream={"host": "plc.invalid", "connect_timeout": 0.5})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    with trio.fail_after(5):
+        assert await c.request(1, 1, read_hr(0, 1)) == (1, 1, bytes([0x83, 0x0A]))
+    ev = await h.wait_event("upstream-connect-failed")
+    assert ev["event.reason"] in ("connect_failed", "connect_timeout")
