@@ -369,13 +369,13 @@ class Client:
         self._mask = _IN
         plane.register(self.fd, _IN, self._on_event)
         self._idle_timer = plane.timer(self._idle, self._idle_check)
-        if self._out:
+        if self.session.stop_requested:  # drained or revoked before we got it
+            self.stop_reading(self.session.close_reason)
+        if self._out and not self.closed:
             self._write()
         # bytes the client sent right after its handshake may already sit in the BIO
-        if self._incoming.pending:
+        if self._incoming.pending and self._reading and not self.closed:
             self._decrypt()
-        if self.session.stop_requested and not self.closed:
-            self.stop_reading(self.session.close_reason)
 
     def stop_reading(self, reason: str) -> None:
         """Drain: take no new requests; those in flight still get their replies."""
@@ -415,7 +415,7 @@ class Client:
 
     def _update_mask(self) -> None:
         want = 0
-        if self._reading and self.inflight < self._max:
+        if self._reading and self.inflight < self._max and self._stall_timer is None:
             want |= _IN
         if self._out:
             want |= _OUT
@@ -430,7 +430,14 @@ class Client:
             self._write()
             if self.closed:
                 return
-        if ev & (select.EPOLLIN | _ERR | select.EPOLLRDHUP) and self._reading:
+        if not self._reading:
+            if ev & _ERR and not self.closed:
+                # hung up while we only write (EOF seen, draining): nobody will take the
+                # replies, and a level-triggered HUP would wake the loop on every pass
+                self._abort("client_reset", broken=True)
+            return
+        # EPOLLIN of a pass in which the mask dropped it (pipelining limit) is left for later
+        if ev & _ERR or (ev & _IN and self._mask & select.EPOLLIN):
             try:
                 raw = os.read(self.fd, RECEIVE_SIZE)
             except BlockingIOError:
@@ -445,8 +452,6 @@ class Client:
                 self._incoming.write_eof()
             self._last_rx = self.plane.now
             self._decrypt()
-        elif ev & _ERR and not self._out:
-            self._abort("client_reset", broken=True)
 
     def _decrypt(self) -> None:
         obj = self._obj
@@ -484,10 +489,14 @@ class Client:
             self._maybe_finish()
 
     def _pump(self) -> None:
-        """Start buffered requests while there is a pipelining slot."""
+        """Start buffered requests while there is a pipelining slot and the client takes its
+        replies (no new request while the socket toward it is full: replies cannot pile up
+        in memory beyond what ``max_pipelined`` requests produce)."""
+        if not self._reading:
+            return
         session = self.session
         frames = self._frames
-        while self.inflight < self._max and not self.closed:
+        while self.inflight < self._max and self._stall_timer is None and not self.closed:
             try:
                 adu = frames.next_frame()
             except RemoteProtocolError as exc:
@@ -554,6 +563,7 @@ class Client:
             self._abort("client_gone", broken=True)
             return
         del out[:n]
+        resumed = False
         if out:
             if self._stall_timer is None:
                 # a client that stops reading must not hold its replies' slots forever
@@ -561,8 +571,11 @@ class Client:
         elif self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+            resumed = True
         self._update_mask()
         if not out:
+            if resumed and self._reading:
+                self._pump()  # requests that waited for the client to take its replies
             self._maybe_finish()
 
     def _stalled(self) -> None:
@@ -576,8 +589,10 @@ class Client:
             return
         due = self._last_rx + self._idle
         if now >= due:
-            if self.inflight:
-                self._last_rx = now  # the wait starts over, as a new full period
+            if self.inflight or self._out:
+                # a request in flight, or replies the client has not taken yet (the stall
+                # limit decides about those): the wait starts over, as a new full period
+                self._last_rx = now
             else:
                 self.stop_reading("idle_timeout")
                 return
