@@ -44,19 +44,24 @@ from typing import TYPE_CHECKING, Any
 from mbsec.metrics import observer
 from mbsec.modbus.errors import ProtocolError, RemoteProtocolError
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
-from mbsec.modbus.pdu import Request, parse_response
+from mbsec.modbus.pdu import Request
 from mbsec.upstream import (
     EXPIRED_MAX,
     RECEIVE_SIZE,
     RETIRE_GRACE,
     MetricsLike,
     PathUnavailable,
+    ReplyProblem,
     TargetNoResponse,
+    TidBook,
     UpstreamError,
     UpstreamReply,
     Upstreams,
     UpstreamTarget,
+    check_reply,
     configure_socket,
+    dropped_late_reply,
+    unknown_tid,
 )
 
 if TYPE_CHECKING:
@@ -659,9 +664,8 @@ class _Link:
         self.fd = -1  # >= 0 once connected
         self.connecting = False
         self.load = 0  # requests queued or in flight here
-        self._pending: dict[int, Exchange] = {}
-        self._expired: dict[int, None] = {}
-        self._next_tid = 1
+        self._book: TidBook[Exchange] = TidBook()
+        self._pending = self._book.pending  # the same dict, for the hot paths
         self._queue: collections.deque[Exchange] = collections.deque()
         self._queue_timers: dict[int, _Timer] = {}
         self._out = bytearray()
@@ -731,7 +735,7 @@ class _Link:
         ex.done(None, error)
 
     def _send(self, ex: Exchange) -> None:
-        tid = self._allocate_tid()
+        tid = self._book.allocate()
         ex.tid = tid
         self._out += encode_adu(tid, ex.plc_unit, ex.pdu)
         self._pending[tid] = ex
@@ -741,16 +745,6 @@ class _Link:
         if not self._dirty:
             self._dirty = True
             self.plane.mark_dirty(self)
-
-    def _allocate_tid(self) -> int:
-        """Next 16-bit id not in flight and not recently timed out (so a late reply is known)."""
-        tid = self._next_tid
-        pending = self._pending
-        expired = self._expired
-        while tid in pending or tid in expired:
-            tid = (tid + 1) & 0xFFFF
-        self._next_tid = (tid + 1) & 0xFFFF
-        return tid
 
     def _next_from_queue(self) -> None:
         depth = self.target.depth
@@ -810,11 +804,8 @@ class _Link:
         self._next_from_queue()
 
     def _expire(self, tid: int) -> None:
-        """Remember a timed-out tid so its late reply is recognised and dropped; past
-        ``EXPIRED_MAX`` the link is reset rather than forgetting one (a forgotten tid could be
-        reused and a very late reply would complete another client's request)."""
-        self._expired[tid] = None
-        if len(self._expired) > EXPIRED_MAX:
+        """Remember a timed-out tid (see :meth:`TidBook.expire`); reset when too many are."""
+        if self._book.expire(tid):
             self._reset("too_many_timeouts",
                         f"more than {EXPIRED_MAX} requests timed out on this connection")
 
@@ -989,37 +980,21 @@ class _Link:
         tid = adu.transaction_id
         ex = self._pending.pop(tid, None)
         if ex is None:
-            if tid in self._expired:
-                del self._expired[tid]
-                self.log.info(
-                    "upstream-late-reply",
-                    **{
-                        "event.action": "upstream-late-reply",
-                        "modbus.transaction_id": tid,
-                        "error.message": "reply after its request timed out; dropped",
-                    },
-                )
-                self.plane.metrics.inc("mbsec_upstream_failures_total",
-                                       target=self.target.name, reason="late_reply")
+            if self._book.late(tid):
+                dropped_late_reply(self.log, self.plane.metrics, self.target.name, tid)
                 return None
-            return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
-        if adu.unit_id != ex.plc_unit:
-            self._fail(ex, self._reset_error(f"reply from unit {adu.unit_id}"))
-            return "wrong_unit", (
-                f"reply to tid {tid} from unit {adu.unit_id}, expected {ex.plc_unit}"
-            )
+            return unknown_tid(tid)
         request = ex.request
         assert request is not None
         try:
-            response = parse_response(request, adu.pdu)
-        except ProtocolError as exc:
-            self._fail(ex, self._reset_error(exc.message))
-            return "bad_reply", f"reply to tid {tid} does not match its request: {exc.message}"
+            reply = check_reply(adu, ex.plc_unit, request, self.target.name)
+        except ReplyProblem as problem:
+            self._fail(ex, self._reset_error(problem.detail))
+            return problem.reason, problem.message
         self._backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
-        plane = self.plane
-        self._observe_rtt(plane.now - ex.sent)
+        self._observe_rtt(self.plane.now - ex.sent)
         self.load -= 1
-        ex.done(UpstreamReply(adu.pdu, response, self.target.name), None)
+        ex.done(reply, None)
         return None
 
     def _reset_error(self, message: str) -> TargetNoResponse:
@@ -1029,9 +1004,7 @@ class _Link:
 
     def _reset(self, reason: str, message: str) -> None:
         """The byte stream cannot be trusted (or is gone): fail what is on it, back off."""
-        pending = list(self._pending.values())
-        self._pending = {}
-        self._expired.clear()
+        pending = self._book.clear()
         self._out.clear()
         self._writing = False
         self._drop_socket()

@@ -40,7 +40,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 import trio
@@ -62,6 +62,8 @@ __all__ = [
     "configure_socket",
     "tcp_dialer",
 ]
+
+P = TypeVar("P")
 
 KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe (seed guidance)
 KEEPALIVE_INTERVAL = 10
@@ -236,6 +238,104 @@ async def tcp_dialer(host: str, port: int) -> trio.abc.Stream:
     return stream
 
 
+class TidBook(Generic[P]):
+    """The transaction ids of one PLC connection; sans-IO, shared by both data planes.
+
+    ``pending`` maps each tid on the wire to its request, in send order (every request waits
+    the same ``request_timeout``, so the first entry is always the next deadline). ``expired``
+    remembers timed-out tids, so a late reply is recognised and dropped instead of being matched
+    to a later request that reused the id (the classic Modbus-proxy bug).
+    """
+
+    __slots__ = ("expired", "next_tid", "pending")
+
+    def __init__(self) -> None:
+        self.pending: dict[int, P] = {}
+        self.expired: dict[int, None] = {}  # an insertion-ordered set
+        self.next_tid = 1
+
+    def allocate(self) -> int:
+        """Next 16-bit id neither in flight nor recently timed out."""
+        tid = self.next_tid
+        pending = self.pending
+        expired = self.expired
+        for _ in range(65536):
+            if tid not in pending and tid not in expired:
+                break
+            tid = (tid + 1) & 0xFFFF
+        else:  # pragma: no cover - depth and EXPIRED_MAX keep far fewer than 65536 ids in use
+            raise TargetNoResponse("no free transaction id", reason="tid_exhausted")
+        self.next_tid = (tid + 1) & 0xFFFF
+        return tid
+
+    def expire(self, tid: int) -> bool:
+        """Remember a timed-out tid. True when more than ``EXPIRED_MAX`` are remembered: the
+        connection must then be reset rather than forget one (a forgotten tid could be reused,
+        and a very late reply would complete another client's request)."""
+        self.expired[tid] = None
+        return len(self.expired) > EXPIRED_MAX
+
+    def late(self, tid: int) -> bool:
+        """A reply for a tid not in flight: True (and forgotten) when it answers a request that
+        timed out, False when nobody ever sent it (the stream cannot be trusted)."""
+        if tid in self.expired:
+            del self.expired[tid]
+            return True
+        return False
+
+    def clear(self) -> list[P]:
+        """Forget everything (the connection is gone); returns the requests that were on it."""
+        pending = list(self.pending.values())
+        self.pending.clear()
+        self.expired.clear()
+        return pending
+
+
+class ReplyProblem(Exception):
+    """A reply that matches its tid but not its request: the connection is reset."""
+
+    def __init__(self, reason: str, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.detail = detail  # for the request's own error
+
+
+def check_reply(adu: Adu, unit_id: int, request: Request, target: str) -> UpstreamReply:
+    """Validate a reply against the request that sent its tid (unit, function, body)."""
+    if adu.unit_id != unit_id:
+        raise ReplyProblem(
+            "wrong_unit",
+            f"reply to tid {adu.transaction_id} from unit {adu.unit_id}, expected {unit_id}",
+            f"reply from unit {adu.unit_id}",
+        )
+    try:
+        response = parse_response(request, adu.pdu)
+    except ProtocolError as exc:
+        raise ReplyProblem(
+            "bad_reply",
+            f"reply to tid {adu.transaction_id} does not match its request: {exc.message}",
+            exc.message,
+        ) from None
+    return UpstreamReply(adu.pdu, response, target)
+
+
+def dropped_late_reply(log: Any, metrics: MetricsLike, target: str, tid: int) -> None:
+    log.info(
+        "upstream-late-reply",
+        **{
+            "event.action": "upstream-late-reply",
+            "modbus.transaction_id": tid,
+            "error.message": "reply after its request timed out; dropped",
+        },
+    )
+    metrics.inc("mbsec_upstream_failures_total", target=target, reason="late_reply")
+
+
+def unknown_tid(tid: int) -> tuple[str, str]:
+    return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
+
+
 class _Pending:
     """One request on the wire: the reader fills ``reply`` or ``error`` and calls ``finish``.
 
@@ -302,9 +402,8 @@ class _Connection:
         self.stream: trio.abc.Stream | None = None
         self.fd = -1  # the stream's socket, when it is a trio.SocketStream
         self.load = 0  # callers currently using this connection (queued or in flight)
-        self._pending: dict[int, _Pending] = {}
-        self._expired: dict[int, None] = {}  # insertion-ordered set of timed-out tids
-        self._next_tid = 1
+        self._book: TidBook[_Pending] = TidBook()
+        self._pending = self._book.pending  # the same dict, for the hot paths
         # Slots (depth) and the send right are plain counters with a parking lot behind them:
         # the uncontended request path takes them without a trio checkpoint.
         self._in_flight = 0
@@ -423,32 +522,15 @@ class _Connection:
         tid = adu.transaction_id
         pending = self._pending.pop(tid, None)
         if pending is None:
-            if tid in self._expired:
-                del self._expired[tid]
-                self._log.info(
-                    "upstream-late-reply",
-                    **{
-                        "event.action": "upstream-late-reply",
-                        "modbus.transaction_id": tid,
-                        "error.message": "reply after its request timed out; dropped",
-                    },
-                )
-                self._metrics.inc(
-                    "mbsec_upstream_failures_total", target=self.target.name, reason="late_reply"
-                )
+            if self._book.late(tid):
+                dropped_late_reply(self._log, self._metrics, self.target.name, tid)
                 return None
-            return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
-        if adu.unit_id != pending.unit_id:
-            pending.fail(self._reset_error(f"reply from unit {adu.unit_id}"))
-            return "wrong_unit", (
-                f"reply to tid {tid} from unit {adu.unit_id}, expected {pending.unit_id}"
-            )
+            return unknown_tid(tid)
         try:
-            response = parse_response(pending.request, adu.pdu)
-        except ProtocolError as exc:
-            pending.fail(self._reset_error(exc.message))
-            return "bad_reply", f"reply to tid {tid} does not match its request: {exc.message}"
-        pending.reply = UpstreamReply(adu.pdu, response, self.target.name)
+            pending.reply = check_reply(adu, pending.unit_id, pending.request, self.target.name)
+        except ReplyProblem as problem:
+            pending.fail(self._reset_error(problem.detail))
+            return problem.reason, problem.message
         pending.finish()
         self._backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
         return None
@@ -459,13 +541,12 @@ class _Connection:
         )
 
     def _teardown(self, reason: str, message: str, *, backoff: bool, log: bool) -> None:
-        pending, self._pending = self._pending, {}
-        self._expired.clear()
+        pending = self._book.clear()
         self.stream = None
         error = self._reset_error(message)
         if reason == "connection_lost" or reason == "eof":
             error.reason = "connection_lost"
-        for p in pending.values():
+        for p in pending:
             p.fail(error)
         if backoff or pending:
             self.retry_at = trio.current_time() + self._backoff
@@ -573,27 +654,9 @@ class _Connection:
             )
         return self.stream
 
-    def _allocate_tid(self) -> int:
-        """Next 16-bit id not in flight and not recently timed out (so a late reply is known)."""
-        tid = self._next_tid
-        for _ in range(65536):
-            if tid not in self._pending and tid not in self._expired:
-                break
-            tid = (tid + 1) & 0xFFFF
-        else:  # pragma: no cover - depth and EXPIRED_MAX keep far fewer than 65536 ids in use
-            raise TargetNoResponse("no free transaction id", reason="tid_exhausted")
-        self._next_tid = (tid + 1) & 0xFFFF
-        return tid
-
     def _expire(self, tid: int) -> None:
-        """Remember a timed-out tid so its late reply is recognised and dropped.
-
-        When too many are remembered, the connection is reset instead of forgetting the
-        oldest: a forgotten tid could be reused, and a very late reply would then complete
-        another client's request.
-        """
-        self._expired[tid] = None
-        if len(self._expired) > EXPIRED_MAX:
+        """Remember a timed-out tid (see :meth:`TidBook.expire`); reset when too many are."""
+        if self._book.expire(tid):
             self.request_reset(
                 self.stream,
                 "too_many_timeouts",
@@ -655,7 +718,7 @@ class _Connection:
                         f"{self._last_error}",
                         reason="connection_lost",
                     )
-                tid = self._allocate_tid()
+                tid = self._book.allocate()
                 adu = encode_adu(tid, plc_unit, pdu)
                 sent_at = trio.current_time()
                 pending.deadline = sent_at + t.request_timeout

@@ -1024,7 +1024,7 @@ async def test_timed_out_tid_is_not_reused_even_when_the_counter_wraps(
         await ups.exchange(1, *read_request(0, 1))
     # Wind the counter back to the expired id, as if 65536 requests had gone by.
     conn = ups._pools["plc1"].connections[0]
-    conn._next_tid = tids[0]
+    conn._book.next_tid = tids[0]
     reply = await ups.exchange(1, *read_request(200, 1))
     assert registers(reply.pdu) == [value(1, 200)]
     assert tids[1] != tids[0]
@@ -1061,5 +1061,5 @@ async def test_too_many_timed_out_tids_reset_the_connection_instead_of_forgettin
         await trio.testing.wait_all_tasks_blocked()
         assert ("upstream-reset" in log.actions()) == (i == 2)
     conn = ups._pools["plc1"].connections[0]
-    assert not conn._expired  # a fresh connection remembers nothing
+    assert not conn._book.expired  # a fresh connection remembers nothing
     assert seen == 3
