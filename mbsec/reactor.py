@@ -60,6 +60,7 @@ from mbsec.upstream import (
     UpstreamTarget,
     check_reply,
     configure_socket,
+    connect_failed,
     dropped_late_reply,
     unknown_tid,
 )
@@ -152,18 +153,7 @@ class DataPlane:
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
-            self.log.critical(
-                "data plane stopped",
-                **{
-                    "event.kind": "event",
-                    "event.category": ["process"],
-                    "event.type": ["error"],
-                    "event.action": "data-plane-error",
-                    "event.outcome": "failure",
-                    "error.type": type(exc).__name__,
-                    "error.message": str(exc),
-                },
-            )
+            self._bug(exc, fatal=True)
             if self._on_fatal is not None:
                 self._on_fatal()
 
@@ -229,10 +219,10 @@ class DataPlane:
                 for link in links:
                     link.flush()
 
-    def _bug(self, exc: Exception) -> None:
-        """A bug must cost one event, never the data plane."""
-        self.log.error(
-            "data plane error",
+    def _bug(self, exc: BaseException, *, fatal: bool = False) -> None:
+        """A bug must cost one event, never the data plane (``fatal``: the loop itself died)."""
+        (self.log.critical if fatal else self.log.error)(
+            "data plane stopped" if fatal else "data plane error",
             **{
                 "event.kind": "event",
                 "event.category": ["process"],
@@ -920,17 +910,8 @@ class _Link:
             self._connect_timer = None
         self._last_error = message
         self.retry_at = self.plane.now + self._backoff
-        self.log.warning(
-            "upstream-connect-failed",
-            **{
-                "event.action": "upstream-connect-failed",
-                "event.reason": reason,
-                "error.message": message,
-                "mbsec.backoff": self._backoff,
-            },
-        )
+        connect_failed(self.log, self.plane.metrics, t.name, reason, message, self._backoff)
         self._backoff = min(self._backoff * 2, t.backoff_max)
-        self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason=reason)
         waiting = list(self._queue)
         self._queue.clear()
         for ex in waiting:

@@ -332,6 +332,21 @@ def dropped_late_reply(log: Any, metrics: MetricsLike, target: str, tid: int) ->
     metrics.inc("mbsec_upstream_failures_total", target=target, reason="late_reply")
 
 
+def connect_failed(
+    log: Any, metrics: MetricsLike, target: str, reason: str, message: str, backoff: float
+) -> None:
+    log.warning(
+        "upstream-connect-failed",
+        **{
+            "event.action": "upstream-connect-failed",
+            "event.reason": reason,
+            "error.message": message,
+            "mbsec.backoff": backoff,
+        },
+    )
+    metrics.inc("mbsec_upstream_failures_total", target=target, reason=reason)
+
+
 def unknown_tid(tid: int) -> tuple[str, str]:
     return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
 
@@ -454,17 +469,8 @@ class _Connection:
             return stream
         self._last_error = message
         self.retry_at = trio.current_time() + self._backoff
-        self._log.warning(
-            "upstream-connect-failed",
-            **{
-                "event.action": "upstream-connect-failed",
-                "event.reason": reason,
-                "error.message": message,
-                "mbsec.backoff": self._backoff,
-            },
-        )
+        connect_failed(self._log, self._metrics, t.name, reason, message, self._backoff)
         self._backoff = min(self._backoff * 2, t.backoff_max)
-        self._metrics.inc("mbsec_upstream_failures_total", target=t.name, reason=reason)
         self._notify()
         return None
 
