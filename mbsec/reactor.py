@@ -61,7 +61,9 @@ from mbsec.upstream import (
     check_reply,
     configure_socket,
     connect_failed,
+    connection_reset,
     dropped_late_reply,
+    reset_error,
     unknown_tid,
 )
 
@@ -979,9 +981,7 @@ class _Link:
         return None
 
     def _reset_error(self, message: str) -> TargetNoResponse:
-        return TargetNoResponse(
-            f"upstream {self.target.name} connection reset: {message}", reason="upstream_reset"
-        )
+        return reset_error(self.target.name, "upstream_reset", message)
 
     def _reset(self, reason: str, message: str) -> None:
         """The byte stream cannot be trusted (or is gone): fail what is on it, back off."""
@@ -990,9 +990,7 @@ class _Link:
         self._writing = False
         self._drop_socket()
         t = self.target
-        error = self._reset_error(message)
-        if reason in ("connection_lost", "eof"):
-            error.reason = "connection_lost"
+        error = reset_error(t.name, reason, message)
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
@@ -1003,17 +1001,7 @@ class _Link:
             self._backoff = min(self._backoff * 2, t.backoff_max)
         if reason != "shutdown":
             self._last_error = message
-            level = self.log.info if reason == "eof" and not pending else self.log.warning
-            level(
-                "upstream-reset",
-                **{
-                    "event.action": "upstream-reset",
-                    "event.reason": reason,
-                    "error.message": message,
-                    "mbsec.pending": len(pending),
-                },
-            )
-            self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name, reason=reason)
+            connection_reset(self.log, self.plane.metrics, t.name, reason, message, len(pending))
         waiting = list(self._queue)
         self._queue.clear()
         for ex in waiting:

@@ -347,6 +347,29 @@ def connect_failed(
     metrics.inc("mbsec_upstream_failures_total", target=target, reason=reason)
 
 
+def reset_error(target: str, reason: str, message: str) -> TargetNoResponse:
+    """What the requests on a reset connection get (0x0B)."""
+    lost = reason in ("connection_lost", "eof")
+    return TargetNoResponse(f"upstream {target} connection reset: {message}",
+                            reason="connection_lost" if lost else "upstream_reset")
+
+
+def connection_reset(
+    log: Any, metrics: MetricsLike, target: str, reason: str, message: str, pending: int
+) -> None:
+    level = log.info if reason == "eof" and not pending else log.warning
+    level(
+        "upstream-reset",
+        **{
+            "event.action": "upstream-reset",
+            "event.reason": reason,
+            "error.message": message,
+            "mbsec.pending": pending,
+        },
+    )
+    metrics.inc("mbsec_upstream_failures_total", target=target, reason=reason)
+
+
 def unknown_tid(tid: int) -> tuple[str, str]:
     return "unknown_tid", f"reply with transaction id {tid}, which is not in flight"
 
@@ -542,16 +565,12 @@ class _Connection:
         return None
 
     def _reset_error(self, message: str) -> TargetNoResponse:
-        return TargetNoResponse(
-            f"upstream {self.target.name} connection reset: {message}", reason="upstream_reset"
-        )
+        return reset_error(self.target.name, "upstream_reset", message)
 
     def _teardown(self, reason: str, message: str, *, backoff: bool, log: bool) -> None:
         pending = self._book.clear()
         self.stream = None
-        error = self._reset_error(message)
-        if reason == "connection_lost" or reason == "eof":
-            error.reason = "connection_lost"
+        error = reset_error(self.target.name, reason, message)
         for p in pending:
             p.fail(error)
         if backoff or pending:
@@ -559,19 +578,8 @@ class _Connection:
             self._backoff = min(self._backoff * 2, self.target.backoff_max)
         if log:
             self._last_error = message
-            level = self._log.info if reason == "eof" and not pending else self._log.warning
-            level(
-                "upstream-reset",
-                **{
-                    "event.action": "upstream-reset",
-                    "event.reason": reason,
-                    "error.message": message,
-                    "mbsec.pending": len(pending),
-                },
-            )
-            self._metrics.inc(
-                "mbsec_upstream_failures_total", target=self.target.name, reason=reason
-            )
+            connection_reset(self._log, self._metrics, self.target.name, reason, message,
+                             len(pending))
         self._notify()
 
     def _notify(self) -> None:
