@@ -2,8 +2,10 @@
 """mbsec against stunnel and haproxy, with the neutral kit in ../shared/bench (not run in CI).
 
 One run measures, interleaved so drift hits every target alike:
-  direct (mbload -> mbplc), stunnel, haproxy, mbsec (one process) and mbsec-workers
-  (``workers = --workers``, default 2: processes sharing the port) (mutual TLS -> mbplc)
+  direct (mbload -> mbplc), stunnel, haproxy, and mbsec four ways (mutual TLS -> mbplc):
+  mbsec (one process, the defaults), mbsec-workers (``workers = --workers``, default 2:
+  processes sharing the port), mbsec-busypoll (``busy_poll_us = --busy-poll-us``, default 50)
+  and mbsec-trio (``data_plane = "trio"``, the all-trio reference engine)
 at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), FC03 quantity 10, with the
 full mbsec policy on (role from the certificate, source network, unit, function, address
 range, quantity and response-size limits, a rate limiter sized not to bind). It prints a
@@ -40,8 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = REPO.parent / "shared" / "bench"
 POINTS = ("1x1", "10x1", "100x1", "10x4")
-TARGETS = ("direct", "stunnel", "haproxy", "mbsec", "mbsec-workers")
-MBSEC_TARGETS = ("mbsec", "mbsec-workers")
+TARGETS = ("direct", "stunnel", "haproxy", "mbsec", "mbsec-workers", "mbsec-busypoll",
+           "mbsec-trio")
+MBSEC_TARGETS = ("mbsec", "mbsec-workers", "mbsec-busypoll", "mbsec-trio")
 ERROR_KEYS = (
     "mismatch",
     "bad_tid",
@@ -172,7 +175,7 @@ class Stack:
 
 def write_mbsec_config(
     work: Path, port: int, plc_port: int, pool: int, depth: int, workers: int = 1,
-    name: str = "mbsec",
+    name: str = "mbsec", extra: str = "",
 ) -> Path:
     """A config and policy that enforce everything a production policy would check."""
     (work / "policy.yaml").write_text(
@@ -220,7 +223,7 @@ tests:
 listen = ["127.0.0.1:{port}"]
 policy = "policy.yaml"
 workers = {workers}
-
+{extra}
 [tls]
 cert = "certs/server.crt"
 key = "certs/server.key"
@@ -258,6 +261,8 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
         "haproxy": free_port(),
         "mbsec": free_port(),
         "mbsec-workers": free_port(),
+        "mbsec-busypoll": free_port(),
+        "mbsec-trio": free_port(),
     }
     peers_env = dict(
         os.environ,
@@ -290,8 +295,12 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
             if name not in args.target_list:
                 continue
             workers = args.workers if name == "mbsec-workers" else 1
+            extra = {
+                "mbsec-busypoll": f"busy_poll_us = {args.busy_poll_us}\n",
+                "mbsec-trio": 'data_plane = "trio"\n',
+            }.get(name, "")
             cfg = write_mbsec_config(work, ports[name], ports["direct"], args.pool, args.depth,
-                                     workers, name)
+                                     workers, name, extra)
             run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")])
             run([mbsec, "policy", "test", str(work / "policy.yaml")])
             run([mbsec, "config", "check", str(cfg)])
@@ -459,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=4, help="mbsec upstream pool_size to mbplc")
     p.add_argument("--depth", type=int, default=16, help="mbsec upstream depth per connection")
     p.add_argument("--workers", type=int, default=2, help="workers of the mbsec-workers target")
+    p.add_argument("--busy-poll-us", type=int, default=50,
+                   help="busy_poll_us of the mbsec-busypoll target")
     p.add_argument("--workdir", type=Path, help="keep certs, configs and logs here")
     p.add_argument("--json-out", type=Path, help="append every mbload result as a JSON line")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing packages")
@@ -505,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"FC03 qty 10, {args.duration:g} s per run, {args.reps} rep(s), interleaved; "
         f"mbsec upstream pool {args.pool} x depth {args.depth} (per worker); mbsec-workers: "
-        f"workers = {args.workers}; {os.cpu_count()} CPUs"
+        f"workers = {args.workers}; mbsec-busypoll: busy_poll_us = {args.busy_poll_us}; "
+        f"mbsec-trio: data_plane = \"trio\"; {os.cpu_count()} CPUs"
     )
     print(summarize(results, points, targets))
     if bad:
