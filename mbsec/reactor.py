@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DataPlane"]
 
+STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
@@ -118,7 +119,10 @@ class DataPlane:
         self.now = time.monotonic()
         self._running = False
         self._thread: threading.Thread | None = None
+        self._wake_lock = threading.Lock()
+        self._stopped = False
         self._pools: dict[str, _Pool] = {}
+        self._retired: set[_Pool] = set()  # replaced by a reload, still finishing requests
         self._routes: dict[int, _Pool] = {}
         self._install(list(targets))
 
@@ -134,14 +138,23 @@ class DataPlane:
         if self._thread is None:
             return
         self.call_threadsafe(self._shutdown)
-        self._thread.join()
+        self._thread.join(timeout=STOP_TIMEOUT)
+        wedged = self._thread.is_alive()
         self._thread = None
-        self._ep.close()
-        os.close(self._wake_fd)
+        with self._wake_lock:
+            self._stopped = True  # a late call_threadsafe (a resolver thread) is dropped
+            if not wedged:  # a wedged thread may still use them: leave them to the exit
+                self._ep.close()
+                os.close(self._wake_fd)
+        if wedged:  # pragma: no cover - only a bug (or a blocked log sink) gets here
+            self._bug(RuntimeError(f"data plane did not stop within {STOP_TIMEOUT:g} s"))
 
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
-        self._calls.append(fn)
-        os.eventfd_write(self._wake_fd, 1)
+        with self._wake_lock:
+            if self._stopped:
+                return
+            self._calls.append(fn)
+            os.eventfd_write(self._wake_fd, 1)
 
     def replace_targets_threadsafe(self, targets: Iterable[UpstreamTarget]) -> None:
         """Reload: validated here (``ValueError`` keeps the running set), applied in the loop."""
@@ -198,8 +211,8 @@ class DataPlane:
                 if handler is not None:
                     try:
                         handler(ev)
-                    except Exception as exc:  # pragma: no cover - only a bug gets here
-                        self._bug(exc)
+                    except Exception as exc:
+                        self._contain(handler, exc)
             while timers and timers[0][0] <= now:
                 timer = heapq.heappop(timers)[2]
                 fn = timer.fn
@@ -207,19 +220,31 @@ class DataPlane:
                     timer.fn = None
                     try:
                         fn()
-                    except Exception as exc:  # pragma: no cover - only a bug gets here
-                        self._bug(exc)
+                    except Exception as exc:
+                        self._contain(fn, exc)
             while self._calls:
                 call = self._calls.popleft()
                 try:
                     call()
-                except Exception as exc:  # pragma: no cover - only a bug gets here
-                    self._bug(exc)
-            if dirty:
-                links = list(dirty)
-                dirty.clear()
-                for link in links:
+                except Exception as exc:
+                    self._contain(call, exc)
+            while dirty:  # a failed flush can start requests on other links: flush them too
+                link = dirty.pop()
+                try:
                     link.flush()
+                except Exception as exc:
+                    self._contain(link.flush, exc)
+
+    def _contain(self, fn: Callable[..., Any], exc: Exception) -> None:
+        """A handler failed (a bug, or a log sink that raises): log it and close the object
+        it belongs to, so a half-updated connection cannot hang with requests in flight."""
+        self._bug(exc)
+        owner = getattr(fn, "__self__", None)
+        try:
+            if isinstance(owner, (Client, _Link)):
+                owner.crashed()
+        except Exception as again:  # pragma: no cover - the cleanup failed too
+            self._bug(again)
 
     def _bug(self, exc: BaseException, *, fatal: bool = False) -> None:
         """A bug must cost one event, never the data plane (``fatal``: the loop itself died)."""
@@ -237,12 +262,13 @@ class DataPlane:
         )
 
     def _shutdown(self) -> None:
-        for pool in list(self._pools.values()):
+        for pool in [*self._pools.values(), *self._retired]:
             pool.close("shutdown", "upstream pool stopped")
+        self._retired.clear()
         self._running = False
 
     def timer(self, delay: float, fn: Callable[[], None]) -> _Timer:
-        t = _Timer(self.now + delay, fn)
+        t = _Timer(time.monotonic() + delay, fn)
         heapq.heappush(self._timers, (t.when, next(self._seq), t))
         return t
 
@@ -272,6 +298,7 @@ class DataPlane:
             pools[t.name] = kept if kept is not None and kept.target == t else _Pool(self, t)
         for name, pool in old.items():
             if pools.get(name) is not pool:
+                self._retired.add(pool)
                 pool.retire()
         self._pools = pools
         self._routes = {unit: p for p in pools.values() for unit in p.target.unit_ids}
@@ -285,6 +312,11 @@ class DataPlane:
             exchange.done(None, error)
             return
         pool.pick().submit(unit_id, request, pdu, exchange)
+
+    def withdraw(self, client: Client) -> None:
+        for pool in [*self._pools.values(), *self._retired]:
+            for link in pool.links:
+                link.withdraw(client)
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -309,7 +341,12 @@ class Exchange:
         self.sent = 0.0
 
     def done(self, reply: UpstreamReply | None, error: UpstreamError | None) -> None:
-        self.client.finish_request(self, reply, error)
+        client = self.client
+        try:
+            client.finish_request(self, reply, error)
+        except Exception as exc:  # the client's failure, not the link's: close the client
+            client.plane._bug(exc)
+            client.crashed()
 
 
 # -- clients -------------------------------------------------------------------------------
@@ -352,7 +389,9 @@ class Client:
         self.inflight = 0
         self._reading = True  # the peer may still send (no EOF, no stop)
         self._mask = 0
-        self.closed = False
+        self.closed = False  # no more socket I/O (the fd is unregistered)
+        self._handed_back = False  # on_finished called: trio owns the socket again
+        self._pumping = False
         self.broken = False
         self._last_rx = 0.0
         self._idle_timer: _Timer | None = None
@@ -385,6 +424,9 @@ class Client:
         self._maybe_finish()
 
     def _finish(self, *, broken: bool = False) -> None:
+        """No more I/O on the socket. Requests queued for a PLC and not yet sent are withdrawn
+        (they never reach it); those already sent are still completed and logged, and the
+        connection goes back to trio (close, close line) once none is left."""
         if self.closed:
             return
         self.closed = True
@@ -393,14 +435,26 @@ class Client:
         for t in (self._idle_timer, self._stall_timer):
             if t is not None:
                 t.cancel()
-        self._on_finished(self.broken)
+        if self.inflight:
+            self.plane.withdraw(self)
+        self._hand_back_if_done()
+
+    def _hand_back_if_done(self) -> None:
+        if self.closed and self.inflight == 0 and not self._handed_back:
+            self._handed_back = True
+            self._on_finished(self.broken)
 
     def abort(self, reason: str) -> None:
-        """Give the socket back at once (the session was cancelled)."""
+        """Stop all I/O at once (the session was cancelled)."""
         self._abort(reason, broken=True)
 
+    def crashed(self) -> None:
+        """A handler of this connection raised (logged): close it rather than leave it half
+        updated with requests that will never be answered."""
+        self._abort("internal_error", broken=True)
+
     def _abort(self, reason: str, *, broken: bool = False) -> None:
-        """Close now; replies of requests still in flight are dropped."""
+        """Close now; replies of requests still in flight are not sent."""
         self.session.note_close_reason(reason)
         self._finish(broken=broken)
 
@@ -489,11 +543,20 @@ class Client:
         """Start buffered requests while there is a pipelining slot and the client takes its
         replies (no new request while the socket toward it is full: replies cannot pile up
         in memory beyond what ``max_pipelined`` requests produce)."""
-        if not self._reading:
-            return
+        if not self._reading or self._pumping:
+            return  # re-entered from a request that completed at once: the outer loop goes on
+        self._pumping = True
+        try:
+            self._pump_frames()
+        finally:
+            self._pumping = False
+        self._update_mask()
+
+    def _pump_frames(self) -> None:
         session = self.session
         frames = self._frames
-        while self.inflight < self._max and self._stall_timer is None and not self.closed:
+        while (self.inflight < self._max and self._stall_timer is None and self._reading
+               and not self.closed):
             try:
                 adu = frames.next_frame()
             except RemoteProtocolError as exc:
@@ -516,16 +579,18 @@ class Client:
                 assert not isinstance(result, bytes)
                 self.plane.submit(adu.unit_id, result.request, adu.pdu,
                                   Exchange(self, adu, result, t0))
-        self._update_mask()
 
     def finish_request(
         self, exchange: Exchange, reply: UpstreamReply | None, error: UpstreamError | None
     ) -> None:
+        self.inflight -= 1
         if self.closed:
-            self.session.abandon(exchange.fwd)  # releases its rate-limit slot, nothing to send
+            try:  # nobody takes the reply, but what reached the PLC is audited
+                self.session.complete(exchange.adu, exchange.fwd, reply, error)
+            finally:
+                self._hand_back_if_done()
             return
         pdu = self.session.complete(exchange.adu, exchange.fwd, reply, error)
-        self.inflight -= 1
         self._send(exchange.adu, pdu, exchange.t0)
         if self.closed:
             return
@@ -630,8 +695,11 @@ class _Pool:
     def retire(self) -> None:
         """Replaced by a reload: in-flight requests finish (bounded by their deadlines)."""
         t = self.target
-        self.plane.timer(t.connect_timeout + t.request_timeout + RETIRE_GRACE,
-                         lambda: self.close("shutdown", "target removed by a reload"))
+        self.plane.timer(t.connect_timeout + t.request_timeout + RETIRE_GRACE, self._close_retired)
+
+    def _close_retired(self) -> None:
+        self.plane._retired.discard(self)
+        self.close("shutdown", "target removed by a reload")
 
     def close(self, reason: str, message: str) -> None:
         for link in self.links:
@@ -731,7 +799,7 @@ class _Link:
         ex.tid = tid
         self._out += encode_adu(tid, ex.plc_unit, ex.pdu)
         self._pending[tid] = ex
-        ex.sent = self.plane.now
+        ex.sent = time.monotonic()
         if self._deadline_timer is None:
             self._deadline_timer = self.plane.timer(self.target.request_timeout, self._sweep)
         if not self._dirty:
@@ -772,34 +840,34 @@ class _Link:
         self._deadline_timer = None
         t = self.target
         timeout = t.request_timeout
-        now = self.plane.now
+        now = time.monotonic()
         pending = self._pending
         while pending:
             tid, ex = next(iter(pending.items()))
             if ex.sent + timeout > now:
                 break
             del pending[tid]
+            too_many = self._book.expire(tid)  # known before anything can reuse the id
             self._fail(ex, TargetNoResponse(
                 f"no reply from upstream {t.name} within {timeout:g} s", reason="timeout"))
             self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name,
                                    reason="timeout")
-            if self._out and self._writing:  # stuck behind a full socket: the PLC stopped reading
+            if self._out:
+                # its ADU may not be on the wire yet (a full socket: the PLC stopped reading,
+                # or not flushed yet): reset, so a request answered 0x0B is never sent later
                 self._reset("send_timeout", "PLC did not accept the request in time")
                 return
-            self._expire(tid)
+            if too_many:
+                self._reset("too_many_timeouts",
+                            f"more than {EXPIRED_MAX} requests timed out on this connection")
+                return
             if self.fd < 0:
                 return
-        if pending:
+        if pending and self._deadline_timer is None:
             oldest = next(iter(pending.values()))
             self._deadline_timer = self.plane.timer(max(0.0, oldest.sent + timeout - now),
                                                     self._sweep)
         self._next_from_queue()
-
-    def _expire(self, tid: int) -> None:
-        """Remember a timed-out tid (see :meth:`TidBook.expire`); reset when too many are."""
-        if self._book.expire(tid):
-            self._reset("too_many_timeouts",
-                        f"more than {EXPIRED_MAX} requests timed out on this connection")
 
     # connection
 
@@ -984,33 +1052,52 @@ class _Link:
         return reset_error(self.target.name, "upstream_reset", message)
 
     def _reset(self, reason: str, message: str) -> None:
-        """The byte stream cannot be trusted (or is gone): fail what is on it, back off."""
+        """The byte stream cannot be trusted (or is gone): fail what is on it, back off.
+
+        The link's state (socket, backoff, last error) is final before any request is failed:
+        a failed request's client may start its next one on this link at once, and that one
+        must see the backoff (no reconnect storm against a PLC that sends garbage)."""
         pending = self._book.clear()
+        waiting = list(self._queue)
+        self._queue.clear()
+        for timer in self._queue_timers.values():
+            timer.cancel()
+        self._queue_timers.clear()
         self._out.clear()
         self._writing = False
         self._drop_socket()
-        t = self.target
-        error = reset_error(t.name, reason, message)
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        for ex in pending:
-            self._fail(ex, error)
+        t = self.target
         if reason != "eof" or pending:
-            self.retry_at = self.plane.now + self._backoff
+            self.retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, t.backoff_max)
         if reason != "shutdown":
             self._last_error = message
             connection_reset(self.log, self.plane.metrics, t.name, reason, message, len(pending))
-        waiting = list(self._queue)
-        self._queue.clear()
+        error = reset_error(t.name, reason, message)
+        for ex in pending:
+            self._fail(ex, error)
         for ex in waiting:
-            timer = self._queue_timers.pop(id(ex), None)
-            if timer is not None:
-                timer.cancel()
             self._fail(ex, TargetNoResponse(
                 f"upstream {t.name} connection lost before the request was sent: {message}",
                 reason="connection_lost"))
+
+    def withdraw(self, client: Client) -> None:
+        """The client is gone: its requests still queued here are never sent."""
+        mine = [ex for ex in self._queue if ex.client is client]
+        for ex in mine:
+            self._queue.remove(ex)
+            timer = self._queue_timers.pop(id(ex), None)
+            if timer is not None:
+                timer.cancel()
+            self._fail(ex, TargetNoResponse("the client went away before the request was sent",
+                                            reason="client_gone"))
+
+    def crashed(self) -> None:
+        """A handler of this link raised (logged): reset it, failing what is on it."""
+        self._reset("internal_error", "internal error on this PLC connection (logged)")
 
     def _drop_socket(self) -> None:
         sock = self.sock

@@ -816,7 +816,8 @@ class Session:
             self.errors += 1
             self._metrics.inc("mbsec_requests_total", decision="upstream_error", function=fname)
             self._log.warning(
-                "PLC did not answer",
+                "PLC did not answer" if error.reason != "client_gone"
+                else "client went away before its request was sent; withdrawn",
                 **self._request_fields(adu, fc, access, t0),
                 **{
                     "event.type": ["protocol", "error"],

@@ -172,8 +172,6 @@ def _rst(client: TlsClient) -> None:
 # -- 1. requests that fail at once recurse: pump -> submit -> done -> finish_request -> pump ----
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: Client._pump recurses through "
-                   "finish_request for requests that fail synchronously (RecursionError)")
 async def test_pipelined_requests_that_fail_at_once_do_not_recurse_and_wedge(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -195,9 +193,6 @@ async def test_pipelined_requests_that_fail_at_once_do_not_recurse_and_wedge(
 # -- 2. an ADU queued while the links are being flushed waits for the next wake-up ----------
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: links marked dirty during the flush "
-                   "phase are not flushed until the loop wakes again; the request can time "
-                   "out (0x0B to the client) and then still be written to the PLC")
 async def test_request_started_by_a_failed_flush_is_sent_at_once_not_after_its_timeout(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -306,8 +301,6 @@ async def test_reload_never_decides_by_the_new_policy_and_routes_by_the_old_map(
 # -- 4. a client that vanishes: its requests still reach the PLC, but nothing is audited ------
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: after _abort, finish_request only "
-                   "abandons: requests that reached the PLC get no audit event and no metric")
 async def test_every_request_that_reaches_the_plc_is_audited_even_if_the_client_vanished(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -320,17 +313,23 @@ async def test_every_request_that_reaches_the_plc_is_audited_even_if_the_client_
     _rst(c)  # the HMI crashes
     await trio.sleep(0.6)  # the read is answered, then the queued write goes out
     executed = sorted(pdu[0] for _tid, _unit, pdu in plc.requests)
-    audited = sorted(e["modbus.function_code"] for e in h.events("modbus-request"))
+    events = h.events("modbus-request")
+    audited = sorted(e["modbus.function_code"] for e in events
+                     if e.get("event.reason") != "client_gone")
+    withdrawn = sorted(e["modbus.function_code"] for e in events
+                       if e.get("event.reason") == "client_gone")
     assert executed, "nothing reached the PLC"
     assert audited == executed, (
         f"the PLC executed function codes {executed}, the audit log shows {audited}")
+    # the write queued behind the read was withdrawn, never sent, and that is logged too
+    assert withdrawn == [6] and 6 not in executed
+    closed = await h.wait_event("connection-closed")
+    assert closed["mbsec.allowed"] == 1 and closed["mbsec.errors"] == 1
 
 
 # -- 5. a reset whose failed requests start new ones skips the reconnect backoff --------------
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: _Link._reset fails pending requests "
-                   "before it sets retry_at; their clients' next requests reconnect at once")
 async def test_a_reset_link_backs_off_even_when_clients_have_more_requests_queued(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -362,8 +361,6 @@ class _FailingSink(ListSink):
         super().write(level, line)
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: a handler exception is only logged "
-                   "(_bug); the connection keeps inflight > 0 and hangs forever")
 async def test_an_exception_while_completing_a_request_does_not_wedge_the_connection(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -385,8 +382,6 @@ async def test_an_exception_while_completing_a_request_does_not_wedge_the_connec
 # -- 7. pools retired by a reload are not closed at shutdown ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: DataPlane._shutdown closes only the "
-                   "current pools; a pool retired by a reload keeps its PLC socket open")
 async def test_shutdown_closes_the_plc_connections_of_pools_retired_by_a_reload(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -412,9 +407,6 @@ async def test_shutdown_closes_the_plc_connections_of_pools_retired_by_a_reload(
 # -- 8. a name resolution that ends after stop() writes to a closed (reused) eventfd -----------
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: the resolver thread calls "
-                   "call_threadsafe after stop() closed the wake eventfd: os.eventfd_write "
-                   "goes to whatever file now has that number")
 async def test_a_resolution_finishing_after_stop_writes_into_no_other_file(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,8 +25,8 @@ async def test_a_dead_data_plane_loop_stops_the_proxy_and_marks_it_failed(
     assert plane is not None and not h.proxy.failed
     plane._ep.close()  # the loop's next epoll_wait raises: the loop itself dies
     plane.call_threadsafe(lambda: None)  # wake it
-    ev = await h.wait_event("data-plane-error")
-    assert ev["log.level"] == "critical" and ev["error.type"] == "ValueError"
+    ev = await h.wait_event("data-plane-error", lambda e: e["log.level"] == "critical")
+    assert ev["error.type"] in ("ValueError", "OSError")  # closed before or during the wait
     with trio.fail_after(5):
         await h.proxy._shutdown.wait()
     assert h.proxy.failed
