@@ -156,11 +156,23 @@ class DataPlane:
             self._calls.append(fn)
             os.eventfd_write(self._wake_fd, 1)
 
-    def replace_targets_threadsafe(self, targets: Iterable[UpstreamTarget]) -> None:
-        """Reload: validated here (``ValueError`` keeps the running set), applied in the loop."""
+    def replace_targets_threadsafe(
+        self, targets: Iterable[UpstreamTarget], then: Callable[[], None] | None = None
+    ) -> None:
+        """Reload: validated here (``ValueError`` keeps the running set), applied in the loop,
+        with ``then`` in the same step (the proxy switches its decision state there)."""
         new = list(targets)
         Upstreams.check_targets(new)
-        self.call_threadsafe(lambda: self._install(new))
+
+        def apply() -> None:
+            self._install(new)
+            if then is not None:
+                then()
+
+        if self._thread is None:  # not running: nothing can race with us
+            apply()
+        else:
+            self.call_threadsafe(apply)
 
     # -- loop -----------------------------------------------------------------------------
 

@@ -161,6 +161,9 @@ class Proxy:
         self.log = log or null_logger()
         self.metrics: MetricsLike = metrics or NullMetrics()
         self.state = build_state(settings)
+        #: what requests are decided by; ``state`` (handshakes, CRLs) switches at once on a
+        #: reload, this one together with the data plane's routes
+        self.decision_state = self.state
         up_kwargs: dict[str, Any] = {"log": self.log, "metrics": self.metrics}
         if dialer is not None:
             up_kwargs["dialer"] = dialer
@@ -239,7 +242,12 @@ class Proxy:
             if getattr(settings, key) != getattr(self.settings, key)
         ]
         if self.data_plane is not None:
-            self.data_plane.replace_targets_threadsafe(targets)
+            # decisions and routes switch in one step of the data-plane thread: a request is
+            # never decided by the new policy and routed by the old unit map (or the reverse)
+            self.data_plane.replace_targets_threadsafe(
+                targets, then=lambda: setattr(self, "decision_state", state))
+        else:
+            self.decision_state = state
         self.upstreams.replace_targets(targets)
         self.state = state
         self.settings = self.settings.model_copy(
@@ -467,6 +475,7 @@ class Proxy:
         session = Session(
             stream,
             state=lambda: self.state,
+            decision_state=lambda: self.decision_state,
             upstreams=self.upstreams,
             limits=limits,
             log=self.log,

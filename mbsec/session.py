@@ -287,9 +287,12 @@ class Session:
         allowed_requests: str = "debug",
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         data_plane: DataPlane | None = None,
+        decision_state: Callable[[], ProxyState] | None = None,
     ) -> None:
         self._raw = stream
-        self._state_fn = state
+        self._state_fn = state  # handshake, CRL re-check, first principal
+        #: requests: the proxy switches it together with the routes (default: ``state``)
+        self._decision_state_fn = decision_state or state
         self._upstreams = upstreams
         self._limits = limits
         self._log = log
@@ -732,7 +735,7 @@ class Session:
         self.requests += 1
         pdu = adu.pdu
         fc = pdu[0] if pdu else 0
-        state = self._state_fn()
+        state = self._decision_state_fn()
         if state.generation != self._principal_generation:
             self._rebind_principal(state)  # a reload: roles come from the new policy's mapping
         key = (adu.unit_id, pdu)

@@ -260,9 +260,6 @@ rules:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="reactor bug: a reload swaps Proxy.state at once but "
-                   "the data plane's routes one loop pass later; a request decided by the new "
-                   "policy is routed by the old unit map")
 async def test_reload_never_decides_by_the_new_policy_and_routes_by_the_old_map(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
