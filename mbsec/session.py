@@ -321,6 +321,9 @@ class Session:
         self._idle_scope = trio.CancelScope()
         self._inflight = 0
         self._slots = trio.lowlevel.ParkingLot()  # the reader waits here at max_pipelined
+        self._spawned = 0  # pipelined requests given a task, in arrival order
+        self._turn = 0  # the next of them that may go to the PLC
+        self._turns = trio.lowlevel.ParkingLot()
         self._inline = False  # the reader task is handling a request itself
         self._stop = False
         self._idle_base = 0.0
@@ -639,7 +642,8 @@ class Session:
                     while self._inflight >= max_pipelined:
                         await self._slots.park()
                     self._inflight += 1
-                    nursery.start_soon(self._handle, adu, t0)
+                    nursery.start_soon(self._handle, adu, t0, self._spawned)
+                    self._spawned += 1
                 adu = following
 
     def _next_frame(self, frames: FrameBuffer) -> Adu | None:
@@ -667,8 +671,16 @@ class Session:
             },
         )
 
-    async def _handle(self, adu: Adu, t0: float) -> None:
+    async def _handle(self, adu: Adu, t0: float, seq: int) -> None:
+        """One pipelined request in its own task. Tasks start in any order (trio runs a batch
+        forwards or backwards), so each waits for its turn: the next one runs only once this
+        one is on its way to the PLC (sent, or queued FIFO for a slot), and two writes a client
+        pipelines reach the PLC in the order it sent them."""
         try:
+            while self._turn != seq:
+                await self._turns.park()
+            self._turn = seq + 1
+            self._turns.unpark_all()  # they run when we first wait, i.e. inside exchange
             await self._respond(adu, t0)
         finally:
             self._inflight -= 1

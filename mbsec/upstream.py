@@ -453,6 +453,8 @@ class _Connection:
         self._last_error = ""
         self._demand = trio.Event()
         self._changed = trio.Event()
+        self._connect_queue: list[object] = []  # callers waiting for a connection, in order
+        self._connect_turn = trio.lowlevel.ParkingLot()
         self._scope: trio.CancelScope | None = None
         self._reset_why: tuple[str, str] | None = None
 
@@ -658,8 +660,18 @@ class _Connection:
             )
         changed = self._changed
         self._demand.set()
-        with trio.move_on_after(t.connect_timeout + 1.0):
-            await changed.wait()
+        me = object()
+        self._connect_queue.append(me)
+        try:
+            with trio.move_on_after(t.connect_timeout + 1.0):
+                await changed.wait()
+                # the event wakes every waiter at once and trio runs them in either order:
+                # go on in arrival order, so requests keep their order on the new connection
+                while self._connect_queue[0] is not me:
+                    await self._connect_turn.park()
+        finally:
+            self._connect_queue.remove(me)
+            self._connect_turn.unpark_all()
         if self.stream is None:
             raise PathUnavailable(
                 f"cannot connect to upstream {t.name} at {t.host}:{t.port}: "

@@ -368,12 +368,6 @@ async def test_queued_requests_time_out_waiting_for_the_only_slot(
     assert done["event.outcome"] == "success"
 
 
-@pytest.mark.xfail_engine(
-    "trio",
-    reason="finding: the trio engine spawns one task per pipelined request and trio's scheduler "
-    "runs a batch in either order, so requests pipelined in one TLS record can reach the PLC "
-    "in reverse order (two writes to one register land last-first)",
-)
 async def test_pipelined_writes_reach_the_plc_in_the_order_sent(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
