@@ -70,7 +70,12 @@ from mbsec.upstream import (
 if TYPE_CHECKING:
     from mbsec.session import Forward, Session
 
-__all__ = ["DataPlane"]
+__all__ = ["DataPlane", "compiled"]
+
+
+def compiled() -> bool:
+    """True when this module runs compiled by mypyc (setup.py), False when interpreted."""
+    return __file__.endswith(".so")
 
 STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -118,7 +123,7 @@ class DataPlane:
         self._dirty: list[_Link] = []  # links with queued requests to write at the end of a pass
         self.now = time.monotonic()
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._stopped = False
         self._pools: dict[str, _Pool] = {}
@@ -130,17 +135,17 @@ class DataPlane:
 
     def start(self) -> None:
         self._running = True
-        self._thread = threading.Thread(target=self._run, name="mbsec-data-plane", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="mbsec-data-plane", daemon=True)
+        self._worker.start()
 
     def stop(self) -> None:
         """Close every PLC link and end the thread (adopted clients must be finished first)."""
-        if self._thread is None:
+        if self._worker is None:
             return
         self.call_threadsafe(self._shutdown)
-        self._thread.join(timeout=STOP_TIMEOUT)
-        wedged = self._thread.is_alive()
-        self._thread = None
+        self._worker.join(timeout=STOP_TIMEOUT)
+        wedged = self._worker.is_alive()
+        self._worker = None
         with self._wake_lock:
             self._stopped = True  # a late call_threadsafe (a resolver thread) is dropped
             if not wedged:  # a wedged thread may still use them: leave them to the exit
@@ -169,7 +174,7 @@ class DataPlane:
             if then is not None:
                 then()
 
-        if self._thread is None:  # not running: nothing can race with us
+        if self._worker is None:  # not running: nothing can race with us
             apply()
         else:
             self.call_threadsafe(apply)
@@ -346,11 +351,12 @@ class Exchange:
         self.adu = adu
         self.fwd = fwd
         self.t0 = t0
-        self.request: Request | None = None
-        self.pdu = b""
-        self.plc_unit = 0
-        self.tid = -1
-        self.sent = 0.0
+        # set by the link that takes it (_Link.submit / _send)
+        self.request: Request
+        self.pdu: bytes
+        self.plc_unit: int
+        self.tid: int
+        self.sent: float
 
     def done(self, reply: UpstreamReply | None, error: UpstreamError | None) -> None:
         client = self.client
@@ -558,39 +564,36 @@ class Client:
         if not self._reading or self._pumping:
             return  # re-entered from a request that completed at once: the outer loop goes on
         self._pumping = True
+        session = self.session
+        frames = self._frames
+        submit = self.plane.submit
         try:
-            self._pump_frames()
+            while (self.inflight < self._max and self._stall_timer is None and self._reading
+                   and not self.closed):
+                try:
+                    adu = frames.next_frame()
+                except RemoteProtocolError as exc:
+                    session.framing_error(exc)
+                    self._abort(exc.reason)
+                    return
+                if adu is None:
+                    break
+                self.inflight += 1
+                t0 = time.monotonic()
+                result = session.decide(adu, t0)
+                if result is None:  # the request broke the connection (logged)
+                    self.inflight -= 1
+                    self._finish()
+                    return
+                if type(result) is bytes:
+                    self.inflight -= 1
+                    self._send(adu, result, t0)
+                else:
+                    assert not isinstance(result, bytes)
+                    submit(adu.unit_id, result.request, adu.pdu, Exchange(self, adu, result, t0))
         finally:
             self._pumping = False
         self._update_mask()
-
-    def _pump_frames(self) -> None:
-        session = self.session
-        frames = self._frames
-        while (self.inflight < self._max and self._stall_timer is None and self._reading
-               and not self.closed):
-            try:
-                adu = frames.next_frame()
-            except RemoteProtocolError as exc:
-                session.framing_error(exc)
-                self._abort(exc.reason)
-                return
-            if adu is None:
-                break
-            self.inflight += 1
-            t0 = time.monotonic()
-            result = session.decide(adu, t0)
-            if result is None:  # the request broke the connection (logged)
-                self.inflight -= 1
-                self._finish()
-                return
-            if type(result) is bytes:
-                self.inflight -= 1
-                self._send(adu, result, t0)
-            else:
-                assert not isinstance(result, bytes)
-                self.plane.submit(adu.unit_id, result.request, adu.pdu,
-                                  Exchange(self, adu, result, t0))
 
     def finish_request(
         self, exchange: Exchange, reply: UpstreamReply | None, error: UpstreamError | None
@@ -687,8 +690,9 @@ class _Pool:
 
     def pick(self) -> _Link:
         links = self.links
-        if len(links) == 1:
-            return links[0]
+        first = links[0]
+        if len(links) == 1 or (first.fd >= 0 and first.load == 0):
+            return first  # one link, or the first is open and idle: nothing is less loaded
         depth = self.target.depth
         best: _Link | None = None
         for c in links:
@@ -1047,10 +1051,8 @@ class _Link:
                 dropped_late_reply(self.log, self.plane.metrics, self.target.name, tid)
                 return None
             return unknown_tid(tid)
-        request = ex.request
-        assert request is not None
         try:
-            reply = check_reply(adu, ex.plc_unit, request, self.target.name)
+            reply = check_reply(adu, ex.plc_unit, ex.request, self.target.name)
         except ReplyProblem as problem:
             self._fail(ex, self._reset_error(problem.detail))
             return problem.reason, problem.message

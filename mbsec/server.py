@@ -31,6 +31,7 @@ from mbsec.audit import null_logger
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics, serve_metrics
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
 from mbsec.reactor import DataPlane
+from mbsec.reactor import compiled as reactor_compiled
 from mbsec.session import ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
@@ -401,6 +402,9 @@ class Proxy:
                         "mbsec.listen": [f"{h}:{p}" for h, p in self.addresses],
                         "mbsec.metrics_port": self.metrics_port,
                         "mbsec.upstreams": sorted(self.settings.upstreams),
+                        "mbsec.data_plane": self.settings.data_plane,
+                        "mbsec.data_plane_compiled": (
+                            self.data_plane is not None and reactor_compiled()),
                     },
                 )
                 task_status.started(self.addresses)

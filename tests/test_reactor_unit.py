@@ -55,3 +55,29 @@ async def test_unresolvable_upstream_name_gives_0x0a(
         assert await c.request(1, 1, read_hr(0, 1)) == (1, 1, bytes([0x83, 0x0A]))
     ev = await h.wait_event("upstream-connect-failed")
     assert ev["event.reason"] in ("connect_failed", "connect_timeout")
+
+
+def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
+    """scripts/bootstrap.sh installs a C compiler and the Python headers, so setup.py's mypyc
+    build must have produced the extension: a silent fallback to the interpreted module would
+    cost a sixth of the throughput. MBSEC_PURE=1 (an install without the build) opts out."""
+    import os
+
+    from mbsec import reactor
+
+    if os.environ.get("MBSEC_PURE") == "1":
+        pytest.skip("MBSEC_PURE=1: the interpreted data plane was asked for")
+    assert reactor.compiled(), f"{reactor.__file__} is not the mypyc build"
+
+
+async def test_server_start_says_which_data_plane_runs(
+    start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    from mbsec import reactor
+
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    h = await start_proxy(plc.port)
+    ev = await h.wait_event("server-start")
+    assert ev["mbsec.data_plane"] == "thread"
+    assert ev["mbsec.data_plane_compiled"] is reactor.compiled()
