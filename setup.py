@@ -23,7 +23,14 @@ if os.environ.get("MBSEC_PURE") != "1":
     except ImportError:  # pragma: no cover - build requirements not honoured
         print("mbsec: mypyc not available, installing the pure-Python data plane")
     else:
-        ext_modules = mypycify(["mbsec/reactor.py"], opt_level="3")
+        # Only reactor.py is compiled; what it imports is type-checked silently, and the
+        # third-party packages (not installed in pip's isolated build environment) are Any.
+        # No cache: the result must not depend on a .mypy_cache left in the checkout.
+        ext_modules = mypycify(
+            ["--ignore-missing-imports", "--follow-imports=silent", "--cache-dir=/dev/null",
+             "mbsec/reactor.py"],
+            opt_level="3",
+        )
         for ext in ext_modules:
             ext.optional = True  # a failed compile leaves the pure-Python module in place
 

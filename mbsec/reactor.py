@@ -955,7 +955,7 @@ class _Link:
             self._connect_timer.cancel()
             self._connect_timer = None
         try:
-            configure_socket(sock)  # type: ignore[arg-type]
+            configure_socket(sock)
         except OSError as exc:
             sock.close()
             self.sock = None

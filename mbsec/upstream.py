@@ -173,7 +173,7 @@ class _NoMetrics:
 Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
-def configure_socket(sock: trio.socket.SocketType) -> None:
+def configure_socket(sock: trio.socket.SocketType | socket.socket) -> None:
     """TCP_NODELAY (one ADU per segment, no Nagle delay) and 30 s keepalive.
 
     Keepalive finds a PLC that vanished without a FIN (power loss, cable) on idle
