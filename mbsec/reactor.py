@@ -622,11 +622,24 @@ class Client:
         except ssl.SSLError:
             self._abort("client_gone", broken=True)
             return
-        self._out += self._outgoing.read()
+        cipher = self._outgoing.read()
         self.session.bytes_out += len(data)
         self.plane.observe_request(time.monotonic() - t0)
-        if self._stall_timer is None:  # else the socket is full: the flush writes ours too
-            self._write()
+        if self._out or self._stall_timer is not None:
+            self._out += cipher  # in order, behind what is still queued
+            if self._stall_timer is None:
+                self._write()
+            return
+        try:  # the common case: nothing queued, the kernel takes the whole record
+            n = os.write(self.fd, cipher)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._abort("client_gone", broken=True)
+            return
+        if n < len(cipher):
+            self._out += cipher[n:]
+            self._write()  # the socket is full: EPOLLOUT and the stall limit take over
 
     def _write(self) -> None:
         out = self._out
