@@ -307,15 +307,14 @@ DATA_PLANES = ("thread", "trio")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # setup.py compiles mbsec/reactor.py with mypyc into mbsec/reactor*.so, which Python
+    # setup.py compiles some modules with mypyc into .so files next to them, which Python
     # imports before the .py: after an edit, the tests would run the old code
-    import mbsec.reactor
-
-    compiled = Path(mbsec.reactor.__file__)
-    source = Path(__file__).resolve().parents[1] / "mbsec" / "reactor.py"
-    if compiled.suffix == ".so" and compiled.stat().st_mtime < source.stat().st_mtime:
-        pytest.exit(f"{source} changed after it was compiled into {compiled.name}: run "
-                    "scripts/test.sh (it reinstalls) or `.venv/bin/pip install -e .`", 2)
+    package = Path(__file__).resolve().parents[1] / "mbsec"
+    for compiled in package.rglob("*.cpython-*.so"):
+        source = compiled.parent / (compiled.name.split(".", 1)[0] + ".py")
+        if source.exists() and compiled.stat().st_mtime < source.stat().st_mtime:
+            pytest.exit(f"{source} changed after it was compiled into {compiled.name}: run "
+                        "scripts/test.sh (it reinstalls) or `.venv/bin/pip install -e .`", 2)
     config.addinivalue_line(
         "markers",
         "xfail_engine(engine, reason): strict xfail only where the data_plane fixture is engine "

@@ -64,10 +64,12 @@ def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
     import os
 
     from mbsec import reactor
+    from mbsec.modbus import mbap
 
     if os.environ.get("MBSEC_PURE") == "1":
         pytest.skip("MBSEC_PURE=1: the interpreted data plane was asked for")
     assert reactor.compiled(), f"{reactor.__file__} is not the mypyc build"
+    assert mbap.__file__.endswith(".so"), f"{mbap.__file__} is not the mypyc build"
 
 
 async def test_server_start_says_which_data_plane_runs(

@@ -11,6 +11,7 @@ silently bypassed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,7 +51,9 @@ def fast_init(cls: type[T]) -> type[T]:
     init = _compile("__init__", ["self", *names], body, ns)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__doc__ = f"Initialise {cls.__name__} (fields set through their slot descriptors)."
-    setattr(cls, "__init__", init)  # noqa: B010  (mypy keeps the dataclass signature)
+    # a class compiled by mypyc (setup.py) refuses the new __init__: it is built natively
+    with contextlib.suppress(TypeError):
+        setattr(cls, "__init__", init)  # noqa: B010  (mypy keeps the dataclass signature)
     return cls
 
 
