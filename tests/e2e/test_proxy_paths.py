@@ -179,6 +179,21 @@ async def test_pipelined_requests_get_their_own_replies_out_of_order(
     assert plc.connections == 1
 
 
+async def test_each_reply_is_one_tls_record_even_when_they_leave_together(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """Five pipelined requests answered at once: the replies wait together in the client's
+    socket, and every TLS record (one ``SSLObject.read`` never spans two) holds one ADU."""
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port, upstream={"depth": 8}, limits={"max_pipelined": 8})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    await c.stream.send_all(b"".join(encode_adu(10 + a, 1, read_hr(a, 1)) for a in range(5)))
+    await trio.sleep(0.3)  # all five replies are in our socket now
+    records = [await c.stream.receive_some(65536) for _ in range(5)]
+    assert all(len(r) == 11 for r in records), [len(r) for r in records]  # 7 + FC03 qty 1
+    assert sorted(struct.unpack(">H", r[:2])[0] for r in records) == list(range(10, 15))
+
+
 async def test_many_clients_share_one_plc_connection(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
