@@ -78,6 +78,7 @@ def compiled() -> bool:
     return __file__.endswith(".so")
 
 STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
+TIMERS_COMPACT_MIN = 4096  # heap size from which cancelled timers are swept out
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
@@ -119,6 +120,7 @@ class DataPlane:
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._timers: list[tuple[float, int, _Timer]] = []
+        self._compact_at = TIMERS_COMPACT_MIN
         self._seq = itertools.count()
         self._dirty: list[_Link] = []  # links with queued requests to write at the end of a pass
         self.now = time.monotonic()
@@ -286,8 +288,21 @@ class DataPlane:
 
     def timer(self, delay: float, fn: Callable[[], None]) -> _Timer:
         t = _Timer(time.monotonic() + delay, fn)
-        heapq.heappush(self._timers, (t.when, next(self._seq), t))
+        timers = self._timers
+        heapq.heappush(timers, (t.when, next(self._seq), t))
+        if len(timers) > self._compact_at:
+            self.compact_timers()
         return t
+
+    def compact_timers(self) -> None:
+        """Drop cancelled timers. They stay in the heap until they are due (lazy deletion),
+        which can be ``idle_timeout`` away: a client whose socket fills and drains many times
+        a second would otherwise grow the heap for minutes. Amortised: the next compaction
+        waits until the heap has doubled."""
+        live = [entry for entry in self._timers if entry[2].fn is not None]
+        heapq.heapify(live)
+        self._timers[:] = live  # the loop holds a reference to this very list
+        self._compact_at = max(TIMERS_COMPACT_MIN, 2 * len(live))
 
     def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
         self._handlers[fd] = handler

@@ -83,3 +83,28 @@ async def test_server_start_says_which_data_plane_runs(
     ev = await h.wait_event("server-start")
     assert ev["mbsec.data_plane"] == "thread"
     assert ev["mbsec.data_plane_compiled"] is reactor.compiled()
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_heap() -> None:
+    """Stall timers are cancelled within microseconds but would stay in the heap until due
+    (``idle_timeout`` later); the heap is swept once it has doubled, so it stays bounded by
+    about twice the live timers."""
+    import os
+
+    from mbsec.audit import null_logger
+    from mbsec.metrics import NullMetrics
+    from mbsec.reactor import TIMERS_COMPACT_MIN, DataPlane
+
+    plane = DataPlane([], log=null_logger(), metrics=NullMetrics())
+    try:
+        live = [plane.timer(300.0, lambda: None) for _ in range(100)]
+        for _ in range(50 * TIMERS_COMPACT_MIN):
+            plane.timer(300.0, lambda: None).cancel()  # a socket that filled and drained
+        assert len(plane._timers) <= 2 * TIMERS_COMPACT_MIN
+        assert all(t.fn is not None for t in live)  # live timers are kept
+        plane.compact_timers()
+        assert len(plane._timers) == len(live)
+        assert plane._timers[0][0] == min(t.when for t in live)  # still a heap
+    finally:
+        plane._ep.close()
+        os.close(plane._wake_fd)
