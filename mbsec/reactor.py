@@ -359,7 +359,8 @@ class DataPlane:
 class Exchange:
     """One request on its way to a PLC; the link calls :meth:`done` once with a reply or error."""
 
-    __slots__ = ("adu", "client", "fwd", "pdu", "plc_unit", "request", "sent", "t0", "tid")
+    __slots__ = ("adu", "client", "end", "fwd", "pdu", "plc_unit", "request", "sent", "t0",
+                 "tid")
 
     def __init__(self, client: Client, adu: Adu, fwd: Forward, t0: float) -> None:
         self.client = client
@@ -372,6 +373,7 @@ class Exchange:
         self.plc_unit: int
         self.tid: int
         self.sent: float
+        self.end: int  # byte offset on the link where its ADU ends
 
     def done(self, reply: UpstreamReply | None, error: UpstreamError | None) -> None:
         client = self.client
@@ -473,7 +475,7 @@ class Client:
         self._hand_back_if_done()
 
     def _hand_back_if_done(self) -> None:
-        if self.closed and self.inflight == 0 and not self._handed_back:
+        if self.closed and self.inflight <= 0 and not self._handed_back:
             self._handed_back = True
             self._on_finished(self.broken)
 
@@ -595,7 +597,11 @@ class Client:
                     break
                 self.inflight += 1
                 t0 = time.monotonic()
-                result = session.decide(adu, t0)
+                try:
+                    result = session.decide(adu, t0)
+                except BaseException:
+                    self.inflight -= 1  # so that crashed() can hand the connection back
+                    raise
                 if result is None:  # the request broke the connection (logged)
                     self.inflight -= 1
                     self._finish()
@@ -780,6 +786,8 @@ class _Link:
         self._backoff = target.backoff_initial
         self._last_error = ""
         self._connect_timer: _Timer | None = None
+        self._queued_bytes = 0  # bytes ever queued on this link ...
+        self._written = 0  # ... and written (ADU of a request on the wire: _written >= ex.end)
         self._attempt = 0  # connect attempts, so a late name resolution is recognised
         self._addrs: list[tuple[Any, ...]] = []  # resolved addresses not tried yet
         self._deadline_timer: _Timer | None = None
@@ -841,7 +849,10 @@ class _Link:
     def _send(self, ex: Exchange) -> None:
         tid = self._book.allocate()
         ex.tid = tid
-        self._out += encode_adu(tid, ex.plc_unit, ex.pdu)
+        adu = encode_adu(tid, ex.plc_unit, ex.pdu)
+        self._out += adu
+        self._queued_bytes += len(adu)
+        ex.end = self._queued_bytes  # on the wire once _written reaches it
         self._pending[tid] = ex
         ex.sent = time.monotonic()
         if self._deadline_timer is None:
@@ -873,15 +884,22 @@ class _Link:
             self._reset("send_failed", str(exc) or type(exc).__name__)
             return
         del out[:n]
+        self._written += n
         if out:
             self._writing = True
             self.plane.modify(self.fd, _IN | _OUT)
+
+    def _forget_deadline_timer(self) -> None:
+        self._deadline_timer = None
 
     def _sweep(self) -> None:
         """Fail requests whose reply is overdue. One timer per link, not one per request:
         every request waits ``request_timeout`` and ``_pending`` is in send order, so the
         oldest entry is always the next deadline."""
-        self._deadline_timer = None
+        # Through a method, not ``self._deadline_timer = None`` here: mypy (and so mypyc's
+        # compiled code) would take the attribute to stay None in this function, but a
+        # client called back below may arm a new timer through _send.
+        self._forget_deadline_timer()
         t = self.target
         timeout = t.request_timeout
         now = time.monotonic()
@@ -891,14 +909,15 @@ class _Link:
             if ex.sent + timeout > now:
                 break
             del pending[tid]
+            # its ADU not (wholly) on the wire yet: a full socket (the PLC stopped reading) or
+            # not flushed yet. Judged now, before its client can queue more on this link.
+            unsent = self._written < ex.end
             too_many = self._book.expire(tid)  # known before anything can reuse the id
             self._fail(ex, TargetNoResponse(
                 f"no reply from upstream {t.name} within {timeout:g} s", reason="timeout"))
             self.plane.metrics.inc("mbsec_upstream_failures_total", target=t.name,
                                    reason="timeout")
-            if self._out:
-                # its ADU may not be on the wire yet (a full socket: the PLC stopped reading,
-                # or not flushed yet): reset, so a request answered 0x0B is never sent later
+            if unsent:  # reset: a request answered 0x0B must never be sent later
                 self._reset("send_timeout", "PLC did not accept the request in time")
                 return
             if too_many:
@@ -1023,15 +1042,18 @@ class _Link:
             self._connect_timer.cancel()
             self._connect_timer = None
         self._last_error = message
-        self.retry_at = self.plane.now + self._backoff
-        connect_failed(self.log, self.plane.metrics, t.name, reason, message, self._backoff)
+        self.retry_at = time.monotonic() + self._backoff
+        backoff = self._backoff
         self._backoff = min(self._backoff * 2, t.backoff_max)
         waiting = list(self._queue)
         self._queue.clear()
-        for ex in waiting:
-            self._fail(ex, PathUnavailable(
-                f"cannot connect to upstream {t.name} at {t.host}:{t.port}: {message}",
-                reason="connect_failed"))
+        try:
+            connect_failed(self.log, self.plane.metrics, t.name, reason, message, backoff)
+        finally:  # a failing log sink must not strand the requests waiting for the connection
+            for ex in waiting:
+                self._fail(ex, PathUnavailable(
+                    f"cannot connect to upstream {t.name} at {t.host}:{t.port}: {message}",
+                    reason="connect_failed"))
 
     # replies
 
@@ -1106,6 +1128,7 @@ class _Link:
             timer.cancel()
         self._queue_timers.clear()
         self._out.clear()
+        self._written = self._queued_bytes  # nothing of the old stream is pending any more
         self._writing = False
         self._drop_socket()
         if self._deadline_timer is not None:
@@ -1115,16 +1138,19 @@ class _Link:
         if reason != "eof" or pending:
             self.retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, t.backoff_max)
-        if reason != "shutdown":
-            self._last_error = message
-            connection_reset(self.log, self.plane.metrics, t.name, reason, message, len(pending))
-        error = reset_error(t.name, reason, message)
-        for ex in pending:
-            self._fail(ex, error)
-        for ex in waiting:
-            self._fail(ex, TargetNoResponse(
-                f"upstream {t.name} connection lost before the request was sent: {message}",
-                reason="connection_lost"))
+        try:
+            if reason != "shutdown":
+                self._last_error = message
+                connection_reset(self.log, self.plane.metrics, t.name, reason, message,
+                                 len(pending))
+        finally:  # a failing log sink must not strand the requests taken off the link
+            error = reset_error(t.name, reason, message)
+            for ex in pending:
+                self._fail(ex, error)
+            for ex in waiting:
+                self._fail(ex, TargetNoResponse(
+                    f"upstream {t.name} connection lost before the request was sent: "
+                    f"{message}", reason="connection_lost"))
 
     def withdraw(self, client: Client) -> None:
         """The client is gone: its requests still queued here are never sent."""

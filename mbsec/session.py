@@ -675,7 +675,8 @@ class Session:
         """One pipelined request in its own task. Tasks start in any order (trio runs a batch
         forwards or backwards), so each waits for its turn: the next one runs only once this
         one is on its way to the PLC (sent, or queued FIFO for a slot), and two writes a client
-        pipelines reach the PLC in the order it sent them."""
+        pipelines reach the PLC in the order it sent them (over one PLC connection; with
+        ``pool_size`` > 1 they may take different ones, see the README's known limits)."""
         try:
             while self._turn != seq:
                 await self._turns.park()

@@ -1,6 +1,6 @@
 """Second review of the threaded data plane (mbsec/reactor.py) after the first round of fixes.
 
-Each test proves one bug and is a strict xfail until it is fixed (then the marker must go).
+Each test proved one bug (a strict xfail until it was fixed); they stay as regression tests.
 Real sockets on 127.0.0.1: the conftest proxy (both engines where both can run the case; the
 trio engine must pass), scripted trio PLCs, raw TLS clients.
 """
@@ -63,11 +63,6 @@ async def _proxy(
 # -- 1. a timed-out request's client starts its next one on the link: the sweep resets it -----
 
 
-@pytest.mark.xfail_engine(
-    "thread",
-    reason="_Link._sweep: the timed-out request's client starts its next request on the same "
-    "link from the callback; its bytes in _out make the sweep reset a healthy link",
-)
 async def test_a_timeout_does_not_reset_the_link_for_the_request_its_client_starts_next(
     start_proxy: StartProxy, nursery: trio.Nursery, pki: Pki
 ) -> None:
@@ -99,11 +94,7 @@ class _DenyFailingSink(ListSink):
 
 
 @pytest.mark.parametrize("engine", [
-    pytest.param("thread", marks=pytest.mark.xfail(
-        strict=True,
-        reason="Client._pump: inflight is incremented before session.decide; when decide "
-        "raises, crashed() closes the client but inflight never returns to 0, so on_finished "
-        "is never called and trio never closes the socket")),
+    "thread",
     "trio",
 ])
 async def test_an_exception_while_deciding_a_request_does_not_hang_the_connection(
@@ -136,11 +127,6 @@ class _ResetFailingSink(ListSink):
         super().write(level, line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Link._reset: the link's requests are taken off it (_book.clear, _queue.clear) "
-    "before the upstream-reset line is logged and failed after it; when the log call raises "
-    "they are never completed: their clients hang with inflight > 0")
 async def test_an_exception_while_logging_a_link_reset_does_not_lose_its_requests(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
