@@ -301,6 +301,20 @@ class ProxyHandle:
                 await trio.sleep(0.01)
 
 
+class FailingSink(ListSink):
+    """A log destination that breaks (its pipe closed) on every line containing ``marker``:
+    how a failing SIEM pipe reaches the code that logs."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def write(self, level: str, line: str) -> None:
+        if self.marker in line:
+            raise BrokenPipeError(32, "Broken pipe")
+        super().write(level, line)
+
+
 StartProxy = Callable[..., Awaitable[ProxyHandle]]
 
 DATA_PLANES = ("thread", "trio")
@@ -358,6 +372,7 @@ async def start_proxy(
         allowed_requests: str = "info",
         crl: list[Path] | None = None,
         settings: dict[str, Any] | None = None,
+        sink: ListSink | None = None,
     ) -> ProxyHandle:
         from mbsec.server import Proxy
 
@@ -385,7 +400,7 @@ async def start_proxy(
         }
         tree.update(settings or {})
         built = build_settings(tree, environment=False)
-        sink = ListSink()
+        sink = sink if sink is not None else ListSink()
         log = make_logger(
             LoggingSettings(stdout=False, allowed_requests=allowed_requests),  # type: ignore[arg-type]
             extra_sinks=[sink],
@@ -440,6 +455,15 @@ class TlsClient:
     async def request(self, tid: int, unit: int, pdu: bytes) -> tuple[int, int, bytes] | None:
         await self.send(tid, unit, pdu)
         return await self.recv()
+
+    async def answered_or_closed(self, within: float = 1.5) -> bool:
+        """True when a reply, or the end of the connection, came within ``within`` seconds;
+        a wedged connection does neither."""
+        with trio.move_on_after(within):
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self.recv()
+            return True
+        return False
 
     async def closed_by_peer(self) -> bool:
         """True when the proxy hangs up (EOF or a reset/alert) instead of replying."""
