@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 from mbsec.metrics import observer
 from mbsec.modbus.errors import ProtocolError, RemoteProtocolError
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
-from mbsec.modbus.pdu import Request
 from mbsec.upstream import (
     EXPIRED_MAX,
     RECEIVE_SIZE,
@@ -335,15 +334,17 @@ class DataPlane:
         self._pools = pools
         self._routes = {unit: p for p in pools.values() for unit in p.target.unit_ids}
 
-    def submit(self, unit_id: int, request: Request, pdu: bytes, exchange: Exchange) -> None:
-        """Send one request to the PLC for ``unit_id``; ``exchange.done`` is called exactly once."""
+    def submit(self, exchange: Exchange) -> None:
+        """Send one request to the PLC for its unit id; ``exchange.done`` is called exactly
+        once."""
+        unit_id = exchange.adu.unit_id
         pool = self._routes.get(unit_id)
         if pool is None:
             self.metrics.inc("mbsec_upstream_failures_total", target="", reason="no_route")
             error = PathUnavailable(f"no upstream target for unit id {unit_id}", reason="no_route")
             exchange.done(None, error)
             return
-        pool.pick().submit(unit_id, request, pdu, exchange)
+        pool.pick().submit(exchange)
 
     def withdraw(self, client: Client) -> None:
         for pool in [*self._pools.values(), *self._retired]:
@@ -359,17 +360,13 @@ class DataPlane:
 class Exchange:
     """One request on its way to a PLC; the link calls :meth:`done` once with a reply or error."""
 
-    __slots__ = ("adu", "client", "end", "fwd", "pdu", "plc_unit", "request", "sent", "t0",
-                 "tid")
+    __slots__ = ("adu", "client", "end", "fwd", "plc_unit", "sent", "tid")
 
-    def __init__(self, client: Client, adu: Adu, fwd: Forward, t0: float) -> None:
+    def __init__(self, client: Client, adu: Adu, fwd: Forward) -> None:
         self.client = client
-        self.adu = adu
-        self.fwd = fwd
-        self.t0 = t0
+        self.adu = adu  # the client's request (its tid, unit and PDU)
+        self.fwd = fwd  # the session's decision (parsed request, start time)
         # set by the link that takes it (_Link.submit / _send)
-        self.request: Request
-        self.pdu: bytes
         self.plc_unit: int
         self.tid: int
         self.sent: float
@@ -611,7 +608,7 @@ class Client:
                     self._send(adu, result, t0)
                 else:
                     assert not isinstance(result, bytes)
-                    submit(adu.unit_id, result.request, adu.pdu, Exchange(self, adu, result, t0))
+                    submit(Exchange(self, adu, result))
         finally:
             self._pumping = False
         self._update_mask()
@@ -627,7 +624,7 @@ class Client:
                 self._hand_back_if_done()
             return
         pdu = self.session.complete(exchange.adu, exchange.fwd, reply, error)
-        self._send(exchange.adu, pdu, exchange.t0)
+        self._send(exchange.adu, pdu, exchange.fwd.t0)
         if self.closed:
             return
         if self._reading:
@@ -799,11 +796,10 @@ class _Link:
 
     # request path
 
-    def submit(self, unit_id: int, request: Request, pdu: bytes, ex: Exchange) -> None:
+    def submit(self, ex: Exchange) -> None:
         t = self.target
-        ex.request = request
+        unit_id = ex.adu.unit_id
         ex.plc_unit = t.unit_rewrite.get(unit_id, unit_id) if t.unit_rewrite else unit_id
-        ex.pdu = pdu
         self.load += 1
         if self.fd < 0:
             if self.in_backoff():
@@ -849,7 +845,7 @@ class _Link:
     def _send(self, ex: Exchange) -> None:
         tid = self._book.allocate()
         ex.tid = tid
-        adu = encode_adu(tid, ex.plc_unit, ex.pdu)
+        adu = encode_adu(tid, ex.plc_unit, ex.adu.pdu)
         self._out += adu
         self._queued_bytes += len(adu)
         ex.end = self._queued_bytes  # on the wire once _written reaches it
@@ -1102,7 +1098,7 @@ class _Link:
                 return None
             return unknown_tid(tid)
         try:
-            reply = check_reply(adu, ex.plc_unit, ex.request, self.target.name)
+            reply = check_reply(adu, ex.plc_unit, ex.fwd.request, self.target.name)
         except ReplyProblem as problem:
             self._fail(ex, self._reset_error(problem.detail))
             return problem.reason, problem.message

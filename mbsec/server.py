@@ -248,8 +248,8 @@ class Proxy:
             self.data_plane.replace_targets_threadsafe(
                 targets, then=lambda: setattr(self, "decision_state", state))
         else:
+            self.upstreams.replace_targets(targets)
             self.decision_state = state
-        self.upstreams.replace_targets(targets)
         self.state = state
         self.settings = self.settings.model_copy(
             update={"tls": settings.tls, "policy": settings.policy, "upstreams": settings.upstreams}
@@ -355,7 +355,8 @@ class Proxy:
         self, limits: LimitsSettings, task_status: trio.TaskStatus[list[tuple[str, int]]]
     ) -> None:
         async with trio.open_nursery() as root:
-            await root.start(self.upstreams.run)
+            if self.data_plane is None:  # else the data plane owns the PLC connections
+                await root.start(self.upstreams.run)
             if self.settings.metrics.listen and isinstance(self.metrics, Metrics):
                 host, port = parse_hostport(self.settings.metrics.listen)
                 self.metrics_port = await root.start(

@@ -124,6 +124,18 @@ class _Closing(Exception):
         self.reason = reason
 
 
+def take_tls_state(
+    ssl_stream: trio.SSLStream[Any],
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """The ``SSLStream``'s own ``SSLObject`` and memory BIOs, and the TLS 1.3 tickets it held
+    back after the handshake (taken: whoever drives the connection from here sends them).
+    The one place that reaches into trio's private attributes; both data planes use it."""
+    delayed = ssl_stream._delayed_outgoing
+    ssl_stream._delayed_outgoing = None
+    return (ssl_stream._ssl_object, ssl_stream._incoming, ssl_stream._outgoing,
+            bytes(delayed or b""))
+
+
 class _RecordIO:
     """TLS application data after the handshake, on the ``SSLStream``'s own ``SSLObject``.
 
@@ -137,15 +149,10 @@ class _RecordIO:
 
     def __init__(self, ssl_stream: trio.SSLStream[Any], stall_limit: float) -> None:
         self._stall_limit = stall_limit
-        self._obj: ssl.SSLObject = ssl_stream._ssl_object
-        self._incoming: ssl.MemoryBIO = ssl_stream._incoming
-        self._outgoing: ssl.MemoryBIO = ssl_stream._outgoing
+        self._obj, self._incoming, self._outgoing, delayed = take_tls_state(ssl_stream)
         self._transport = ssl_stream.transport_stream
         self._fd = socket_fd(self._transport)
-        # TLS 1.3 tickets SSLStream held back after the handshake (none when tickets are off)
-        delayed = ssl_stream._delayed_outgoing
-        ssl_stream._delayed_outgoing = None
-        self._out = bytearray(delayed or b"")  # ciphertext not yet written, in order
+        self._out = bytearray(delayed)  # ciphertext not yet written, in order
         self._flushing = False
         self._flushed = trio.lowlevel.ParkingLot()
         self.broken = False  # no close_notify can follow: close the transport as is
@@ -560,8 +567,7 @@ class Session:
         assert ssl_stream is not None
         # the data plane has no contextvars: the connection's fields travel on the logger
         self._set_log(self._log.bind(**structlog.contextvars.get_contextvars()))
-        delayed = ssl_stream._delayed_outgoing  # TLS 1.3 tickets SSLStream held back
-        ssl_stream._delayed_outgoing = None
+        obj, incoming, outgoing, delayed = take_tls_state(ssl_stream)
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
@@ -571,9 +577,9 @@ class Session:
                 token.run_sync_soon(done.set)
 
         client = Client(
-            plane, self, fd, ssl_stream._ssl_object, ssl_stream._incoming, ssl_stream._outgoing,
-            delayed or b"", max_pipelined=self._limits.max_pipelined,
-            idle_timeout=self._limits.idle_timeout, on_finished=finished,
+            plane, self, fd, obj, incoming, outgoing, delayed,
+            max_pipelined=self._limits.max_pipelined, idle_timeout=self._limits.idle_timeout,
+            on_finished=finished,
         )
         self._client = client
         plane.adopt_threadsafe(client)
