@@ -192,7 +192,24 @@ def plc() -> Iterator[PymodbusPlc]:
     p.stop()
 
 
-class ScriptedPlc:
+class LocalTcpServer:
+    """A TCP server on 127.0.0.1 (a free port): ``nursery.start(srv.serve)`` returns the port;
+    subclasses handle each connection in ``_handle``."""
+
+    port = 0
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = int(listeners[0].socket.getsockname()[1])
+        async with trio.open_nursery() as n:
+            await n.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self.port)
+
+
+class ScriptedPlc(LocalTcpServer):
     """A trio Modbus/TCP PLC whose behaviour a test scripts.
 
     FC03 reply: register i holds ``value(unit, address + i)``; ``delay(address)`` seconds pass
@@ -212,7 +229,6 @@ class ScriptedPlc:
         self.value = value
         self.silent = silent
         self.garbage_at = garbage_at  # FC03 addresses answered with a broken MBAP frame
-        self.port = 0
         self.connections = 0
         self.requests: list[tuple[int, int, bytes]] = []
 
@@ -254,12 +270,6 @@ class ScriptedPlc:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = int(listeners[0].socket.getsockname()[1])
-        async with trio.open_nursery() as n:
-            await n.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self.port)
 
 
 def unused_port() -> int:

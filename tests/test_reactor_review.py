@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TEST_POLICY, FailingSink, Pki, ProxyHandle, ScriptedPlc, TlsClient, read_hr
+from conftest import (
+    TEST_POLICY,
+    FailingSink,
+    LocalTcpServer,
+    Pki,
+    ProxyHandle,
+    ScriptedPlc,
+    TlsClient,
+    read_hr,
+)
 
 from mbsec.audit import ListSink, make_logger
 from mbsec.metrics import Metrics
@@ -119,13 +128,12 @@ class _BlockingSink(ListSink):
         assert await trio.to_thread.run_sync(self.entered.wait, 2.0), "the sink was not reached"
 
 
-class _RawPlc:
+class _RawPlc(LocalTcpServer):
     """A PLC on real sockets that records requests, answers FC03 with zeros unless ``silent``,
     can reset its connections (RST), and counts connections the proxy closed."""
 
     def __init__(self, *, silent: bool = False) -> None:
         self.silent = silent
-        self.port = 0
         self.requests: list[tuple[int, int, bytes]] = []
         self.opened = 0
         self.closed = 0
@@ -153,13 +161,6 @@ class _RawPlc:
         for s in self._streams:
             s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.socket.close()  # RST
-
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = int(listeners[0].socket.getsockname()[1])
-        async with trio.open_nursery() as n:
-            await n.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self.port)
 
 
 def _rst(client: TlsClient) -> None:
