@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from conftest import TEST_POLICY, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr, unused_port
 
@@ -29,32 +30,27 @@ def regs(pdu: bytes) -> list[int]:
     return list(struct.unpack(f">{pdu[1] // 2}H", pdu[2:]))
 
 
-async def test_bad_protocol_id_closes_the_connection(
-    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (bytes.fromhex("0001" "0001" "0006" "01" "0300000001"), "bad_protocol_id"),
+        # length 300 > 254: rejected from the header alone, nothing is buffered or forwarded
+        (struct.pack(">HHHB", 1, 0, 300, 1) + b"\x03\x00\x00\x00\x01", "bad_length"),
+    ],
+    ids=["bad_protocol_id", "oversize_length"],
+)
+async def test_broken_mbap_header_closes_the_connection(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, frame: bytes, reason: str
 ) -> None:
     plc = await scripted(nursery)
     h = await start_proxy(plc.port)
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
-    await c.stream.send_all(bytes.fromhex("0001" "0001" "0006" "01" "0300000001"))
+    await c.stream.send_all(frame)
     assert await c.closed_by_peer()
     ev = await h.wait_event("modbus-framing-error")
-    assert ev["event.reason"] == "bad_protocol_id"
+    assert ev["event.reason"] == reason
     closed = await h.wait_event("connection-closed")
-    assert closed["event.reason"] == "bad_protocol_id"
-    assert plc.requests == []
-
-
-async def test_oversize_length_field_closes_the_connection(
-    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
-) -> None:
-    plc = await scripted(nursery)
-    h = await start_proxy(plc.port)
-    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
-    # length 300 > 254: rejected from the header alone, nothing is buffered or forwarded
-    await c.stream.send_all(struct.pack(">HHHB", 1, 0, 300, 1) + b"\x03\x00\x00\x00\x01")
-    assert await c.closed_by_peer()
-    ev = await h.wait_event("modbus-framing-error")
-    assert ev["event.reason"] == "bad_length"
+    assert closed["event.reason"] == reason
     assert plc.requests == []
 
 
