@@ -155,30 +155,40 @@ class DataPlane:
         if wedged:  # pragma: no cover - only a bug (or a blocked log sink) gets here
             self._bug(RuntimeError(f"data plane did not stop within {STOP_TIMEOUT:g} s"))
 
-    def call_threadsafe(self, fn: Callable[[], None]) -> None:
+    def call_threadsafe(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` in the loop; False when the plane has stopped (``fn`` is dropped)."""
         with self._wake_lock:
             if self._stopped:
-                return
+                return False
             self._calls.append(fn)
             os.eventfd_write(self._wake_fd, 1)
+            return True
 
     def replace_targets_threadsafe(
         self, targets: Iterable[UpstreamTarget], then: Callable[[], None] | None = None
-    ) -> None:
+    ) -> threading.Event:
         """Reload: validated here (``ValueError`` keeps the running set), applied in the loop,
-        with ``then`` in the same step (the proxy switches its decision state there)."""
+        with ``then`` in the same step (the proxy switches its decision state there).
+
+        The returned event is set once applied, so a caller can wait until every request
+        the loop reads from then on sees the new state."""
         new = list(targets)
         Upstreams.check_targets(new)
+        applied = threading.Event()
 
         def apply() -> None:
-            self._install(new)
-            if then is not None:
-                then()
+            try:
+                self._install(new)
+                if then is not None:
+                    then()
+            finally:
+                applied.set()
 
         if self._worker is None:  # not running: nothing can race with us
             apply()
-        else:
-            self.call_threadsafe(apply)
+        elif not self.call_threadsafe(apply):
+            applied.set()  # stopped: there is no loop left to read a request
+        return applied
 
     # -- loop -----------------------------------------------------------------------------
 

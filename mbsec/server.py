@@ -41,6 +41,7 @@ KEEPALIVE_IDLE = 30
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 CRL_CHECK_INTERVAL = 3600.0
+RELOAD_APPLY_TIMEOUT = 2.0  # seconds a reload waits for the data plane to switch
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
@@ -245,8 +246,12 @@ class Proxy:
         if self.data_plane is not None:
             # decisions and routes switch in one step of the data-plane thread: a request is
             # never decided by the new policy and routed by the old unit map (or the reverse)
-            self.data_plane.replace_targets_threadsafe(
+            applied = self.data_plane.replace_targets_threadsafe(
                 targets, then=lambda: setattr(self, "decision_state", state))
+            # wait (briefly: one loop pass) so that a request sent after reload() returns, or
+            # after the success event, is decided by the new policy, as on the trio engine
+            # (a wedged loop, a bug that stops the proxy anyway, must not hang the reload)
+            applied.wait(RELOAD_APPLY_TIMEOUT)
         else:
             self.upstreams.replace_targets(targets)
             self.decision_state = state

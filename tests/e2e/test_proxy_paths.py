@@ -238,6 +238,9 @@ async def test_reload_with_a_bad_policy_keeps_the_old_state(
     no_fc03 = TEST_POLICY.replace("read_holding_registers, read_input", "read_input")
     h.policy_path.write_text(no_fc03)
     assert h.proxy.reload() is True
+    # reload() returns once the state deciding requests is switched, on both engines (the
+    # thread engine switches in its loop: a request sent now must not meet the old policy)
+    assert h.proxy.decision_state is h.proxy.state
     assert (await c.request(2, 1, read_hr(0, 1)))[2] == bytes([0x83, 0x01])
 
 
