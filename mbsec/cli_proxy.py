@@ -57,11 +57,12 @@ def serve_main(argv: list[str]) -> int:
     from mbsec.server import (
         Proxy,
         StartupError,
+        bind_metrics_sockets,
         bind_worker_sockets,
         build_state,
+        close_all,
         run_workers,
         worker_from_environment,
-        worker_problems,
     )
 
     sink_problems = check_sinks(settings.logging)
@@ -70,19 +71,24 @@ def serve_main(argv: list[str]) -> int:
     worker = worker_from_environment()
     if worker is None and settings.workers > 1:
         # main process of a worker set: check everything, bind, then start the workers
-        problems = worker_problems(settings)
         try:
             build_state(settings)
         except StartupError as exc:
-            problems.extend(exc.problems)
-        if problems:
-            return _problems([f"{args.config}: {line}" for line in problems])
+            return _problems([f"{args.config}: {line}" for line in exc.problems])
         try:
             per_worker = bind_worker_sockets(settings, settings.workers)
         except OSError as exc:
             where = ", ".join(settings.listen)
             return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
-        return run_workers(args.config, per_worker)
+        try:
+            metrics_socks = bind_metrics_sockets(settings, settings.workers)
+        except OSError as exc:
+            close_all(per_worker)
+            where = f"metrics.listen {settings.metrics.listen}"
+            if (settings.metrics_address() or ("", 0))[1]:
+                where += f" and the next {settings.workers - 1} port(s), one per worker"
+            return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
+        return run_workers(args.config, per_worker, metrics_socks)
     try:
         log = make_logger(settings.logging)
     except (OSError, ValueError) as exc:
@@ -90,7 +96,8 @@ def serve_main(argv: list[str]) -> int:
     metrics = Metrics()
     try:
         proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config),
-                      listen_sockets=worker[2] if worker is not None else None)
+                      listen_sockets=worker.listen if worker is not None else None,
+                      metrics_sockets=worker.metrics if worker is not None else None)
     except StartupError as exc:
         close_logger(log)
         return _problems([f"{args.config}: {line}" for line in exc.problems])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 import operator
+import socket
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
 
@@ -292,10 +293,16 @@ async def serve_metrics(
     port: int,
     *,
     healthy: Callable[[], bool] = lambda: True,
+    sockets: list[socket.socket] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/metrics`` and ``/healthz`` until cancelled; ``task_status`` gets the bound port."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve ``/metrics`` and ``/healthz`` until cancelled; ``task_status`` gets the bound port.
+    ``sockets``: already listening (a worker's, bound by the main process) instead of
+    ``host:port``."""
+    if sockets:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
     async def handler(stream: trio.SocketStream) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import datetime as dt
 import errno
 import os
@@ -155,10 +156,12 @@ class Proxy:
         config_path: Path | None = None,
         dialer: Dialer | None = None,
         listen_sockets: list[socket.socket] | None = None,
+        metrics_sockets: list[socket.socket] | None = None,
     ) -> None:
         self.settings = settings
         #: already bound and listening (a worker process gets them from its parent)
         self._listen_sockets = listen_sockets
+        self._metrics_sockets = metrics_sockets
         self.config_path = config_path
         self.log = log or null_logger()
         self.metrics: MetricsLike = metrics or NullMetrics()
@@ -370,6 +373,7 @@ class Proxy:
                         host,
                         port,
                         healthy=self.healthy,
+                        sockets=self._metrics_sockets,
                         task_status=task_status,
                     )
                 )
@@ -531,13 +535,40 @@ WORKER_ENV = "_MBSEC_WORKER"  # "index/count/fd,fd,...": set by the main process
 LISTEN_BACKLOG = 1024
 
 
-def worker_problems(settings: Settings) -> list[str]:
-    if settings.workers > 1 and settings.metrics.listen:
-        return [
-            "workers: the metrics endpoint is per process; with workers > 1 leave "
-            "[metrics] listen unset"
-        ]
-    return []
+def _listening_socket(
+    family: int, type_: int, proto: int, addr: Any, *, reuseport: bool
+) -> socket.socket:
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _addresses(host: str, port: int) -> list[tuple[int, int, int, Any]]:
+    """Every distinct (family, type, proto, address) ``host`` resolves to, as trio binds them."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen: set[tuple[int, Any]] = set()
+    out: list[tuple[int, int, int, Any]] = []
+    for family, type_, proto, _name, addr in infos:
+        if (family, addr) not in seen:
+            seen.add((family, addr))
+            out.append((family, type_, proto, addr))
+    return out
+
+
+def close_all(per_worker: list[list[socket.socket]]) -> None:
+    for socks in per_worker:
+        for sock in socks:
+            sock.close()
 
 
 def bind_worker_sockets(settings: Settings, workers: int) -> list[list[socket.socket]]:
@@ -547,42 +578,63 @@ def bind_worker_sockets(settings: Settings, workers: int) -> list[list[socket.so
     per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
     try:
         for host, port in settings.listen_addresses():
-            infos = socket.getaddrinfo(
-                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            seen: set[tuple[int, Any]] = set()
-            for family, type_, proto, _name, addr in infos:
-                if (family, addr) in seen:
-                    continue
-                seen.add((family, addr))
+            for family, type_, proto, addr in _addresses(host, port):
                 bound = addr
                 for w in range(workers):
-                    sock = socket.socket(family, type_, proto)
+                    sock = _listening_socket(family, type_, proto, bound, reuseport=True)
                     per_worker[w].append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind(bound)
-                    sock.listen(LISTEN_BACKLOG)
                     bound = sock.getsockname()  # later workers take the port the first got
     except OSError:
-        for socks in per_worker:
-            for sock in socks:
-                sock.close()
+        close_all(per_worker)
         raise
     return per_worker
 
 
-def worker_from_environment() -> tuple[int, int, list[socket.socket]] | None:
-    """In a worker process: (index, count, listening sockets) from the parent; else None."""
+def bind_metrics_sockets(settings: Settings, workers: int) -> list[list[socket.socket]]:
+    """For each worker, the sockets of its own ``/metrics`` endpoint (``metrics.listen`` port
+    plus the worker index): counters are per process, so each worker is its own scrape target.
+    Bound here, in the main process, so that a port in use is one clear error at start."""
+    per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
+    try:
+        for w in range(workers):
+            address = settings.metrics_address(w)
+            if address is None:
+                break
+            for family, type_, proto, addr in _addresses(*address):
+                per_worker[w].append(_listening_socket(family, type_, proto, addr,
+                                                       reuseport=False))
+    except OSError:
+        close_all(per_worker)
+        raise
+    return per_worker
+
+
+def _fds(socks: list[socket.socket]) -> str:
+    return ",".join(str(s.fileno()) for s in socks)
+
+
+def _socks(fds: str) -> list[socket.socket]:
+    return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSockets:
+    """What the main process hands a worker: its index, the worker count and its sockets."""
+
+    index: int
+    count: int
+    listen: list[socket.socket]
+    metrics: list[socket.socket]
+
+
+def worker_from_environment() -> WorkerSockets | None:
+    """In a worker process: what the main process handed it (``WORKER_ENV``); else None."""
     spec = os.environ.pop(WORKER_ENV, None)
     if not spec:
         return None
-    index, count, fds = spec.split("/")
-    socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+    index, count, listen, metrics = spec.split("/")
     set_conn_id_space(int(index) + 1, int(count))
-    return int(index), int(count), socks
+    return WorkerSockets(int(index), int(count), _socks(listen), _socks(metrics))
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -591,7 +643,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a worker never outlives the main process
 
 
-def run_workers(config: str, per_worker: list[list[socket.socket]]) -> int:
+def run_workers(
+    config: str, per_worker: list[list[socket.socket]], metrics: list[list[socket.socket]]
+) -> int:
     """The main process with ``workers > 1``: start one ``mbsec serve`` per worker on its
     inherited sockets, forward SIGHUP (each worker reloads the file itself) and SIGTERM/SIGINT
     (each drains), and exit 0 once all workers exited 0. A worker that dies on its own takes
@@ -610,19 +664,18 @@ def run_workers(config: str, per_worker: list[list[socket.socket]]) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
     try:
-        for index, socks in enumerate(per_worker):
-            fds = [s.fileno() for s in socks]
+        for index, (socks, msocks) in enumerate(zip(per_worker, metrics, strict=True)):
             env = dict(os.environ)
-            env[WORKER_ENV] = f"{index}/{len(per_worker)}/{','.join(map(str, fds))}"
+            env[WORKER_ENV] = f"{index}/{len(per_worker)}/{_fds(socks)}/{_fds(msocks)}"
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "mbsec.cli", "serve", "--config", config],
-                    pass_fds=fds, env=env, preexec_fn=_die_with_parent,
+                    pass_fds=[s.fileno() for s in socks + msocks], env=env,
+                    preexec_fn=_die_with_parent,
                 )
             )
-        for socks in per_worker:  # the workers hold them now
-            for sock in socks:
-                sock.close()
+        close_all(per_worker)  # the workers hold them now
+        close_all(metrics)
         failed = False
         while True:
             alive = [p for p in procs if p.poll() is None]

@@ -223,7 +223,26 @@ class Settings(BaseSettings):
                 owner[u] = name
         return self
 
+    @model_validator(mode="after")
+    def _metrics_ports(self) -> Settings:
+        if self.metrics.listen and self.workers > 1:
+            _host, port = parse_hostport(self.metrics.listen)
+            if port and port + self.workers - 1 > 65535:
+                raise ValueError(
+                    f"metrics.listen port {port} with workers = {self.workers}: worker i serves "
+                    f"its metrics on port {port} + i, which passes 65535; choose a lower port"
+                )
+        return self
+
     # -- derived views --------------------------------------------------------------------
+
+    def metrics_address(self, worker: int = 0) -> tuple[str, int] | None:
+        """Where worker ``worker`` serves /metrics: ``metrics.listen`` plus the worker index
+        (each worker has its own counters; port 0 gives each a free port)."""
+        if not self.metrics.listen:
+            return None
+        host, port = parse_hostport(self.metrics.listen)
+        return host, port + worker if port else 0
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(a, default_port=DEFAULT_PORT) for a in self.listen]

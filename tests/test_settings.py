@@ -290,3 +290,24 @@ def test_config_check_reports_unusable_log_sinks(
     assert f"{cfg}: logging.file: cannot create" in err
     assert f"{cfg}: logging.syslog: /nonexistent/log" in err
     assert "Traceback" not in err
+
+
+def test_worker_metrics_ports_follow_the_configured_one(tmp_path: Path, pki: Pki) -> None:
+    s = load_settings(write_config(
+        tmp_path, pki, 'workers = 3\n[metrics]\nlisten = "127.0.0.1:9802"\n'))
+    assert [s.metrics_address(w) for w in range(3)] == [
+        ("127.0.0.1", 9802), ("127.0.0.1", 9803), ("127.0.0.1", 9804)]
+    s = load_settings(write_config(
+        tmp_path, pki, 'workers = 2\n[metrics]\nlisten = "127.0.0.1:0"\n'))
+    assert [s.metrics_address(w) for w in range(2)] == [("127.0.0.1", 0), ("127.0.0.1", 0)]
+    assert load_settings(write_config(tmp_path, pki)).metrics_address() is None
+
+
+def test_config_check_worker_metrics_ports_past_65535(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, pki, 'workers = 2\n[metrics]\nlisten = "127.0.0.1:65535"\n')
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "metrics.listen port 65535 with workers = 2" in err
+    assert "Traceback" not in err

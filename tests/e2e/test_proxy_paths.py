@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -14,7 +15,16 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TEST_POLICY, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr, unused_port
+from conftest import (
+    TEST_POLICY,
+    Pki,
+    ScriptedPlc,
+    StartProxy,
+    TlsClient,
+    http_get,
+    read_hr,
+    unused_port,
+)
 
 from mbsec.modbus.mbap import encode_adu
 
@@ -456,12 +466,56 @@ async def test_a_dead_worker_stops_the_set_with_status_1(
             await proc.wait()
 
 
-def test_workers_refuse_a_metrics_endpoint(pki: Pki, tmp_path: Path) -> None:
-    cfg = _worker_config(pki, tmp_path, 1502, '[metrics]\nlisten = "127.0.0.1:0"\n')
-    res = subprocess.run([sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60, check=False)
+async def test_each_worker_serves_its_own_metrics(
+    pki: Pki, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """workers = 2 with [metrics] listen: each worker serves its own counters (its own port,
+    reported in its server-start event); together they count every connection once."""
+    plc = await scripted(nursery)
+    cfg = _worker_config(pki, tmp_path, plc.port, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+    )
+    out = _EventReader(proc)
+    try:
+        starts = [await out.next_event("server-start") for _ in range(2)]
+        port = int(starts[0]["mbsec"]["listen"][0].rsplit(":", 1)[1])
+        metrics_ports = {s["mbsec"]["metrics_port"] for s in starts}
+        assert len(metrics_ports) == 2 and None not in metrics_ports
+        clients = [await TlsClient.connect(port, pki.client_ctx(pki.operator)) for _ in range(16)]
+        for i, c in enumerate(clients):
+            assert await c.request(i, 1, read_hr(i, 1)) == (i, 1, bytes([3, 2, 0, i]))
+        accepted = []
+        for mport in metrics_ports:
+            status, body = await http_get(mport, "/metrics")
+            assert status == "HTTP/1.1 200 OK"
+            line = next(ln for ln in body.splitlines()
+                        if ln.startswith('mbsec_connections_total{outcome="accepted"}'))
+            accepted.append(int(float(line.rsplit(" ", 1)[1])))
+            assert (await http_get(mport, "/healthz"))[0] == "HTTP/1.1 200 OK"
+        assert sum(accepted) == 16
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_workers_metrics_port_in_use_is_one_line(pki: Pki, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        cfg = _worker_config(pki, tmp_path, 1502, f'[metrics]\nlisten = "127.0.0.1:{busy}"\n')
+        res = subprocess.run([sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1
-    assert "workers: the metrics endpoint is per process" in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"error: {cfg}: cannot listen (metrics.listen 127.0.0.1:{busy} and the next 1 port(s),"
+        " one per worker): Address already in use"]
 
 
 class _EventReader:
