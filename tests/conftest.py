@@ -13,8 +13,10 @@ import json
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,6 +494,47 @@ def read_hr(address: int, count: int) -> bytes:
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class ServeProcess:
+    """A real ``mbsec serve`` child process and the JSON events on its standard output."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+
+    async def next_event(self, action: str) -> dict[str, Any]:
+        """The next event with ``event.action == action`` (earlier ones are kept in ``events``)."""
+        assert self.proc.stdout is not None
+        with trio.fail_after(15):
+            while True:
+                while b"\n" in self.buf:
+                    line, self.buf = self.buf.split(b"\n", 1)
+                    ev = json.loads(line)
+                    self.events.append(ev)
+                    if ev.get("event", {}).get("action") == action:
+                        return dict(ev)
+                chunk = await self.proc.stdout.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"mbsec serve ended before {action!r}: {self.events}")
+                self.buf += chunk
+
+
+@contextlib.asynccontextmanager
+async def serve_process(config: Path) -> AsyncIterator[ServeProcess]:
+    """``mbsec serve --config config`` as a child process, killed on the way out if it is
+    still running (a test that ends it itself checks its exit status)."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        yield ServeProcess(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def http_get(port: int, path: str) -> tuple[str, str]:

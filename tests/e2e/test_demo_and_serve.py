@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from conftest import TEST_POLICY, Pki, ScriptedPlc, TlsClient, http_get, read_hr
+from conftest import TEST_POLICY, Pki, ScriptedPlc, TlsClient, http_get, read_hr, serve_process
 
 import mbsec.demo
 
@@ -58,28 +55,6 @@ def test_demo_keep_refuses_a_file_or_non_empty_dir(
     assert "Traceback" not in err
 
 
-class ServeProcess:
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.buf = b""
-        self.events: list[dict[str, Any]] = []
-
-    async def next_event(self, action: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        with trio.fail_after(10):
-            while True:
-                while b"\n" in self.buf:
-                    line, self.buf = self.buf.split(b"\n", 1)
-                    ev = json.loads(line)
-                    self.events.append(ev)
-                    if ev.get("event", {}).get("action") == action:
-                        return ev
-                chunk = await self.proc.stdout.receive_some(65536)
-                if not chunk:
-                    raise AssertionError(f"mbsec serve ended before {action!r}: {self.events}")
-                self.buf += chunk
-
-
 async def test_serve_process_reload_and_sigterm(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -95,12 +70,8 @@ async def test_serve_process_reload_and_sigterm(
         f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc.port}\nunit_ids = [1, 2]\n'
         f'[limits]\ndrain_timeout = 3\n[metrics]\nlisten = "127.0.0.1:0"\n'
     )
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
-        stdout=subprocess.PIPE,
-    )
-    sp = ServeProcess(proc)
-    try:
+    async with serve_process(cfg) as sp:
+        proc = sp.proc
         start = await sp.next_event("server-start")
         port = int(start["mbsec"]["listen"][0].rsplit(":", 1)[1])
         c = await TlsClient.connect(port, pki.client_ctx(pki.operator))
@@ -124,7 +95,3 @@ async def test_serve_process_reload_and_sigterm(
         assert await c.closed_by_peer()
         with trio.fail_after(10):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -3,7 +3,6 @@ sharing one PLC connection, reload, limits, drain."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,7 +10,6 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -23,6 +21,7 @@ from conftest import (
     TlsClient,
     http_get,
     read_hr,
+    serve_process,
     unused_port,
 )
 
@@ -401,12 +400,8 @@ async def test_workers_share_the_port_reload_and_drain_together(
     SIGTERM drains both and the main process exits 0."""
     plc = await scripted(nursery)
     cfg = _worker_config(pki, tmp_path, plc.port)
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
-        stdout=subprocess.PIPE,
-    )
-    out = _EventReader(proc)
-    try:
+    async with serve_process(cfg) as out:
+        proc = out.proc
         starts = [await out.next_event("server-start") for _ in range(2)]
         ports = {int(s["mbsec"]["listen"][0].rsplit(":", 1)[1]) for s in starts}
         assert len(ports) == 1  # one port, two listening processes
@@ -432,10 +427,6 @@ async def test_workers_share_the_port_reload_and_drain_together(
             assert await c.closed_by_peer()
         with trio.fail_after(10):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_a_dead_worker_stops_the_set_with_status_1(
@@ -445,12 +436,8 @@ async def test_a_dead_worker_stops_the_set_with_status_1(
     service manager restarts the whole set."""
     plc = await scripted(nursery)
     cfg = _worker_config(pki, tmp_path, plc.port)
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
-        stdout=subprocess.PIPE,
-    )
-    out = _EventReader(proc)
-    try:
+    async with serve_process(cfg) as out:
+        proc = out.proc
         for _ in range(2):
             await out.next_event("server-start")
         listing = trio.Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
@@ -460,10 +447,6 @@ async def test_a_dead_worker_stops_the_set_with_status_1(
         await out.next_event("server-stop")  # the other worker drains
         with trio.fail_after(10):
             assert await proc.wait() == 1
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_each_worker_serves_its_own_metrics(
@@ -473,12 +456,8 @@ async def test_each_worker_serves_its_own_metrics(
     reported in its server-start event); together they count every connection once."""
     plc = await scripted(nursery)
     cfg = _worker_config(pki, tmp_path, plc.port, '[metrics]\nlisten = "127.0.0.1:0"\n')
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
-        stdout=subprocess.PIPE,
-    )
-    out = _EventReader(proc)
-    try:
+    async with serve_process(cfg) as out:
+        proc = out.proc
         starts = [await out.next_event("server-start") for _ in range(2)]
         port = int(starts[0]["mbsec"]["listen"][0].rsplit(":", 1)[1])
         metrics_ports = {s["mbsec"]["metrics_port"] for s in starts}
@@ -498,10 +477,6 @@ async def test_each_worker_serves_its_own_metrics(
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def test_workers_metrics_port_in_use_is_one_line(pki: Pki, tmp_path: Path) -> None:
@@ -518,20 +493,3 @@ def test_workers_metrics_port_in_use_is_one_line(pki: Pki, tmp_path: Path) -> No
         " one per worker): Address already in use"]
 
 
-class _EventReader:
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.buf = b""
-
-    async def next_event(self, action: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        with trio.fail_after(15):
-            while True:
-                while b"\n" in self.buf:
-                    line, self.buf = self.buf.split(b"\n", 1)
-                    ev = json.loads(line)
-                    if ev.get("event", {}).get("action") == action:
-                        return dict(ev)
-                chunk = await self.proc.stdout.receive_some(65536)
-                assert chunk, f"mbsec serve ended before {action!r}"
-                self.buf += chunk
