@@ -451,7 +451,8 @@ class Session:
                 await self._raw.send_all(pending)
 
     def _reject(
-        self, reason: str, detail: str, duration: float, identity: PeerIdentity | None = None
+        self, reason: str, detail: str, duration: float, identity: PeerIdentity | None = None,
+        *, resumed: bool | None = None,
     ) -> None:
         self.close_reason = reason
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
@@ -467,6 +468,8 @@ class Session:
         }
         if identity is not None:
             fields.update(_identity_fields(identity))
+        if resumed is not None:
+            fields["tls.resumed"] = resumed
         self._log.warning("TLS client rejected", **fields)
 
     def _accept_identity(
@@ -481,15 +484,19 @@ class Session:
         except IdentityError as exc:
             self._reject(exc.reason, exc.message, duration)
             return False
-        # Resumption is disabled, but re-check anyway: a CRL loaded after the session was
-        # established is not consulted by OpenSSL for a resumed session. The state is read
-        # again here: a reload (new CRL, new policy) may have happened during the handshake.
+        # OpenSSL verifies nothing when it resumes a TLS 1.2 session from its cache, so
+        # every handshake, full or resumed, is re-checked here against the CRLs loaded now and
+        # the leaf's notAfter. The state is read again: a reload (new CRL, new policy) may have
+        # happened during the handshake.
+        resumed = bool(ssl_stream.session_reused)
         state = self._state_fn()
         if state.tls.is_revoked(identity.issuer, identity.serial):
-            self._reject("certificate_revoked", "serial is on the current CRL", duration, identity)
+            self._reject("certificate_revoked", "serial is on the current CRL", duration, identity,
+                         resumed=resumed)
             return False
         if identity.not_after < self._now():
-            self._reject("certificate_expired", "certificate expired", duration, identity)
+            self._reject("certificate_expired", "certificate expired", duration, identity,
+                         resumed=resumed)
             return False
         key = identity.subject
         if not self._identity_slots.claim_identity(key):
@@ -511,6 +518,7 @@ class Session:
             "tls.version": (ssl_stream.version() or "").removeprefix("TLSv"),
             "tls.version_protocol": "tls",
             "tls.cipher": cipher[0] if cipher else None,
+            "tls.resumed": resumed,
         }
         roles = list(getattr(self._principal, "roles", ()) or ())
         ident = _identity_fields(identity)

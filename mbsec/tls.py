@@ -6,9 +6,11 @@ Choices and why:
 * The two mandatory suites (ECDHE-RSA/ECDSA-AES128-GCM-SHA256) lead the TLS 1.2 list.
 * ``CERT_REQUIRED``: a client without a certificate fails the handshake with a fatal alert.
 * Renegotiation is refused (``OP_NO_RENEGOTIATION``).
-* Session resumption is off (no tickets, ``num_tickets = 0``), because OpenSSL does not re-check a
-  resumed session against a CRL loaded later; in addition every session re-checks the peer serial
-  against the currently loaded CRLs after the handshake (:meth:`TlsMaterial.is_revoked`).
+* No session tickets (``OP_NO_TICKET``, ``num_tickets = 0``: no TLS 1.3 resumption either).
+  OpenSSL's server session cache still resumes TLS 1.2 sessions by session id (R-42), and a
+  resumed handshake verifies nothing, so the session re-checks every handshake itself: the peer
+  serial against the CRLs loaded now (:meth:`TlsMaterial.is_revoked`) and the leaf's notAfter.
+  Each reload builds a new context, hence an empty cache.
 * CRLs are loaded into the context with ``VERIFY_CRL_CHECK_CHAIN`` (a revoked intermediate
   takes its clients with it; every CA in ``client_ca`` then needs a CRL, checked at start).
   An expired CRL makes OpenSSL reject every client, so :func:`crl_warnings` reports CRLs

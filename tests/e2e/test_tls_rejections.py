@@ -5,6 +5,7 @@ reason, and the PLC nothing.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import ssl
 import warnings
 from dataclasses import dataclass
@@ -351,30 +352,71 @@ async def test_tls_client_class_roundtrip(
     await c.aclose()
 
 
-def _blocking_request(port: int, ctx: ssl.SSLContext,
-                      session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession | None]:
-    import socket
+def _open(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+    """A blocking client connection (Python's ssl offers a session only to a blocking socket
+    wrapper), handshaken; the caller closes it."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    except BaseException:
+        raw.close()
+        raise
 
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
-        s.sendall(bytes.fromhex("000100000006010300000001"))
-        assert s.recv(100)
-        return s.session_reused, s.session
+
+def _ask(s: ssl.SSLSocket) -> bytes:
+    s.sendall(bytes.fromhex("000100000006010300000001"))
+    try:
+        return s.recv(100)
+    except (ssl.SSLError, OSError):
+        return b""
 
 
-async def test_sessions_are_never_resumed(
+async def test_tls12_sessions_resume_and_are_rechecked(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
-    """Every connection is a full handshake, so it is always checked against the current CRL."""
+    """R-42: a TLS 1.2 client resumes its session by id (OpenSSL's server cache); the resumed
+    handshake is accepted and logged with ``tls.resumed``. TLS 1.3 never resumes (no tickets)."""
     plc = ScriptedPlc()
     await nursery.start(plc.serve)
     h = await start_proxy(plc.port)
-    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+    for version, resumes in ((ssl.TLSVersion.TLSv1_2, True), (ssl.TLSVersion.TLSv1_3, False)):
         ctx = pki.client_ctx(pki.operator, max_version=version)
-        reused, session = await trio.to_thread.run_sync(_blocking_request, h.port, ctx)
-        assert not reused
-        reused, _ = await trio.to_thread.run_sync(_blocking_request, h.port, ctx, session)
-        assert not reused, f"{version.name}: session resumed"
+        first = await trio.to_thread.run_sync(_open, h.port, ctx)
+        with first:
+            assert not first.session_reused and await trio.to_thread.run_sync(_ask, first)
+            with await trio.to_thread.run_sync(_open, h.port, ctx, first.session) as second:
+                assert second.session_reused is resumes, version.name
+                assert await trio.to_thread.run_sync(_ask, second)
+    accepted = [e for e in h.events("tls-handshake") if e["event.outcome"] == "success"]
+    assert [(e["tls.version"], e["tls.resumed"]) for e in accepted] == [
+        ("1.2", False), ("1.2", True), ("1.3", False), ("1.3", False)]
+
+
+async def test_resumed_session_of_an_expired_certificate_is_refused(
+    pki: Pki, fresh_ca: CertificateAuthority, silent_plc: ScriptedPlc, start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    """OpenSSL does not verify a resumed session: a certificate that expired since the session
+    was made would get in. mbsec re-checks every handshake and refuses it."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cert = fresh_ca.issue("client", "short", role="operator", out_dir=tmp_path, name="short",
+                          not_before=now - dt.timedelta(days=1),
+                          not_after=now + dt.timedelta(seconds=3))
+    h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
+    ctx = _ctx_for(pki, fresh_ca, cert)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    first = await trio.to_thread.run_sync(_open, h.port, ctx)  # type: ignore[attr-defined]
+    with first:
+        await trio.sleep_until(trio.current_time()
+                               + (now + dt.timedelta(seconds=4.2) - dt.datetime.now(dt.UTC))
+                               .total_seconds())
+        with await trio.to_thread.run_sync(
+                _open, h.port, ctx, first.session) as second:  # type: ignore[attr-defined]
+            assert second.session_reused  # OpenSSL let it in without looking at the dates
+            assert await trio.to_thread.run_sync(_ask, second) == b""  # mbsec did not
+    ev = await rejected(h, "certificate_expired")
+    assert ev["tls.resumed"] is True
+    assert silent_plc.requests == []
 
 
 async def test_min_version_13_refuses_tls12(
