@@ -289,7 +289,7 @@ async def _handle_http(
 
 async def serve_metrics(
     metrics: Metrics,
-    host: str,
+    host: str | None,
     port: int,
     *,
     healthy: Callable[[], bool] = lambda: True,

@@ -370,7 +370,7 @@ class Proxy:
                 self.metrics_port = await root.start(
                     lambda task_status: serve_metrics(
                         self.metrics,  # type: ignore[arg-type]
-                        host,
+                        host or None,  # ":port": every address, as for listen
                         port,
                         healthy=self.healthy,
                         sockets=self._metrics_sockets,
@@ -531,7 +531,8 @@ class Proxy:
 
 # -- worker processes ---------------------------------------------------------------------------
 
-WORKER_ENV = "_MBSEC_WORKER"  # "index/count/fd,fd,...": set by the main process for a worker
+#: set by the main process for a worker: "index/count/listen fds/metrics fds" (fds ","-joined)
+WORKER_ENV = "_MBSEC_WORKER"
 LISTEN_BACKLOG = 1024
 
 
@@ -554,14 +555,27 @@ def _listening_socket(
 
 
 def _addresses(host: str, port: int) -> list[tuple[int, int, int, Any]]:
-    """Every distinct (family, type, proto, address) ``host`` resolves to, as trio binds them."""
+    """Every distinct (family, type, proto, address) ``host`` resolves to, as trio binds them:
+    a family the kernel refuses (IPv6 on a host booted without it) is skipped, unless it is
+    the only one."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     seen: set[tuple[int, Any]] = set()
     out: list[tuple[int, int, int, Any]] = []
+    refused: OSError | None = None
     for family, type_, proto, _name, addr in infos:
-        if (family, addr) not in seen:
-            seen.add((family, addr))
-            out.append((family, type_, proto, addr))
+        if (family, addr) in seen:
+            continue
+        seen.add((family, addr))
+        try:
+            socket.socket(family, type_, proto).close()
+        except OSError as exc:
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
+            refused = exc
+            continue
+        out.append((family, type_, proto, addr))
+    if not out and refused is not None:
+        raise refused
     return out
 
 

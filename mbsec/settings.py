@@ -32,6 +32,20 @@ class SettingsError(Exception):
         self.problems = problems
 
 
+def check_host_name(host: str, where: str) -> None:
+    """A name the resolver can take: an IP address, or labels IDNA can encode (``a..b`` or a
+    label over 63 characters would otherwise fail later, inside ``getaddrinfo``)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"{where}: {host!r} is not a valid host name") from None
+
+
 def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
     """``host:port``, ``[v6]:port`` or ``:port`` (all addresses) -> ``(host, port)``."""
     value = value.strip()
@@ -46,6 +60,8 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
         host, port_s = value, ""
     else:
         host, port_s = value, ""
+    if host:
+        check_host_name(host, f"address {value!r}")
     if not port_s:
         if default_port is None:
             raise ValueError(f"address {value!r} needs a port (host:port)")
@@ -99,6 +115,7 @@ class UpstreamSettings(_Model):
                 ipaddress.IPv6Address(v.strip("[]"))
             except ValueError:
                 raise ValueError(f"{v!r}: give the port in 'port', not in 'host'") from None
+        check_host_name(v.strip("[]"), "host")
         return v.strip("[]")
 
     @field_validator("unit_ids")

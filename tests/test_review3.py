@@ -1,6 +1,6 @@
 """Third review: reload waiting for the thread data plane (6f71084) and per-worker metrics
-endpoints (8dc0bf1). Each test fails on the reviewed code because of the bug its docstring
-names (strict xfails, so the suite stays green until it is fixed)."""
+endpoints (8dc0bf1). Each test failed on the reviewed code because of the bug its docstring
+names; they stay as regression tests."""
 
 from __future__ import annotations
 
@@ -33,8 +33,6 @@ def _config(pki: Pki, tmp_path: Path, *, workers: int, metrics: str) -> Path:
     return cfg
 
 
-@pytest.mark.xfail(strict=True, reason="review3: a malformed metrics host is a UnicodeError "
-                   "traceback, not one error line (workers = 1 and > 1)")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_malformed_metrics_host_is_one_error_line(
     pki: Pki, tmp_path: Path, workers: int
@@ -52,8 +50,6 @@ def test_a_malformed_metrics_host_is_one_error_line(
     assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: "), res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="review3: bind_metrics_sockets fails on an address "
-                   "family trio skips (EAFNOSUPPORT), unlike the workers = 1 path")
 def test_worker_metrics_sockets_skip_an_unsupported_address_family(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,8 +95,6 @@ def test_worker_metrics_sockets_skip_an_unsupported_address_family(
         close_all(per_worker)
 
 
-@pytest.mark.xfail(strict=True, reason="review3: metrics.listen ':port' fails with workers = 1 "
-                   "(empty host to trio) but binds all addresses with workers > 1")
 @pytest.mark.parametrize("data_plane", ["thread"], indirect=True)
 async def test_single_process_metrics_on_all_addresses(
     start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch

@@ -81,7 +81,8 @@ def test_every_problem_is_reported(tmp_path: Path, pki: Pki) -> None:
 
 @pytest.mark.parametrize(("host", "ok"), [("10.20.0.5:502", False), ("plc-1:502", False),
                                           ("", False), ("::1", True), ("[::1]", True),
-                                          ("plc-1.plant.example", True)])
+                                          ("plc-1.plant.example", True),
+                                          ("plc-1..plant.example", False), ("x" * 64, False)])
 def test_upstream_host_takes_no_port(tmp_path: Path, pki: Pki, host: str, ok: bool) -> None:
     cfg = write_config(tmp_path, pki, upstream=f'[upstreams.plc]\nhost = "{host}"\n'
                        'port = 5020\nunit_ids = [1]\n')
@@ -311,3 +312,17 @@ def test_config_check_worker_metrics_ports_past_65535(
     err = capsys.readouterr().err
     assert "metrics.listen port 65535 with workers = 2" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("key", ["listen", "metrics"])
+def test_a_malformed_host_name_in_an_address_is_one_line(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """``a..b`` cannot be resolved (getaddrinfo raises UnicodeError): refused at load."""
+    extra = '[metrics]\nlisten = "mgmt..example:9802"\n' if key == "metrics" else ""
+    cfg = write_config(tmp_path, pki, extra)
+    if key == "listen":
+        cfg.write_text(cfg.read_text().replace("127.0.0.1:8020", "mbsec..plant:802"))
+    assert mbsec_main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a valid host name" in err[0], err

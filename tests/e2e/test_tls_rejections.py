@@ -5,6 +5,7 @@ reason, and the PLC nothing.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import socket
 import ssl
 import warnings
@@ -427,3 +428,29 @@ async def test_min_version_13_refuses_tls12(
     assert out == Outcome("alert", "TLSV1_ALERT_PROTOCOL_VERSION")
     await rejected(h, "unsupported_protocol_version")
     assert (await attempt(h.port, pki.client_ctx(pki.operator))).kind == "reply"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls12_extensions_and_refused_renegotiation_on_the_wire(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    """R-57/R-58: a client asking for 512-byte fragments (RFC 6066) gets the extension back;
+    R-60: the server sends the RFC 5746 renegotiation indication; a renegotiation the client
+    then starts (``openssl s_client``'s ``R`` command) is refused with a no_renegotiation alert."""
+    h = await start_proxy(silent_plc.port)
+    res = await trio.run_process(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{h.port}", "-tls1_2",
+         "-maxfraglen", "512", "-tlsextdebug", "-servername", "localhost",
+         "-CAfile", str(pki.ca.trust_bundle),
+         "-cert", str(pki.operator.chain), "-key", str(pki.operator.key)],
+        stdin=b"R\n", capture_stdout=True, capture_stderr=True, check=False,
+    )
+    out = (res.stdout + res.stderr).decode(errors="replace")
+    assert 'TLS server extension "max fragment length" (id=1), len=1' in out, out
+    assert 'TLS server extension "renegotiation info" (id=65281)' in out, out
+    assert "Secure Renegotiation IS supported" in out, out
+    assert "no renegotiation" in out, out  # the alert the client received for its attempt
+    assert res.returncode != 0
+    closed = await h.wait_event("connection-closed")  # type: ignore[attr-defined]
+    assert closed["mbsec.requests"] == 0
+    assert silent_plc.requests == []
