@@ -17,7 +17,7 @@ import trio
 from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.metrics import Metrics
 from mbsec.settings import Settings, SettingsError, load_settings
-from mbsec.tls import crl_warnings
+from mbsec.tls import chain_warnings, crl_warnings
 
 
 def _problems(lines: list[str]) -> int:
@@ -155,6 +155,8 @@ def config_main(argv: list[str]) -> int:
     problems.extend(f"{args.file}: {line}" for line in check_sinks(settings.logging))
     if problems:
         return _problems(problems)
+    for line in chain_warnings(settings.tls.cert):
+        print(f"warning: {line}", file=sys.stderr)
     for line in crl_warnings(state.tls.crls, warn_days=settings.tls.crl_warn_days):
         print(f"warning: {line}", file=sys.stderr)
     units = sum(len(u.unit_ids) for u in settings.upstreams.values())

@@ -147,6 +147,23 @@ def crl_warnings(
     return out
 
 
+def chain_warnings(cert_path: Path, *, what: str = "tls") -> list[str]:
+    """A server chain that stops short of its root CA works (clients hold the root), but R-46
+    (v36) asks for the entire chain down to the root; ``mbsec config check`` says so."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except (OSError, ValueError):
+        return []  # unreadable or broken: build_material reports it as an error
+    last = chain[-1]
+    if last.issuer == last.subject:
+        return []
+    return [
+        f"{what}.cert: {cert_path} ends with {last.subject.rfc4514_string()}, not with its root "
+        f"CA ({last.issuer.rfc4514_string()}); R-46 asks for the whole chain down to the root: "
+        "append the root, or re-issue with mbsec-pki (its chain files end with the root)"
+    ]
+
+
 def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     """Build the server context, or raise :class:`TlsConfigError` listing every problem."""
     problems: list[str] = []

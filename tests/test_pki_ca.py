@@ -84,8 +84,8 @@ def test_issue_files_modes_and_chain(ca: CertificateAuthority, tmp_path: Path) -
     assert stat.S_IMODE(files.cert.stat().st_mode) == 0o644
     chain = x509.load_pem_x509_certificates(files.chain.read_bytes())
     assert chain[0].serial_number == files.serial
-    assert len(chain) == (2 if ca.intermediate is not None else 1)  # leaf + intermediates
-    assert ca.root not in chain
+    # leaf, the intermediate (if any), the root
+    assert chain[1:] == ([ca.intermediate, ca.root] if ca.intermediate is not None else [ca.root])
     entry = ca.find(files.serial)
     assert entry is not None and entry["role"] == "operator" and entry["status"] == "valid"
     assert not list((tmp_path / "out").glob(".*tmp"))  # no temp files left behind
@@ -412,7 +412,7 @@ def test_renew_keeps_subject_sans_role_and_custom_extensions(tmp_path: Path) -> 
     assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
     assert new.public_key() == load_key(files.key).public_key()
     chain = x509.load_pem_x509_certificates(files.chain.read_bytes())
-    assert chain[0] == new and len(chain) == 2
+    assert chain[0] == new and len(chain) == 3  # leaf, intermediate, root
     index = {e["serial"]: e for e in ca.entries()}
     assert index[f"{old.serial_number:X}"]["renewed_by"] == f"{new.serial_number:X}"
     assert index[f"{new.serial_number:X}"]["renewed_from"] == f"{old.serial_number:X}"

@@ -134,7 +134,19 @@ def test_parse_hostport_rejects() -> None:
 
 def test_config_check_ok(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
     assert mbsec_main(["config", "check", str(write_config(tmp_path, pki))]) == 0
-    assert "ok" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "ok" in out.out
+    assert out.err == ""  # the mbsec-pki chain file ends with the root: no R-46 warning
+
+
+def test_config_check_warns_when_the_chain_stops_short_of_the_root(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, pki)
+    cfg.write_text(cfg.read_text().replace(str(pki.server.chain), str(pki.server.cert)))
+    assert mbsec_main(["config", "check", str(cfg)]) == 0  # it works, clients hold the root
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: tls.cert: ") and "R-46" in err[0], err
 
 
 def test_config_check_missing_tls_file(

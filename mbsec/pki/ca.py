@@ -96,7 +96,7 @@ _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKey
 
 @dataclass(frozen=True, slots=True)
 class IssuedFiles:
-    """Where issue() put the certificate, its key and the chain (leaf + intermediates, R-46)."""
+    """Where issue() put the certificate, its key and the chain (leaf up to the root, R-46)."""
 
     cert: Path
     key: Path
@@ -418,8 +418,10 @@ class CertificateAuthority:
 
     @property
     def chain_certs(self) -> list[x509.Certificate]:
-        """Intermediates that go after the leaf in a chain file (none for a single-level CA)."""
-        return [self.intermediate] if self.intermediate is not None else []
+        """What goes after the leaf in a chain file: the intermediate (if any), then the root.
+        R-46 (v36) asks every device to send its chain "down to the root CA"; a peer ignores
+        the root it already trusts, so sending it costs a few hundred bytes per handshake."""
+        return [self.intermediate, self.root] if self.intermediate is not None else [self.root]
 
     @property
     def keys_encrypted(self) -> bool:

@@ -5,6 +5,7 @@ reason, and the PLC nothing.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 import socket
 import ssl
@@ -436,11 +437,12 @@ async def test_tls12_extensions_and_refused_renegotiation_on_the_wire(
 ) -> None:
     """R-57/R-58: a client asking for 512-byte fragments (RFC 6066) gets the extension back;
     R-60: the server sends the RFC 5746 renegotiation indication; a renegotiation the client
-    then starts (``openssl s_client``'s ``R`` command) is refused with a no_renegotiation alert."""
+    then starts (``openssl s_client``'s ``R`` command) is refused with a no_renegotiation alert.
+    R-46: the chain the server sends goes down to the root (mbsec-pki's chain file)."""
     h = await start_proxy(silent_plc.port)
     res = await trio.run_process(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{h.port}", "-tls1_2",
-         "-maxfraglen", "512", "-tlsextdebug", "-servername", "localhost",
+         "-maxfraglen", "512", "-tlsextdebug", "-showcerts", "-servername", "localhost",
          "-CAfile", str(pki.ca.trust_bundle),
          "-cert", str(pki.operator.chain), "-key", str(pki.operator.key)],
         stdin=b"R\n", capture_stdout=True, capture_stderr=True, check=False,
@@ -450,6 +452,9 @@ async def test_tls12_extensions_and_refused_renegotiation_on_the_wire(
     assert 'TLS server extension "renegotiation info" (id=65281)' in out, out
     assert "Secure Renegotiation IS supported" in out, out
     assert "no renegotiation" in out, out  # the alert the client received for its attempt
+    assert out.count("-----BEGIN CERTIFICATE-----") == 2, out  # the leaf and the root
+    root = pki.ca.root.subject.rfc4514_string()
+    assert re.search(rf"^ 1 s:{re.escape(root)}$", out.replace("CN = ", "CN="), re.M), out
     assert res.returncode != 0
     closed = await h.wait_event("connection-closed")  # type: ignore[attr-defined]
     assert closed["mbsec.requests"] == 0
