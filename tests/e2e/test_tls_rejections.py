@@ -309,6 +309,8 @@ async def test_tls_material_is_strict(pki: Pki, start_proxy: StartProxy,
                                              "ECDHE-RSA-AES128-GCM-SHA256"}
     for c in tls12:
         assert c["kea"] == "kx-ecdhe" and c["aead"], c["name"]
+        # no HMAC-MD5, no HMAC-SHA-1, no NULL integrity: AEAD only
+        assert c["description"].rstrip().endswith("Mac=AEAD") and c["digest"] is None, c
 
 
 async def test_client_certificate_without_client_auth_usage_is_refused(
