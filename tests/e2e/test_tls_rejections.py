@@ -378,22 +378,36 @@ def _ask(s: ssl.SSLSocket) -> bytes:
 async def test_tls12_sessions_resume_and_are_rechecked(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
-    """R-42: a TLS 1.2 client resumes its session by id (OpenSSL's server cache); the resumed
-    handshake is accepted and logged with ``tls.resumed``. TLS 1.3 never resumes (no tickets)."""
+    """R-42: a TLS 1.2 client resumes its session by id (OpenSSL's server cache), beside its
+    open connection or after closing it with a close_notify (which mbsec answers); the resumed
+    handshake is accepted and logged with ``tls.resumed``. A connection cut without a
+    close_notify loses its session (OpenSSL's rule). TLS 1.3 never resumes (no tickets)."""
     plc = ScriptedPlc()
     await nursery.start(plc.serve)
     h = await start_proxy(plc.port)
     for version, resumes in ((ssl.TLSVersion.TLSv1_2, True), (ssl.TLSVersion.TLSv1_3, False)):
         ctx = pki.client_ctx(pki.operator, max_version=version)
-        first = await trio.to_thread.run_sync(_open, h.port, ctx)
-        with first:
+        with await trio.to_thread.run_sync(_open, h.port, ctx) as first:
             assert not first.session_reused and await trio.to_thread.run_sync(_ask, first)
-            with await trio.to_thread.run_sync(_open, h.port, ctx, first.session) as second:
-                assert second.session_reused is resumes, version.name
-                assert await trio.to_thread.run_sync(_ask, second)
+            session = first.session
+            await trio.to_thread.run_sync(first.unwrap)  # close_notify both ways
+        with await trio.to_thread.run_sync(_open, h.port, ctx, session) as after:
+            assert after.session_reused is resumes, version.name
+            assert await trio.to_thread.run_sync(_ask, after)
+            with await trio.to_thread.run_sync(_open, h.port, ctx, session) as beside:
+                assert beside.session_reused is resumes, version.name
+                assert await trio.to_thread.run_sync(_ask, beside)
+            # ``beside`` was cut without a close_notify: the session is gone from the cache
+            await h.wait_event(  # type: ignore[attr-defined]
+                "connection-closed", lambda e: e.get("event.reason") == "client_reset")
+            with await trio.to_thread.run_sync(_open, h.port, ctx, session) as again:
+                assert not again.session_reused, version.name
+                assert await trio.to_thread.run_sync(_ask, again)
     accepted = [e for e in h.events("tls-handshake") if e["event.outcome"] == "success"]
-    assert [(e["tls.version"], e["tls.resumed"]) for e in accepted] == [
-        ("1.2", False), ("1.2", True), ("1.3", False), ("1.3", False)]
+    got = [(e["tls.version"], e["tls.resumed"]) for e in accepted]
+    assert got == [
+        ("1.2", False), ("1.2", True), ("1.2", True), ("1.2", False),
+        ("1.3", False), ("1.3", False), ("1.3", False), ("1.3", False)], got
 
 
 async def test_resumed_session_of_an_expired_certificate_is_refused(
