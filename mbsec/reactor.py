@@ -122,6 +122,7 @@ class DataPlane:
         self._compact_at = TIMERS_COMPACT_MIN
         self._seq = itertools.count()
         self._dirty: list[_Link] = []  # links with queued requests to write at the end of a pass
+        self._dirty_clients: list[Client] = []  # clients with replies to write at the end
         self.now = time.monotonic()
         self._running = False
         self._worker: threading.Thread | None = None
@@ -205,6 +206,7 @@ class DataPlane:
         handlers = self._handlers
         timers = self._timers
         dirty = self._dirty
+        dirty_clients = self._dirty_clients
         wake = self._wake_fd
         spin = self._busy_poll
         active = False
@@ -256,12 +258,21 @@ class DataPlane:
                     call()
                 except Exception as exc:
                     self._contain(call, exc)
-            while dirty:  # a failed flush can start requests on other links: flush them too
-                link = dirty.pop()
-                try:
-                    link.flush()
-                except Exception as exc:
-                    self._contain(link.flush, exc)
+            # a failed flush can start requests on other links, a client's flush can resume
+            # its reading and start requests: flush until nothing is left
+            while dirty or dirty_clients:
+                while dirty:
+                    link = dirty.pop()
+                    try:
+                        link.flush()
+                    except Exception as exc:
+                        self._contain(link.flush, exc)
+                while dirty_clients:
+                    client = dirty_clients.pop()
+                    try:
+                        client.flush()
+                    except Exception as exc:
+                        self._contain(client.flush, exc)
 
     def _contain(self, fn: Callable[..., Any], exc: Exception) -> None:
         """A handler failed (a bug, or a log sink that raises): log it and close the object
@@ -327,6 +338,9 @@ class DataPlane:
 
     def mark_dirty(self, link: _Link) -> None:
         self._dirty.append(link)
+
+    def mark_client(self, client: Client) -> None:
+        self._dirty_clients.append(client)
 
     # -- upstream routing -------------------------------------------------------------------
 
@@ -423,7 +437,11 @@ class Client:
         self._obj = obj
         self._incoming = incoming
         self._outgoing = outgoing
-        self._out = bytearray(pending_out)
+        self._out = bytearray(pending_out)  # TLS bytes the kernel has not taken yet
+        #: TLS records made during this loop pass, written in one system call at its end
+        #: (a pipelining client gets its replies of one pass in one write)
+        self._batch = bytearray()
+        self._queued = False  # in the plane's list of clients to flush
         self._max = max_pipelined
         self._idle = idle_timeout
         self._on_finished = on_finished
@@ -472,7 +490,14 @@ class Client:
         if self.closed:
             return
         self.closed = True
-        self.broken = self.broken or broken or bool(self._out)
+        batch = self._batch
+        if batch and not broken and not self._out:
+            # replies made in this pass before the close (e.g. a denial answered just before
+            # a malformed frame): written as they would have been without the batching
+            with contextlib.suppress(OSError):
+                del batch[: os.write(self.fd, batch)]
+        self.broken = self.broken or broken or bool(self._out) or bool(batch)
+        batch.clear()
         self.plane.unregister(self.fd)
         for t in (self._idle_timer, self._stall_timer):
             if t is not None:
@@ -502,7 +527,7 @@ class Client:
 
     def _maybe_finish(self) -> None:
         if not self._reading and self.inflight == 0 and not self.closed:
-            if self._out:
+            if self._out or self._batch:
                 return  # the last replies are still being written; finish when flushed
             self._finish()
 
@@ -571,10 +596,7 @@ class Client:
             session.bytes_in += len(data)
             frames.receive_data(data)
         if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer, in order with replies
-            self._out += self._outgoing.read()
-            self._write()
-            if self.closed:
-                return
+            self._queue(self._outgoing.read())
         self._pump()
         if eof and not self.closed:
             self._reading = False
@@ -650,24 +672,45 @@ class Client:
         except ssl.SSLError:
             self._abort("client_gone", broken=True)
             return
-        cipher = self._outgoing.read()
         self.session.bytes_out += len(data)
         self.plane.observe_request(time.monotonic() - t0)
+        self._queue(self._outgoing.read())
+
+    def _queue(self, cipher: bytes) -> None:
+        """TLS bytes for the client, in the order the TLS object made them; written by
+        :meth:`flush` at the end of the loop pass."""
+        self._batch += cipher
+        if not self._queued:
+            self._queued = True
+            self.plane.mark_client(self)
+
+    def flush(self) -> None:
+        """Write this pass's records in one system call (end of a loop pass)."""
+        self._queued = False
+        batch = self._batch
+        if not batch or self.closed:
+            return
         if self._out or self._stall_timer is not None:
-            self._out += cipher  # in order, behind what is still queued
+            self._out += batch  # in order, behind what the kernel has not taken yet
+            batch.clear()
             if self._stall_timer is None:
                 self._write()
             return
-        try:  # the common case: nothing queued, the kernel takes the whole record
-            n = os.write(self.fd, cipher)
+        try:  # the common case: nothing queued, the kernel takes it all
+            n = os.write(self.fd, batch)
         except BlockingIOError:
             n = 0
         except OSError:
             self._abort("client_gone", broken=True)
             return
-        if n < len(cipher):
-            self._out += cipher[n:]
+        if n < len(batch):
+            self._out += batch[n:]
+            batch.clear()
             self._write()  # the socket is full: EPOLLOUT and the stall limit take over
+            return
+        batch.clear()
+        if not self._reading:
+            self._maybe_finish()
 
     def _write(self) -> None:
         out = self._out
@@ -707,7 +750,7 @@ class Client:
             return
         due = self._last_rx + self._idle
         if now >= due:
-            if self.inflight or self._out:
+            if self.inflight or self._out or self._batch:
                 # a request in flight, or replies the client has not taken yet (the stall
                 # limit decides about those): the wait starts over, as a new full period
                 self._last_rx = now
