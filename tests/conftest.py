@@ -521,6 +521,22 @@ class ServeProcess:
                 self.buf += chunk
 
 
+def serve_config(pki: Pki, directory: Path, plc_port: int, *, workers: int = 1,
+                 extra: str = "") -> Path:
+    """A configuration file for a real ``mbsec serve`` (TEST_POLICY, one PLC on 127.0.0.1,
+    units 1 and 2, listening on a free port); ``extra`` is appended (TOML tables)."""
+    (directory / "policy.yaml").write_text(TEST_POLICY)
+    cfg = directory / "mbsec.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\nworkers = {workers}\n'
+        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
+        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
+        f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc_port}\nunit_ids = [1, 2]\n'
+        f'[limits]\ndrain_timeout = 3\n{extra}'
+    )
+    return cfg
+
+
 @contextlib.asynccontextmanager
 async def serve_process(config: Path) -> AsyncIterator[ServeProcess]:
     """``mbsec serve --config config`` as a child process, killed on the way out if it is

@@ -14,23 +14,10 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TEST_POLICY, Pki, StartProxy, http_get
+from conftest import Pki, StartProxy, http_get, serve_config
 
 from mbsec.server import bind_metrics_sockets, close_all
 from mbsec.settings import load_settings
-
-
-def _config(pki: Pki, tmp_path: Path, *, workers: int, metrics: str) -> Path:
-    (tmp_path / "policy.yaml").write_text(TEST_POLICY)
-    cfg = tmp_path / "mbsec.toml"
-    cfg.write_text(
-        f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\nworkers = {workers}\n'
-        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
-        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
-        f'[upstreams.plc]\nhost = "127.0.0.1"\nport = 1502\nunit_ids = [1, 2]\n'
-        f'[limits]\ndrain_timeout = 3\n[metrics]\nlisten = "{metrics}"\n'
-    )
-    return cfg
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -42,7 +29,8 @@ def test_a_malformed_metrics_host_is_one_error_line(
     ``bind_metrics_sockets`` (server.py ``_addresses``) lets it out of ``serve_main``, which
     only catches OSError (cli_proxy.py); with workers = 1 ``_first_oserror`` finds no OSError
     and re-raises. Either way a traceback instead of one error line."""
-    cfg = _config(pki, tmp_path, workers=workers, metrics="mgmt..example:9802")
+    cfg = serve_config(pki, tmp_path, 1502, workers=workers,
+                       extra='[metrics]\nlisten = "mgmt..example:9802"\n')
     res = subprocess.run([sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1
@@ -59,7 +47,8 @@ def test_worker_metrics_sockets_skip_an_unsupported_address_family(
     /etc/hosts still maps ``localhost`` to ::1). trio.open_tcp_listeners, used by the
     workers = 1 path, skips such a family, so ``metrics.listen = "localhost:9802"`` works with
     one worker and fails to start with two ("Address family not supported by protocol")."""
-    cfg = _config(pki, tmp_path, workers=2, metrics="localhost:0")
+    cfg = serve_config(pki, tmp_path, 1502, workers=2,
+                       extra='[metrics]\nlisten = "localhost:0"\n')
     settings = load_settings(cfg)
     real_getaddrinfo = socket.getaddrinfo
     real_socket = socket.socket

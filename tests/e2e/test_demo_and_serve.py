@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import TEST_POLICY, Pki, ScriptedPlc, TlsClient, http_get, read_hr, serve_process
+from conftest import (
+    TEST_POLICY,
+    Pki,
+    ScriptedPlc,
+    TlsClient,
+    http_get,
+    read_hr,
+    serve_config,
+    serve_process,
+)
 
 import mbsec.demo
 
@@ -60,16 +69,8 @@ async def test_serve_process_reload_and_sigterm(
 ) -> None:
     plc = ScriptedPlc()
     await nursery.start(plc.serve)
+    cfg = serve_config(pki, tmp_path, plc.port, extra='[metrics]\nlisten = "127.0.0.1:0"\n')
     policy = tmp_path / "policy.yaml"
-    policy.write_text(TEST_POLICY)
-    cfg = tmp_path / "mbsec.toml"
-    cfg.write_text(
-        f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\n'
-        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
-        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
-        f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc.port}\nunit_ids = [1, 2]\n'
-        f'[limits]\ndrain_timeout = 3\n[metrics]\nlisten = "127.0.0.1:0"\n'
-    )
     async with serve_process(cfg) as sp:
         proc = sp.proc
         start = await sp.next_event("server-start")

@@ -21,6 +21,7 @@ from conftest import (
     TlsClient,
     http_get,
     read_hr,
+    serve_config,
     serve_process,
     unused_port,
 )
@@ -379,19 +380,6 @@ async def test_unit_rewrite_round_trip(
     assert await c.request(6, 2, read_hr(3, 1)) == (6, 2, bytes([3, 2, 0, 203]))
 
 
-def _worker_config(pki: Pki, tmp_path: Path, plc_port: int, extra: str = "") -> Path:
-    (tmp_path / "policy.yaml").write_text(TEST_POLICY)
-    cfg = tmp_path / "mbsec.toml"
-    cfg.write_text(
-        f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\nworkers = 2\n'
-        f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
-        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
-        f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc_port}\nunit_ids = [1, 2]\n'
-        f'[limits]\ndrain_timeout = 3\n{extra}'
-    )
-    return cfg
-
-
 async def test_workers_share_the_port_reload_and_drain_together(
     pki: Pki, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -399,7 +387,7 @@ async def test_workers_share_the_port_reload_and_drain_together(
     numbers 1, 3, 5..., worker 1 numbers 2, 4, 6...); SIGHUP to the main process reloads both,
     SIGTERM drains both and the main process exits 0."""
     plc = await scripted(nursery)
-    cfg = _worker_config(pki, tmp_path, plc.port)
+    cfg = serve_config(pki, tmp_path, plc.port, workers=2)
     async with serve_process(cfg) as out:
         proc = out.proc
         starts = [await out.next_event("server-start") for _ in range(2)]
@@ -435,7 +423,7 @@ async def test_a_dead_worker_stops_the_set_with_status_1(
     """A worker that dies on its own takes the others down; the main process exits 1 so the
     service manager restarts the whole set."""
     plc = await scripted(nursery)
-    cfg = _worker_config(pki, tmp_path, plc.port)
+    cfg = serve_config(pki, tmp_path, plc.port, workers=2)
     async with serve_process(cfg) as out:
         proc = out.proc
         for _ in range(2):
@@ -455,7 +443,8 @@ async def test_each_worker_serves_its_own_metrics(
     """workers = 2 with [metrics] listen: each worker serves its own counters (its own port,
     reported in its server-start event); together they count every connection once."""
     plc = await scripted(nursery)
-    cfg = _worker_config(pki, tmp_path, plc.port, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    cfg = serve_config(pki, tmp_path, plc.port, workers=2,
+                       extra='[metrics]\nlisten = "127.0.0.1:0"\n')
     async with serve_process(cfg) as out:
         proc = out.proc
         starts = [await out.next_event("server-start") for _ in range(2)]
@@ -484,7 +473,8 @@ def test_workers_metrics_port_in_use_is_one_line(pki: Pki, tmp_path: Path) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        cfg = _worker_config(pki, tmp_path, 1502, f'[metrics]\nlisten = "127.0.0.1:{busy}"\n')
+        cfg = serve_config(pki, tmp_path, 1502, workers=2,
+                           extra=f'[metrics]\nlisten = "127.0.0.1:{busy}"\n')
         res = subprocess.run([sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
                              capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1
