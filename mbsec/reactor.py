@@ -261,18 +261,17 @@ class DataPlane:
             # a failed flush can start requests on other links, a client's flush can resume
             # its reading and start requests: flush until nothing is left
             while dirty or dirty_clients:
-                while dirty:
-                    link = dirty.pop()
-                    try:
-                        link.flush()
-                    except Exception as exc:
-                        self._contain(link.flush, exc)
-                while dirty_clients:
-                    client = dirty_clients.pop()
-                    try:
-                        client.flush()
-                    except Exception as exc:
-                        self._contain(client.flush, exc)
+                self._flush(dirty)
+                self._flush(dirty_clients)
+
+    def _flush(self, pending: list[_Link] | list[Client]) -> None:
+        """End of a pass: each link writes its queued requests, each client its replies."""
+        while pending:
+            owner = pending.pop()
+            try:
+                owner.flush()
+            except Exception as exc:
+                self._contain(owner.flush, exc)
 
     def _contain(self, fn: Callable[..., Any], exc: Exception) -> None:
         """A handler failed (a bug, or a log sink that raises): log it and close the object
@@ -491,9 +490,11 @@ class Client:
             return
         self.closed = True
         batch = self._batch
-        if batch and not broken and not self._out:
-            # replies made in this pass before the close (e.g. a denial answered just before
-            # a malformed frame): written as they would have been without the batching
+        if batch and not self._out:
+            # replies finished in this pass before the close (a denial answered just before a
+            # malformed frame, a reply completed before a handler crashed or the drain
+            # deadline): whole TLS records, written as they were before the batching; on a
+            # socket that already failed the write fails too, and the close stays broken
             with contextlib.suppress(OSError):
                 del batch[: os.write(self.fd, batch)]
         self.broken = self.broken or broken or bool(self._out) or bool(batch)
@@ -616,6 +617,13 @@ class Client:
         try:
             while (self.inflight < self._max and self._stall_timer is None and self._reading
                    and not self.closed):
+                if self._batch and frames.buffered:
+                    # replies of this pass wait while more requests are buffered: write them
+                    # before starting another, so that a full socket (the stall timer) stops
+                    # the pump and replies never pile up in memory (as before the batching)
+                    self.flush()
+                    if self._cannot_pump():  # a method: mypyc must not reuse the narrowing
+                        break
                 try:
                     adu = frames.next_frame()
                 except RemoteProtocolError as exc:
@@ -644,6 +652,10 @@ class Client:
         finally:
             self._pumping = False
         self._update_mask()
+
+    def _cannot_pump(self) -> bool:
+        """The socket toward the client is full (stall timer), or the connection closes."""
+        return self._stall_timer is not None or self.closed or not self._reading
 
     def finish_request(
         self, exchange: Exchange, reply: UpstreamReply | None, error: UpstreamError | None

@@ -521,6 +521,19 @@ class ServeProcess:
                 self.buf += chunk
 
 
+async def tuned_client(port: int, pki: Pki, *, rcvbuf: int, mss: int) -> TlsClient:
+    """A TLS client whose socket has a tiny receive buffer and advertises a tiny MSS: the
+    proxy can then queue only a few kB towards it before its writes would block."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+    await sock.connect(("127.0.0.1", port))
+    s = trio.SSLStream(trio.SocketStream(sock), pki.client_ctx(pki.operator),
+                       server_hostname="localhost")
+    await s.do_handshake()
+    return TlsClient(s)
+
+
 def serve_config(pki: Pki, directory: Path, plc_port: int, *, workers: int = 1,
                  extra: str = "") -> Path:
     """A configuration file for a real ``mbsec serve`` (TEST_POLICY, one PLC on 127.0.0.1,

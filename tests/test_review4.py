@@ -1,34 +1,29 @@
 """Fourth review: a client's replies of one loop pass leave in one write (70f5f69,
-``Client._batch`` / ``Client.flush`` in mbsec/reactor.py). Each test fails on the reviewed
-code because of the bug its docstring names (strict xfail until it is fixed). Real sockets on
+``Client._batch`` / ``Client.flush`` in mbsec/reactor.py). Each test failed on the reviewed
+code because of the bug its docstring names; they stay as regression tests. Real sockets on
 127.0.0.1; thread engine only (the change is in the threaded data plane)."""
 
 from __future__ import annotations
 
-import socket
 import struct
 from typing import Any
 
 import pytest
 import trio
-from conftest import FailingSink, LocalTcpServer, Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
+from conftest import (
+    FailingSink,
+    LocalTcpServer,
+    Pki,
+    ScriptedPlc,
+    StartProxy,
+    TlsClient,
+    read_hr,
+    tuned_client,
+)
 
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
 
 THREAD_ONLY = pytest.mark.parametrize("data_plane", ["thread"], indirect=True)
-
-
-async def _tuned_client(port: int, pki: Pki, *, rcvbuf: int, mss: int) -> TlsClient:
-    """A TLS client with a tiny receive buffer and MSS: the proxy's socket towards it fills
-    after a few kB (as in tests/e2e/test_data_plane.py)."""
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-    await sock.connect(("127.0.0.1", port))
-    s = trio.SSLStream(trio.SocketStream(sock), pki.client_ctx(pki.operator),
-                       server_hostname="localhost")
-    await s.do_handshake()
-    return TlsClient(s)
 
 
 def _plane_clients(h: Any) -> list[Any]:
@@ -43,7 +38,6 @@ def _plane_clients(h: Any) -> list[Any]:
 
 
 @THREAD_ONLY
-@pytest.mark.xfail(strict=True, reason="review4: replies pile up in _out behind a full socket")
 async def test_replies_do_not_pile_up_behind_a_client_that_stopped_reading(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
@@ -62,7 +56,7 @@ async def test_replies_do_not_pile_up_behind_a_client_that_stopped_reading(
     plc = ScriptedPlc()
     await nursery.start(plc.serve)
     h = await start_proxy(plc.port, limits={"idle_timeout": 5.0, "max_pipelined": 1})
-    c = await _tuned_client(h.port, pki, rcvbuf=1, mss=88)
+    c = await tuned_client(h.port, pki, rcvbuf=1, mss=88)
     try:
         # unit 7 has no route: each request is answered at once (0x0A), never reaching a PLC
         flood = b"".join(encode_adu(i & 0xFFFF, 7, read_hr(0, 1)) for i in range(20000))
@@ -113,7 +107,6 @@ class _PairPlc(LocalTcpServer):
 
 
 @THREAD_ONLY
-@pytest.mark.xfail(strict=True, reason="review4: a crash close drops the pass's finished replies")
 async def test_a_crash_close_still_sends_the_replies_finished_before_it(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, read_hr, unused_port
+from conftest import (
+    Pki,
+    ScriptedPlc,
+    StartProxy,
+    TlsClient,
+    read_hr,
+    tuned_client,
+    unused_port,
+)
 
 from mbsec.modbus.mbap import FrameBuffer, encode_adu
 
@@ -140,19 +148,6 @@ def fc03_reply(address: int, count: int) -> bytes:
 
 def write_regs(address: int, count: int) -> bytes:
     return struct.pack(">BHHB", 16, address, count, 2 * count) + b"\x00\x07" * count
-
-
-async def tuned_client(port: int, pki: Pki, *, rcvbuf: int, mss: int) -> TlsClient:
-    """A TLS client whose socket has a tiny receive buffer and advertises a tiny MSS: the
-    proxy can then queue only a few kB towards it before its writes would block."""
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-    await sock.connect(("127.0.0.1", port))
-    s = trio.SSLStream(trio.SocketStream(sock), pki.client_ctx(pki.operator),
-                       server_hostname="localhost")
-    await s.do_handshake()
-    return TlsClient(s)
 
 
 async def eventually(pred: Callable[[], bool], limit: float = 5.0) -> None:
