@@ -157,6 +157,10 @@ def config_main(argv: list[str]) -> int:
         return _problems(problems)
     for line in chain_warnings(settings.tls.cert):
         print(f"warning: {line}", file=sys.stderr)
+    if not state.tls.session_cache_off:
+        print("warning: tls: OpenSSL's session cache could not be turned off on this Python "
+              "build; a client that resumes a TLS session is refused (session_resumed)",
+              file=sys.stderr)
     for line in crl_warnings(state.tls.crls, warn_days=settings.tls.crl_warn_days):
         print(f"warning: {line}", file=sys.stderr)
     units = sum(len(u.unit_ids) for u in settings.upstreams.values())

@@ -475,20 +475,28 @@ class Session:
     def _accept_identity(
         self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
     ) -> bool:
+        # OpenSSL verifies nothing on a resumed handshake (not the chain's CAs, not the CRLs'
+        # freshness), so the session cache is off (tls.disable_session_cache) and a resumed
+        # handshake, possible only where that failed, is refused: every connection is a full
+        # handshake.
+        resumed = bool(ssl_stream.session_reused)
         der = ssl_stream.getpeercert(binary_form=True)
         if not der:
-            self._reject("no_certificate", "the client sent no certificate", duration)
+            self._reject("no_certificate", "the client sent no certificate", duration,
+                         resumed=resumed)
             return False
         try:
             identity = parse_identity(der)
         except IdentityError as exc:
-            self._reject(exc.reason, exc.message, duration)
+            self._reject(exc.reason, exc.message, duration, resumed=resumed)
             return False
-        # OpenSSL verifies nothing when it resumes a TLS 1.2 session from its cache (R-42), so
-        # every handshake, full or resumed, is re-checked here against the CRLs loaded now and
-        # the leaf's notAfter. The state is read again: a reload (new CRL, new policy) may have
-        # happened during the handshake.
-        resumed = bool(ssl_stream.session_reused)
+        if resumed:
+            self._reject("session_resumed", "a resumed TLS session is not accepted: every "
+                         "connection must make a full handshake", duration, identity,
+                         resumed=resumed)
+            return False
+        # Re-checked after the handshake as well: the state is read again, since a reload (new
+        # CRL, new policy) may have happened during the handshake.
         state = self._state_fn()
         if state.tls.is_revoked(identity.issuer, identity.serial):
             self._reject("certificate_revoked", "serial is on the current CRL", duration, identity,
@@ -505,6 +513,7 @@ class Session:
                 f"more than {self._limits.max_per_identity} connections for this identity",
                 duration,
                 identity,
+                resumed=resumed,
             )
             return False
         self._identity_key = key

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import idna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -41,9 +42,12 @@ def check_host_name(host: str, where: str) -> None:
     except ValueError:
         pass
     try:
-        host.encode("idna")
-    except UnicodeError:
-        raise ValueError(f"{where}: {host!r} is not a valid host name") from None
+        host.encode("idna")  # what the standard library resolver does (IDNA 2003)
+        if not host.isascii():
+            idna.encode(host, uts46=True)  # what trio's resolver does (IDNA 2008)
+    except (UnicodeError, idna.IDNAError):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{host!r} is not a valid host name") from None
 
 
 def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
@@ -82,7 +86,7 @@ class _Model(BaseModel):
 class TlsSettings(_Model):
     """Server identity and how clients are verified (Modbus/TCP Security, server side)."""
 
-    cert: Path  # PEM: server certificate followed by its intermediates (the whole chain is sent)
+    cert: Path  # PEM: server certificate, its intermediates, the root (all of it is sent, R-46)
     key: Path  # PEM private key of the server certificate
     client_ca: Path  # PEM bundle of the CAs that issue client certificates
     crl: list[Path] = Field(default_factory=list)  # PEM or DER CRL files
@@ -115,7 +119,7 @@ class UpstreamSettings(_Model):
                 ipaddress.IPv6Address(v.strip("[]"))
             except ValueError:
                 raise ValueError(f"{v!r}: give the port in 'port', not in 'host'") from None
-        check_host_name(v.strip("[]"), "host")
+        check_host_name(v.strip("[]"), "")  # pydantic names the key
         return v.strip("[]")
 
     @field_validator("unit_ids")

@@ -6,11 +6,12 @@ Choices and why:
 * The two mandatory suites (ECDHE-RSA/ECDSA-AES128-GCM-SHA256) lead the TLS 1.2 list.
 * ``CERT_REQUIRED``: a client without a certificate fails the handshake with a fatal alert.
 * Renegotiation is refused (``OP_NO_RENEGOTIATION``).
-* No session tickets (``OP_NO_TICKET``, ``num_tickets = 0``: no TLS 1.3 resumption either).
-  OpenSSL's server session cache still resumes TLS 1.2 sessions by session id (R-42), and a
-  resumed handshake verifies nothing, so the session re-checks every handshake itself: the peer
-  serial against the CRLs loaded now (:meth:`TlsMaterial.is_revoked`) and the leaf's notAfter.
-  Each reload builds a new context, hence an empty cache.
+* No session resumption: no tickets (``OP_NO_TICKET``, ``num_tickets = 0``) and OpenSSL's
+  server session cache turned off (:func:`disable_session_cache`), because a resumed handshake
+  verifies nothing (not the chain's CAs, not the CRLs' freshness). A resumed handshake, only
+  possible where turning the cache off failed, is refused (``session_resumed``). In addition
+  every session re-checks the peer serial against the CRLs loaded now
+  (:meth:`TlsMaterial.is_revoked`) and the leaf's notAfter after the handshake.
 * CRLs are loaded into the context with ``VERIFY_CRL_CHECK_CHAIN`` (a revoked intermediate
   takes its clients with it; every CA in ``client_ca`` then needs a CRL, checked at start).
   An expired CRL makes OpenSSL reject every client, so :func:`crl_warnings` reports CRLs
@@ -19,6 +20,7 @@ Choices and why:
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import ssl
 import tempfile
@@ -69,6 +71,9 @@ class TlsMaterial:
     crls: tuple[CrlInfo, ...] = ()
     handshake_timeout: float = 10.0
     _revoked: frozenset[tuple[str, int]] = field(default=frozenset())
+    #: False only where OpenSSL's session cache could not be turned off (see
+    #: :func:`disable_session_cache`): a resumed handshake is then refused
+    session_cache_off: bool = True
 
     def is_revoked(self, issuer: str, serial: int) -> bool:
         """Whether a (RFC 4514 issuer, serial) pair is on a currently loaded CRL."""
@@ -158,9 +163,10 @@ def chain_warnings(cert_path: Path, *, what: str = "tls") -> list[str]:
     if last.issuer == last.subject:
         return []
     return [
-        f"{what}.cert: {cert_path} ends with {last.subject.rfc4514_string()}, not with its root "
-        f"CA ({last.issuer.rfc4514_string()}); R-46 asks for the whole chain down to the root: "
-        "append the root, or re-issue with mbsec-pki (its chain files end with the root)"
+        f"{what}.cert: {cert_path} ends with {last.subject.rfc4514_string()} (issued by "
+        f"{last.issuer.rfc4514_string()}), not with a self-signed root CA; R-46 asks for the "
+        "whole chain down to the root: append the missing CA certificates, or re-issue with "
+        "mbsec-pki (its chain files end with the root)"
     ]
 
 
@@ -256,7 +262,50 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
         crls=tuple(crl_infos),
         handshake_timeout=tls.handshake_timeout,
         _revoked=revoked,
+        session_cache_off=disable_session_cache(ctx),
     )
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44  # OpenSSL's ssl.h; SSL_SESS_CACHE_OFF is 0
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_VERIFY_PEER_AND_REQUIRE = 0x03  # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+
+
+def disable_session_cache(ctx: ssl.SSLContext) -> bool:
+    """Turn OpenSSL's server session cache off, so that no TLS 1.2 session is ever resumed
+    (tickets are off already): OpenSSL verifies nothing on a resumed handshake, neither the
+    chain's CAs nor CRL freshness, and Python 3.11 exposes neither the cache mode nor the
+    peer's chain to check it by hand. Python's ``ssl`` has no API for the mode, so this calls
+    ``SSL_CTX_ctrl`` through ctypes on the context's ``SSL_CTX``, found right after the object
+    header (the layout of ``PySSLContext``), and checks that pointer against the options and
+    verify mode Python reports before it writes anything. True when the cache is off."""
+    try:
+        lib = ctypes.CDLL(_ssl_module_path())
+        ctrl = lib.SSL_CTX_ctrl
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        ctrl.restype = ctypes.c_long
+        get_options = lib.SSL_CTX_get_options
+        get_options.argtypes = [ctypes.c_void_p]
+        get_options.restype = ctypes.c_uint64
+        get_verify_mode = lib.SSL_CTX_get_verify_mode
+        get_verify_mode.argtypes = [ctypes.c_void_p]
+        get_verify_mode.restype = ctypes.c_int
+        ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not ptr or ptr % ctypes.alignment(ctypes.c_void_p):
+            return False
+        if (get_options(ptr) != int(ctx.options)
+                or get_verify_mode(ptr) != _VERIFY_PEER_AND_REQUIRE):
+            return False  # not the SSL_CTX we think: write nothing
+        ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_MODE, 0, None)
+        return int(ctrl(ptr, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)) == 0
+    except (OSError, AttributeError, ValueError, TypeError):
+        return False
+
+
+def _ssl_module_path() -> str:
+    import _ssl
+
+    return str(_ssl.__file__)
 
 
 # OpenSSL X509_V_ERR_* codes -> event reason slugs

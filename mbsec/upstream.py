@@ -482,7 +482,9 @@ class _Connection:
                 stream = await self._dialer(t.host, t.port)
         except trio.TooSlowError:
             reason, message = "connect_timeout", f"no connection within {t.connect_timeout:g} s"
-        except (OSError, trio.BrokenResourceError) as exc:
+        except (OSError, trio.BrokenResourceError, UnicodeError) as exc:
+            # UnicodeError: a host name the resolver cannot encode (settings refuse the ones
+            # known; this keeps any other a failed connect, not a dead pool)
             message = str(exc) or type(exc).__name__
         else:
             self.stream = stream
