@@ -280,11 +280,13 @@ class Proxy:
         return True
 
     def _drop_revoked(self, state: ProxyState) -> None:
-        """A reloaded CRL also ends open connections of now-revoked certificates (their
-        in-flight requests still complete); HMIs hold connections for weeks."""
+        """A reloaded CRL also ends open connections of now-revoked certificates, or of
+        certificates under a now-revoked CA held in ``client_ca`` (their in-flight requests
+        still complete); HMIs hold connections for weeks."""
         for s in list(self.sessions):
             ident = s.identity
-            if ident is not None and state.tls.is_revoked(ident.issuer, ident.serial):
+            if ident is not None and (state.tls.is_revoked(ident.issuer, ident.serial)
+                                      or state.tls.issuer_revoked(ident.issuer)):
                 self.log.warning(
                     "certificate revoked by the reloaded CRL, closing its connection",
                     **{

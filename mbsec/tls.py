@@ -74,10 +74,27 @@ class TlsMaterial:
     #: False only where OpenSSL's session cache could not be turned off (see
     #: :func:`disable_session_cache`): a resumed handshake is then refused
     session_cache_off: bool = True
+    #: subject -> (issuer, serial) of every CA certificate in ``client_ca`` (RFC 4514 names)
+    _cas: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def is_revoked(self, issuer: str, serial: int) -> bool:
         """Whether a (RFC 4514 issuer, serial) pair is on a currently loaded CRL."""
         return (issuer, serial) in self._revoked
+
+    def issuer_revoked(self, issuer: str) -> bool:
+        """Whether a CA above a leaf issued by ``issuer`` is on a currently loaded CRL, as far
+        as ``client_ca`` holds those CAs (the peer's own chain is not available after the
+        handshake in Python 3.11): a reload must also end the connections under a revoked
+        intermediate."""
+        name = issuer
+        for _ in range(len(self._cas)):
+            up = self._cas.get(name)
+            if up is None or up[0] == name:  # unknown, or the self-signed root
+                return False
+            if up in self._revoked:
+                return True
+            name = up[0]
+        return False
 
 
 def _read(path: Path, what: str, problems: list[str]) -> bytes | None:
@@ -257,12 +274,18 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     if problems:
         raise TlsConfigError(problems)
     revoked = frozenset((c.issuer, s) for c in crl_infos for s in c.revoked)
+    try:
+        ca_certs = x509.load_pem_x509_certificates(tls.client_ca.read_bytes())
+    except (OSError, ValueError):  # pragma: no cover - loaded above, or reported there
+        ca_certs = []
     return TlsMaterial(
         context=ctx,
         crls=tuple(crl_infos),
         handshake_timeout=tls.handshake_timeout,
         _revoked=revoked,
         session_cache_off=disable_session_cache(ctx),
+        _cas={c.subject.rfc4514_string(): (c.issuer.rfc4514_string(), c.serial_number)
+              for c in ca_certs},
     )
 
 

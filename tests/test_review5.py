@@ -165,12 +165,15 @@ async def test_tls_resumed_is_logged_on_a_per_identity_limit_rejection(
 # -- 3. a reloaded CRL revoking the intermediate leaves its clients' connections open ------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limit (README): _drop_revoked checks only the leaf serial; Python 3.11's ssl does "
-    "not give the peer's chain, so open connections under a revoked intermediate stay up"
-))
+@pytest.mark.parametrize("bundle", [
+    pytest.param("root", marks=pytest.mark.xfail(strict=True, reason=(
+        "known limit (README): with only the root in client_ca mbsec cannot tell which open "
+        "connections a revoked intermediate issued (Python 3.11's ssl does not give the "
+        "peer's chain)"))),
+    "root+intermediate",
+])
 async def test_reload_revoking_the_intermediate_ends_its_clients_open_connections(
-    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, tmp_path: Path
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, tmp_path: Path, bundle: str
 ) -> None:
     """Bug: ``Proxy._drop_revoked`` (mbsec/server.py) only looks up the leaf's own serial. A
     reloaded root CRL that revokes the issuing intermediate CA refuses every new handshake of
@@ -182,7 +185,12 @@ async def test_reload_revoking_the_intermediate_ends_its_clients_open_connection
     leaf = ca.issue("client", "via-intermediate", role="operator", out_dir=tmp_path, name="vi")
     crl_path = tmp_path / "crl.pem"
     ca.write_crl(crl_path)
-    h = await start_proxy(plc.port, tls={"client_ca": str(ca.trust_bundle)}, crl=[crl_path])
+    client_ca = ca.trust_bundle
+    if bundle == "root+intermediate":  # the fix: the intermediate is known from client_ca
+        client_ca = tmp_path / "client-ca.pem"
+        client_ca.write_bytes(ca.trust_bundle.read_bytes()
+                              + ca.intermediate.public_bytes(serialization.Encoding.PEM))
+    h = await start_proxy(plc.port, tls={"client_ca": str(client_ca)}, crl=[crl_path])
     ctx = _ctx(pki, leaf.chain, leaf.key)
     held = await TlsClient.connect(h.port, ctx)
     r = await held.request(1, 1, read_hr(0, 1))
@@ -206,6 +214,8 @@ async def test_reload_revoking_the_intermediate_ends_its_clients_open_connection
         served = False
     await held.aclose()
     assert not served, "an open connection of a revoked intermediate CA is still served"
+    ev = await h.wait_event("connection-revoked")
+    assert ev["event.reason"] == "certificate_revoked"
 
 
 # -- 4. host names: the load-time check and trio's resolver disagree -----------------------------
