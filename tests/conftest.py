@@ -534,6 +534,28 @@ async def tuned_client(port: int, pki: Pki, *, rcvbuf: int, mss: int) -> TlsClie
     return TlsClient(s)
 
 
+def blocking_tls(port: int, ctx: ssl.SSLContext,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+    """A blocking TLS client connection to 127.0.0.1 (Python's ssl offers a saved session only
+    to a socket wrapper), handshaken; the caller closes it. Run it in a thread from trio."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def blocking_ask(s: ssl.SSLSocket) -> bytes:
+    """One FC03 request on a :func:`blocking_tls` connection: the reply bytes, or b"" when the
+    proxy closed the connection instead."""
+    s.sendall(bytes.fromhex("000100000006010300000001"))
+    try:
+        return s.recv(100)
+    except (ssl.SSLError, OSError):
+        return b""
+
+
 def serve_config(pki: Pki, directory: Path, plc_port: int, *, workers: int = 1,
                  extra: str = "") -> Path:
     """A configuration file for a real ``mbsec serve`` (TEST_POLICY, one PLC on 127.0.0.1,

@@ -7,14 +7,21 @@ full handshake refuses the client. Real sockets on 127.0.0.1 only."""
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
+from conftest import (
+    Pki,
+    ScriptedPlc,
+    StartProxy,
+    TlsClient,
+    blocking_ask,
+    blocking_tls,
+    read_hr,
+)
 from cryptography.hazmat.primitives import serialization
 
 from mbsec.pki.ca import CertificateAuthority, _ca_certificate
@@ -32,27 +39,10 @@ def _ctx(pki: Pki, chain: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def _open(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
-    except BaseException:
-        raw.close()
-        raise
-
-
-def _ask(s: ssl.SSLSocket) -> bytes:
-    s.sendall(bytes.fromhex("000100000006010300000001"))
-    try:
-        return s.recv(100)
-    except (ssl.SSLError, OSError):
-        return b""
-
-
 def _full_handshake_refused(port: int, ctx: ssl.SSLContext) -> bool:
     try:
-        with _open(port, ctx) as s:
-            return _ask(s) == b""
+        with blocking_tls(port, ctx) as s:
+            return blocking_ask(s) == b""
     except (ssl.SSLError, OSError):
         return True
 
@@ -60,8 +50,8 @@ def _full_handshake_refused(port: int, ctx: ssl.SSLContext) -> bool:
 def _refused_offering(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> bool:
     """The client offers ``session``: True when it is not resumed and the client is refused."""
     try:
-        with _open(port, ctx, session) as s:
-            return not s.session_reused and _ask(s) == b""
+        with blocking_tls(port, ctx, session) as s:
+            return not s.session_reused and blocking_ask(s) == b""
     except (ssl.SSLError, OSError):
         return True
 
@@ -102,9 +92,9 @@ async def test_resumed_session_after_the_intermediate_ca_expired_is_refused(
     h = await start_proxy(plc.port, tls={"client_ca": str(ca.trust_bundle)},
                           crl=[ca.write_crl(tmp_path / "crl.pem")])
     ctx = _ctx(pki, leaf.chain, leaf.key)
-    first = await trio.to_thread.run_sync(_open, h.port, ctx)
+    first = await trio.to_thread.run_sync(blocking_tls, h.port, ctx)
     with first:
-        assert await trio.to_thread.run_sync(_ask, first)
+        assert await trio.to_thread.run_sync(blocking_ask, first)
         await _sleep_until(now + dt.timedelta(seconds=5.2))
         # a full handshake now fails: the intermediate CA has expired
         assert await trio.to_thread.run_sync(_full_handshake_refused, h.port, _ctx(
@@ -130,9 +120,9 @@ async def test_resumed_session_after_the_crl_expired_is_refused(
                              now=now - dt.timedelta(days=1) + dt.timedelta(seconds=4))
     h = await start_proxy(plc.port, tls={"client_ca": str(fresh_ca.trust_bundle)}, crl=[crl])
     ctx = _ctx(pki, cert.chain, cert.key)
-    first = await trio.to_thread.run_sync(_open, h.port, ctx)
+    first = await trio.to_thread.run_sync(blocking_tls, h.port, ctx)
     with first:
-        assert await trio.to_thread.run_sync(_ask, first)
+        assert await trio.to_thread.run_sync(blocking_ask, first)
         await _sleep_until(now + dt.timedelta(seconds=5.2))
         assert await trio.to_thread.run_sync(_full_handshake_refused, h.port, _ctx(
             pki, cert.chain, cert.key))
@@ -153,9 +143,9 @@ async def test_tls_resumed_is_logged_on_a_per_identity_limit_rejection(
     plc = await _plc(nursery)
     h = await start_proxy(plc.port, limits={"max_per_identity": 1})
     ctx = _ctx(pki, pki.operator.chain, pki.operator.key)
-    first = await trio.to_thread.run_sync(_open, h.port, ctx)
+    first = await trio.to_thread.run_sync(blocking_tls, h.port, ctx)
     with first:
-        assert await trio.to_thread.run_sync(_ask, first)
+        assert await trio.to_thread.run_sync(blocking_ask, first)
         assert await trio.to_thread.run_sync(_refused_offering, h.port, ctx, first.session)
         ev = await h.wait_event("tls-handshake", lambda e: e.get("event.outcome") == "failure")
     assert ev["event.reason"] == "too_many_connections_for_identity", ev

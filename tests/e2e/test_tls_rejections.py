@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import shutil
-import socket
 import ssl
 import warnings
 from dataclasses import dataclass
@@ -15,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
+from conftest import (
+    Pki,
+    ScriptedPlc,
+    StartProxy,
+    TlsClient,
+    blocking_ask,
+    blocking_tls,
+    read_hr,
+)
 from cryptography import x509
 
 from mbsec.identity import ROLE_OID
@@ -358,25 +365,6 @@ async def test_tls_client_class_roundtrip(
     await c.aclose()
 
 
-def _open(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-    """A blocking client connection (Python's ssl offers a session only to a blocking socket
-    wrapper), handshaken; the caller closes it."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
-    except BaseException:
-        raw.close()
-        raise
-
-
-def _ask(s: ssl.SSLSocket) -> bytes:
-    s.sendall(bytes.fromhex("000100000006010300000001"))
-    try:
-        return s.recv(100)
-    except (ssl.SSLError, OSError):
-        return b""
-
-
 async def test_sessions_are_never_resumed(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
@@ -390,16 +378,16 @@ async def test_sessions_are_never_resumed(
     assert h.proxy.state.tls.session_cache_off  # type: ignore[attr-defined]
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         ctx = pki.client_ctx(pki.operator, max_version=version)
-        with await trio.to_thread.run_sync(_open, h.port, ctx) as first:
-            assert await trio.to_thread.run_sync(_ask, first)
+        with await trio.to_thread.run_sync(blocking_tls, h.port, ctx) as first:
+            assert await trio.to_thread.run_sync(blocking_ask, first)
             session = first.session
-            with await trio.to_thread.run_sync(_open, h.port, ctx, session) as beside:
+            with await trio.to_thread.run_sync(blocking_tls, h.port, ctx, session) as beside:
                 assert not beside.session_reused, version.name
-                assert await trio.to_thread.run_sync(_ask, beside)
+                assert await trio.to_thread.run_sync(blocking_ask, beside)
             await trio.to_thread.run_sync(first.unwrap)  # close_notify both ways
-        with await trio.to_thread.run_sync(_open, h.port, ctx, session) as after:
+        with await trio.to_thread.run_sync(blocking_tls, h.port, ctx, session) as after:
             assert not after.session_reused, version.name
-            assert await trio.to_thread.run_sync(_ask, after)
+            assert await trio.to_thread.run_sync(blocking_ask, after)
     accepted = [e for e in h.events("tls-handshake") if e["event.outcome"] == "success"]
     assert [(e["tls.version"], e["tls.resumed"]) for e in accepted] == [
         ("1.2", False)] * 3 + [("1.3", False)] * 3
@@ -419,11 +407,11 @@ async def test_a_resumed_session_is_refused_where_the_cache_stays_on(
     h = await start_proxy(plc.port)
     assert not h.proxy.state.tls.session_cache_off  # type: ignore[attr-defined]
     ctx = pki.client_ctx(pki.operator, max_version=ssl.TLSVersion.TLSv1_2)
-    with await trio.to_thread.run_sync(_open, h.port, ctx) as first:
-        assert await trio.to_thread.run_sync(_ask, first)
-        with await trio.to_thread.run_sync(_open, h.port, ctx, first.session) as second:
+    with await trio.to_thread.run_sync(blocking_tls, h.port, ctx) as first:
+        assert await trio.to_thread.run_sync(blocking_ask, first)
+        with await trio.to_thread.run_sync(blocking_tls, h.port, ctx, first.session) as second:
             assert second.session_reused  # OpenSSL resumed it, verifying nothing
-            assert await trio.to_thread.run_sync(_ask, second) == b""  # mbsec did not
+            assert await trio.to_thread.run_sync(blocking_ask, second) == b""  # mbsec did not
     ev = await rejected(h, "session_resumed")
     assert ev["tls.resumed"] is True
     assert len(plc.requests) == 1  # only the first connection's request
