@@ -243,7 +243,8 @@ class Proxy:
             return False
         ignored = [
             key
-            for key in ("listen", "limits", "logging", "metrics", "workers")
+            for key in ("listen", "limits", "logging", "metrics", "workers", "data_plane",
+                        "busy_poll_us")
             if getattr(settings, key) != getattr(self.settings, key)
         ]
         if self.data_plane is not None:

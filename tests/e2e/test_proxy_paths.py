@@ -254,6 +254,23 @@ async def test_reload_with_a_bad_policy_keeps_the_old_state(
     assert (await c.request(2, 1, read_hr(0, 1)))[2] == bytes([0x83, 0x01])
 
 
+async def test_reload_lists_the_keys_that_need_a_restart(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """A reload applies TLS, CRLs, policy and upstreams; a change to a key it cannot apply is
+    kept as it was and named in ``mbsec.restart_needed_for`` (docs/config.md, SIGHUP)."""
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    s = h.proxy.settings
+    other = "trio" if s.data_plane == "thread" else "thread"
+    changed = s.model_copy(update={"data_plane": other, "busy_poll_us": s.busy_poll_us + 5,
+                                   "workers": 2})
+    assert h.proxy.reload(changed) is True
+    ev = await h.wait_event("config-reload")
+    assert sorted(ev["mbsec.restart_needed_for"]) == ["busy_poll_us", "data_plane", "workers"]
+    assert h.proxy.settings.data_plane == s.data_plane  # not applied
+
+
 async def test_idle_timeout_closes(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
