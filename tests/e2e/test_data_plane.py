@@ -467,9 +467,11 @@ async def test_reload_to_another_plc_port_routes_new_requests_and_retires_the_ol
     assert await c.request(4, 1, read_hr(7, 1)) == (4, 1, bytes([3, 2]) + struct.pack(">H", 2007))
 
 
-async def test_shutdown_with_a_request_in_flight_replies_closes_and_returns(
+async def test_shutdown_drains_in_flight_requests(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
+    """SIGTERM: the request in flight is answered, the connection closes, the listener stops
+    accepting, serve() returns and the PLC link is closed."""
     plc = await counting(nursery, delay=lambda a: 0.3)
     h = await start_proxy(plc.port, limits={"drain_timeout": 5})
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
@@ -487,6 +489,8 @@ async def test_shutdown_with_a_request_in_flight_replies_closes_and_returns(
     assert (closed["mbsec.requests"], closed["mbsec.allowed"]) == (1, 1)
     with trio.fail_after(3):
         await plc.first_ended.wait()  # the PLC link was closed too
+    with pytest.raises(OSError):  # no longer accepting
+        await trio.open_tcp_stream("127.0.0.1", h.port)
 
 
 @THREAD_ONLY

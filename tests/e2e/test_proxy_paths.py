@@ -316,29 +316,6 @@ async def test_per_identity_limit(
     assert (await c4.request(1, 1, read_hr(0, 1)))[2][0] == 3
 
 
-async def test_shutdown_drains_in_flight_requests(
-    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
-) -> None:
-    plc = await scripted(nursery, delay=lambda a: 0.3)
-    h = await start_proxy(plc.port, limits={"drain_timeout": 5})
-    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
-    await c.send(1, 1, read_hr(8, 1))
-    await trio.sleep(0.05)
-    h.proxy.request_shutdown()
-    assert await c.recv() == (1, 1, bytes([3, 2, 0, 8]))  # the in-flight request completes
-    ev = await h.wait_event("connection-closed")
-    assert ev["event.reason"] == "server_shutdown"
-    # no longer accepting
-    with trio.fail_after(5):
-        while True:
-            try:
-                s = await trio.open_tcp_stream("127.0.0.1", h.port)
-            except OSError:
-                break
-            await s.aclose()
-            await trio.sleep(0.02)
-
-
 async def test_connection_closed_line_counts(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
