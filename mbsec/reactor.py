@@ -697,32 +697,17 @@ class Client:
             self.plane.mark_client(self)
 
     def flush(self) -> None:
-        """Write this pass's records in one system call (end of a loop pass)."""
+        """Write this pass's records in one system call (end of a loop pass); behind what the
+        kernel has not taken yet, and not while the client is stalled (the stall timer and
+        EPOLLOUT take over, as for any partial write)."""
         self._queued = False
         batch = self._batch
         if not batch or self.closed:
             return
-        if self._out or self._stall_timer is not None:
-            self._out += batch  # in order, behind what the kernel has not taken yet
-            batch.clear()
-            if self._stall_timer is None:
-                self._write()
-            return
-        try:  # the common case: nothing queued, the kernel takes it all
-            n = os.write(self.fd, batch)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            self._abort("client_gone", broken=True)
-            return
-        if n < len(batch):
-            self._out += batch[n:]
-            batch.clear()
-            self._write()  # the socket is full: EPOLLOUT and the stall limit take over
-            return
+        self._out += batch
         batch.clear()
-        if not self._reading:
-            self._maybe_finish()
+        if self._stall_timer is None:
+            self._write()
 
     def _write(self) -> None:
         out = self._out
