@@ -85,7 +85,7 @@ def serve_main(argv: list[str]) -> int:
         except OSError as exc:
             close_all(per_worker)
             where = f"metrics.listen {settings.metrics.listen}"
-            if (settings.metrics_address() or ("", 0))[1]:
+            if settings.metrics_address(1) != settings.metrics_address(0):  # not port 0
                 where += f" and the next {settings.workers - 1} port(s), one per worker"
             return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
         return run_workers(args.config, per_worker, metrics_socks)
