@@ -263,7 +263,7 @@ class Settings(BaseSettings):
         if not self.metrics.listen:
             return None
         host, port = parse_hostport(self.metrics.listen)
-        return host, port + worker if port else 0
+        return host, (port + worker if port else 0)
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(a, default_port=DEFAULT_PORT) for a in self.listen]

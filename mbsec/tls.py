@@ -20,6 +20,7 @@ Choices and why:
 
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import datetime as dt
 import ssl
@@ -126,16 +127,21 @@ def _pem_problem(key: str, data: bytes) -> str | None:
     return None
 
 
-def _uncovered_cas(client_ca: Path, crls: list[CrlInfo], what: str) -> list[str]:
+def _ca_certificates(client_ca: Path) -> list[x509.Certificate]:
+    """The CA certificates of the client CA bundle; [] when it cannot be read (OpenSSL's load
+    of the same file reports why)."""
+    try:
+        return x509.load_pem_x509_certificates(client_ca.read_bytes())
+    except (OSError, ValueError):
+        return []
+
+
+def _uncovered_cas(cas: list[x509.Certificate], crls: list[CrlInfo], what: str) -> list[str]:
     """CAs in the client CA bundle that no configured CRL covers.
 
     With CRLs on, OpenSSL checks revocation along the whole chain and rejects every client
     whose chain holds a CA without a CRL; say so at start instead of failing each handshake.
     """
-    try:
-        cas = x509.load_pem_x509_certificates(client_ca.read_bytes())
-    except (OSError, ValueError):
-        return []  # reported where the bundle is loaded
     issuers = {c.issuer for c in crls}
     return [
         f"{what}.crl: no CRL for CA '{ca.subject.rfc4514_string()}' in {what}.client_ca: with "
@@ -254,8 +260,9 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
             problems.append(f"{what}.client_ca: {tls.client_ca} holds no CA certificate")
     except (ssl.SSLError, OSError) as exc:
         problems.append(f"{what}.client_ca: cannot load {tls.client_ca}: {exc}")
+    ca_certs = _ca_certificates(tls.client_ca)
     if crl_pem:
-        problems.extend(_uncovered_cas(tls.client_ca, crl_infos, what))
+        problems.extend(_uncovered_cas(ca_certs, crl_infos, what))
         # cadata= only takes certificates; a PEM *file* may hold CRLs (X509_load_cert_crl_file)
         try:
             with tempfile.TemporaryDirectory(prefix="mbsec-crl-") as tmp:
@@ -274,10 +281,6 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     if problems:
         raise TlsConfigError(problems)
     revoked = frozenset((c.issuer, s) for c in crl_infos for s in c.revoked)
-    try:
-        ca_certs = x509.load_pem_x509_certificates(tls.client_ca.read_bytes())
-    except (OSError, ValueError):  # pragma: no cover - loaded above, or reported there
-        ca_certs = []
     return TlsMaterial(
         context=ctx,
         crls=tuple(crl_infos),
@@ -303,7 +306,7 @@ def disable_session_cache(ctx: ssl.SSLContext) -> bool:
     header (the layout of ``PySSLContext``), and checks that pointer against the options and
     verify mode Python reports before it writes anything. True when the cache is off."""
     try:
-        lib = ctypes.CDLL(_ssl_module_path())
+        lib = ctypes.CDLL(_ssl.__file__)  # AttributeError where _ssl is built in
         ctrl = lib.SSL_CTX_ctrl
         ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
         ctrl.restype = ctypes.c_long
@@ -323,12 +326,6 @@ def disable_session_cache(ctx: ssl.SSLContext) -> bool:
         return int(ctrl(ptr, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)) == 0
     except (OSError, AttributeError, ValueError, TypeError):
         return False
-
-
-def _ssl_module_path() -> str:
-    import _ssl
-
-    return str(_ssl.__file__)
 
 
 # OpenSSL X509_V_ERR_* codes -> event reason slugs
