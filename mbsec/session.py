@@ -129,11 +129,10 @@ def take_tls_state(
 ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
     """The ``SSLStream``'s own ``SSLObject`` and memory BIOs, and the TLS 1.3 tickets it held
     back after the handshake (taken: whoever drives the connection from here sends them).
-    The one place that reaches into trio's private attributes; both data planes use it."""
-    delayed = ssl_stream._delayed_outgoing
-    ssl_stream._delayed_outgoing = None
-    return (ssl_stream._ssl_object, ssl_stream._incoming, ssl_stream._outgoing,
-            bytes(delayed or b""))
+    Both data planes use it; the private access itself is in :mod:`mbsec.trio_private`."""
+    from mbsec import trio_private
+
+    return trio_private.take_tls_state(ssl_stream)
 
 
 class _RecordIO:
@@ -438,10 +437,9 @@ class Session:
         client never learns why (R-44): it sees a bare TCP close instead of e.g.
         ``certificate_required`` or ``unknown_ca``.
         """
-        try:
-            pending = ssl_stream._outgoing.read()
-        except Exception:  # pragma: no cover - defensive: private attribute of trio
-            return
+        from mbsec import trio_private
+
+        pending = trio_private.pending_alert(ssl_stream)
         if not pending:
             return
         with trio.move_on_after(ALERT_FLUSH_TIMEOUT):
