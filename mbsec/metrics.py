@@ -1,4 +1,4 @@
-"""Counters, gauges and histograms, and a tiny trio HTTP endpoint: ``/metrics`` and ``/healthz``.
+"""Counters, gauges and histograms (the ``/metrics`` endpoint is :mod:`mbsec.metrics_http`).
 
 No client library: the proxy needs a handful of series, and a dict keyed by (name, labels) is
 cheaper per request than anything generic. Names are ``mbsec_*`` snake case, counters end in
@@ -11,11 +11,8 @@ from __future__ import annotations
 import bisect
 import math
 import operator
-import socket
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
-
-import trio
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -242,72 +239,3 @@ def _num(v: float) -> str:
     if math.isinf(v) or math.isnan(v):
         return "+Inf" if v > 0 else ("-Inf" if v < 0 else "NaN")
     return str(int(v)) if v.is_integer() else repr(v)
-
-
-# -- HTTP endpoint --------------------------------------------------------------------------
-
-MAX_REQUEST_HEAD = 8192
-
-
-def _response(status: str, body: bytes, ctype: str = "text/plain; charset=utf-8") -> bytes:
-    head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-async def _handle_http(
-    stream: trio.abc.Stream, metrics: Metrics, healthy: Callable[[], bool]
-) -> None:
-    buf = b""
-    with trio.move_on_after(5):
-        try:
-            while b"\r\n\r\n" not in buf and len(buf) < MAX_REQUEST_HEAD:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                buf += chunk
-            line = buf.split(b"\r\n", 1)[0].decode("latin-1").split()
-            if len(line) < 2 or line[0] not in ("GET", "HEAD"):
-                out = _response("405 Method Not Allowed", b"GET only\n")
-            elif line[1].split("?", 1)[0] == "/metrics":
-                out = _response(
-                    "200 OK", metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
-                )
-            elif line[1] == "/healthz":
-                ok = healthy()
-                out = _response("200 OK" if ok else "503 Service Unavailable",
-                                b"ok\n" if ok else b"not ready\n")
-            else:
-                out = _response("404 Not Found", b"try /metrics or /healthz\n")
-            await stream.send_all(out)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    await trio.aclose_forcefully(stream)
-
-
-async def serve_metrics(
-    metrics: Metrics,
-    host: str | None,
-    port: int,
-    *,
-    healthy: Callable[[], bool] = lambda: True,
-    sockets: list[socket.socket] | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``/metrics`` and ``/healthz`` until cancelled; ``task_status`` gets the bound port.
-    ``sockets``: already listening (a worker's, bound by the main process) instead of
-    ``host:port``."""
-    if sockets:
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-    else:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle_http(stream, metrics, healthy)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
-        task_status.started(bound)

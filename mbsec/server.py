@@ -29,7 +29,8 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec.audit import null_logger
-from mbsec.metrics import Metrics, MetricsLike, NullMetrics, serve_metrics
+from mbsec.metrics import Metrics, MetricsLike, NullMetrics
+from mbsec.metrics_http import serve_metrics
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
 from mbsec.reactor import DataPlane
 from mbsec.reactor import compiled as reactor_compiled

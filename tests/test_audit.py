@@ -11,7 +11,8 @@ import trio
 from conftest import http_get
 
 from mbsec.audit import ListSink, flatten, make_logger, nest_dotted
-from mbsec.metrics import Metrics, NullMetrics, counter, observer, serve_metrics
+from mbsec.metrics import Metrics, NullMetrics, counter, observer
+from mbsec.metrics_http import serve_metrics
 from mbsec.settings import LoggingSettings
 
 
