@@ -1,5 +1,5 @@
-"""Build hook: compile the threaded data plane (mbsec/reactor.py) and the MBAP framing it runs
-for every request (mbsec/modbus/mbap.py) with mypyc.
+"""Build hook: compile the request path (the sans-IO core in mbsec/path/ and its epoll driver)
+and the MBAP framing it runs for every request (mbsec/modbus/mbap.py) with mypyc.
 
 Why: the data plane runs every request through a few dozen Python-level calls; compiled, the
 same code needs about a quarter less CPU per request (benchmarks/README.md). Everything else
@@ -17,6 +17,11 @@ import os
 
 from setuptools import setup
 
+#: the request path: core state machines and the driver (mbsec/path/decide.py stays
+#: interpreted: it calls the policy and the logger, which are interpreted anyway)
+CORE = [f"mbsec/path/{name}.py" for name in
+        ("timers", "exchange", "plc", "link", "target", "router", "client", "epoll")]
+
 ext_modules = []
 if os.environ.get("MBSEC_PURE") != "1":
     try:
@@ -29,7 +34,7 @@ if os.environ.get("MBSEC_PURE") != "1":
         # No cache: the result must not depend on a .mypy_cache left in the checkout.
         ext_modules = mypycify(
             ["--ignore-missing-imports", "--follow-imports=silent", "--cache-dir=/dev/null",
-             "mbsec/reactor.py", "mbsec/modbus/mbap.py"],
+             *CORE, "mbsec/modbus/mbap.py"],
             opt_level="3",
         )
         for ext in ext_modules:

@@ -13,6 +13,7 @@ cannot go above ``warning``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -111,14 +112,53 @@ class ListSink:
 
 
 class SinkLogger:
-    """The structlog 'logger' at the end of the chain: fans one rendered line out to sinks."""
+    """The structlog 'logger' at the end of the chain: fans one rendered line out to sinks.
 
-    def __init__(self, sinks: Iterable[Sink]) -> None:
+    A sink that raises (a full disk, a dead syslog socket) never reaches the caller: logging
+    must not stop the proxy or close a connection. The failure raises an alarm instead (one
+    ``log-sink-failed`` line on stderr when a sink starts failing, and
+    ``mbsec_log_sink_failures_total``), and :attr:`healthy` says whether the last event found a
+    sink that took it: the request path applies ``logging.on_sink_failure`` while it does not.
+    """
+
+    def __init__(self, sinks: Iterable[Sink], *, alarm: TextIO | None = None) -> None:
         self.sinks = list(sinks)
+        self.healthy = True
+        self.failures = 0
+        self._failing: set[int] = set()  # indexes of sinks whose last write raised
+        self._alarm = alarm
+        self.metrics: Any = None  # set by the proxy: counts failures
 
     def _emit(self, level: str, line: str) -> None:
-        for s in self.sinks:
-            s.write(level, line)
+        took = not self.sinks
+        for i, s in enumerate(self.sinks):
+            try:
+                s.write(level, line)
+            except Exception as exc:
+                self._sink_failed(i, s, exc)
+            else:
+                took = True
+                if self._failing:
+                    self._failing.discard(i)
+        self.healthy = took
+
+    def _sink_failed(self, index: int, sink: Sink, exc: Exception) -> None:
+        self.failures += 1
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.inc("mbsec_log_sink_failures_total", sink=type(sink).__name__)
+        if index in self._failing:
+            return  # alarmed once per failure period, not per line
+        self._failing.add(index)
+        alarm = json.dumps({
+            "message": "log sink failed", "log.level": "critical",
+            "event": {"kind": "alert", "action": "log-sink-failed", "outcome": "failure"},
+            "mbsec": {"sink": type(sink).__name__},
+            "error": {"type": type(exc).__name__, "message": str(exc)}})
+        with contextlib.suppress(Exception):
+            stream = self._alarm or sys.stderr
+            stream.write(alarm + "\n")
+            stream.flush()
 
     def debug(self, line: str) -> None:
         self._emit("debug", line)
@@ -263,6 +303,12 @@ def check_sinks(settings: LoggingSettings) -> list[str]:
         except (OSError, ValueError) as exc:
             problems.append(f"logging.syslog: {settings.syslog.address}: {exc}")
     return problems
+
+
+def sink_healthy(log: Any) -> bool:
+    """False while no sink of a logger made by :func:`make_logger` takes events."""
+    inner = getattr(log, "_logger", None)
+    return not isinstance(inner, SinkLogger) or inner.healthy
 
 
 def close_logger(log: FilteringBoundLogger) -> None:

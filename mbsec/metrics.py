@@ -34,6 +34,8 @@ HELP: dict[str, str] = {
     "mbsec_upstream_connects_total": "PLC connections made",
     "mbsec_upstream_failures_total": "PLC-side failures by reason (connect, timeout, resets)",
     "mbsec_upstream_request_seconds": "PLC round trip",
+    "mbsec_clients_penalized_total": "Clients refused by a PLC target for breaking its links",
+    "mbsec_log_sink_failures_total": "Events a log sink could not take (disk full, syslog down)",
 }
 
 

@@ -21,23 +21,23 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from mbsec.audit import null_logger
+from mbsec import events
+from mbsec.audit import SinkLogger, null_logger, sink_healthy
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics
 from mbsec.metrics_http import serve_metrics
+from mbsec.path.epoll import DataPlane
+from mbsec.path.epoll import compiled as reactor_compiled
+from mbsec.path.plc import check_targets
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
-from mbsec.reactor import DataPlane
-from mbsec.reactor import compiled as reactor_compiled
 from mbsec.session import ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
-from mbsec.upstream import Upstreams
 
 KEEPALIVE_IDLE = 30
 KEEPALIVE_INTERVAL = 10
@@ -45,8 +45,6 @@ KEEPALIVE_COUNT = 3
 CRL_CHECK_INTERVAL = 3600.0
 RELOAD_APPLY_TIMEOUT = 2.0  # seconds a reload waits for the data plane to switch
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 class StartupError(Exception):
@@ -155,7 +153,6 @@ class Proxy:
         log: FilteringBoundLogger | None = None,
         metrics: MetricsLike | None = None,
         config_path: Path | None = None,
-        dialer: Dialer | None = None,
         listen_sockets: list[socket.socket] | None = None,
         metrics_sockets: list[socket.socket] | None = None,
     ) -> None:
@@ -166,23 +163,19 @@ class Proxy:
         self.config_path = config_path
         self.log = log or null_logger()
         self.metrics: MetricsLike = metrics or NullMetrics()
+        inner: Any = getattr(self.log, "_logger", None)
+        if isinstance(inner, SinkLogger):  # a sink that fails is counted (mbsec/audit.py)
+            inner.metrics = self.metrics
         self.state = build_state(settings)
         #: what requests are decided by; ``state`` (handshakes, CRLs) switches at once on a
         #: reload, this one together with the data plane's routes
         self.decision_state = self.state
-        up_kwargs: dict[str, Any] = {"log": self.log, "metrics": self.metrics}
-        if dialer is not None:
-            up_kwargs["dialer"] = dialer
-        self.upstreams = Upstreams(settings.upstream_targets(), **up_kwargs)
-        #: the threaded data plane (``data_plane = "thread"``); None runs everything in trio
-        self.data_plane: DataPlane | None = None
         #: set when the proxy stopped because of an internal failure (exit status 1)
         self.failed = False
-        if settings.data_plane == "thread" and dialer is None:
-            self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
-                                        metrics=self.metrics,
-                                        busy_poll=settings.busy_poll_us / 1e6,
-                                        on_fatal=self._data_plane_failed)
+        #: the request path (mbsec.path): its core, driven by one epoll thread
+        self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
+                                    metrics=self.metrics, busy_poll=settings.busy_poll_us / 1e6,
+                                    on_fatal=self._data_plane_failed)
         self.sessions: set[Session] = set()
         self._per_source: Counter[str] = Counter()
         self._per_identity: Counter[str] = Counter()
@@ -225,22 +218,12 @@ class Proxy:
                 settings, generation=self.state.generation + 1, previous=self.state
             )
             targets = settings.upstream_targets()
-            Upstreams.check_targets(targets)
+            check_targets(targets)
         except (SettingsError, StartupError, OSError, ValueError) as exc:
             # a failed reload keeps the running state, whatever broke (ghostunnel's rule)
             problems = getattr(exc, "problems", None) or [f"{type(exc).__name__}: {exc}"]
             self.metrics.inc("mbsec_config_reloads_total", outcome="failure")
-            self.log.error(
-                "reload failed, keeping the running configuration",
-                **{
-                    "event.kind": "event",
-                    "event.category": ["configuration"],
-                    "event.type": ["change"],
-                    "event.action": "config-reload",
-                    "event.outcome": "failure",
-                    "error.message": "; ".join(problems),
-                },
-            )
+            events.emit(self.log, events.config_reload_failed(problems))
             return False
         ignored = [
             key
@@ -248,35 +231,20 @@ class Proxy:
                         "busy_poll_us")
             if getattr(settings, key) != getattr(self.settings, key)
         ]
-        if self.data_plane is not None:
-            # decisions and routes switch in one step of the data-plane thread: a request is
-            # never decided by the new policy and routed by the old unit map (or the reverse)
-            applied = self.data_plane.replace_targets_threadsafe(
-                targets, then=lambda: setattr(self, "decision_state", state))
-            # wait (briefly: one loop pass) so that a request sent after reload() returns, or
-            # after the success event, is decided by the new policy, as on the trio engine
-            # (a wedged loop, a bug that stops the proxy anyway, must not hang the reload)
-            applied.wait(RELOAD_APPLY_TIMEOUT)
-        else:
-            self.upstreams.replace_targets(targets)
-            self.decision_state = state
+        # decisions and routes switch in one step of the data-plane thread: a request is
+        # never decided by the new policy and routed by the old unit map (or the reverse)
+        applied = self.data_plane.replace_targets_threadsafe(
+            targets, then=lambda: setattr(self, "decision_state", state))
+        # wait (briefly: one loop pass) so that a request sent after reload() returns, or
+        # after the success event, is decided by the new policy
+        # (a wedged loop, a bug that stops the proxy anyway, must not hang the reload)
+        applied.wait(RELOAD_APPLY_TIMEOUT)
         self.state = state
         self.settings = self.settings.model_copy(
             update={"tls": settings.tls, "policy": settings.policy, "upstreams": settings.upstreams}
         )
         self.metrics.inc("mbsec_config_reloads_total", outcome="success")
-        self.log.info(
-            "configuration reloaded",
-            **{
-                "event.kind": "event",
-                "event.category": ["configuration"],
-                "event.type": ["change"],
-                "event.action": "config-reload",
-                "event.outcome": "success",
-                "mbsec.generation": state.generation,
-                "mbsec.restart_needed_for": ignored,
-            },
-        )
+        events.emit(self.log, events.config_reloaded(state.generation, ignored))
         self._warn_crls()
         self._drop_revoked(state)
         return True
@@ -289,21 +257,7 @@ class Proxy:
             ident = s.identity
             if ident is not None and (state.tls.is_revoked(ident.issuer, ident.serial)
                                       or state.tls.issuer_revoked(ident.issuer)):
-                self.log.warning(
-                    "certificate revoked by the reloaded CRL, closing its connection",
-                    **{
-                        "event.kind": "event",
-                        "event.category": ["network", "authentication"],
-                        "event.type": ["connection", "end", "denied"],
-                        "event.action": "connection-revoked",
-                        "event.outcome": "success",
-                        "event.reason": "certificate_revoked",
-                        "mbsec.conn_id": s.conn_id,
-                        "tls.client.x509.subject.common_name": ident.common_name,
-                        "tls.client.hash.sha256": ident.fingerprint_sha256,
-                        "source.ip": s.peer_ip,
-                    },
-                )
+                events.emit(self.log, events.connection_revoked(s.conn_id, ident, s.peer_ip))
                 s.stop_reading("certificate_revoked")
 
     def _warn_crls(self) -> None:
@@ -314,17 +268,7 @@ class Proxy:
             self.metrics.set("mbsec_crl_next_update_seconds",
                              (min(nexts) - now).total_seconds())
         for line in crl_warnings(crls, warn_days=self.settings.tls.crl_warn_days, now=now):
-            self.log.error(
-                "CRL expiring or expired",
-                **{
-                    "event.kind": "alert",
-                    "event.category": ["configuration"],
-                    "event.type": ["info"],
-                    "event.action": "crl-expiry",
-                    "event.outcome": "failure",
-                    "error.message": line,
-                },
-            )
+            events.emit(self.log, events.crl_expiry(line))
 
     async def _crl_watch(self) -> None:
         """Re-check CRL expiry while running: a CRL lapses weeks after the last reload."""
@@ -355,20 +299,16 @@ class Proxy:
     ) -> None:
         limits = self.settings.limits
         self._token = trio.lowlevel.current_trio_token()
-        if self.data_plane is not None:
-            self.data_plane.start()
+        self.data_plane.start()
         try:
             await self._serve(limits, task_status)
         finally:
-            if self.data_plane is not None:
-                self.data_plane.stop()
+            self.data_plane.stop()
 
     async def _serve(
         self, limits: LimitsSettings, task_status: trio.TaskStatus[list[tuple[str, int]]]
     ) -> None:
         async with trio.open_nursery() as root:
-            if self.data_plane is None:  # else the data plane owns the PLC connections
-                await root.start(self.upstreams.run)
             if self.settings.metrics.listen and isinstance(self.metrics, Metrics):
                 host, port = parse_hostport(self.settings.metrics.listen)
                 self.metrics_port = await root.start(
@@ -405,22 +345,10 @@ class Proxy:
 
                 conns.start_soon(accept_all)
                 self._ready = True
-                self.log.info(
-                    "mbsec listening",
-                    **{
-                        "event.kind": "event",
-                        "event.category": ["process"],
-                        "event.type": ["start"],
-                        "event.action": "server-start",
-                        "event.outcome": "success",
-                        "mbsec.listen": [f"{h}:{p}" for h, p in self.addresses],
-                        "mbsec.metrics_port": self.metrics_port,
-                        "mbsec.upstreams": sorted(self.settings.upstreams),
-                        "mbsec.data_plane": self.settings.data_plane,
-                        "mbsec.data_plane_compiled": (
-                            self.data_plane is not None and reactor_compiled()),
-                    },
-                )
+                events.emit(self.log, events.server_start(
+                    [f"{h}:{p}" for h, p in self.addresses], self.metrics_port,
+                    self.settings.upstreams, self.settings.data_plane,
+                    reactor_compiled()))
                 task_status.started(self.addresses)
                 await self._shutdown.wait()
                 accept_scope.cancel()
@@ -428,18 +356,8 @@ class Proxy:
                     await ln.aclose()
                 for s in list(self.sessions):
                     s.stop_reading()
-                self.log.info(
-                    "draining",
-                    **{
-                        "event.kind": "event",
-                        "event.category": ["process"],
-                        "event.type": ["end"],
-                        "event.action": "server-stop",
-                        "event.outcome": "success",
-                        "mbsec.sessions": len(self.sessions),
-                        "mbsec.drain_timeout": limits.drain_timeout,
-                    },
-                )
+                events.emit(self.log,
+                            events.server_stop(len(self.sessions), limits.drain_timeout))
                 with trio.move_on_after(limits.drain_timeout):
                     if self.sessions:
                         await self._no_sessions.wait()
@@ -452,7 +370,7 @@ class Proxy:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in ACCEPT_ERRNOS:
-                    self.log.error("accept failed, backing off", **{"error.message": str(exc)})
+                    events.emit(self.log, events.accept_failed(exc))
                     await trio.sleep(0.1)
                     continue
                 raise
@@ -474,19 +392,7 @@ class Proxy:
             reason = "too_many_connections_from_source"
         if reason is not None:
             self.metrics.inc("mbsec_connections_total", outcome=reason)
-            self.log.warning(
-                "connection refused by limits",
-                **{
-                    "event.kind": "event",
-                    "event.category": ["network"],
-                    "event.type": ["connection", "denied"],
-                    "event.action": "connection-rejected",
-                    "event.outcome": "failure",
-                    "event.reason": reason,
-                    "source.ip": source,
-                    "source.port": int(peer[1]),
-                },
-            )
+            events.emit(self.log, events.connection_rejected(reason, source, int(peer[1])))
             await trio.aclose_forcefully(stream)
             return
         self.metrics.inc("mbsec_connections_total", outcome="accepted")
@@ -494,7 +400,8 @@ class Proxy:
             stream,
             state=lambda: self.state,
             decision_state=lambda: self.decision_state,
-            upstreams=self.upstreams,
+            audit_ok=lambda: sink_healthy(self.log),
+            on_sink_failure=self.settings.logging.on_sink_failure,
             limits=limits,
             log=self.log,
             metrics=self.metrics,
@@ -510,19 +417,7 @@ class Proxy:
         try:
             await session.run()
         except Exception as exc:  # a bug in one session must never take the listener down
-            self.log.error(
-                "session failed unexpectedly",
-                **{
-                    "event.kind": "event",
-                    "event.category": ["network"],
-                    "event.type": ["error"],
-                    "event.action": "session-error",
-                    "event.outcome": "failure",
-                    "error.type": type(exc).__name__,
-                    "error.message": str(exc),
-                    "source.ip": source,
-                },
-            )
+            events.emit(self.log, events.session_error(exc, source))
         finally:
             self.sessions.discard(session)
             if not self.sessions:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from mbsec.upstream import UpstreamTarget
+    from mbsec.path.plc import UpstreamTarget
 
 DEFAULT_PORT = 802
 
@@ -102,12 +102,20 @@ class UpstreamSettings(_Model):
     port: int = Field(default=502, ge=1, le=65535)
     unit_ids: list[int] = Field(min_length=1)
     unit_rewrite: dict[int, int] = Field(default_factory=dict)
-    pool_size: int = Field(default=1, ge=1, le=16)
+    #: 2: a slow register or a retransmission on one link does not stall every client
+    #: (docs/config.md, "Availability rules"); 1 for a PLC that takes one connection only
+    pool_size: int = Field(default=2, ge=1, le=16)
     depth: int = Field(default=1, ge=1, le=16)
     connect_timeout: float = Field(default=3.0, gt=0)
     request_timeout: float = Field(default=2.0, gt=0)
     backoff_initial: float = Field(default=0.2, gt=0)
     backoff_max: float = Field(default=10.0, gt=0)
+    late_reply_wait: float = Field(default=10.0, gt=0)
+    resets_before_backoff: int = Field(default=3, ge=0)
+    reset_window: float = Field(default=10.0, ge=0)
+    breaker_resets: int = Field(default=3, ge=1)
+    breaker_window: float = Field(default=60.0, ge=0)
+    breaker_hold: float = Field(default=30.0, ge=0)
 
     @field_validator("host")
     @classmethod
@@ -158,6 +166,8 @@ class LimitsSettings(_Model):
     idle_timeout: float = Field(default=300.0, gt=0)
     max_pipelined: int = Field(default=8, ge=1, le=256)
     drain_timeout: float = Field(default=10.0, ge=0)
+    #: a request must be complete this long after its first byte (a trickling client is closed)
+    request_complete_timeout: float = Field(default=5.0, gt=0)
 
 
 class SyslogSettings(_Model):
@@ -170,6 +180,8 @@ class LoggingSettings(_Model):
     level: Literal["debug", "info", "warning"] = "info"
     #: level of the per-request event for allowed requests; "off" skips building it at all
     allowed_requests: Literal["off", "debug", "info"] = "debug"
+    #: what a forwarded request gets while no sink can take events (docs/config.md)
+    on_sink_failure: Literal["refuse_writes", "refuse", "serve"] = "refuse_writes"
     stdout: bool = True
     file: Path | None = None
     syslog: SyslogSettings | None = None
@@ -207,10 +219,10 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     #: proxy processes sharing the listen ports (SO_REUSEPORT); each has its own upstream pools
     workers: int = Field(default=1, ge=1, le=64)
-    #: "thread": client and PLC sockets after the handshake run in one epoll thread (fast);
-    #: "trio": everything in trio tasks (the reference engine)
-    data_plane: Literal["thread", "trio"] = "thread"
-    #: thread data plane: spin this long for a PLC reply before sleeping (0: never spin)
+    #: client and PLC sockets after the handshake run in one epoll thread; the all-trio data
+    #: plane ("trio") was removed (docs/config.md says why)
+    data_plane: Literal["thread"] = "thread"
+    #: data plane: spin this long for a PLC reply before sleeping (0: never spin)
     busy_poll_us: int = Field(default=0, ge=0, le=1000)
 
     @classmethod
@@ -269,7 +281,7 @@ class Settings(BaseSettings):
         return [parse_hostport(a, default_port=DEFAULT_PORT) for a in self.listen]
 
     def upstream_targets(self) -> list[UpstreamTarget]:
-        from mbsec.upstream import UpstreamTarget
+        from mbsec.path.plc import UpstreamTarget
 
         return [
             UpstreamTarget(
@@ -284,6 +296,12 @@ class Settings(BaseSettings):
                 request_timeout=u.request_timeout,
                 backoff_initial=u.backoff_initial,
                 backoff_max=u.backoff_max,
+                late_reply_wait=u.late_reply_wait,
+                resets_before_backoff=u.resets_before_backoff,
+                reset_window=u.reset_window,
+                breaker_resets=u.breaker_resets,
+                breaker_window=u.breaker_window,
+                breaker_hold=u.breaker_hold,
             )
             for name, u in self.upstreams.items()
         ]

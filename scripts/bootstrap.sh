@@ -22,5 +22,5 @@ echo "== virtual environment .venv${EXTRAS:+ with extras [$EXTRAS]}"
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 echo "== installing mbsec (setup.py compiles its data plane with mypyc: about a minute)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}"
-.venv/bin/python -c 'from mbsec import reactor
-print("== data plane:", "compiled" if reactor.compiled() else "interpreted (no C compiler?)")'
+.venv/bin/python -c 'from mbsec.path import epoll
+print("== data plane:", "compiled" if epoll.compiled() else "interpreted (no C compiler?)")'

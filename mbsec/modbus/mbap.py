@@ -62,6 +62,17 @@ class FrameBuffer:
         """Bytes received and not yet returned as part of a frame."""
         return len(self._buf) - self._pos
 
+    def incomplete(self) -> bool:
+        """True when bytes are buffered that do not yet form a whole frame (a request still
+        arriving), False when nothing is buffered or the next frame is complete."""
+        avail = len(self._buf) - self._pos
+        if avail == 0 or self._error is not None:
+            return False
+        if avail < MBAP_HEADER_LEN:
+            return True
+        length: int = _unpack_header(self._buf, self._pos)[2]
+        return avail < 6 + length
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes from the peer; raises ``buffer_overflow`` past the pending cap."""
         if not data:

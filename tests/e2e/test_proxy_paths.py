@@ -154,7 +154,7 @@ async def test_client_disconnect_mid_request(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
     plc = await scripted(nursery, delay=lambda a: 0.3 if a == 10 else 0.0)
-    h = await start_proxy(plc.port)
+    h = await start_proxy(plc.port, upstream={"pool_size": 1})  # c2 shares c1's link
     c1 = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
     await c1.send(1, 1, read_hr(10, 1))
     await trio.sleep(0.05)

@@ -1,0 +1,369 @@
+"""The policy side of one client connection: parse, decide, rate-limit, check the reply, log.
+
+Called by the client core (:class:`mbsec.path.client.ClientConn`) for each request: no I/O
+but the event it logs, no clock (``now`` comes from the driver). The policy decision itself is
+pure (:mod:`mbsec.policy`); this adds the per-connection state around it: the principal (rebuilt
+when a reload changes the policy), a cache of decisions for requests that write nothing, the
+counters of the close line, and the rule for a log that cannot be written:
+
+``logging.on_sink_failure`` (docs/config.md): when no sink can take events (a full disk, a
+dead syslog), ``refuse_writes`` (the default) answers writes with exception 04 and still serves
+reads, ``refuse`` answers every forwarded request with 04, ``serve`` serves all. The process
+never stops over a sink, and the failure raises an alarm (``log-sink-failed`` on stderr and
+``mbsec_log_sink_failures_total``). Why refuse writes by default: an unaudited write can move
+equipment with no trace, while a read keeps the operators' screens alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mbsec.modbus._fast import fast_init
+from mbsec.modbus.errors import Action, RemoteProtocolError
+from mbsec.modbus.mbap import Adu
+from mbsec.modbus.pdu import FUNCTION_NAMES, ExceptionCode, exception_pdu, parse_request
+from mbsec.path.plc import UpstreamError, UpstreamReply
+from mbsec.path.router import observer
+
+if TYPE_CHECKING:
+    from mbsec.identity import PeerIdentity
+    from mbsec.modbus.access import Access
+    from mbsec.modbus.pdu import Request
+    from mbsec.policy import Decision, Policy, Principal, RateLimiter
+    from mbsec.tls import TlsMaterial
+
+DECIDED_MAX = 64  # decisions remembered per connection (read requests only)
+RATE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_BUSY)
+RESPONSE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
+AUDIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """Everything a reload replaces, swapped as one object: TLS material, policy, rate limiter.
+
+    A connection takes the state once per request, so a request is decided entirely by the old
+    or entirely by the new policy, and a rate-limit slot is released on the limiter that
+    granted it.
+    """
+
+    tls: TlsMaterial
+    policy: Policy
+    limiter: RateLimiter
+    generation: int = 0
+
+
+@fast_init
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An allowed request on its way to the PLC: what :meth:`Decisions.complete` needs after."""
+
+    request: Request
+    access: Access
+    decision: Decision
+    principal: Principal
+    limiter: RateLimiter
+    fname: str
+    t0: float
+
+
+def _counter(metrics: object, name: str, **labels: str) -> Any:
+    get = getattr(metrics, "counter", None)
+    if get is not None:
+        return get(name, **labels)
+    return None
+
+
+class Decisions:
+    """Decide and complete the requests of one authenticated connection."""
+
+    def __init__(
+        self,
+        *,
+        state: Callable[[], ProxyState],
+        identity: PeerIdentity,
+        peer_ip: str,
+        log: Any,
+        metrics: Any,
+        allowed_requests: str = "debug",
+        audit_ok: Callable[[], bool] = lambda: True,
+        on_sink_failure: str = "refuse_writes",
+    ) -> None:
+        self.state_fn = state
+        self.identity = identity
+        self.peer_ip = peer_ip
+        self.blame_key = identity.fingerprint_sha256
+        self.metrics = metrics
+        self.audit_ok = audit_ok
+        self.on_sink_failure = on_sink_failure
+        self.allowed_level = allowed_requests
+        self.log: Any = log
+        self.log_allowed: Callable[..., Any] | None = None
+        self.set_log(log)
+        self.observe_request = observer(metrics, "mbsec_request_seconds")
+        self._allowed_cells: dict[str, Any] = {}
+        #: (unit id, request PDU) -> (request, access, decision) for requests that write
+        #: nothing: an HMI polls the same blocks all day, and the decision is a pure function
+        #: of the principal, the unit and the PDU under one policy (cleared when it changes)
+        self._decided: dict[tuple[int, bytes], tuple[Request, Access, Decision]] = {}
+        self._principal: Principal | None = None
+        self._principal_generation = -1
+        self.close_reason = "unknown"
+        self.now = 0.0
+        # counters for the canonical close line
+        self.requests = 0
+        self.allowed = 0
+        self.denied = 0
+        self.errors = 0
+        self.bytes_out = 0
+
+    def set_log(self, log: Any) -> None:
+        self.log = log
+        self.log_allowed = None
+        if self.allowed_level == "info":
+            self.log_allowed = log.info
+        elif self.allowed_level == "debug" and log.is_enabled_for(10):
+            self.log_allowed = log.debug
+
+    @property
+    def principal(self) -> Principal | None:
+        return self._principal
+
+    def _rebind_principal(self, state: ProxyState) -> None:
+        self._principal = state.policy.principal(self.identity, self.peer_ip)
+        self._principal_generation = state.generation
+        self._decided.clear()  # decided by the old policy
+        roles = list(getattr(self._principal, "roles", ()) or ())
+        self.set_log(self.log.bind(**{"user.roles": roles}))
+
+    def replied(self, nbytes: int, t0: float, now: float) -> None:
+        self.bytes_out += nbytes
+        self.observe_request(now - t0)
+
+    def framing_error(self, exc: RemoteProtocolError) -> None:
+        self.errors += 1
+        self.metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
+        self.log.warning(
+            "malformed Modbus frame, closing the connection",
+            **{
+                "event.kind": "event",
+                "event.category": ["network", "intrusion_detection"],
+                "event.type": ["connection", "denied"],
+                "event.action": "modbus-framing-error",
+                "event.outcome": "failure",
+                "event.reason": exc.reason,
+                "error.message": exc.message,
+            },
+        )
+
+    def decide(self, adu: Adu, t0: float) -> bytes | Forward | None:
+        """Everything before the PLC: parse, policy, rate limit. Returns the answer PDU when the
+        request goes no further, a :class:`Forward` when it goes to the PLC, or None when it
+        broke the connection (logged, ``close_reason`` set)."""
+        self.now = t0
+        self.requests += 1
+        pdu = adu.pdu
+        fc = pdu[0] if pdu else 0
+        state = self.state_fn()
+        if state.generation != self._principal_generation:
+            self._rebind_principal(state)  # a reload: roles come from the new policy's mapping
+        key = (adu.unit_id, pdu)
+        hit = self._decided.get(key)
+        if hit is not None:
+            request, access, decision = hit
+        else:
+            try:
+                request = parse_request(pdu)
+            except RemoteProtocolError as exc:
+                return self._invalid(adu, fc, t0, exc)
+            principal = self._principal
+            assert principal is not None
+            access = request.access()
+            decision = state.policy.evaluate(principal, adu.unit_id, access)
+            if access.write is None and len(self._decided) < DECIDED_MAX:
+                self._decided[key] = (request, access, decision)
+        principal = self._principal
+        assert principal is not None
+        fname = FUNCTION_NAMES.get(fc) or str(fc)
+        if not decision.allowed:
+            return self._deny(adu, fc, access, t0, decision.rule_id, decision.reason,
+                              decision.exception_code, "deny")
+        if decision.outcome == "would_deny":
+            self.log.warning(
+                "request would be denied (monitor mode), forwarded",
+                **self._request_fields(adu, fc, access, t0),
+                **{
+                    "event.type": ["protocol", "info"],
+                    "event.outcome": "success",
+                    "event.reason": decision.reason,
+                    "rule.id": decision.rule_id,
+                    "modbus.decision": "would_deny",
+                },
+            )
+        limiter = state.limiter
+        limited = limiter.acquire(principal, access)
+        if limited is not None:
+            return self._deny(adu, fc, access, t0, decision.rule_id, limited,
+                              RATE_LIMIT_EXCEPTION, "rate_limited")
+        if not self.audit_ok() and (
+            self.on_sink_failure == "refuse"
+            or (self.on_sink_failure == "refuse_writes" and access.write is not None)
+        ):
+            limiter.release(principal)
+            return self._deny(adu, fc, access, t0, decision.rule_id, "audit_unavailable",
+                              AUDIT_EXCEPTION, "audit_unavailable")
+        return Forward(request, access, decision, principal, limiter, fname, t0)
+
+    def _invalid(self, adu: Adu, fc: int, t0: float, exc: RemoteProtocolError) -> bytes | None:
+        if exc.action is Action.CLOSE or exc.exception_code is None:
+            self.framing_error(exc)
+            self.close_reason = exc.reason
+            return None
+        self.errors += 1
+        self.metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
+        self.log.warning(
+            "invalid Modbus request",
+            **self._request_fields(adu, fc, None, t0),
+            **{
+                "event.type": ["protocol", "denied"],
+                "event.outcome": "failure",
+                "event.reason": exc.reason,
+                "modbus.decision": "invalid",
+                "modbus.exception_code": exc.exception_code,
+                "error.message": exc.message,
+            },
+        )
+        return exception_pdu(fc & 0x7F, exc.exception_code)
+
+    def abandon(self, fwd: Forward) -> None:
+        """The client went away before the reply: only the rate-limit slot is given back."""
+        fwd.limiter.release(fwd.principal)
+
+    def complete(
+        self, adu: Adu, fwd: Forward, reply: UpstreamReply | None, error: UpstreamError | None,
+        now: float,
+    ) -> bytes:
+        """Everything after the PLC: map a failure, check the reply against the rule's limits,
+        log; returns the PDU for the client."""
+        self.now = now
+        fwd.limiter.release(fwd.principal)
+        fc = adu.pdu[0]
+        fname = fwd.fname
+        access = fwd.access
+        decision = fwd.decision
+        t0 = fwd.t0
+        if error is not None or reply is None:
+            assert error is not None
+            self.errors += 1
+            self.metrics.inc("mbsec_requests_total", decision="upstream_error", function=fname)
+            self.log.warning(
+                "PLC did not answer" if error.reason != "client_gone"
+                else "client went away before its request was sent; withdrawn",
+                **self._request_fields(adu, fc, access, t0),
+                **{
+                    "event.type": ["protocol", "error"],
+                    "event.outcome": "failure",
+                    "event.reason": error.reason,
+                    "rule.id": decision.rule_id,
+                    "modbus.decision": "allow",
+                    "modbus.exception_code": error.exception_code,
+                    "error.message": error.message,
+                },
+            )
+            return exception_pdu(fc, error.exception_code)
+        limit = decision.max_response_bytes
+        if limit is not None and len(reply.pdu) > limit:
+            self.errors += 1
+            self.metrics.inc("mbsec_requests_total", decision="response_too_large", function=fname)
+            self.log.warning(
+                "PLC reply exceeds the policy's max_response_bytes, withheld",
+                **self._request_fields(adu, fc, access, t0),
+                **{
+                    "event.type": ["protocol", "denied"],
+                    "event.outcome": "failure",
+                    "event.reason": "response_too_large",
+                    "rule.id": decision.rule_id,
+                    "modbus.decision": "allow",
+                    "modbus.exception_code": RESPONSE_LIMIT_EXCEPTION,
+                    "mbsec.response_bytes": len(reply.pdu),
+                    "mbsec.max_response_bytes": limit,
+                },
+            )
+            return exception_pdu(fc, RESPONSE_LIMIT_EXCEPTION)
+        self.allowed += 1
+        cell = self._allowed_cells.get(fname)
+        if cell is None:
+            cell = self._allowed_cells[fname] = _counter(
+                self.metrics, "mbsec_requests_total", decision="allow", function=fname
+            )
+        if cell is not None:
+            cell.value += 1
+        else:
+            self.metrics.inc("mbsec_requests_total", decision="allow", function=fname)
+        if self.log_allowed is not None:
+            extra: dict[str, Any] = {
+                "event.type": ["protocol", "allowed"],
+                "event.outcome": "success",
+                "rule.id": decision.rule_id,
+                "modbus.decision": decision.outcome,
+                "mbsec.target": reply.target,
+            }
+            code = getattr(reply.response, "exception_code", None)
+            if code is not None:
+                extra["modbus.exception_code"] = code
+            self.log_allowed("request forwarded", **self._request_fields(adu, fc, access, t0),
+                              **extra)
+        return reply.pdu
+
+    def _deny(
+        self,
+        adu: Adu,
+        fc: int,
+        access: Any,
+        t0: float,
+        rule_id: str,
+        reason: str,
+        code: int,
+        decision: str,
+    ) -> bytes:
+        self.denied += 1
+        self.metrics.inc(
+            "mbsec_requests_total", decision=decision, function=FUNCTION_NAMES.get(fc, str(fc))
+        )
+        self.log.warning(
+            "request denied",
+            **self._request_fields(adu, fc, access, t0),
+            **{
+                "event.type": ["protocol", "denied"],
+                "event.outcome": "failure",
+                "event.reason": reason,
+                "rule.id": rule_id,
+                "modbus.decision": decision,
+                "modbus.exception_code": code,
+            },
+        )
+        return exception_pdu(fc, code)
+
+    def _request_fields(self, adu: Adu, fc: int, access: Any, t0: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "event.kind": "event",
+            "event.category": ["network"],
+            "event.action": "modbus-request",
+            "event.duration": int((self.now - t0) * 1e9),
+            "modbus.transaction_id": adu.transaction_id,
+            "modbus.unit_id": adu.unit_id,
+            "modbus.function_code": fc,
+            "modbus.function": FUNCTION_NAMES.get(fc, f"function_{fc}"),
+        }
+        if access is not None:
+            span = access.write or access.read
+            if span is not None:
+                fields["modbus.address"] = span[0]
+                fields["modbus.quantity"] = access.quantity
+            if access.subfunction is not None:
+                fields["modbus.subfunction"] = access.subfunction
+        return fields
+
+    # -- close ---------------------------------------------------------------------------

@@ -1,0 +1,595 @@
+"""The data plane driver: one epoll loop in one thread moves the core's bytes and timers.
+
+It decides nothing. Client sockets: ciphertext in, through the connection's ``SSLObject``,
+plaintext to :class:`~mbsec.path.client.ClientConn`; its replies out, one TLS record each.
+PLC sockets: connect when the core asks, bytes both ways, close when it asks. Timers: sleep
+until :meth:`Timers.next_deadline`, then run what is due. Work made in one loop pass (requests
+for a PLC link, replies for a client) leaves in one write at the end of the pass.
+
+Why a thread and not trio: every request costs two wake-ups (client readable, PLC readable);
+under trio each is a run-loop pass, an ``epoll_ctl`` re-arm and a coroutine switch, and the
+all-trio data plane ran at 0.1-0.45x stunnel where this loop runs at about 1x
+(benchmarks/README.md). Trio keeps the control plane: accept, limits, the TLS handshake,
+signals, reload, drain, metrics. A session hands its connection over with
+:meth:`DataPlane.adopt_threadsafe` and gets it back (close, close line) when it is done.
+
+Thread rules: everything runs in the data-plane thread except the ``*_threadsafe`` entry
+points and :meth:`DataPlane.stop`, which queue a call and wake the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import ipaddress
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from mbsec.path.client import ClientConn
+from mbsec.path.link import Link
+from mbsec.path.plc import MetricsLike, UpstreamTarget, check_targets
+from mbsec.path.router import Router
+from mbsec.path.target import CONNECT, Target
+from mbsec.path.timers import Timers
+
+__all__ = ["DataPlane", "compiled", "configure_socket"]
+
+STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
+RECEIVE_SIZE = 65536
+KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe on a PLC link
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+
+def compiled() -> bool:
+    """True when this module runs compiled by mypyc (setup.py), False when interpreted."""
+    return __file__.endswith(".so")
+
+
+def configure_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY (one ADU per segment) and a 30 s keepalive (finds a PLC that vanished
+    without a FIN on an idle link; the reply deadline covers busy ones)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+class DataPlane:
+    """The epoll loop, its wake-up fd and the sockets of every adopted client and PLC link."""
+
+    def __init__(self, targets: Iterable[UpstreamTarget], *, log: Any, metrics: MetricsLike,
+                 busy_poll: float = 0.0, on_fatal: Callable[[], None] | None = None) -> None:
+        self.log = log
+        self.metrics = metrics
+        self.timers = Timers()
+        self.router = Router(list(targets), timers=self.timers, log=log, metrics=metrics)
+        self.outbox = self.router.outbox
+        self._busy_poll = busy_poll
+        self._on_fatal = on_fatal
+        self._ep = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, select.EPOLLIN)
+        self._handlers: dict[int, Callable[[int], None]] = {}
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._links: dict[Link, LinkIO] = {}
+        self.now = time.monotonic()
+        self._running = False
+        self._worker: threading.Thread | None = None
+        self._wake_lock = threading.Lock()
+        self._stopped = False
+
+    # -- trio side --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._worker = threading.Thread(target=self._run, name="mbsec-data-plane", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Close every PLC link and end the thread (adopted clients must be finished first)."""
+        if self._worker is None:
+            return
+        self.call_threadsafe(self._shutdown)
+        self._worker.join(timeout=STOP_TIMEOUT)
+        wedged = self._worker.is_alive()
+        self._worker = None
+        with self._wake_lock:
+            self._stopped = True  # a late call_threadsafe (a resolver thread) is dropped
+            if not wedged:  # a wedged thread may still use them: leave them to the exit
+                self._ep.close()
+                os.close(self._wake_fd)
+        if wedged:  # pragma: no cover - only a bug gets here
+            self.bug(RuntimeError(f"data plane did not stop within {STOP_TIMEOUT:g} s"))
+
+    def call_threadsafe(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` in the loop; False when the plane has stopped (``fn`` is dropped)."""
+        with self._wake_lock:
+            if self._stopped:
+                return False
+            self._calls.append(fn)
+            os.eventfd_write(self._wake_fd, 1)
+            return True
+
+    def replace_targets_threadsafe(
+        self, targets: Iterable[UpstreamTarget], then: Callable[[], None] | None = None
+    ) -> threading.Event:
+        """Reload: validated here (``ValueError`` keeps the running set), applied in the loop,
+        with ``then`` in the same step; the event is set once applied."""
+        new = list(targets)
+        check_targets(new)
+        applied = threading.Event()
+
+        def apply() -> None:
+            try:
+                self.router.install(new, time.monotonic())
+                if then is not None:
+                    then()
+            finally:
+                applied.set()
+
+        if self._worker is None:
+            apply()
+        elif not self.call_threadsafe(apply):
+            applied.set()
+        return applied
+
+    def adopt_threadsafe(self, make: Callable[[DataPlane, float], ClientIO]) -> None:
+        """Hand a connection to the loop: ``make`` builds its :class:`ClientIO` in the loop."""
+        self.call_threadsafe(lambda: make(self, time.monotonic()).start())
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
+            self.bug(exc, fatal=True)
+            if self._on_fatal is not None:
+                self._on_fatal()
+
+    def _loop(self) -> None:
+        ep = self._ep
+        handlers = self._handlers
+        timers = self.timers
+        outbox = self.outbox
+        wake = self._wake_fd
+        spin = self._busy_poll
+        active = False
+        while self._running:
+            deadline = timers.next_deadline()
+            if self._calls:
+                timeout = 0.0
+            elif deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+            else:
+                timeout = -1.0
+            if spin and active and timeout != 0.0:
+                # busy poll (opt-in, costs CPU): while traffic flows the next request or
+                # reply is picked up without a sleep and a wake-up
+                end = time.monotonic() + spin
+                events = ep.poll(0)
+                while not events and time.monotonic() < end:
+                    events = ep.poll(0)
+                if not events:
+                    if deadline is not None:
+                        timeout = max(0.0, deadline - time.monotonic())
+                    events = ep.poll(timeout)
+            else:
+                events = ep.poll(timeout)
+            active = bool(events)
+            self.now = now = time.monotonic()
+            for fd, ev in events:
+                if fd == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                    continue
+                handler = handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(ev)
+                    except Exception as exc:
+                        self.contain(handler, exc)
+            if deadline is not None and deadline <= now:
+                timers.run_due(now, self.contain)
+            while self._calls:
+                call = self._calls.popleft()
+                try:
+                    call()
+                except Exception as exc:
+                    self.contain(call, exc)
+            if outbox.actions or outbox.done or outbox.dirty:
+                self.drain(now)
+
+    def drain(self, now: float) -> None:
+        """Carry out what the core asked for, until it asks nothing more."""
+        outbox = self.outbox
+        actions = outbox.actions
+        done = outbox.done
+        dirty = outbox.dirty
+        links = self._links
+        while actions or done or dirty:
+            while actions:
+                kind, link, gen = actions.popleft()
+                try:
+                    if kind == CONNECT:
+                        io = LinkIO(self, link, gen)
+                        links[link] = io
+                        io.connect()
+                    else:
+                        io2 = links.get(link)
+                        if io2 is not None and io2.gen == gen:
+                            del links[link]
+                            io2.close()
+                except Exception as exc:
+                    self.contain(None, exc)
+            while done:
+                ex = done.popleft()
+                client = ex.client
+                try:
+                    client.finished(ex, now)
+                except Exception as exc:
+                    self.bug(exc)
+                    client.abort("internal_error")
+            while dirty:
+                owner = dirty.pop()
+                try:
+                    if type(owner) is Link:
+                        io3 = links.get(owner)
+                        if io3 is not None:
+                            io3.write()
+                    else:
+                        owner.queued = False
+                        owner.io.flush(now)
+                except Exception as exc:
+                    self.contain(None, exc, owner)
+
+    def contain(self, fn: Any, exc: Exception, owner: Any = None) -> None:
+        """A handler failed (a bug): log it and close what it belongs to, so a half-updated
+        connection cannot hang with requests in flight."""
+        self.bug(exc)
+        owner = owner if owner is not None else getattr(fn, "__self__", None)
+        try:
+            if isinstance(owner, ClientIO):
+                owner.conn.abort("internal_error")
+            elif isinstance(owner, ClientConn):
+                owner.abort("internal_error")
+            elif isinstance(owner, LinkIO):
+                owner.crashed()
+            elif isinstance(owner, Link):
+                io = self._links.get(owner)
+                if io is not None:
+                    io.crashed()
+        except Exception as again:  # pragma: no cover - the cleanup failed too
+            self.bug(again)
+
+    def bug(self, exc: BaseException, *, fatal: bool = False) -> None:
+        """A bug must cost one event, never the data plane (``fatal``: the loop itself died)."""
+        (self.log.critical if fatal else self.log.error)(
+            "data plane stopped" if fatal else "data plane error",
+            **{"event.kind": "event", "event.category": ["process"], "event.type": ["error"],
+               "event.action": "data-plane-error", "event.outcome": "failure",
+               "error.type": type(exc).__name__, "error.message": str(exc)})
+
+    def _shutdown(self) -> None:
+        self.router.close("shutdown", "upstream pool stopped", time.monotonic())
+        self.drain(time.monotonic())
+        for io in list(self._links.values()):
+            io.close()
+        self._links.clear()
+        self._running = False
+
+    def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
+        self._handlers[fd] = handler
+        self._ep.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._ep.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+
+class ClientIO:
+    """The socket and TLS side of one adopted client connection."""
+
+    def __init__(self, plane: DataPlane, conn: ClientConn, fd: int, obj: ssl.SSLObject,
+                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, pending_out: bytes,
+                 on_finished: Callable[[bool], None]) -> None:
+        self.plane = plane
+        self.conn = conn
+        conn.io = self
+        self.fd = fd
+        self._obj = obj
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._out = bytearray(pending_out)  # ciphertext the kernel has not taken yet
+        self._on_finished = on_finished
+        self._mask = 0
+        self.closed = False  # no more socket I/O (unregistered)
+        self._handed_back = False
+        self.broken = False
+
+    def start(self) -> None:
+        self._mask = _IN
+        self.plane.register(self.fd, _IN, self.on_event)
+        now = self.plane.now
+        if self.conn.closing or self._out:  # stopped before we got it, or tickets to send
+            self.flush(now)
+        if self._incoming.pending and not self.closed:  # sent right after the handshake
+            self._decrypt(now)
+        self.plane.drain(now)
+
+    def on_event(self, ev: int) -> None:
+        now = self.plane.now
+        conn = self.conn
+        if ev & _OUT:
+            self.flush(now)
+            if self.closed:
+                return
+        if not conn.reading:
+            if ev & _ERR and not self.closed:
+                # hung up while we only write (drain): nobody takes the replies, and a
+                # level-triggered HUP would wake the loop on every pass
+                conn.abort("client_reset")
+            return
+        # EPOLLIN of a pass in which the mask dropped it (pipelining limit) waits
+        if ev & _ERR or (ev & _IN and self._mask & select.EPOLLIN):
+            try:
+                raw = os.read(self.fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                conn.receive_eof("client_reset", now, broken=True)
+                return
+            conn.raw_received(now)
+            if raw:
+                self._incoming.write(raw)
+            else:
+                self._incoming.write_eof()
+            self._decrypt(now)
+
+    def _decrypt(self, now: float) -> None:
+        obj = self._obj
+        conn = self.conn
+        incoming = self._incoming
+        while conn.reading:
+            if not incoming.pending and not incoming.eof and not obj.pending():
+                break  # nothing buffered: a read could only want more
+            try:
+                data = obj.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError:
+                conn.receive_eof("client_reset", now, broken=True)
+                return
+            if not data:
+                conn.receive_eof("client_closed", now)
+                break
+            conn.receive(data, now)
+        if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer, in order with replies
+            self._out += self._outgoing.read()
+            conn._dirty()
+        conn.settled(incoming.pending > 0, now)
+
+    def flush(self, now: float) -> None:
+        """Encrypt the replies (one record each), write what the kernel takes, report."""
+        conn = self.conn
+        if self.closed:
+            conn.replies.clear()
+            self._hand_back_if_released()
+            return
+        replies = conn.replies
+        if replies:
+            obj = self._obj
+            try:
+                for data in replies:
+                    obj.write(data)
+            except ssl.SSLError:
+                replies.clear()
+                conn.abort("client_gone")
+                self._finish()
+                return
+            replies.clear()
+            self._out += self._outgoing.read()
+        out = self._out
+        if out:
+            try:
+                n = os.write(self.fd, out)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                conn.abort("client_gone")
+                self._finish()
+                return
+            del out[:n]
+        if conn.closing:
+            self._finish()
+            return
+        conn.flushed(not out, now)
+        if conn.closing:
+            self._finish()
+            return
+        want = (_IN if conn.wants_read else 0) | (_OUT if out else 0)
+        if want != self._mask:
+            self._mask = want
+            self.plane.modify(self.fd, want)
+
+    def _finish(self) -> None:
+        """No more socket I/O; the connection goes back to trio once nothing is in flight."""
+        if not self.closed:
+            self.closed = True
+            self.broken = self.conn.broken or bool(self._out)
+            self.plane.unregister(self.fd)
+        self._hand_back_if_released()
+
+    def _hand_back_if_released(self) -> None:
+        if self.conn.released and not self._handed_back:
+            self._handed_back = True
+            self._on_finished(self.broken)
+
+
+class LinkIO:
+    """The socket of one PLC link (one connect attempt: a reconnect makes a new one)."""
+
+    def __init__(self, plane: DataPlane, link: Link, gen: int) -> None:
+        self.plane = plane
+        self.link = link
+        self.gen = gen
+        target = link.target
+        assert isinstance(target, Target)
+        self.target: Target = target
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.connected = False
+        self._writing = False
+        self._addrs: list[tuple[Any, ...]] = []
+
+    def connect(self) -> None:
+        """A non-blocking connect; a name is resolved off the loop (a slow DNS stalls no one);
+        the core's connect deadline covers both."""
+        t = self.target.target
+        try:
+            ipaddress.ip_address(t.host)
+        except ValueError:
+            plane = self.plane
+
+            def resolve() -> None:
+                result: list[tuple[Any, ...]] | OSError
+                try:
+                    result = list(socket.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM))
+                except (OSError, UnicodeError) as exc:
+                    result = OSError(str(exc))
+                plane.call_threadsafe(lambda: self._resolved(result))
+
+            threading.Thread(target=resolve, name="mbsec-resolve", daemon=True).start()
+            return
+        family = socket.AF_INET6 if ":" in t.host else socket.AF_INET
+        self._resolved([(family, socket.SOCK_STREAM, 0, "", (t.host, t.port))])
+
+    def _resolved(self, result: list[tuple[Any, ...]] | OSError) -> None:
+        if self.plane._links.get(self.link) is not self:
+            return  # closed (timed out) meanwhile
+        if isinstance(result, OSError):
+            self._failed(str(result) or type(result).__name__)
+            return
+        self._addrs = result
+        self._next("no address")
+
+    def _next(self, last_error: str) -> None:
+        """Try the next resolved address (a name may have A and AAAA records)."""
+        while self._addrs:
+            family, kind, proto, _name, addr = self._addrs.pop(0)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                last_error = str(exc) or type(exc).__name__
+                continue
+            sock.setblocking(False)
+            err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                last_error = os.strerror(err)
+                continue
+            self.sock = sock
+            self.fd = sock.fileno()
+            self.plane.register(self.fd, _OUT, self._on_connect)
+            return
+        self._failed(last_error)
+
+    def _failed(self, message: str) -> None:
+        self.plane._links.pop(self.link, None)
+        self.target.connect_failed(self.link, self.gen, "connect_failed", message,
+                                   time.monotonic())
+
+    def _on_connect(self, _ev: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.plane.unregister(self.fd)
+        if not err:
+            try:
+                configure_socket(sock)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+        if err:
+            sock.close()
+            self.sock = None
+            self.fd = -1
+            self._next(os.strerror(err))
+            return
+        self.connected = True
+        self.plane.register(self.fd, _IN, self.on_event)
+        self.target.connected(self.link, self.gen, self.plane.now)
+
+    def write(self) -> None:
+        """Write the link's queued ADUs (end of a loop pass: many in one system call)."""
+        out = self.link.out
+        if not out or not self.connected or self._writing:
+            return
+        try:
+            n = os.write(self.fd, out)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.target.closed(self.link, self.gen, "send_failed",
+                               str(exc) or type(exc).__name__, self.plane.now)
+            return
+        self.link.wrote(n)
+        if out:
+            self._writing = True
+            self.plane.modify(self.fd, _IN | _OUT)
+
+    def on_event(self, ev: int) -> None:
+        link = self.link
+        if link.gen != self.gen:
+            return  # reset by the core in this pass; the close follows
+        now = self.plane.now
+        if ev & _OUT and self._writing:
+            self._writing = False
+            self.plane.modify(self.fd, _IN)
+            self.write()
+            if link.gen != self.gen:
+                return
+        if not ev & (select.EPOLLIN | _ERR | select.EPOLLRDHUP):
+            return
+        try:
+            data = os.read(self.fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.target.closed(link, self.gen, "connection_lost",
+                               str(exc) or type(exc).__name__, now)
+            return
+        if not data:
+            self.target.closed(link, self.gen, "eof", "connection closed by the PLC", now)
+            return
+        self.target.receive(link, data, now)
+
+    def crashed(self) -> None:
+        """A handler of this link raised (logged): reset it, failing what is on it."""
+        self.target.closed(self.link, self.gen, "internal_error",
+                           "internal error on this PLC connection (logged)", self.plane.now)
+
+    def close(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            self.plane.unregister(sock.fileno())
+            sock.close()
+        self.sock = None
+        self.fd = -1
+        self.connected = False

@@ -1,0 +1,167 @@
+"""The PLC side of the core: targets by unit id, and the outbox every core object writes to.
+
+A driver owns one :class:`Router` (with its :class:`Timers`). After feeding any input it
+drains, in this order: ``actions`` (sockets to open or close), ``done`` (finished requests,
+handed to their client with ``ex.client.finished(ex, now)``) and ``dirty`` (links and clients
+with bytes to write). Core objects never call each other back directly: a request that finishes
+at once (0x0A) goes through ``done`` like any other, so no core method is re-entered.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+from mbsec.path.exchange import Exchange
+from mbsec.path.link import Link
+from mbsec.path.plc import (
+    RETIRE_GRACE,
+    MetricsLike,
+    NoMetrics,
+    PathUnavailable,
+    UpstreamTarget,
+    check_targets,
+)
+from mbsec.path.target import Target
+from mbsec.path.timers import Timers
+
+
+def observer(metrics: object, name: str, **labels: str) -> Callable[[float], None]:
+    """A bound ``observe`` for one series: the label lookup is paid once, not per request."""
+    histogram = getattr(metrics, "histogram", None)
+    if histogram is not None:
+        bound: Callable[[float], None] = histogram(name, **labels).observe
+        return bound
+    observe = metrics.observe  # type: ignore[attr-defined]
+    return lambda value: observe(name, value, **labels)
+
+
+class Outbox:
+    """What the core asks of its driver, and the injected clockless services it uses."""
+
+    def __init__(self, timers: Timers, log: Any, metrics: MetricsLike) -> None:
+        self.timers = timers
+        self.log = log
+        self.metrics = metrics
+        #: (CONNECT | CLOSE, link, link generation), in order
+        self.actions: collections.deque[tuple[str, Link, int]] = collections.deque()
+        self.done: collections.deque[Exchange] = collections.deque()
+        self.dirty: list[Any] = []  # links (and clients) with bytes to write
+
+    def observer(self, name: str, **labels: str) -> Callable[[float], None]:
+        return observer(self.metrics, name, **labels)
+
+    # events of the PLC side (structlog, ECS keys); the target binds target and address
+    def _link_log(self, target: Target, link: Link) -> Any:
+        return target.log.bind(**{"mbsec.connection": link.index})
+
+    def emit_connect(self, target: Target, link: Link) -> None:
+        self._link_log(target, link).info(
+            "upstream-connect", **{"event.kind": "event", "event.category": ["network"],
+                                   "event.type": ["connection", "start"],
+                                   "event.action": "upstream-connect", "event.outcome": "success"})
+
+    def emit_connect_failed(self, target: Target, link: Link, reason: str, message: str,
+                            backoff: float) -> None:
+        self._link_log(target, link).warning(
+            "upstream-connect-failed",
+            **{"event.kind": "event", "event.category": ["network"],
+               "event.type": ["connection", "error"], "event.action": "upstream-connect-failed",
+               "event.outcome": "failure", "event.reason": reason, "error.message": message,
+               "mbsec.backoff": backoff})
+
+    def emit_reset(self, target: Target, link: Link, reason: str, message: str, pending: int,
+                   blame: str | None) -> None:
+        log = self._link_log(target, link)
+        level = log.info if reason == "eof" and not pending else log.warning
+        fields: dict[str, Any] = {
+            "event.kind": "event", "event.category": ["network"],
+            "event.type": ["connection", "end"], "event.action": "upstream-reset",
+            "event.outcome": "failure", "event.reason": reason, "error.message": message,
+            "mbsec.pending": pending}
+        if blame is not None:
+            fields["mbsec.blamed"] = blame
+        level("upstream-reset", **fields)
+
+    def emit_late_reply(self, target: Target, link: Link, tid: int) -> None:
+        self.metrics.inc("mbsec_upstream_failures_total", target=target.target.name,
+                         reason="late_reply")
+        self._link_log(target, link).info(
+            "upstream-late-reply",
+            **{"event.kind": "event", "event.category": ["network"], "event.type": ["info"],
+               "event.action": "upstream-late-reply", "event.outcome": "unknown",
+               "modbus.transaction_id": tid,
+               "error.message": "reply after its request timed out; dropped"})
+
+    def emit_penalized(self, target: Target, blame: str, resets: int) -> None:
+        self.metrics.inc("mbsec_clients_penalized_total", target=target.target.name)
+        target.log.warning(
+            "client refused by this PLC: its requests keep breaking the connection",
+            **{"event.kind": "event", "event.category": ["network", "intrusion_detection"],
+               "event.type": ["denied"], "event.action": "client-penalized",
+               "event.outcome": "success", "event.reason": "breaks_plc_link",
+               "mbsec.blamed": blame, "mbsec.resets": resets,
+               "mbsec.hold": target.target.breaker_hold})
+
+
+class Router:
+    """Every PLC target, routed by unit id; reload keeps unchanged targets' links."""
+
+    def __init__(self, targets: Iterable[UpstreamTarget], *, timers: Timers, log: Any,
+                 metrics: MetricsLike | None = None) -> None:
+        self.outbox = Outbox(timers, log, metrics if metrics is not None else NoMetrics())
+        self.timers = timers
+        self.targets: dict[str, Target] = {}
+        self.routes: dict[int, Target] = {}
+        self.retired: list[Target] = []
+        self.install(list(targets), 0.0)
+
+    def install(self, targets: list[UpstreamTarget], now: float) -> None:
+        """Reload: new requests use the new set at once; removed or changed targets finish
+        their requests (bounded by the deadlines), then close. ``ValueError`` keeps the old."""
+        check_targets(targets)
+        old = self.targets
+        new: dict[str, Target] = {}
+        for t in targets:
+            kept = old.get(t.name)
+            new[t.name] = kept if kept is not None and kept.target == t else Target(
+                t, self.outbox, self.outbox.log)
+        for name, target in old.items():
+            if new.get(name) is not target:
+                self.retired.append(target)
+                t = target.target
+                self.timers.at(now + t.connect_timeout + t.request_timeout + RETIRE_GRACE,
+                               partial(self._close_retired, target))
+        self.targets = new
+        self.routes = {unit: tg for tg in new.values() for unit in tg.target.unit_ids}
+
+    def _close_retired(self, target: Target, now: float) -> None:
+        if target in self.retired:
+            self.retired.remove(target)
+        target.close("shutdown", "target removed by a reload", now)
+
+    def submit(self, ex: Exchange, now: float) -> None:
+        """Send one request toward the PLC for its unit id; it ends up in ``done`` once."""
+        target = self.routes.get(ex.adu.unit_id)
+        if target is None:
+            self.outbox.metrics.inc("mbsec_upstream_failures_total", target="", reason="no_route")
+            ex.error = PathUnavailable(f"no upstream target for unit id {ex.adu.unit_id}",
+                                       reason="no_route")
+            ex.state = 2
+            self.outbox.done.append(ex)
+            return
+        target.submit(ex, now)
+
+    def withdraw(self, client: Any) -> None:
+        for target in [*self.targets.values(), *self.retired]:
+            target.withdraw(client)
+
+    def close(self, reason: str, message: str, now: float) -> None:
+        for target in [*self.targets.values(), *self.retired]:
+            target.close(reason, message, now)
+        self.retired.clear()
+
+    def all_targets(self) -> list[Target]:
+        return [*self.targets.values(), *self.retired]
