@@ -1,0 +1,934 @@
+"""Every SIEM event mbsec writes, built by one typed constructor each; the registry of them.
+
+A constructor returns an :class:`Event` (level, message, flat ECS fields); :func:`emit` writes
+it. The connection and PLC-link fields that many events share are bound on the logger once
+(:func:`connection_context`, :func:`peer_context`, :func:`upstream_context`), not passed to
+every constructor::
+
+    log = log.bind(**events.upstream_context(t.name, t.host, t.port, index))
+    events.emit(log, events.upstream_reset("bad_frame", exc.message, pending=3))
+
+:data:`ACTIONS` is the registry: for each ``event.action`` the levels it is written at, the
+context bound around it, every field its constructors write and every ``event.reason`` value
+it can carry. docs/events.md documents exactly that and tests/test_events.py checks both ways
+(every action, reason and field documented; nothing documented that is never written), so a
+new field or reason starts here, in its constructor and its :func:`_register` entry.
+
+Cheap on purpose: a constructor builds one dict, nothing is validated at run time (the tests
+do that). ``modbus_request_allowed`` runs once per forwarded request when allowed requests are
+logged. No I/O, no trio: the request-path core imports this module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+from mbsec.modbus.messages import FUNCTION_NAMES, ExceptionCode
+
+if TYPE_CHECKING:
+    from mbsec.identity import PeerIdentity
+    from mbsec.modbus.access import Access
+
+Level = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Event(NamedTuple):
+    """One event, not yet written: ``fields`` are flat dotted ECS keys (``"event.action"``)."""
+
+    level: Level
+    message: str
+    fields: dict[str, Any]
+
+    @property
+    def action(self) -> str:
+        return str(self.fields["event.action"])
+
+
+def emit(log: Any, event: Event) -> None:
+    """Write ``event`` through a structlog logger (``log.warning(message, **fields)``)."""
+    getattr(log, event.level)(event.message, **event.fields)
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What one ``event.action`` can look like (docs/events.md documents each of these)."""
+
+    action: str
+    levels: frozenset[str]
+    #: which :data:`CONTEXTS` entry is bound on the logger around it, or None
+    context: str | None
+    #: every field its constructors may write, besides :data:`COMMON_FIELDS`
+    fields: frozenset[str]
+    #: every ``event.reason`` value it can carry
+    reasons: frozenset[str]
+    #: True when a library may name further reasons (OpenSSL's, lower-cased)
+    more_reasons: bool
+    constructors: tuple[str, ...]
+
+
+#: the registry: ``event.action`` -> :class:`Spec`, in the order docs/events.md lists them
+ACTIONS: dict[str, Spec] = {}
+
+#: fields on every event, added by mbsec.audit's processors (and ``event.action``)
+COMMON_FIELDS = frozenset(
+    ("@timestamp", "message", "log.level", "event.action", "ecs.version", "service.name")
+)
+
+#: fields bound on the logger rather than passed to each event
+CONTEXTS: dict[str, frozenset[str]] = {
+    # bound per client connection at accept (and after the handshake: the peer's identity)
+    "connection": frozenset((
+        "mbsec.conn_id", "source.ip", "source.port", "destination.ip", "destination.port",
+        "tls.client.x509.subject.common_name", "tls.client.hash.sha256", "user.name",
+        "user.roles",
+    )),
+    # bound per PLC target (and connection slot)
+    "upstream": frozenset(("mbsec.target", "destination.ip", "destination.port",
+                           "mbsec.connection")),
+}
+
+
+def _register(
+    action: str,
+    *,
+    levels: Iterable[str],
+    context: str | None,
+    fields: Iterable[str],
+    reasons: Iterable[str] = (),
+    more_reasons: bool = False,
+    constructors: Iterable[str],
+) -> None:
+    if action in ACTIONS:  # pragma: no cover - a typo in this module
+        raise ValueError(f"event action {action!r} registered twice")
+    ACTIONS[action] = Spec(action, frozenset(levels), context, frozenset(fields),
+                           frozenset(reasons), more_reasons, tuple(constructors))
+
+
+_ENVELOPE = ("event.kind", "event.category", "event.type", "event.outcome")
+_IDENTITY = (
+    "tls.client.x509.subject.common_name",
+    "tls.client.x509.subject.distinguished_name",
+    "tls.client.x509.issuer.distinguished_name",
+    "tls.client.x509.serial_number",
+    "tls.client.x509.not_after",
+    "tls.client.hash.sha256",
+)
+
+
+# -- context (bound on loggers) -----------------------------------------------------------------
+
+
+def connection_context(
+    conn_id: int, source_ip: str | None, source_port: int | None,
+    local_ip: str | None, local_port: int | None,
+) -> dict[str, Any]:
+    """Bound once per client connection: repeated on every event of it."""
+    return {
+        "mbsec.conn_id": conn_id,
+        "source.ip": source_ip,
+        "source.port": source_port,
+        "destination.ip": local_ip,
+        "destination.port": local_port,
+    }
+
+
+def peer_context(identity: PeerIdentity, roles: Iterable[str]) -> dict[str, Any]:
+    """Bound after a successful handshake: who the connection is."""
+    return {
+        "tls.client.x509.subject.common_name": identity.common_name,
+        "tls.client.hash.sha256": identity.fingerprint_sha256,
+        "user.name": identity.common_name,
+        "user.roles": list(roles),
+    }
+
+
+def roles_context(roles: Iterable[str]) -> dict[str, Any]:
+    """Bound again when a reload changed the roles the policy resolves."""
+    return {"user.roles": list(roles)}
+
+
+def upstream_context(
+    target: str, host: str, port: int, connection: int | None = None
+) -> dict[str, Any]:
+    """Bound per PLC target; ``connection``: which connection of its pool (0-based)."""
+    ctx: dict[str, Any] = {"mbsec.target": target, "destination.ip": host,
+                           "destination.port": port}
+    if connection is not None:
+        ctx["mbsec.connection"] = connection
+    return ctx
+
+
+def identity_fields(identity: PeerIdentity) -> dict[str, Any]:
+    """The verified client certificate, ECS ``tls.client.*``."""
+    return {
+        "tls.client.x509.subject.common_name": identity.common_name,
+        "tls.client.x509.subject.distinguished_name": identity.subject,
+        "tls.client.x509.issuer.distinguished_name": identity.issuer,
+        "tls.client.x509.serial_number": format(identity.serial, "X"),
+        "tls.client.x509.not_after": identity.not_after.isoformat(),
+        "tls.client.hash.sha256": identity.fingerprint_sha256,
+    }
+
+
+# -- tls-handshake --------------------------------------------------------------------------------
+
+#: reasons named by mbsec (tls.handshake_failure_reason, identity.parse_identity, the session)
+TLS_REJECT_REASONS = (
+    "no_certificate", "unknown_ca", "certificate_expired", "certificate_not_yet_valid",
+    "certificate_revoked", "crl_unavailable", "crl_expired", "crl_not_yet_valid",
+    "unhandled_critical_extension", "bad_signature", "invalid_ca", "invalid_purpose",
+    "self_signed_certificate", "certificate_verify_failed", "unsupported_protocol_version",
+    "no_shared_cipher", "not_tls", "handshake_timeout", "client_closed",
+    "renegotiation_refused", "role_not_utf8string", "role_malformed", "role_empty",
+    "role_invalid_utf8", "role_duplicated", "certificate_malformed",
+    "too_many_connections_for_identity", "session_resumed", "client_rejected_server_ca",
+    "client_rejected_server_certificate", "tls_error",
+)
+
+_register(
+    "tls-handshake",
+    levels=("info", "warning"),
+    context="connection",
+    fields=(*_ENVELOPE, "event.reason", "event.duration", "error.message", "tls.version",
+            "tls.version_protocol", "tls.cipher", "tls.resumed", *_IDENTITY, "mbsec.role"),
+    reasons=TLS_REJECT_REASONS,
+    more_reasons=True,  # any other OpenSSL reason, lower-cased
+    constructors=("tls_handshake_accepted", "tls_handshake_rejected"),
+)
+
+
+def tls_handshake_accepted(
+    duration_s: float, identity: PeerIdentity, version: str | None, cipher: str | None,
+    resumed: bool,
+) -> Event:
+    """``version`` and ``cipher`` as ``ssl`` reports them (``"TLSv1.3"``, cipher name)."""
+    return Event("info", "TLS client accepted", {
+        "event.kind": "event",
+        "event.category": ["network", "authentication"],
+        "event.type": ["connection", "start", "allowed"],
+        "event.action": "tls-handshake",
+        "event.outcome": "success",
+        "event.duration": int(duration_s * 1e9),
+        "tls.version": (version or "").removeprefix("TLSv"),
+        "tls.version_protocol": "tls",
+        "tls.cipher": cipher,
+        "tls.resumed": resumed,
+        **identity_fields(identity),
+        "mbsec.role": identity.role,
+    })
+
+
+def tls_handshake_rejected(
+    reason: str, detail: str, duration_s: float, identity: PeerIdentity | None = None,
+    resumed: bool | None = None,
+) -> Event:
+    """``identity``: when the certificate verified but was refused after the handshake."""
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["network", "authentication"],
+        "event.type": ["connection", "denied"],
+        "event.action": "tls-handshake",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "event.duration": int(duration_s * 1e9),
+        "error.message": detail,
+    }
+    if identity is not None:
+        fields.update(identity_fields(identity))
+    if resumed is not None:
+        fields["tls.resumed"] = resumed
+    return Event("warning", "TLS client rejected", fields)
+
+
+# -- modbus-request -------------------------------------------------------------------------------
+
+#: policy (mbsec.policy.engine), rate limiter (mbsec.policy.ratelimit), invalid requests
+#: (mbsec.modbus parse_request), the request path (upstream errors) and the proxy itself
+MODBUS_REQUEST_REASONS = (
+    "denied_by_rule", "no_matching_rule",
+    "too_many_in_flight", "request_rate_exceeded", "write_rate_exceeded",
+    "illegal_function", "bad_pdu_length", "bad_quantity", "bad_byte_count", "bad_value",
+    "bad_address", "bad_file_reference",
+    "no_route", "connect_failed", "backoff", "penalized",
+    "timeout", "upstream_reset", "connection_lost", "tid_exhausted", "client_gone",
+    "response_too_large", "audit_unavailable",
+)
+
+_register(
+    "modbus-request",
+    levels=("debug", "info", "warning"),
+    context="connection",
+    fields=(*_ENVELOPE, "event.reason", "event.duration", "rule.id", "modbus.decision",
+            "modbus.transaction_id", "modbus.unit_id", "modbus.function_code", "modbus.function",
+            "modbus.subfunction", "modbus.address", "modbus.quantity", "modbus.exception_code",
+            "mbsec.target", "mbsec.response_bytes", "mbsec.max_response_bytes",
+            "error.message"),
+    reasons=MODBUS_REQUEST_REASONS,
+    constructors=("modbus_request_allowed", "modbus_request_would_deny", "modbus_request_denied",
+                  "modbus_request_invalid", "modbus_request_failed",
+                  "modbus_request_response_too_large", "modbus_request_audit_unavailable"),
+)
+
+RESPONSE_TOO_LARGE_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)  # 04
+AUDIT_UNAVAILABLE_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)  # 04
+
+
+def _request(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.action": "modbus-request",
+        "event.duration": int(duration_s * 1e9),
+        "modbus.transaction_id": tid,
+        "modbus.unit_id": unit_id,
+        "modbus.function_code": fc,
+        "modbus.function": FUNCTION_NAMES.get(fc) or f"function_{fc}",
+    }
+    if access is not None:
+        span = access.write or access.read
+        if span is not None:
+            fields["modbus.address"] = span[0]
+            fields["modbus.quantity"] = access.quantity
+        if access.subfunction is not None:
+            fields["modbus.subfunction"] = access.subfunction
+    return fields
+
+
+def modbus_request_allowed(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+    decision: str, target: str, exception_code: int | None = None, level: Level = "debug",
+) -> Event:
+    """Forwarded and answered by the PLC (hot path). ``decision``: the policy's outcome
+    (``allow``, or ``would_deny`` in monitor mode); ``exception_code``: the PLC answered with
+    an exception; ``level``: ``logging.allowed_requests``."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "allowed"]
+    fields["event.outcome"] = "success"
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = decision
+    fields["mbsec.target"] = target
+    if exception_code is not None:
+        fields["modbus.exception_code"] = exception_code
+    return Event(level, "request forwarded", fields)
+
+
+def modbus_request_would_deny(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+    reason: str,
+) -> Event:
+    """Monitor mode: the policy would deny it; it is forwarded (its outcome is logged too)."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "info"]
+    fields["event.outcome"] = "success"
+    fields["event.reason"] = reason
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = "would_deny"
+    return Event("warning", "request would be denied (monitor mode), forwarded", fields)
+
+
+def modbus_request_denied(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+    reason: str, exception_code: int, decision: Literal["deny", "rate_limited"] = "deny",
+) -> Event:
+    """Refused by the policy (``deny``, ``reason`` the policy's) or the rate limiter
+    (``rate_limited``, ``reason`` the limiter's)."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "denied"]
+    fields["event.outcome"] = "failure"
+    fields["event.reason"] = reason
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = decision
+    fields["modbus.exception_code"] = exception_code
+    return Event("warning", "request denied", fields)
+
+
+def modbus_request_invalid(
+    tid: int, unit_id: int, fc: int, duration_s: float, reason: str, exception_code: int,
+    detail: str,
+) -> Event:
+    """A well-framed request the Modbus spec rejects (answered with ``exception_code``)."""
+    fields = _request(tid, unit_id, fc, None, duration_s)
+    fields["event.type"] = ["protocol", "denied"]
+    fields["event.outcome"] = "failure"
+    fields["event.reason"] = reason
+    fields["modbus.decision"] = "invalid"
+    fields["modbus.exception_code"] = exception_code
+    fields["error.message"] = detail
+    return Event("warning", "invalid Modbus request", fields)
+
+
+def modbus_request_failed(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+    reason: str, exception_code: int, detail: str,
+) -> Event:
+    """Allowed, but the PLC side failed (``UpstreamError``: its reason, exception, message)."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "error"]
+    fields["event.outcome"] = "failure"
+    fields["event.reason"] = reason
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = "allow"
+    fields["modbus.exception_code"] = exception_code
+    fields["error.message"] = detail
+    message = ("PLC did not answer" if reason != "client_gone"
+               else "client went away before its request was sent; withdrawn")
+    return Event("warning", message, fields)
+
+
+def modbus_request_response_too_large(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+    response_bytes: int, max_response_bytes: int,
+) -> Event:
+    """The PLC's reply PDU exceeds the rule's ``max_response_bytes``: withheld, 04 sent."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "denied"]
+    fields["event.outcome"] = "failure"
+    fields["event.reason"] = "response_too_large"
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = "allow"
+    fields["modbus.exception_code"] = RESPONSE_TOO_LARGE_EXCEPTION
+    fields["mbsec.response_bytes"] = response_bytes
+    fields["mbsec.max_response_bytes"] = max_response_bytes
+    return Event("warning", "PLC reply exceeds the policy's max_response_bytes, withheld", fields)
+
+
+def modbus_request_audit_unavailable(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+) -> Event:
+    """Allowed by the policy but refused with 04: no log sink takes events and
+    ``logging.on_sink_failure`` refuses this request (``rule_id``: the rule that allowed it)."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "denied"]
+    fields["event.outcome"] = "failure"
+    fields["event.reason"] = "audit_unavailable"
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = "audit_unavailable"
+    fields["modbus.exception_code"] = AUDIT_UNAVAILABLE_EXCEPTION
+    return Event("warning", "request denied", fields)
+
+
+# -- modbus-framing-error -------------------------------------------------------------------------
+
+FRAMING_REASONS = ("bad_protocol_id", "bad_length", "buffer_overflow", "empty_pdu",
+                   "request_incomplete")
+
+_register(
+    "modbus-framing-error",
+    levels=("warning",),
+    context="connection",
+    fields=(*_ENVELOPE, "event.reason", "error.message"),
+    reasons=FRAMING_REASONS,
+    constructors=("modbus_framing_error",),
+)
+
+
+def modbus_framing_error(reason: str, detail: str) -> Event:
+    return Event("warning", "malformed Modbus frame, closing the connection", {
+        "event.kind": "event",
+        "event.category": ["network", "intrusion_detection"],
+        "event.type": ["connection", "denied"],
+        "event.action": "modbus-framing-error",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "error.message": detail,
+    })
+
+
+# -- connection-closed --------------------------------------------------------------------------
+
+CLOSE_REASONS = (
+    "client_closed", "client_reset", "client_gone", "client_stalled", "idle_timeout",
+    "server_shutdown", "certificate_revoked", "internal_error", "unknown",
+    *FRAMING_REASONS,
+)
+
+_register(
+    "connection-closed",
+    levels=("info",),
+    context="connection",
+    fields=(*_ENVELOPE, "event.reason", "event.duration", "source.bytes", "destination.bytes",
+            "mbsec.requests", "mbsec.allowed", "mbsec.denied", "mbsec.errors"),
+    reasons=CLOSE_REASONS,
+    constructors=("connection_closed",),
+)
+
+
+def connection_closed(
+    reason: str, duration_s: float, bytes_in: int, bytes_out: int, requests: int,
+    allowed: int, denied: int, errors: int,
+) -> Event:
+    """The canonical line: one per connection that completed its handshake."""
+    return Event("info", "connection closed", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "end"],
+        "event.action": "connection-closed",
+        "event.outcome": "success",
+        "event.reason": reason,
+        "event.duration": int(duration_s * 1e9),
+        "source.bytes": bytes_in,
+        "destination.bytes": bytes_out,
+        "mbsec.requests": requests,
+        "mbsec.allowed": allowed,
+        "mbsec.denied": denied,
+        "mbsec.errors": errors,
+    })
+
+
+# -- connection-rejected, connection-revoked --------------------------------------------------
+
+_register(
+    "connection-rejected",
+    levels=("warning",),
+    context=None,
+    fields=(*_ENVELOPE, "event.reason", "source.ip", "source.port"),
+    reasons=("too_many_connections", "too_many_connections_from_source"),
+    constructors=("connection_rejected",),
+)
+
+
+def connection_rejected(reason: str, source_ip: str, source_port: int) -> Event:
+    """A TCP connection refused by the limits, before TLS."""
+    return Event("warning", "connection refused by limits", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "denied"],
+        "event.action": "connection-rejected",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "source.ip": source_ip,
+        "source.port": source_port,
+    })
+
+
+_register(
+    "connection-revoked",
+    levels=("warning",),
+    context=None,
+    fields=(*_ENVELOPE, "event.reason", "mbsec.conn_id", "tls.client.x509.subject.common_name",
+            "tls.client.hash.sha256", "source.ip"),
+    reasons=("certificate_revoked",),
+    constructors=("connection_revoked",),
+)
+
+
+def connection_revoked(conn_id: int, identity: PeerIdentity, source_ip: str | None) -> Event:
+    """A reloaded CRL revokes the certificate (or a CA above it) of an open connection."""
+    return Event("warning", "certificate revoked by the reloaded CRL, closing its connection", {
+        "event.kind": "event",
+        "event.category": ["network", "authentication"],
+        "event.type": ["connection", "end", "denied"],
+        "event.action": "connection-revoked",
+        "event.outcome": "success",
+        "event.reason": "certificate_revoked",
+        "mbsec.conn_id": conn_id,
+        "tls.client.x509.subject.common_name": identity.common_name,
+        "tls.client.hash.sha256": identity.fingerprint_sha256,
+        "source.ip": source_ip,
+    })
+
+
+# -- server life cycle ----------------------------------------------------------------------------
+
+_register(
+    "server-start",
+    levels=("info",),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.listen", "mbsec.metrics_port", "mbsec.upstreams",
+            "mbsec.data_plane", "mbsec.data_plane_compiled"),
+    constructors=("server_start",),
+)
+
+
+def server_start(
+    listen: Sequence[str], metrics_port: int | None, upstreams: Iterable[str], data_plane: str,
+    data_plane_compiled: bool,
+) -> Event:
+    return Event("info", "mbsec listening", {
+        "event.kind": "event",
+        "event.category": ["process"],
+        "event.type": ["start"],
+        "event.action": "server-start",
+        "event.outcome": "success",
+        "mbsec.listen": list(listen),
+        "mbsec.metrics_port": metrics_port,
+        "mbsec.upstreams": sorted(upstreams),
+        "mbsec.data_plane": data_plane,
+        "mbsec.data_plane_compiled": data_plane_compiled,
+    })
+
+
+_register(
+    "server-stop",
+    levels=("info",),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.sessions", "mbsec.drain_timeout"),
+    constructors=("server_stop",),
+)
+
+
+def server_stop(sessions: int, drain_timeout: float) -> Event:
+    """SIGTERM: draining starts."""
+    return Event("info", "draining", {
+        "event.kind": "event",
+        "event.category": ["process"],
+        "event.type": ["end"],
+        "event.action": "server-stop",
+        "event.outcome": "success",
+        "mbsec.sessions": sessions,
+        "mbsec.drain_timeout": drain_timeout,
+    })
+
+
+_register(
+    "config-reload",
+    levels=("info", "error"),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.generation", "mbsec.restart_needed_for", "error.message"),
+    constructors=("config_reloaded", "config_reload_failed"),
+)
+
+
+def config_reloaded(generation: int, restart_needed_for: Sequence[str]) -> Event:
+    return Event("info", "configuration reloaded", {
+        "event.kind": "event",
+        "event.category": ["configuration"],
+        "event.type": ["change"],
+        "event.action": "config-reload",
+        "event.outcome": "success",
+        "mbsec.generation": generation,
+        "mbsec.restart_needed_for": list(restart_needed_for),
+    })
+
+
+def config_reload_failed(problems: Iterable[str]) -> Event:
+    """The old state keeps running; every problem, ``; ``-separated."""
+    return Event("error", "reload failed, keeping the running configuration", {
+        "event.kind": "event",
+        "event.category": ["configuration"],
+        "event.type": ["change"],
+        "event.action": "config-reload",
+        "event.outcome": "failure",
+        "error.message": "; ".join(problems),
+    })
+
+
+_register(
+    "crl-expiry",
+    levels=("error",),
+    context=None,
+    fields=(*_ENVELOPE, "error.message"),
+    constructors=("crl_expiry",),
+)
+
+
+def crl_expiry(detail: str) -> Event:
+    """A CRL expired or within ``tls.crl_warn_days`` of nextUpdate (``detail`` names it)."""
+    return Event("error", "CRL expiring or expired", {
+        "event.kind": "alert",
+        "event.category": ["configuration"],
+        "event.type": ["info"],
+        "event.action": "crl-expiry",
+        "event.outcome": "failure",
+        "error.message": detail,
+    })
+
+
+_register(
+    "accept-failed",
+    levels=("error",),
+    context=None,
+    fields=(*_ENVELOPE, "error.message"),
+    constructors=("accept_failed",),
+)
+
+
+def accept_failed(exc: BaseException) -> Event:
+    """``accept()`` failed for lack of resources (EMFILE, ENOBUFS, ...): backing off."""
+    return Event("error", "accept failed, backing off", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["error"],
+        "event.action": "accept-failed",
+        "event.outcome": "failure",
+        "error.message": str(exc),
+    })
+
+
+# -- internal errors ------------------------------------------------------------------------------
+
+_register(
+    "session-error",
+    levels=("error",),
+    context="connection",
+    fields=(*_ENVELOPE, "error.type", "error.message", "source.ip"),
+    constructors=("session_error",),
+)
+
+
+def session_error(exc: BaseException, source_ip: str) -> Event:
+    """A bug in one connection (logged; the proxy keeps serving)."""
+    return Event("error", "session failed unexpectedly", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["error"],
+        "event.action": "session-error",
+        "event.outcome": "failure",
+        "error.type": type(exc).__name__,
+        "error.message": str(exc),
+        "source.ip": source_ip,
+    })
+
+
+_register(
+    "data-plane-error",
+    levels=("error", "critical"),
+    context=None,
+    fields=(*_ENVELOPE, "error.type", "error.message"),
+    constructors=("data_plane_error",),
+)
+
+
+def data_plane_error(exc: BaseException, fatal: bool = False) -> Event:
+    """A bug while handling one socket event or timer (``error``), or the loop itself died
+    (``fatal``: ``critical``, the proxy drains and exits 1)."""
+    return Event("critical" if fatal else "error",
+                 "data plane stopped" if fatal else "data plane error", {
+                     "event.kind": "event",
+                     "event.category": ["process"],
+                     "event.type": ["error"],
+                     "event.action": "data-plane-error",
+                     "event.outcome": "failure",
+                     "error.type": type(exc).__name__,
+                     "error.message": str(exc),
+                 })
+
+
+_register(
+    "log-sink-failed",
+    levels=("critical",),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.sink", "error.type", "error.message"),
+    constructors=("log_sink_failed",),
+)
+
+
+def log_sink_failed(sink: str, exc: BaseException) -> Event:
+    """A log sink raised (disk full, syslog gone); ``sink``: which one (its class name).
+    Written to stderr with :func:`fallback_line`, never through the sinks."""
+    return Event("critical", "log sink failed", {
+        "event.kind": "alert",
+        "event.category": ["process"],
+        "event.type": ["error"],
+        "event.action": "log-sink-failed",
+        "event.outcome": "failure",
+        "mbsec.sink": sink,
+        "error.type": type(exc).__name__,
+        "error.message": str(exc),
+    })
+
+
+# -- upstream (PLC side) --------------------------------------------------------------------------
+# Written with the PLC target's logger: its name and address (and the connection slot, except
+# for client-penalized) are bound there (upstream_context).
+
+_register(
+    "upstream-connect",
+    levels=("info",),
+    context="upstream",
+    fields=_ENVELOPE,
+    constructors=("upstream_connect",),
+)
+
+
+def upstream_connect() -> Event:
+    return Event("info", "upstream-connect", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "start"],
+        "event.action": "upstream-connect",
+        "event.outcome": "success",
+    })
+
+
+_register(
+    "upstream-connect-failed",
+    levels=("warning",),
+    context="upstream",
+    fields=(*_ENVELOPE, "event.reason", "error.message", "mbsec.backoff"),
+    reasons=("connect_failed", "connect_timeout"),
+    constructors=("upstream_connect_failed",),
+)
+
+
+def upstream_connect_failed(reason: str, detail: str, backoff_s: float) -> Event:
+    """``backoff_s``: seconds before this connection slot tries again."""
+    return Event("warning", "upstream-connect-failed", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "error"],
+        "event.action": "upstream-connect-failed",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "error.message": detail,
+        "mbsec.backoff": backoff_s,
+    })
+
+
+UPSTREAM_RESET_REASONS = (
+    "unknown_tid", "wrong_unit", "bad_reply", "bad_frame", "connection_lost", "eof",
+    "send_failed", "send_timeout", "late_reply_overdue", "internal_error",
+)
+
+_register(
+    "upstream-reset",
+    levels=("info", "warning"),
+    context="upstream",
+    fields=(*_ENVELOPE, "event.reason", "error.message", "mbsec.pending", "mbsec.blamed"),
+    reasons=UPSTREAM_RESET_REASONS,
+    constructors=("upstream_reset",),
+)
+
+
+def upstream_reset(reason: str, detail: str, pending: int, blamed: str | None = None) -> Event:
+    """``pending``: requests failed by it (0x0B); ``blamed``: the blame key of the client
+    charged with it. An idle PLC closing (``eof``, nothing pending) is ``info``. Never for
+    ``shutdown`` (the pool stopping)."""
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "end"],
+        "event.action": "upstream-reset",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "error.message": detail,
+        "mbsec.pending": pending,
+    }
+    if blamed is not None:
+        fields["mbsec.blamed"] = blamed
+    return Event("info" if reason == "eof" and not pending else "warning", "upstream-reset",
+                 fields)
+
+
+_register(
+    "upstream-late-reply",
+    levels=("info",),
+    context="upstream",
+    fields=(*_ENVELOPE, "modbus.transaction_id", "error.message"),
+    constructors=("upstream_late_reply",),
+)
+
+
+def upstream_late_reply(tid: int) -> Event:
+    """A reply after its request's deadline: dropped. ``tid``: the proxy's, on the PLC link."""
+    return Event("info", "upstream-late-reply", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["info"],
+        "event.action": "upstream-late-reply",
+        "event.outcome": "unknown",
+        "modbus.transaction_id": tid,
+        "error.message": "reply after its request timed out; dropped",
+    })
+
+
+_register(
+    "client-penalized",
+    levels=("warning",),
+    context="upstream",
+    fields=(*_ENVELOPE, "event.reason", "mbsec.blamed", "mbsec.resets", "mbsec.hold"),
+    reasons=("breaks_plc_link",),
+    constructors=("client_penalized",),
+)
+
+
+def client_penalized(blamed: str, resets: int, hold_s: float) -> Event:
+    """A client whose requests keep breaking this target's links is refused (0x0A) for
+    ``hold_s`` seconds. ``blamed``: its blame key; ``resets``: resets charged to it."""
+    return Event("warning", "client refused by this PLC: its requests keep breaking the "
+                 "connection", {
+                     "event.kind": "event",
+                     "event.category": ["network", "intrusion_detection"],
+                     "event.type": ["denied"],
+                     "event.action": "client-penalized",
+                     "event.outcome": "success",
+                     "event.reason": "breaks_plc_link",
+                     "mbsec.blamed": blamed,
+                     "mbsec.resets": resets,
+                     "mbsec.hold": hold_s,
+                 })
+
+
+# -- without a logger -----------------------------------------------------------------------------
+
+
+def fallback_line(event: Event, now: dt.datetime | None = None) -> str:
+    """The JSON line the logger would write, built without it: for ``log-sink-failed`` and
+    anything else that must reach stderr when the sinks cannot take it."""
+    from mbsec.audit import ECS_VERSION, nest_dotted  # audit may import this module
+
+    stamp = (now or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
+    flat: dict[str, Any] = {"@timestamp": stamp, "message": event.message, **event.fields,
+                            "log.level": event.level, "ecs.version": ECS_VERSION,
+                            "service.name": "mbsec"}
+    return json.dumps(nest_dotted(flat), separators=(",", ":"), default=str)
+
+
+__all__ = [
+    "ACTIONS",
+    "AUDIT_UNAVAILABLE_EXCEPTION",
+    "CLOSE_REASONS",
+    "COMMON_FIELDS",
+    "CONTEXTS",
+    "FRAMING_REASONS",
+    "MODBUS_REQUEST_REASONS",
+    "RESPONSE_TOO_LARGE_EXCEPTION",
+    "TLS_REJECT_REASONS",
+    "UPSTREAM_RESET_REASONS",
+    "Event",
+    "Level",
+    "Spec",
+    "accept_failed",
+    "client_penalized",
+    "config_reload_failed",
+    "config_reloaded",
+    "connection_closed",
+    "connection_context",
+    "connection_rejected",
+    "connection_revoked",
+    "crl_expiry",
+    "data_plane_error",
+    "emit",
+    "fallback_line",
+    "identity_fields",
+    "log_sink_failed",
+    "modbus_framing_error",
+    "modbus_request_allowed",
+    "modbus_request_audit_unavailable",
+    "modbus_request_denied",
+    "modbus_request_failed",
+    "modbus_request_invalid",
+    "modbus_request_response_too_large",
+    "modbus_request_would_deny",
+    "peer_context",
+    "roles_context",
+    "server_start",
+    "server_stop",
+    "session_error",
+    "tls_handshake_accepted",
+    "tls_handshake_rejected",
+    "upstream_connect",
+    "upstream_connect_failed",
+    "upstream_context",
+    "upstream_late_reply",
+    "upstream_reset",
+]

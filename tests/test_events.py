@@ -1,0 +1,518 @@
+"""Events have one home: mbsec/events.py builds every event and its registry is what
+docs/events.md documents, both ways. Also the constructors themselves (fields, levels, ECS
+names) and the reasons the code uses today (all registered)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mbsec import events
+from mbsec.audit import ListSink, flatten, make_logger
+from mbsec.events import ACTIONS, COMMON_FIELDS, CONTEXTS, Event
+from mbsec.identity import PeerIdentity
+from mbsec.modbus.access import Access, Table
+from mbsec.settings import LoggingSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "events.md"
+
+
+# -- docs/events.md, parsed -----------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    fields: set[str] = field(default_factory=set)
+    reasons: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Doc:
+    common: set[str] = field(default_factory=set)
+    contexts: dict[str, set[str]] = field(default_factory=dict)
+    glance: dict[str, tuple[set[str], str | None]] = field(default_factory=dict)
+    sections: dict[str, Section] = field(default_factory=dict)
+
+
+def _ticks(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def parse_doc(text: str) -> Doc:
+    """The format is described in docs/events.md, "About this document"."""
+    doc = Doc()
+    h2 = ""
+    action: str | None = None
+    lines = text.splitlines()
+    i = 0
+    fenced = False
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced:
+            i += 1
+            continue
+        if line.startswith("## "):
+            h2, action = line[3:].strip(), None
+        elif line.startswith("### "):
+            m = re.fullmatch(r"`([a-z-]+)`", line[4:].strip())
+            action = m.group(1) if m else None
+            if action is not None:
+                assert action not in doc.sections, f"two sections for {action}"
+                doc.sections[action] = Section()
+        if not line.startswith("|"):
+            i += 1
+            continue
+        header = [c.lower() for c in _cells(line)]
+        rows = []
+        i += 2  # the header and the |---| line
+        while i < len(lines) and lines[i].startswith("|"):
+            rows.append(_cells(lines[i]))
+            i += 1
+        kind = header[0]
+        if kind == "field" and h2 == "Fields on every event":
+            for r in rows:
+                doc.common.update(_ticks(r[0]))
+        elif kind == "context":
+            for r in rows:
+                (ctx,) = _ticks(r[0])
+                doc.contexts.setdefault(ctx, set()).update(_ticks(r[1]))
+        elif kind == "action":
+            assert header[1:3] == ["level", "context"], header
+            for r in rows:
+                (name,) = _ticks(r[0])
+                ctx = _ticks(r[2])
+                doc.glance[name] = (set(_ticks(r[1])), ctx[0] if ctx else None)
+        elif kind in ("field", "reason"):
+            assert action is not None, f"a {kind} table outside an action section: {rows[0]}"
+            target = doc.sections[action].fields if kind == "field" else \
+                doc.sections[action].reasons
+            for r in rows:
+                names = _ticks(r[0])
+                assert names, f"{action}: a {kind} row without a name: {r}"
+                target.update(names)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def doc() -> Doc:
+    return parse_doc(DOC.read_text(encoding="utf-8"))
+
+
+def test_the_parser_reads_tables_per_section() -> None:
+    text = """
+## Fields on every event
+| field | x |
+|---|---|
+| `a.b`, `c` | `not-a-field` in column 2 |
+## Context fields
+| context | field | meaning |
+|---|---|---|
+| `connection` | `x.y`, `x.z` | |
+## Events at a glance
+| action | level | context | when |
+|---|---|---|---|
+| `one-thing` | `info`, `warning` | | |
+## Group
+### `one-thing`
+prose with `ignored`
+| field | meaning |
+|---|---|
+| `event.reason` (see below) | `ignored` |
+
+| reason | meaning |
+|---|---|
+| `r1`, `r2`, or another | |
+### Not an action
+| metric | type |
+|---|---|
+| `m` | counter |
+```json
+| field | inside a code block |
+```
+"""
+    d = parse_doc(text)
+    assert d.common == {"a.b", "c"}
+    assert d.contexts == {"connection": {"x.y", "x.z"}}
+    assert d.glance == {"one-thing": ({"info", "warning"}, None)}
+    assert d.sections["one-thing"] == Section({"event.reason"}, {"r1", "r2"})
+    with pytest.raises(AssertionError, match="outside an action section"):
+        parse_doc("## X\n| field | y |\n|---|---|\n| `a` | |\n")
+
+
+def _diff(name: str, documented: set[str], registered: set[str] | frozenset[str]) -> list[str]:
+    out = [f"{name}: {x} is written but not documented" for x in sorted(registered - documented)]
+    out += [f"{name}: {x} is documented but never written" for x in sorted(documented - registered)]
+    return out
+
+
+def test_every_action_is_documented_and_nothing_else(doc: Doc) -> None:
+    assert _diff("actions (### sections)", set(doc.sections), set(ACTIONS)) == []
+    assert _diff("actions (at a glance)", set(doc.glance), set(ACTIONS)) == []
+    assert list(doc.glance) == list(ACTIONS), "the glance table follows the registry's order"
+
+
+def test_levels_and_contexts_at_a_glance(doc: Doc) -> None:
+    problems = []
+    for action, spec in ACTIONS.items():
+        levels, ctx = doc.glance.get(action, (set(), None))
+        problems += _diff(f"{action} levels", levels, spec.levels)
+        if ctx != spec.context:
+            problems.append(f"{action}: context {ctx} documented, {spec.context} bound")
+    assert problems == []
+
+
+def test_every_field_is_documented_and_nothing_else(doc: Doc) -> None:
+    problems = _diff("every event", doc.common, COMMON_FIELDS)
+    problems += _diff("contexts", set(doc.contexts), set(CONTEXTS))
+    for name, fields in CONTEXTS.items():
+        problems += _diff(f"context {name}", doc.contexts.get(name, set()), fields)
+    for action, spec in ACTIONS.items():
+        problems += _diff(action, doc.sections.get(action, Section()).fields, spec.fields)
+    assert problems == []
+
+
+def test_every_reason_is_documented_and_nothing_else(doc: Doc) -> None:
+    problems = []
+    for action, spec in ACTIONS.items():
+        problems += _diff(f"{action} reasons", doc.sections.get(action, Section()).reasons,
+                          spec.reasons)
+        has_reason = "event.reason" in spec.fields
+        assert has_reason == bool(spec.reasons), f"{action}: event.reason without reasons"
+    assert problems == []
+
+
+# -- the constructors -------------------------------------------------------------------------
+
+IDENTITY = PeerIdentity(
+    subject="CN=hmi-01,O=Plant", common_name="hmi-01", organizational_units=(), san_dns=(),
+    san_ip=(), san_uri=(), issuer="CN=Plant CA", serial=0xBEEF,
+    fingerprint_sha256="c4f0" * 16, not_before=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    not_after=dt.datetime(2027, 1, 1, tzinfo=dt.UTC), role="operator",
+)
+WRITE = Access(16, Table.HOLDING_REGISTERS, None, (10, 2), (1, 2), None, 10)
+DIAG = Access(8, Table.NONE, None, None, (), 0, 5)
+R = (514, 1, 16, WRITE, 0.00009)  # tid, unit, fc, access, duration
+
+#: calls that together take every branch of every constructor
+SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
+    (events.tls_handshake_accepted, (0.0012, IDENTITY, "TLSv1.3", "TLS_AES_256_GCM_SHA384",
+                                     False), {}),
+    (events.tls_handshake_rejected, ("unknown_ca", "unable to get local issuer", 0.002), {}),
+    (events.tls_handshake_rejected, ("certificate_revoked", "serial is on the current CRL",
+                                     0.002, IDENTITY), {"resumed": False}),
+    (events.modbus_request_allowed, (*R, "r1", "allow", "plc-1"), {}),
+    (events.modbus_request_allowed, (8, 1, 8, DIAG, 0.001, "r2", "would_deny", "plc-1", 1),
+     {"level": "info"}),
+    (events.modbus_request_allowed, (9, 1, 99, None, 0.001, "r3", "allow", "plc-1"), {}),
+    (events.modbus_request_would_deny, (*R, "default", "no_matching_rule"), {}),
+    (events.modbus_request_denied, (*R, "r1", "denied_by_rule", 1), {}),
+    (events.modbus_request_denied, (*R, "r1", "write_rate_exceeded", 6), {
+        "decision": "rate_limited"}),
+    (events.modbus_request_invalid, (5, 1, 3, 0.0001, "bad_quantity", 3, "quantity 0"), {}),
+    (events.modbus_request_failed, (*R, "r1", "timeout", 0x0B, "no reply"), {}),
+    (events.modbus_request_failed, (*R, "r1", "client_gone", 0x0B, "withdrawn"), {}),
+    (events.modbus_request_response_too_large, (*R, "r1", 200, 100), {}),
+    (events.modbus_request_audit_unavailable, (*R, "r1"), {}),
+    (events.modbus_framing_error, ("bad_protocol_id", "MBAP protocol id 1 is not 0"), {}),
+    (events.connection_closed, ("client_closed", 12.5, 100, 200, 3, 2, 1, 0), {}),
+    (events.connection_rejected, ("too_many_connections", "10.0.0.9", 40000), {}),
+    (events.connection_revoked, (7, IDENTITY, "10.0.0.9"), {}),
+    (events.server_start, (["127.0.0.1:802"], None, {"b": 1, "a": 2}, "thread", True), {}),
+    (events.server_stop, (2, 10.0), {}),
+    (events.config_reloaded, (3, ["limits"]), {}),
+    (events.config_reload_failed, (["a: broken", "b: broken"],), {}),
+    (events.crl_expiry, ("CRL of CN=Plant CA expired",), {}),
+    (events.accept_failed, (OSError(24, "Too many open files"),), {}),
+    (events.session_error, (RuntimeError("bug"), "10.0.0.9"), {}),
+    (events.data_plane_error, (ValueError("bug"),), {}),
+    (events.data_plane_error, (ValueError("bug"),), {"fatal": True}),
+    (events.log_sink_failed, ("FileSink", OSError(28, "No space left on device")), {}),
+    (events.upstream_connect, (), {}),
+    (events.upstream_connect_failed, ("connect_timeout", "no connection within 3 s", 0.4), {}),
+    (events.upstream_reset, ("bad_frame", "MBAP length 300", 2), {}),
+    (events.upstream_reset, ("wrong_unit", "reply from unit 2", 1, "c4f0" * 16), {}),
+    (events.upstream_reset, ("eof", "connection closed by the PLC", 0), {}),
+    (events.upstream_late_reply, (77,), {}),
+    (events.client_penalized, ("c4f0" * 16, 3, 30.0), {}),
+]
+
+
+def _built() -> dict[str, list[Event]]:
+    out: dict[str, list[Event]] = {}
+    for fn, args, kwargs in SAMPLES:
+        ev = fn(*args, **kwargs)
+        out.setdefault(ev.action, []).append(ev)
+    return out
+
+
+def test_every_constructor_is_registered_and_sampled() -> None:
+    registered = {name for spec in ACTIONS.values() for name in spec.constructors}
+    public = {name for name, fn in vars(events).items() if inspect.isfunction(fn)
+              and fn.__module__ == events.__name__ and not name.startswith("_")
+              and inspect.signature(fn).return_annotation in ("Event", Event)}
+    assert public - {"emit"} == registered
+    assert {fn.__name__ for fn, _, _ in SAMPLES} == registered
+    for action, spec in ACTIONS.items():
+        for name in spec.constructors:
+            fn, args, kwargs = next(s for s in SAMPLES if s[0].__name__ == name)
+            assert fn(*args, **kwargs).action == action, name
+
+
+def test_constructors_write_exactly_the_registered_fields_and_levels() -> None:
+    built = _built()
+    problems = []
+    for action, spec in ACTIONS.items():
+        evs = built[action]
+        written = set().union(*(ev.fields for ev in evs)) - {"event.action"}
+        problems += _diff(f"{action} fields", spec.fields, written)
+        problems += _diff(f"{action} levels", spec.levels, {ev.level for ev in evs})
+        for ev in evs:
+            reason = ev.fields.get("event.reason")
+            if reason is not None and reason not in spec.reasons:
+                problems.append(f"{action}: reason {reason} not registered")
+    assert problems == []
+
+
+def test_context_helpers_write_the_registered_context_fields() -> None:
+    conn = events.connection_context(1, "10.0.0.9", 40000, "10.0.0.1", 802)
+    peer = events.peer_context(IDENTITY, ["operator"])
+    assert set(conn) | set(peer) == CONTEXTS["connection"]
+    assert set(events.roles_context(["a"])) <= CONTEXTS["connection"]
+    assert set(events.upstream_context("plc-1", "10.0.0.5", 502, 0)) == CONTEXTS["upstream"]
+    assert "mbsec.connection" not in events.upstream_context("plc-1", "10.0.0.5", 502)
+    assert peer["user.roles"] == ["operator"] and peer["user.name"] == "hmi-01"
+
+
+# ECS 8.11 fields mbsec uses; anything else must be in mbsec's own or the modbus namespace
+ECS_FIELDS = {
+    "@timestamp", "message", "log.level", "ecs.version", "service.name",
+    "event.kind", "event.category", "event.type", "event.action", "event.outcome",
+    "event.reason", "event.duration", "error.message", "error.type", "rule.id",
+    "source.ip", "source.port", "source.bytes", "destination.ip", "destination.port",
+    "destination.bytes", "user.name", "user.roles", "tls.version", "tls.version_protocol",
+    "tls.cipher", "tls.resumed", "tls.client.hash.sha256",
+    "tls.client.x509.subject.common_name", "tls.client.x509.subject.distinguished_name",
+    "tls.client.x509.issuer.distinguished_name", "tls.client.x509.serial_number",
+    "tls.client.x509.not_after",
+}
+ECS_VALUES = {
+    "event.kind": {"alert", "enrichment", "event", "metric", "state", "pipeline_error",
+                   "signal"},
+    "event.category": {"api", "authentication", "configuration", "database", "driver", "email",
+                       "file", "host", "iam", "intrusion_detection", "library", "malware",
+                       "network", "package", "process", "registry", "session", "threat",
+                       "vulnerability", "web"},
+    "event.type": {"access", "admin", "allowed", "change", "connection", "creation",
+                   "deletion", "denied", "end", "error", "group", "indicator", "info",
+                   "installation", "protocol", "start", "user"},
+    "event.outcome": {"failure", "success", "unknown"},
+}
+
+
+def test_field_names_are_ecs_or_namespaced() -> None:
+    names = set(COMMON_FIELDS).union(*CONTEXTS.values(), *(s.fields for s in ACTIONS.values()))
+    assert sorted(n for n in names if n not in ECS_FIELDS
+                  and not n.startswith(("mbsec.", "modbus."))) == []
+    assert all(re.fullmatch(r"@?[a-z0-9_]+(\.[a-z0-9_]+)*", n) for n in names)
+    assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", a) for a in ACTIONS)
+    slugs = set().union(*(s.reasons for s in ACTIONS.values()))
+    assert sorted(r for r in slugs if not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", r)) == []
+
+
+def test_categorization_values_are_ecs_allowed_values() -> None:
+    for evs in _built().values():
+        for ev in evs:
+            for key, allowed in ECS_VALUES.items():
+                value = ev.fields.get(key)
+                values = value if isinstance(value, list) else [] if value is None else [value]
+                assert set(values) <= allowed, (ev.action, key, value)
+
+
+def test_tls_events() -> None:
+    ok = events.tls_handshake_accepted(0.0012, IDENTITY, "TLSv1.3", "TLS_AES_256_GCM_SHA384",
+                                       False).fields
+    assert ok["tls.version"] == "1.3" and ok["tls.version_protocol"] == "tls"
+    assert ok["event.duration"] == 1_200_000
+    assert ok["tls.client.x509.serial_number"] == "BEEF"
+    assert ok["tls.client.x509.not_after"] == "2027-01-01T00:00:00+00:00"
+    assert ok["mbsec.role"] == "operator"
+    assert events.tls_handshake_accepted(0, IDENTITY, None, None, False).fields[
+        "tls.version"] == ""
+    bad = events.tls_handshake_rejected("no_certificate", "none sent", 0.5)
+    assert bad.level == "warning" and bad.fields["event.outcome"] == "failure"
+    assert "tls.resumed" not in bad.fields and "tls.client.hash.sha256" not in bad.fields
+
+
+def test_modbus_request_events() -> None:
+    allowed = events.modbus_request_allowed(*R, "r1", "allow", "plc-1")
+    assert allowed.level == "debug" and allowed.message == "request forwarded"
+    assert allowed.fields == {
+        "event.kind": "event", "event.category": ["network"], "event.action": "modbus-request",
+        "event.duration": 90000, "modbus.transaction_id": 514, "modbus.unit_id": 1,
+        "modbus.function_code": 16, "modbus.function": "write_multiple_registers",
+        "modbus.address": 10, "modbus.quantity": 2, "event.type": ["protocol", "allowed"],
+        "event.outcome": "success", "rule.id": "r1", "modbus.decision": "allow",
+        "mbsec.target": "plc-1",
+    }
+    diag = events.modbus_request_allowed(8, 1, 8, DIAG, 0.0, "r", "allow", "p").fields
+    assert diag["modbus.subfunction"] == 0 and "modbus.address" not in diag
+    assert events.modbus_request_allowed(1, 1, 99, None, 0, "r", "allow", "p").fields[
+        "modbus.function"] == "function_99"
+    denied = events.modbus_request_denied(*R, "r1", "request_rate_exceeded", 6,
+                                          decision="rate_limited").fields
+    assert denied["modbus.decision"] == "rate_limited" and denied["modbus.exception_code"] == 6
+    big = events.modbus_request_response_too_large(*R, "r1", 200, 100).fields
+    assert big["modbus.exception_code"] == 4 and big["mbsec.response_bytes"] == 200
+    audit = events.modbus_request_audit_unavailable(*R, "r1").fields
+    assert audit["event.reason"] == "audit_unavailable" and audit["modbus.exception_code"] == 4
+    assert audit["modbus.decision"] == "audit_unavailable" and audit["rule.id"] == "r1"
+    gone = events.modbus_request_failed(*R, "r1", "client_gone", 11, "withdrawn")
+    assert gone.message.startswith("client went away")
+    assert events.modbus_request_failed(*R, "r1", "timeout", 11, "x").message == \
+        "PLC did not answer"
+
+
+def test_upstream_events() -> None:
+    assert events.upstream_connect().fields["event.type"] == ["connection", "start"]
+    assert events.upstream_reset("eof", "closed", 0).level == "info"
+    assert events.upstream_reset("eof", "closed", 1).level == "warning"
+    assert events.upstream_reset("bad_frame", "x", 0).level == "warning"
+    assert "mbsec.blamed" not in events.upstream_reset("bad_frame", "x", 0).fields
+    assert events.upstream_reset("bad_frame", "x", 0, "ab").fields["mbsec.blamed"] == "ab"
+    assert events.upstream_connect_failed("connect_failed", "refused", 0.2).fields == {
+        "event.kind": "event", "event.category": ["network"],
+        "event.type": ["connection", "error"], "event.action": "upstream-connect-failed",
+        "event.outcome": "failure", "event.reason": "connect_failed",
+        "error.message": "refused", "mbsec.backoff": 0.2}
+    pen = events.client_penalized("ab", 3, 30.0).fields
+    assert pen["event.reason"] == "breaks_plc_link"
+    assert (pen["mbsec.blamed"], pen["mbsec.resets"], pen["mbsec.hold"]) == ("ab", 3, 30.0)
+
+
+def test_server_events() -> None:
+    start = events.server_start(["127.0.0.1:802"], None, {"b": 1, "a": 2}, "trio", False)
+    assert start.fields["mbsec.upstreams"] == ["a", "b"]
+    assert events.config_reload_failed(["a", "b"]).fields["error.message"] == "a; b"
+    assert events.data_plane_error(ValueError("x"), fatal=True)[:2] == \
+        ("critical", "data plane stopped")
+    assert events.session_error(KeyError("k"), "1.2.3.4").fields["error.type"] == "KeyError"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda message, **kw: self.calls.append((level, message, kw))
+
+
+def test_emit_writes_at_the_events_level() -> None:
+    rec = _Recorder()
+    ev = events.upstream_reset("bad_frame", "x", 2)
+    events.emit(rec, ev)
+    assert rec.calls == [("warning", "upstream-reset", ev.fields)]
+
+
+def test_emitted_through_the_logger_and_the_fallback_line_alike() -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False, level="debug"), extra_sinks=[sink])
+    ev = events.connection_revoked(7, IDENTITY, "10.0.0.9")
+    events.emit(log, ev)
+    (line,) = sink.events()
+    flat = flatten(line)
+    assert set(flat) == set(ev.fields) | COMMON_FIELDS
+    assert {k: flat[k] for k in ev.fields} == ev.fields
+    assert flat["log.level"] == "warning" and flat["message"] == ev.message
+    stamp = dt.datetime(2026, 11, 25, 14, 56, 3, 347880, tzinfo=dt.UTC)
+    failed = events.log_sink_failed("FileSink", OSError(28, "No space left on device"))
+    fb = json.loads(events.fallback_line(failed, stamp))
+    assert fb["@timestamp"] == "2026-11-25T14:56:03.347880Z"
+    assert fb["event"]["action"] == "log-sink-failed" and fb["mbsec"]["sink"] == "FileSink"
+    assert fb["log"]["level"] == "critical" and fb["error"]["type"] == "OSError"
+    assert set(flatten(fb)) == set(failed.fields) | COMMON_FIELDS
+    assert list(fb)[:2] == ["@timestamp", "message"]
+
+
+# -- the reasons the code uses are registered -----------------------------------------------------
+
+
+def _reasons(action: str) -> frozenset[str]:
+    return ACTIONS[action].reasons
+
+
+def test_tls_library_reasons_are_registered() -> None:
+    from mbsec import tls
+
+    named = set(tls._VERIFY_REASONS.values()) | set(tls._SSL_REASONS.values())
+    fallbacks = {tls.handshake_failure_reason(None)[0], tls.handshake_failure_reason(
+        ValueError())[0]}
+    ident = set(re.findall(r'reason="(\w+)"',
+                           (ROOT / "mbsec" / "identity.py").read_text(encoding="utf-8")))
+    assert ident and named
+    assert sorted((named | fallbacks | ident) - _reasons("tls-handshake")) == []
+    assert ACTIONS["tls-handshake"].more_reasons  # OpenSSL may name others
+
+
+def test_policy_and_protocol_reasons_are_registered() -> None:
+    from mbsec.policy import engine, ratelimit
+
+    policy = {engine.REASON_RULE_DENY, engine.REASON_DEFAULT, ratelimit.REASON_IN_FLIGHT,
+              ratelimit.REASON_REQUEST_RATE, ratelimit.REASON_WRITE_RATE}
+    pdu = (ROOT / "mbsec" / "modbus" / "pdu.py").read_text(encoding="utf-8")
+    invalid = set(re.findall(r'_reject\(\d, "(\w+)"', pdu))
+    assert invalid
+    assert sorted((policy | invalid) - _reasons("modbus-request")) == []
+    mbap = (ROOT / "mbsec" / "modbus" / "mbap.py").read_text(encoding="utf-8")
+    framing = set(re.findall(r'reason="(\w+)",\s*action=(?:Action\.CLOSE|_CLOSE)', mbap + pdu))
+    assert {"bad_protocol_id", "empty_pdu"} <= framing
+    assert sorted(framing - _reasons("modbus-framing-error")) == []
+    assert _reasons("modbus-framing-error") <= _reasons("connection-closed")
+
+
+#: reason strings of the request path that are never an event's reason
+NOT_EVENT_REASONS = {"shutdown", "late_reply", "ok"}  # pool stopping; metric labels only
+
+_REQUEST_PATH_PATTERNS = {
+    # UpstreamError(reason=...) -> modbus-request (metrics labels share the keyword)
+    "modbus-request": [r'reason="(\w+)"'],
+    "connection-closed": [
+        r'(?:abort|_close|stop_reading|note_close_reason|receive_eof)\(\s*"(\w+)"',
+        r'close_reason = "(\w+)"'],
+    "upstream-reset": [
+        r'(?:_reset|request_reset|_teardown|\.close|\.closed)\((?:[^()"]*?,\s*)?"(\w+)"',
+        r'return "(\w+)", ', r'ReplyProblem\(\s*"(\w+)"'],
+    "upstream-connect-failed": [r'connect_failed\((?:[^()"]*?,\s*)?"(\w+)"'],
+}
+
+
+def test_request_path_reasons_are_registered() -> None:
+    """Reason strings in the request path (mbsec/session.py, mbsec/path/) are registered: a
+    new one must be added to mbsec/events.py and docs/events.md."""
+    files = [ROOT / "mbsec" / "session.py", *sorted((ROOT / "mbsec" / "path").glob("**/*.py"))]
+    src = "\n".join(p.read_text(encoding="utf-8") for p in files if p.exists())
+    everything = set().union(*(s.reasons for s in ACTIONS.values()))
+    problems = []
+    found_any = set()
+    for action, patterns in _REQUEST_PATH_PATTERNS.items():
+        found = set().union(*(re.findall(p, src) for p in patterns)) - NOT_EVENT_REASONS
+        found_any |= found
+        # metric labels and errors share the keyword: any registered reason will do there
+        allowed = everything if action == "modbus-request" else _reasons(action)
+        problems += [f"{action}: {r}" for r in sorted(found - allowed)]
+    assert {"client_reset", "eof", "timeout", "connect_timeout"} <= found_any
+    assert problems == []
