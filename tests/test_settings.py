@@ -36,7 +36,7 @@ def test_defaults_and_relative_paths(tmp_path: Path, pki: Pki) -> None:
     assert s.logging.allowed_requests == "debug"
     [t] = s.upstream_targets()
     assert (t.name, t.host, t.port, t.unit_ids, t.pool_size, t.depth) == (
-        "plc", "127.0.0.1", 5020, frozenset({1, 2}), 1, 1)
+        "plc", "127.0.0.1", 5020, frozenset({1, 2}), 2, 1)
 
 
 def test_default_listen_port_is_802(tmp_path: Path, pki: Pki) -> None:

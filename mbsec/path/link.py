@@ -14,22 +14,21 @@ from mbsec.path.exchange import Exchange
 from mbsec.path.plc import TargetNoResponse
 from mbsec.path.timers import Timer
 
-IDLE = 0  # no socket; may connect at once
+IDLE = 0  # no socket (it may connect once the target's backoff, if any, has passed)
 CONNECTING = 1
 OPEN = 2
-BACKOFF = 3  # no socket; may not connect before ``retry_at``
 
-STATE_NAMES = ("idle", "connecting", "open", "backoff")
+STATE_NAMES = ("idle", "connecting", "open")
 
 
 class Link:
     """State of one PLC connection slot; :class:`mbsec.path.target.Target` drives it."""
 
-    __slots__ = ("backoff", "connect_timer", "frames", "gen", "index", "last_error",
-                 "next_tid", "out", "overdue", "overdue_timer", "pending", "queued_bytes",
-                 "resets", "retry_at", "state", "sweep_timer", "target", "written")
+    __slots__ = ("connect_timer", "frames", "gen", "index", "next_tid", "out", "overdue",
+                 "overdue_timer", "pending", "queued_bytes", "state", "sweep_timer", "target",
+                 "written")
 
-    def __init__(self, target: object, index: int, backoff: float) -> None:
+    def __init__(self, target: object, index: int) -> None:
         self.target = target  # the owning Target (typed loosely: no import cycle)
         self.index = index
         self.state = IDLE
@@ -38,17 +37,14 @@ class Link:
         #: tid -> request on the wire, in send order (every request waits the same
         #: ``request_timeout``, so the first entry is always the next reply deadline)
         self.pending: dict[int, Exchange] = {}
-        #: tid answered 0x0B -> when the link gives up waiting for its late reply
-        self.overdue: dict[int, float] = {}
+        #: tid answered 0x0B -> its request (``deadline``: when the link stops waiting for the
+        #: late reply)
+        self.overdue: dict[int, Exchange] = {}
         self.next_tid = 1
         self.out = bytearray()  # ADUs for the driver to write, in order
         self.queued_bytes = 0  # bytes ever queued on this socket ...
         self.written = 0  # ... and taken by the kernel (an ADU is on the wire: written >= end)
         self.frames = FrameBuffer()
-        self.retry_at = 0.0
-        self.backoff = backoff
-        self.last_error = ""
-        self.resets: list[float] = []  # times of recent resets nobody was blamed for
         self.connect_timer: Timer | None = None
         self.sweep_timer: Timer | None = None
         self.overdue_timer: Timer | None = None
