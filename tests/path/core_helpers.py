@@ -27,7 +27,7 @@ from typing import Any
 
 from mbsec.modbus.mbap import Adu
 from mbsec.modbus.pdu import Request, parse_request
-from mbsec.path.exchange import Exchange
+from mbsec.path.exchange import DONE, Exchange
 from mbsec.path.link import OPEN, Link
 from mbsec.path.plc import UpstreamTarget
 from mbsec.path.router import Router
@@ -183,6 +183,7 @@ class PlcRequest:
     unit: int
     pdu: bytes
     conn: PlcConn
+    answered: bool = False
 
 
 @dataclass
@@ -291,6 +292,7 @@ class Driver:
         self.pending_connects: list[tuple[Link, int]] = []  # swallowed by a "hang" PLC
         self.finished: list[Exchange] = []  # every exchange from ``done``, in order
         self.client_out: dict[Any, list[bytes]] = {}  # a client's reply ADUs, in order
+        self._finished_ids: set[int] = set()
 
     # -- access
 
@@ -334,6 +336,25 @@ class Driver:
         link.target.receive(link, data, self.now)  # type: ignore[attr-defined]
         self.drain()
 
+    def answer(self, req: PlcRequest, data: bytes | None = None) -> None:
+        """The PLC answers ``req`` now (``data``, else :func:`normal_answer`)."""
+        req.answered = True
+        reply = normal_answer(req) if data is None else data
+        assert reply is not None
+        self.reply(req.conn.link, reply)
+
+    def unanswered(self) -> list[PlcRequest]:
+        """Requests on open PLC connections not answered yet, in the order the PLC read them."""
+        return [r for c in self.plc.open_conns for r in c.requests if not r.answered]
+
+    def answer_all(self, *, reverse: bool = False) -> int:
+        """Answer every request :meth:`unanswered` lists (last first with ``reverse``)."""
+        todo = self.unanswered()
+        for req in reversed(todo) if reverse else todo:
+            if not req.conn.closed and req.conn.gen == req.conn.link.gen:
+                self.answer(req)
+        return len(todo)
+
     def plc_closes(self, link_or_conn: Link | PlcConn, reason: str = "eof",
                    message: str = "connection closed by the PLC") -> None:
         """The PLC side of a link ended (EOF or a socket error)."""
@@ -373,6 +394,10 @@ class Driver:
                             c.closed = True
             while outbox.done:
                 ex = outbox.done.popleft()
+                assert ex.state == DONE, "an exchange in done without its outcome"
+                assert id(ex) not in self._finished_ids, "an exchange finished twice"
+                assert (ex.reply is None) != (ex.error is None), "not exactly one outcome"
+                self._finished_ids.add(id(ex))
                 self.finished.append(ex)
                 ex.client.finished(ex, self.now)
             while outbox.dirty:
@@ -409,6 +434,7 @@ class Driver:
             if self.plc.answer is not None:
                 answer = self.plc.answer(req)
                 if answer is not None and not conn.closed and link.gen == conn.gen:
+                    req.answered = True
                     link.target.receive(link, answer, self.now)  # type: ignore[attr-defined]
 
     def _client_write(self, client: Any) -> None:
