@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_NEEDS="openssl:openssl" EXTRAS=test,dev source scripts/bootstrap.sh
+source scripts/libmodbus.sh  # libmodbus's unit-test programs (tests/e2e/test_libmodbus.py)
 
 echo "== ruff"
 .venv/bin/ruff check mbsec tests benchmarks
