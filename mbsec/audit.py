@@ -150,11 +150,9 @@ class SinkLogger:
         if index in self._failing:
             return  # alarmed once per failure period, not per line
         self._failing.add(index)
-        alarm = json.dumps({
-            "message": "log sink failed", "log.level": "critical",
-            "event": {"kind": "alert", "action": "log-sink-failed", "outcome": "failure"},
-            "mbsec": {"sink": type(sink).__name__},
-            "error": {"type": type(exc).__name__, "message": str(exc)}})
+        from mbsec import events  # events imports this module for fallback_line
+
+        alarm = events.fallback_line(events.log_sink_failed(type(sink).__name__, exc))
         with contextlib.suppress(Exception):
             stream = self._alarm or sys.stderr
             stream.write(alarm + "\n")

@@ -21,7 +21,7 @@ import structlog
 import trio
 from structlog.typing import FilteringBoundLogger
 
-from mbsec import trio_private
+from mbsec import events, trio_private
 from mbsec.identity import IdentityError, PeerIdentity, parse_identity
 from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
@@ -152,15 +152,8 @@ class Session:
             self._plane.call_threadsafe(lambda: conn.stop_reading(reason))
 
     async def run(self) -> None:
-        structlog.contextvars.bind_contextvars(
-            **{
-                "mbsec.conn_id": self.conn_id,
-                "source.ip": self.peer_ip,
-                "source.port": self.peer_port,
-                "destination.ip": self.local_ip,
-                "destination.port": self.local_port,
-            }
-        )
+        structlog.contextvars.bind_contextvars(**events.connection_context(
+            self.conn_id, self.peer_ip, self.peer_port, self.local_ip, self.local_port))
         handshake_ok = False
         try:
             handshake_ok = await self._handshake()
@@ -230,21 +223,8 @@ class Session:
     ) -> None:
         self.close_reason = reason
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
-        fields: dict[str, Any] = {
-            "event.kind": "event",
-            "event.category": ["network", "authentication"],
-            "event.type": ["connection", "denied"],
-            "event.action": "tls-handshake",
-            "event.outcome": "failure",
-            "event.reason": reason,
-            "event.duration": int(duration * 1e9),
-            "error.message": detail,
-        }
-        if identity is not None:
-            fields.update(_identity_fields(identity))
-        if resumed is not None:
-            fields["tls.resumed"] = resumed
-        self._log.warning("TLS client rejected", **fields)
+        events.emit(self._log,
+                    events.tls_handshake_rejected(reason, detail, duration, identity, resumed))
 
     def _accept_identity(
         self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
@@ -296,38 +276,12 @@ class Session:
         # rules without a source restriction (or 0.0.0.0/0)
         principal = state.policy.principal(identity, self.peer_ip or "0.0.0.0")
         cipher = ssl_stream.cipher()
-        tls_fields = {
-            "tls.version": (ssl_stream.version() or "").removeprefix("TLSv"),
-            "tls.version_protocol": "tls",
-            "tls.cipher": cipher[0] if cipher else None,
-            "tls.resumed": resumed,
-        }
         roles = list(getattr(principal, "roles", ()) or ())
-        ident = _identity_fields(identity)
-        structlog.contextvars.bind_contextvars(
-            **{
-                "tls.client.x509.subject.common_name": identity.common_name,
-                "tls.client.hash.sha256": identity.fingerprint_sha256,
-                "user.name": identity.common_name,
-                "user.roles": roles,
-            }
-        )
+        structlog.contextvars.bind_contextvars(**events.peer_context(identity, roles))
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="success", reason="ok")
         self._metrics.observe("mbsec_tls_handshake_seconds", duration)
-        self._log.info(
-            "TLS client accepted",
-            **{
-                "event.kind": "event",
-                "event.category": ["network", "authentication"],
-                "event.type": ["connection", "start", "allowed"],
-                "event.action": "tls-handshake",
-                "event.outcome": "success",
-                "event.duration": int(duration * 1e9),
-                **tls_fields,
-                **ident,
-                "mbsec.role": identity.role,
-            },
-        )
+        events.emit(self._log, events.tls_handshake_accepted(
+            duration, identity, ssl_stream.version(), cipher[0] if cipher else None, resumed))
         return True
 
     # -- requests: the data plane ------------------------------------------------------
@@ -410,32 +364,7 @@ class Session:
     def _log_closed(self) -> None:
         duration = time.monotonic() - self.started
         d = self.decisions
-        self._log.info(
-            "connection closed",
-            **{
-                "event.kind": "event",
-                "event.category": ["network"],
-                "event.type": ["connection", "end"],
-                "event.action": "connection-closed",
-                "event.outcome": "success",
-                "event.reason": self.close_reason,
-                "event.duration": int(duration * 1e9),
-                "source.bytes": self.bytes_in,
-                "destination.bytes": d.bytes_out if d else 0,
-                "mbsec.requests": d.requests if d else 0,
-                "mbsec.allowed": d.allowed if d else 0,
-                "mbsec.denied": d.denied if d else 0,
-                "mbsec.errors": d.errors if d else 0,
-            },
-        )
-
-
-def _identity_fields(identity: PeerIdentity) -> dict[str, Any]:
-    return {
-        "tls.client.x509.subject.common_name": identity.common_name,
-        "tls.client.x509.subject.distinguished_name": identity.subject,
-        "tls.client.x509.issuer.distinguished_name": identity.issuer,
-        "tls.client.x509.serial_number": format(identity.serial, "X"),
-        "tls.client.x509.not_after": identity.not_after.isoformat(),
-        "tls.client.hash.sha256": identity.fingerprint_sha256,
-    }
+        events.emit(self._log, events.connection_closed(
+            self.close_reason, duration, self.bytes_in, d.bytes_out if d else 0,
+            d.requests if d else 0, d.allowed if d else 0, d.denied if d else 0,
+            d.errors if d else 0))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mbsec import events
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import Action, RemoteProtocolError
 from mbsec.modbus.mbap import Adu
@@ -136,7 +137,7 @@ class Decisions:
         self._principal_generation = state.generation
         self._decided.clear()  # decided by the old policy
         roles = list(getattr(self._principal, "roles", ()) or ())
-        self.set_log(self.log.bind(**{"user.roles": roles}))
+        self.set_log(self.log.bind(**events.roles_context(roles)))
 
     def replied(self, nbytes: int, t0: float, now: float) -> None:
         self.bytes_out += nbytes
@@ -145,23 +146,12 @@ class Decisions:
     def framing_error(self, exc: RemoteProtocolError) -> None:
         self.errors += 1
         self.metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
-        self.log.warning(
-            "malformed Modbus frame, closing the connection",
-            **{
-                "event.kind": "event",
-                "event.category": ["network", "intrusion_detection"],
-                "event.type": ["connection", "denied"],
-                "event.action": "modbus-framing-error",
-                "event.outcome": "failure",
-                "event.reason": exc.reason,
-                "error.message": exc.message,
-            },
-        )
+        events.emit(self.log, events.modbus_framing_error(exc.reason, exc.message))
 
     def decide(self, adu: Adu, t0: float) -> bytes | Forward | None:
-        """Everything before the PLC: parse, policy, rate limit. Returns the answer PDU when the
-        request goes no further, a :class:`Forward` when it goes to the PLC, or None when it
-        broke the connection (logged, ``close_reason`` set)."""
+        """Everything before the PLC: parse, policy, rate limit, the sink rule. Returns the
+        answer PDU when the request goes no further, a :class:`Forward` when it goes to the
+        PLC, or None when it broke the connection (logged, ``close_reason`` set)."""
         self.now = t0
         self.requests += 1
         pdu = adu.pdu
@@ -187,33 +177,28 @@ class Decisions:
         principal = self._principal
         assert principal is not None
         fname = FUNCTION_NAMES.get(fc) or str(fc)
+        tid = adu.transaction_id
         if not decision.allowed:
-            return self._deny(adu, fc, access, t0, decision.rule_id, decision.reason,
-                              decision.exception_code, "deny")
+            return self._deny(events.modbus_request_denied(
+                tid, adu.unit_id, fc, access, 0.0, decision.rule_id, decision.reason,
+                decision.exception_code), fc, decision.exception_code, "deny")
         if decision.outcome == "would_deny":
-            self.log.warning(
-                "request would be denied (monitor mode), forwarded",
-                **self._request_fields(adu, fc, access, t0),
-                **{
-                    "event.type": ["protocol", "info"],
-                    "event.outcome": "success",
-                    "event.reason": decision.reason,
-                    "rule.id": decision.rule_id,
-                    "modbus.decision": "would_deny",
-                },
-            )
+            events.emit(self.log, events.modbus_request_would_deny(
+                tid, adu.unit_id, fc, access, 0.0, decision.rule_id, decision.reason))
         limiter = state.limiter
         limited = limiter.acquire(principal, access)
         if limited is not None:
-            return self._deny(adu, fc, access, t0, decision.rule_id, limited,
-                              RATE_LIMIT_EXCEPTION, "rate_limited")
+            return self._deny(events.modbus_request_denied(
+                tid, adu.unit_id, fc, access, 0.0, decision.rule_id, limited,
+                RATE_LIMIT_EXCEPTION, "rate_limited"), fc, RATE_LIMIT_EXCEPTION, "rate_limited")
         if not self.audit_ok() and (
             self.on_sink_failure == "refuse"
             or (self.on_sink_failure == "refuse_writes" and access.write is not None)
         ):
             limiter.release(principal)
-            return self._deny(adu, fc, access, t0, decision.rule_id, "audit_unavailable",
-                              AUDIT_EXCEPTION, "audit_unavailable")
+            return self._deny(events.modbus_request_audit_unavailable(
+                tid, adu.unit_id, fc, access, 0.0, decision.rule_id), fc, AUDIT_EXCEPTION,
+                "audit_unavailable")
         return Forward(request, access, decision, principal, limiter, fname, t0)
 
     def _invalid(self, adu: Adu, fc: int, t0: float, exc: RemoteProtocolError) -> bytes | None:
@@ -223,23 +208,10 @@ class Decisions:
             return None
         self.errors += 1
         self.metrics.inc("mbsec_protocol_errors_total", reason=exc.reason)
-        self.log.warning(
-            "invalid Modbus request",
-            **self._request_fields(adu, fc, None, t0),
-            **{
-                "event.type": ["protocol", "denied"],
-                "event.outcome": "failure",
-                "event.reason": exc.reason,
-                "modbus.decision": "invalid",
-                "modbus.exception_code": exc.exception_code,
-                "error.message": exc.message,
-            },
-        )
+        events.emit(self.log, events.modbus_request_invalid(
+            adu.transaction_id, adu.unit_id, fc, 0.0, exc.reason, exc.exception_code,
+            exc.message))
         return exception_pdu(fc & 0x7F, exc.exception_code)
-
-    def abandon(self, fwd: Forward) -> None:
-        """The client went away before the reply: only the rate-limit slot is given back."""
-        fwd.limiter.release(fwd.principal)
 
     def complete(
         self, adu: Adu, fwd: Forward, reply: UpstreamReply | None, error: UpstreamError | None,
@@ -253,117 +225,43 @@ class Decisions:
         fname = fwd.fname
         access = fwd.access
         decision = fwd.decision
-        t0 = fwd.t0
+        took = now - fwd.t0
         if error is not None or reply is None:
             assert error is not None
             self.errors += 1
             self.metrics.inc("mbsec_requests_total", decision="upstream_error", function=fname)
-            self.log.warning(
-                "PLC did not answer" if error.reason != "client_gone"
-                else "client went away before its request was sent; withdrawn",
-                **self._request_fields(adu, fc, access, t0),
-                **{
-                    "event.type": ["protocol", "error"],
-                    "event.outcome": "failure",
-                    "event.reason": error.reason,
-                    "rule.id": decision.rule_id,
-                    "modbus.decision": "allow",
-                    "modbus.exception_code": error.exception_code,
-                    "error.message": error.message,
-                },
-            )
+            events.emit(self.log, events.modbus_request_failed(
+                adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                error.reason, error.exception_code, error.message))
             return exception_pdu(fc, error.exception_code)
         limit = decision.max_response_bytes
         if limit is not None and len(reply.pdu) > limit:
             self.errors += 1
             self.metrics.inc("mbsec_requests_total", decision="response_too_large", function=fname)
-            self.log.warning(
-                "PLC reply exceeds the policy's max_response_bytes, withheld",
-                **self._request_fields(adu, fc, access, t0),
-                **{
-                    "event.type": ["protocol", "denied"],
-                    "event.outcome": "failure",
-                    "event.reason": "response_too_large",
-                    "rule.id": decision.rule_id,
-                    "modbus.decision": "allow",
-                    "modbus.exception_code": RESPONSE_LIMIT_EXCEPTION,
-                    "mbsec.response_bytes": len(reply.pdu),
-                    "mbsec.max_response_bytes": limit,
-                },
-            )
+            events.emit(self.log, events.modbus_request_response_too_large(
+                adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                len(reply.pdu), limit))
             return exception_pdu(fc, RESPONSE_LIMIT_EXCEPTION)
         self.allowed += 1
         cell = self._allowed_cells.get(fname)
         if cell is None:
             cell = self._allowed_cells[fname] = _counter(
-                self.metrics, "mbsec_requests_total", decision="allow", function=fname
-            )
+                self.metrics, "mbsec_requests_total", decision="allow", function=fname)
         if cell is not None:
             cell.value += 1
         else:
             self.metrics.inc("mbsec_requests_total", decision="allow", function=fname)
-        if self.log_allowed is not None:
-            extra: dict[str, Any] = {
-                "event.type": ["protocol", "allowed"],
-                "event.outcome": "success",
-                "rule.id": decision.rule_id,
-                "modbus.decision": decision.outcome,
-                "mbsec.target": reply.target,
-            }
-            code = getattr(reply.response, "exception_code", None)
-            if code is not None:
-                extra["modbus.exception_code"] = code
-            self.log_allowed("request forwarded", **self._request_fields(adu, fc, access, t0),
-                              **extra)
+        log_allowed = self.log_allowed
+        if log_allowed is not None:
+            ev = events.modbus_request_allowed(
+                adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                decision.outcome, reply.target, getattr(reply.response, "exception_code", None))
+            log_allowed(ev.message, **ev.fields)
         return reply.pdu
 
-    def _deny(
-        self,
-        adu: Adu,
-        fc: int,
-        access: Any,
-        t0: float,
-        rule_id: str,
-        reason: str,
-        code: int,
-        decision: str,
-    ) -> bytes:
+    def _deny(self, event: events.Event, fc: int, code: int, decision: str) -> bytes:
         self.denied += 1
         self.metrics.inc(
-            "mbsec_requests_total", decision=decision, function=FUNCTION_NAMES.get(fc, str(fc))
-        )
-        self.log.warning(
-            "request denied",
-            **self._request_fields(adu, fc, access, t0),
-            **{
-                "event.type": ["protocol", "denied"],
-                "event.outcome": "failure",
-                "event.reason": reason,
-                "rule.id": rule_id,
-                "modbus.decision": decision,
-                "modbus.exception_code": code,
-            },
-        )
+            "mbsec_requests_total", decision=decision, function=FUNCTION_NAMES.get(fc, str(fc)))
+        events.emit(self.log, event)
         return exception_pdu(fc, code)
-
-    def _request_fields(self, adu: Adu, fc: int, access: Any, t0: float) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "event.kind": "event",
-            "event.category": ["network"],
-            "event.action": "modbus-request",
-            "event.duration": int((self.now - t0) * 1e9),
-            "modbus.transaction_id": adu.transaction_id,
-            "modbus.unit_id": adu.unit_id,
-            "modbus.function_code": fc,
-            "modbus.function": FUNCTION_NAMES.get(fc, f"function_{fc}"),
-        }
-        if access is not None:
-            span = access.write or access.read
-            if span is not None:
-                fields["modbus.address"] = span[0]
-                fields["modbus.quantity"] = access.quantity
-            if access.subfunction is not None:
-                fields["modbus.subfunction"] = access.subfunction
-        return fields
-
-    # -- close ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mbsec import events
 from mbsec.path.client import ClientConn
 from mbsec.path.link import Link
 from mbsec.path.plc import MetricsLike, UpstreamTarget, check_targets
@@ -277,11 +278,7 @@ class DataPlane:
 
     def bug(self, exc: BaseException, *, fatal: bool = False) -> None:
         """A bug must cost one event, never the data plane (``fatal``: the loop itself died)."""
-        (self.log.critical if fatal else self.log.error)(
-            "data plane stopped" if fatal else "data plane error",
-            **{"event.kind": "event", "event.category": ["process"], "event.type": ["error"],
-               "event.action": "data-plane-error", "event.outcome": "failure",
-               "error.type": type(exc).__name__, "error.message": str(exc)})
+        events.emit(self.log, events.data_plane_error(exc, fatal))
 
     def _shutdown(self) -> None:
         self.router.close("shutdown", "upstream pool stopped", time.monotonic())

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+from mbsec import events
 from mbsec.path.exchange import Exchange
 from mbsec.path.link import Link
 from mbsec.path.plc import (
@@ -53,57 +54,32 @@ class Outbox:
     def observer(self, name: str, **labels: str) -> Callable[[float], None]:
         return observer(self.metrics, name, **labels)
 
-    # events of the PLC side (structlog, ECS keys); the target binds target and address
+    # events of the PLC side: the target's logger carries its name and address
     def _link_log(self, target: Target, link: Link) -> Any:
         return target.log.bind(**{"mbsec.connection": link.index})
 
     def emit_connect(self, target: Target, link: Link) -> None:
-        self._link_log(target, link).info(
-            "upstream-connect", **{"event.kind": "event", "event.category": ["network"],
-                                   "event.type": ["connection", "start"],
-                                   "event.action": "upstream-connect", "event.outcome": "success"})
+        events.emit(self._link_log(target, link), events.upstream_connect())
 
     def emit_connect_failed(self, target: Target, link: Link, reason: str, message: str,
                             backoff: float) -> None:
-        self._link_log(target, link).warning(
-            "upstream-connect-failed",
-            **{"event.kind": "event", "event.category": ["network"],
-               "event.type": ["connection", "error"], "event.action": "upstream-connect-failed",
-               "event.outcome": "failure", "event.reason": reason, "error.message": message,
-               "mbsec.backoff": backoff})
+        events.emit(self._link_log(target, link),
+                    events.upstream_connect_failed(reason, message, backoff))
 
     def emit_reset(self, target: Target, link: Link, reason: str, message: str, pending: int,
                    blame: str | None) -> None:
-        log = self._link_log(target, link)
-        level = log.info if reason == "eof" and not pending else log.warning
-        fields: dict[str, Any] = {
-            "event.kind": "event", "event.category": ["network"],
-            "event.type": ["connection", "end"], "event.action": "upstream-reset",
-            "event.outcome": "failure", "event.reason": reason, "error.message": message,
-            "mbsec.pending": pending}
-        if blame is not None:
-            fields["mbsec.blamed"] = blame
-        level("upstream-reset", **fields)
+        events.emit(self._link_log(target, link),
+                    events.upstream_reset(reason, message, pending, blame))
 
     def emit_late_reply(self, target: Target, link: Link, tid: int) -> None:
         self.metrics.inc("mbsec_upstream_failures_total", target=target.target.name,
                          reason="late_reply")
-        self._link_log(target, link).info(
-            "upstream-late-reply",
-            **{"event.kind": "event", "event.category": ["network"], "event.type": ["info"],
-               "event.action": "upstream-late-reply", "event.outcome": "unknown",
-               "modbus.transaction_id": tid,
-               "error.message": "reply after its request timed out; dropped"})
+        events.emit(self._link_log(target, link), events.upstream_late_reply(tid))
 
     def emit_penalized(self, target: Target, blame: str, resets: int) -> None:
         self.metrics.inc("mbsec_clients_penalized_total", target=target.target.name)
-        target.log.warning(
-            "client refused by this PLC: its requests keep breaking the connection",
-            **{"event.kind": "event", "event.category": ["network", "intrusion_detection"],
-               "event.type": ["denied"], "event.action": "client-penalized",
-               "event.outcome": "success", "event.reason": "breaks_plc_link",
-               "mbsec.blamed": blame, "mbsec.resets": resets,
-               "mbsec.hold": target.target.breaker_hold})
+        events.emit(target.log,
+                    events.client_penalized(blame, resets, target.target.breaker_hold))
 
 
 class Router:

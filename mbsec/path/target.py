@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from mypy_extensions import mypyc_attr
 
+from mbsec import events
 from mbsec.modbus.errors import ProtocolError
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
 from mbsec.path import exchange as xs
@@ -65,8 +66,7 @@ class Target:
         self.outbox = outbox
         self.timers = outbox.timers
         self.metrics = outbox.metrics
-        self.log = log.bind(**{"mbsec.target": target.name, "destination.ip": target.host,
-                               "destination.port": target.port})
+        self.log = log.bind(**events.upstream_context(target.name, target.host, target.port))
         self.links = [Link(self, i) for i in range(target.pool_size)]
         self.wait = WaitQueue()
         self.wait_timer: Any = None
