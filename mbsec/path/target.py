@@ -19,7 +19,8 @@ The availability rules (docs/config.md, "Availability rules"), each in one place
   with nothing overdue first.
 * Clients with waiting requests are served in turn (:class:`~mbsec.path.fair.WaitQueue`). A
   client's requests travel on one link at a time (``pins``), so they reach the PLC in the
-  order it sent them. A reset is charged to the client whose request the bad reply belongs to
+  order it sent them; a write answered 0x0B keeps its client there until it is settled, a
+  read does not. A reset is charged to the client whose request the bad reply belongs to
   (by transaction id, or the only request on the link); a client charged ``breaker_resets``
   times within ``breaker_window`` is refused (0x0A) for ``breaker_hold`` seconds
   (:class:`~mbsec.path.fair.Breaker`).
@@ -37,7 +38,7 @@ from mbsec import events
 from mbsec.modbus.errors import ProtocolError
 from mbsec.modbus.mbap import Adu, FrameBuffer, encode_adu
 from mbsec.path import exchange as xs
-from mbsec.path.exchange import Exchange
+from mbsec.path.exchange import Exchange, read_only
 from mbsec.path.fair import Breaker, WaitQueue
 from mbsec.path.link import CONNECTING, IDLE, OPEN, Link
 from mbsec.path.plc import (
@@ -183,12 +184,16 @@ class Target:
             self.pins[ex.client] = [link, 1]
         else:
             pin[1] += 1
+        ex.pinned = True
         if link.sweep_timer is None:
             link.sweep_timer = self.timers.at(now + self.target.request_timeout,
                                               partial(self._sweep, link))
         self.outbox.dirty.append(link)
 
     def _unpin(self, ex: Exchange) -> None:
+        if not ex.pinned:
+            return
+        ex.pinned = False
         pin = self.pins.get(ex.client)
         if pin is not None:
             pin[1] -= 1
@@ -236,6 +241,10 @@ class Target:
             unsent = link.written < ex.end  # not (wholly) on the wire: the PLC stopped reading
             ex.deadline = now + t.late_reply_wait
             link.overdue[tid] = ex
+            if read_only(ex.adu.pdu):
+                # its client may go on elsewhere: a read the PLC still works on changes nothing
+                # (a write keeps the client on this link, so its next write cannot overtake it)
+                self._unpin(ex)
             self._fail(ex, TargetNoResponse(
                 f"no reply from upstream {t.name} within {t.request_timeout:g} s",
                 reason="timeout"), "timeout")
