@@ -338,3 +338,34 @@ def test_a_malformed_host_name_in_an_address_is_one_line(
     assert mbsec_main(["config", "check", str(cfg)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a valid host name" in err[0], err
+
+
+@pytest.mark.parametrize("host", ["plc_\u00fc.invalid", "\u2603.invalid"])
+def test_upstream_host_names_trios_resolver_refuses_are_refused_at_load(
+    tmp_path: Path, pki: Pki, host: str
+) -> None:
+    """Names Python's IDNA 2003 codec encodes but the ``idna`` package (IDNA 2008, UTS 46,
+    what trio's resolver uses) refuses: one clear line at load, not a failure at the first
+    connect (tests/e2e/test_proxy_paths.py shows the proxy survives such a name anyway).
+    Regression: the check used only the IDNA 2003 codec."""
+    host.encode("idna")  # the standard library's codec takes it
+    cfg = write_config(tmp_path, pki, upstream=f'[upstreams.plc]\nhost = "{host}"\n'
+                       'port = 5020\nunit_ids = [1]\n')
+    with pytest.raises(SettingsError) as exc:
+        load_settings(cfg)
+    problem = exc.value.problems[0]
+    assert problem.startswith(f"{cfg}: upstreams.plc.host: ") and "not a valid host name" in (
+        problem), problem
+
+
+def test_unit_rewrite_onto_a_unit_clients_also_address_is_refused(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """``unit_rewrite = {1 = 2}`` with unit 2 also routed: the policy judges units 1 and 2
+    separately, so a grant for unit 1 would read and write the PLC's unit 2 (say, a safety
+    PLC the policy keeps everyone away from). Refused at load. Regression: accepted, and a
+    client denied unit 2 read it through unit 1."""
+    cfg = write_config(tmp_path, pki, upstream=(
+        '[upstreams.plc]\nhost = "127.0.0.1"\nunit_ids = [1, 2]\nunit_rewrite = { 1 = 2 }\n'))
+    with pytest.raises(SettingsError, match="aliases unit 2"):
+        load_settings(cfg)

@@ -117,6 +117,31 @@ async def test_plc_down_gives_0x0a(pki: Pki, start_proxy: StartProxy) -> None:
     assert ev["event.outcome"] == "failure"
 
 
+async def test_upstream_host_the_resolver_refuses_gets_0x0a_and_the_proxy_runs_on(
+    pki: Pki, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host name that got past the load-time check (``check_host_name``) but that the
+    resolver refuses (``getaddrinfo("plc..invalid")`` raises UnicodeError, not an OSError) is
+    a failed connect: the client gets 0x0A and the proxy keeps serving. Regression: the check
+    and the resolver disagreed on some names (IDNA 2003 vs 2008), and the resolver's
+    UnicodeError took the whole proxy down with a traceback. tests/test_settings.py checks
+    that those names are refused at load."""
+    import mbsec.settings
+
+    monkeypatch.setattr(mbsec.settings, "check_host_name", lambda host, where: None)
+    h = await start_proxy(1, upstream={"host": "plc..invalid", "port": 502,
+                                       "connect_timeout": 30.0})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    try:
+        with trio.fail_after(2):  # the failed resolution itself, not the connect deadline
+            assert await c.request(1, 1, read_hr(0, 1)) == (1, 1, bytes([0x83, 0x0A]))
+    finally:
+        await c.aclose()
+    ev = await h.wait_event("upstream-connect-failed")
+    assert ev["event.reason"] == "connect_failed", ev
+    assert not h.stopped.is_set()
+
+
 async def test_unrouted_unit_gives_0x0a(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:

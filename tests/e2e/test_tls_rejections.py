@@ -24,6 +24,7 @@ from conftest import (
     read_hr,
 )
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mbsec.identity import ROLE_OID
 from mbsec.pki.ca import CertificateAuthority
@@ -207,6 +208,36 @@ async def test_revocation_after_reload_applies_to_the_same_client(
     closed = await h.wait_event(  # type: ignore[attr-defined]
         "connection-closed", lambda e: e.get("event.reason") == "certificate_revoked")
     assert closed["mbsec.requests"] == 1
+
+
+async def test_client_of_an_intermediate_the_root_crl_revoked_is_refused(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The root's CRL revokes the (compromised) intermediate CA: its clients are refused,
+    although their own certificates are on no CRL (``VERIFY_CRL_CHECK_CHAIN``). Regression:
+    the root CRL was loaded but never applied to the intermediate."""
+    ca = CertificateAuthority.init(tmp_path / "ica", common_name="Plant CA", intermediate=True)
+    assert ca.intermediate is not None
+    leaf = ca.issue("client", "via-intermediate", role="operator", out_dir=tmp_path,
+                    name="vi")
+    crl = ca.write_crl(tmp_path / "crl.pem")  # intermediate's CRL (empty) + root's (empty)
+    now = dt.datetime.now(dt.UTC)
+    root_crl = CertificateAuthority._crl(  # the root revokes the intermediate
+        ca.root, ca._root_key(),
+        [{"serial": format(ca.intermediate.serial_number, "x"),
+          "revoked_at": (now - dt.timedelta(minutes=5)).isoformat(),
+          "revocation_reason": "ca_compromise"}],
+        99, now, 7,
+    )
+    end = b"-----END X509 CRL-----\n"
+    int_crl = crl.read_bytes().split(end)[0] + end  # keep the intermediate's own CRL
+    (tmp_path / "both.pem").write_bytes(
+        int_crl + root_crl.public_bytes(serialization.Encoding.PEM))
+    h = await _proxy_trusting(ca, pki, silent_plc, start_proxy, tmp_path / "both.pem")
+    out = await attempt(h.port, pki.client_ctx(leaf))
+    assert out.kind != "reply", "a client of a revoked intermediate CA was served"
+    await rejected(h, "certificate_revoked")
+    assert silent_plc.requests == []
 
 
 async def test_unknown_critical_extension(

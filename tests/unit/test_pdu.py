@@ -445,6 +445,29 @@ def test_response_mismatch(req: Request, raw: bytes, slug: str) -> None:
     assert mismatch(req, raw) == slug
 
 
+def test_diagnostics_counter_reply_must_carry_two_data_bytes() -> None:
+    """FC08 sub-functions other than the echo ones answer one 16-bit counter: a reply with
+    any other amount of data is refused (the connection to the PLC closes), never
+    forwarded. Regression: a non-echo sub-function's reply of any length was accepted."""
+    req = DiagnosticsRequest(0x000B, b"\x00\x00")  # return bus message count
+    assert mismatch(req, bytes([0x08, 0x00, 0x0B]) + bytes(40)) == "bad_response_length"
+    assert parse_response(req, bytes([0x08, 0x00, 0x0B, 0x01, 0x02])) == (
+        DiagnosticsResponse(0x000B, b"\x01\x02"))
+
+
+def test_device_identification_individual_reply_must_carry_the_requested_object() -> None:
+    """FC43/14 read code 4 asks for one specific object: a reply carrying other objects (or
+    more than one) is refused. Regression: "object 5 only" answered with objects 0 and 1
+    was accepted."""
+    req = ReadDeviceIdentificationRequest(4, 0x05)  # object 5 only (ModelName)
+    # read code 4, conformity 0x81, more follows 0xFF, next id 0x06, 2 objects: 0x00 and 0x01
+    bad = bytes([43, 14, 4, 0x81, 0xFF, 0x06, 2, 0x00, 3]) + b"ACM" + bytes([0x01, 2]) + b"X1"
+    assert mismatch(req, bad) == "response_mismatch"
+    good = bytes([43, 14, 4, 0x81, 0x00, 0x00, 1, 0x05, 2]) + b"X1"
+    assert parse_response(req, good) == ReadDeviceIdentificationResponse(
+        4, 0x81, 0, 0, ((5, b"X1"),))
+
+
 def test_response_truncated_at_every_offset() -> None:
     cases: list[tuple[Request, Any]] = [
         (FC03, ReadHoldingRegistersResponse((1, 2))),

@@ -1,6 +1,5 @@
-"""Third review: reload waiting for the thread data plane (6f71084) and per-worker metrics
-endpoints (8dc0bf1). Each test failed on the reviewed code because of the bug its docstring
-names; they stay as regression tests."""
+"""Where the /metrics endpoint listens (``metrics.listen``): the same address behaves the same
+with one worker and with several, and a bad one is one error line."""
 
 from __future__ import annotations
 
@@ -21,14 +20,14 @@ from mbsec.settings import load_settings
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_malformed_metrics_host_is_one_error_line(
+def test_serve_with_a_malformed_metrics_host_prints_one_error_line(
     pki: Pki, tmp_path: Path, workers: int
 ) -> None:
-    """Bug: a typo in ``metrics.listen``'s host (``mgmt..example``, an empty DNS label) makes
-    ``getaddrinfo`` raise ``UnicodeError`` (a ValueError, not an OSError). With workers > 1
-    ``bind_metrics_sockets`` (server.py ``_addresses``) lets it out of ``serve_main``, which
-    only catches OSError (cli_proxy.py); with workers = 1 ``_first_oserror`` finds no OSError
-    and re-raises. Either way a traceback instead of one error line."""
+    """``metrics.listen = "mgmt..example:9802"`` (an empty DNS label): ``getaddrinfo`` would
+    raise UnicodeError (a ValueError, not an OSError). ``mbsec serve`` exits 1 with one
+    ``error: <config>: ...`` line, with one worker and with two. Regression: with workers > 1
+    it escaped ``serve_main`` (which caught OSError only), with one worker it was re-raised:
+    a traceback either way."""
     cfg = serve_config(pki, tmp_path, 1502, workers=workers,
                        extra='[metrics]\nlisten = "mgmt..example:9802"\n')
     res = subprocess.run([sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
@@ -41,12 +40,12 @@ def test_a_malformed_metrics_host_is_one_error_line(
 def test_worker_metrics_sockets_skip_an_unsupported_address_family(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bug: ``_addresses`` claims to bind "as trio binds them", but ``bind_metrics_sockets``
-    (server.py, via ``_listening_socket``) fails the whole start when one address family the
-    host resolves to cannot be used (EAFNOSUPPORT: an IPv4-only kernel, ipv6.disable=1, where
-    /etc/hosts still maps ``localhost`` to ::1). trio.open_tcp_listeners, used by the
-    workers = 1 path, skips such a family, so ``metrics.listen = "localhost:9802"`` works with
-    one worker and fails to start with two ("Address family not supported by protocol")."""
+    """The per-worker metrics sockets are bound as trio binds them for one worker: an address
+    family the host resolves to but cannot use (EAFNOSUPPORT: an IPv4-only kernel,
+    ipv6.disable=1, where /etc/hosts still maps ``localhost`` to ::1) is skipped, so
+    ``metrics.listen = "localhost:..."`` starts with two workers as it does with one.
+    Regression: ``bind_metrics_sockets`` failed the whole start ("Address family not
+    supported by protocol")."""
     cfg = serve_config(pki, tmp_path, 1502, workers=2,
                        extra='[metrics]\nlisten = "localhost:0"\n')
     settings = load_settings(cfg)
@@ -84,17 +83,14 @@ def test_worker_metrics_sockets_skip_an_unsupported_address_family(
         close_all(per_worker)
 
 
-@pytest.mark.parametrize("data_plane", ["thread"], indirect=True)
-async def test_single_process_metrics_on_all_addresses(
+async def test_metrics_on_all_addresses_works_with_one_worker(
     start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bug: ``metrics.listen = ":9802"`` (``:port``, all addresses, as ``parse_hostport`` and
-    the listen row define it, and as the workers > 1 path binds it: ``host or None``) fails
-    with workers = 1: ``Proxy._serve`` (server.py, ``serve_metrics(self.metrics, host, ...)``)
-    hands trio the empty host, and ``getaddrinfo("")`` is "Name or service not known". The
-    same configuration starts with two workers and not with one. (Pre-existing in the
-    workers = 1 path; the new per-worker path made the two disagree.) The test binds only
-    127.0.0.1: it checks that the host given to trio resolves, then binds loopback."""
+    """``metrics.listen = ":9802"`` (``:port``, all addresses, as ``parse_hostport`` and the
+    workers > 1 path read it) starts with one worker too. Regression: the one-worker path
+    handed trio the empty host, and ``getaddrinfo("")`` is "Name or service not known". The
+    test binds only 127.0.0.1: it checks that the host given to trio resolves, then binds
+    loopback."""
     real = trio.open_tcp_listeners
 
     async def open_tcp_listeners(port: int, *, host: Any = None, **kw: Any) -> Any:
