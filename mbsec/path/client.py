@@ -159,7 +159,7 @@ class ClientConn:
         completed = False
         try:
             while self.reading and not self.closing and self.inflight < self.max:
-                if self.blocked or len(self.replies) >= self.max:
+                if self.blocked or len(self.replies) + self.inflight >= self.max:
                     self._more = frames.buffered > 0  # resumes after the driver wrote them
                     break
                 try:

@@ -70,6 +70,17 @@ class Forward:
     t0: float
 
 
+#: function codes that change nothing in the PLC (43 only with MEI type 14, read device
+#: identification); ``on_sink_failure = "refuse_writes"`` refuses everything else (writes,
+#: FC08 diagnostics such as restart, vendor codes) while no sink takes events
+READ_FUNCTIONS = frozenset({1, 2, 3, 4, 7, 11, 12, 17, 20, 24})
+
+
+def reads_only(pdu: bytes) -> bool:
+    fc = pdu[0] if pdu else 0
+    return fc in READ_FUNCTIONS or (fc == 43 and len(pdu) > 1 and pdu[1] == 14)
+
+
 def _counter(metrics: object, name: str, **labels: str) -> Any:
     get = getattr(metrics, "counter", None)
     if get is not None:
@@ -193,7 +204,7 @@ class Decisions:
                 RATE_LIMIT_EXCEPTION, "rate_limited"), fc, RATE_LIMIT_EXCEPTION, "rate_limited")
         if not self.audit_ok() and (
             self.on_sink_failure == "refuse"
-            or (self.on_sink_failure == "refuse_writes" and access.write is not None)
+            or (self.on_sink_failure == "refuse_writes" and not reads_only(pdu))
         ):
             limiter.release(principal)
             return self._deny(events.modbus_request_audit_unavailable(

@@ -361,15 +361,21 @@ class ClientIO:
             self._decrypt(now)
 
     def _decrypt(self, now: float) -> None:
+        """Decrypt what the BIO holds while the core takes requests. While it takes none
+        (pipelining limit, replies waiting) the ciphertext stays here, at most one read of
+        it, and :meth:`flush` comes back once the core takes requests again."""
         obj = self._obj
         conn = self.conn
         incoming = self._incoming
-        while conn.reading:
+        drained = False
+        while conn.wants_read:
             if not incoming.pending and not incoming.eof and not obj.pending():
+                drained = True
                 break  # nothing buffered: a read could only want more
             try:
                 data = obj.read(RECEIVE_SIZE)
             except ssl.SSLWantReadError:
+                drained = True
                 break
             except ssl.SSLError:
                 conn.receive_eof("client_reset", now, broken=True)
@@ -381,7 +387,8 @@ class ClientIO:
         if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer, in order with replies
             self._out += self._outgoing.read()
             conn._dirty()
-        conn.settled(incoming.pending > 0, now)
+        if drained:  # what is left in the BIO is part of a record (not held back by us)
+            conn.settled(incoming.pending > 0, now)
 
     def flush(self, now: float) -> None:
         """Encrypt the replies (one record each), write what the kernel takes, report."""
@@ -421,10 +428,13 @@ class ClientIO:
         if conn.closing:
             self._finish()
             return
-        want = (_IN if conn.wants_read else 0) | (_OUT if out else 0)
+        wants_read = conn.wants_read
+        want = (_IN if wants_read else 0) | (_OUT if out else 0)
         if want != self._mask:
             self._mask = want
             self.plane.modify(self.fd, want)
+        if wants_read and (self._incoming.pending or self._obj.pending()):
+            self._decrypt(now)  # ciphertext held back while the core took no requests
 
     def _finish(self) -> None:
         """No more socket I/O; the connection goes back to trio once nothing is in flight."""

@@ -13,15 +13,6 @@ WAITING = 0  # queued at its target for a link slot
 SENT = 1  # written (or being written) on a link
 DONE = 2  # has its outcome; never sent again
 
-#: function codes that change nothing in the PLC (43 only with MEI 14, read device id): a
-#: timed-out read may be overtaken by the same client's next request, anything else may not
-READ_ONLY = frozenset({1, 2, 3, 4, 7, 11, 12, 17, 20, 24})
-
-
-def read_only(pdu: bytes) -> bool:
-    fc = pdu[0] if pdu else 0
-    return fc in READ_ONLY or (fc == 43 and len(pdu) > 1 and pdu[1] == 14)
-
 
 class Exchange:
     """A forwarded request. The target sends it at most once and gives it exactly one outcome

@@ -25,6 +25,7 @@ from mbsec.path.plc import (
     UpstreamTarget,
     check_targets,
 )
+from mbsec.path.pool import LinkPool
 from mbsec.path.target import Target
 from mbsec.path.timers import Timers
 
@@ -55,28 +56,28 @@ class Outbox:
         return observer(self.metrics, name, **labels)
 
     # events of the PLC side: the target's logger carries its name and address
-    def _link_log(self, target: Target, link: Link) -> Any:
+    def _link_log(self, target: LinkPool, link: Link) -> Any:
         return target.log.bind(**{"mbsec.connection": link.index})
 
-    def emit_connect(self, target: Target, link: Link) -> None:
+    def emit_connect(self, target: LinkPool, link: Link) -> None:
         events.emit(self._link_log(target, link), events.upstream_connect())
 
-    def emit_connect_failed(self, target: Target, link: Link, reason: str, message: str,
+    def emit_connect_failed(self, target: LinkPool, link: Link, reason: str, message: str,
                             backoff: float) -> None:
         events.emit(self._link_log(target, link),
                     events.upstream_connect_failed(reason, message, backoff))
 
-    def emit_reset(self, target: Target, link: Link, reason: str, message: str, pending: int,
+    def emit_reset(self, target: LinkPool, link: Link, reason: str, message: str, pending: int,
                    blame: str | None) -> None:
         events.emit(self._link_log(target, link),
                     events.upstream_reset(reason, message, pending, blame))
 
-    def emit_late_reply(self, target: Target, link: Link, tid: int) -> None:
+    def emit_late_reply(self, target: LinkPool, link: Link, tid: int) -> None:
         self.metrics.inc("mbsec_upstream_failures_total", target=target.target.name,
                          reason="late_reply")
         events.emit(self._link_log(target, link), events.upstream_late_reply(tid))
 
-    def emit_penalized(self, target: Target, blame: str, resets: int) -> None:
+    def emit_penalized(self, target: LinkPool, blame: str, resets: int) -> None:
         self.metrics.inc("mbsec_clients_penalized_total", target=target.target.name)
         events.emit(target.log,
                     events.client_penalized(blame, resets, target.target.breaker_hold))

@@ -406,12 +406,6 @@ async def test_pipelined_requests_answered_at_once_are_all_answered(
     assert plc.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ClientIO._decrypt feeds every whole TLS record in the incoming BIO to the core even "
-    "while it takes no requests (max_pipelined reached); one 64 KiB socket read plus the "
-    "partial record left from the previous one can decrypt to more than the FrameBuffer's "
-    "64 KiB cap (5 records of 13600 bytes), and a client that only pipelines valid requests "
-    "fast is closed as buffer_overflow, logged as a malformed frame"))
 async def test_a_client_pipelining_a_long_burst_of_valid_requests_is_served(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:

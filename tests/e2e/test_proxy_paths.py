@@ -360,11 +360,13 @@ async def test_connection_closed_line_counts(
 async def test_late_plc_reply_never_reaches_the_next_request(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
-    plc = await scripted(nursery, delay=lambda a: 0.8 if a == 10 else 0.0)
+    plc = await scripted(nursery, delay=lambda a: 0.6 if a == 10 else 0.0)
     h = await start_proxy(plc.port, upstream={"request_timeout": 0.4})
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
     assert await c.request(1, 1, read_hr(10, 1)) == (1, 1, bytes([0x83, 0x0B]))
-    # the reply for address 10 arrives while these are outstanding: each gets its own data
+    # the request answered 0x0B keeps its slot and its client on that link: the next one
+    # waits (0.2 s, within its 0.4 s) until the late reply for address 10 has come and been
+    # dropped; each gets its own data
     for tid, addr in ((2, 20), (3, 30), (4, 40)):
         assert await c.request(tid, 1, read_hr(addr, 1)) == (tid, 1, bytes([3, 2, 0, addr]))
         await trio.sleep(0.2)

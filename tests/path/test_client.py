@@ -402,10 +402,6 @@ def test_requests_answered_at_once_are_all_answered_with_a_bounded_backlog(kind:
     assert at_plc(d) == [] and conn.inflight == 0 and conn.wants_read
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClientConn.pump bounds waiting replies and requests in flight separately (each at "
-    "max_pipelined), so up to 2 x max_pipelined - 1 replies wait to be written, not the "
-    "max_pipelined its docstring states"))
 def test_at_most_max_pipelined_replies_wait_to_be_written() -> None:
     d = ClientDriver(one_link(), plc=manual_plc())
     conn = d.open(max_pipelined=8)
