@@ -1175,3 +1175,65 @@ async def test_a_bug_while_handling_a_request_closes_that_connection_only(
     assert closed["event.reason"] == "internal_error"
     async with closing(await TlsClient.connect(h.port, pki.client_ctx(pki.operator))) as other:
         assert await other.request(3, 1, read_hr(6, 1)) == (3, 1, fc03_reply(6, 1))
+
+
+class _PairPlc(LocalTcpServer):
+    """Answers FC03 requests two at a time, both replies in one send (one read on the link,
+    so both complete in the same data-plane pass)."""
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        frames = FrameBuffer()
+        held: list[Any] = []
+        try:
+            while data := await stream.receive_some(4096):
+                frames.receive_data(data)
+                while (adu := frames.next_frame()) is not None:
+                    held.append(adu)
+                    if len(held) == 2:
+                        out = b""
+                        for a in held:
+                            addr, count = struct.unpack(">HH", a.pdu[1:5])
+                            vals = struct.pack(f">{count}H", *range(addr, addr + count))
+                            out += encode_adu(a.transaction_id, a.unit_id,
+                                              bytes([3, 2 * count]) + vals)
+                        held.clear()
+                        await stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def test_a_connection_closed_by_a_bug_still_gets_the_replies_finished_before_it(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The PLC answers two pipelined reads in one segment; completing the second one fails (a
+    bug), so the connection is closed as internal_error. The first read was answered by the
+    PLC, logged as allowed and counted in the close line's ``destination.bytes``: the client
+    must get it (for a write, it could not tell otherwise whether the PLC executed it)."""
+    from mbsec.path.decide import Decisions
+
+    real = Decisions.complete
+    poison = read_hr(77, 1)
+
+    def buggy(self: Decisions, adu: Any, *args: Any) -> Any:
+        if adu.pdu == poison:
+            raise RuntimeError("a bug in complete")
+        return real(self, adu, *args)
+
+    monkeypatch.setattr(Decisions, "complete", buggy)
+    plc = _PairPlc()
+    await nursery.start(plc.serve)
+    h = await start_proxy(plc.port, upstream={"depth": 2, "pool_size": 1})
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    try:
+        await c.stream.send_all(encode_adu(1, 1, read_hr(5, 1)) + encode_adu(2, 1, poison))
+        try:
+            first = await c.recv()
+        except trio.BrokenResourceError:
+            first = None
+        closed = await h.wait_event("connection-closed")
+        assert closed["event.reason"] == "internal_error", closed
+        assert first == (1, 1, bytes([3, 2, 0, 5])), (
+            f"got {first!r}; the close line says {closed.get('destination.bytes')} bytes were "
+            "sent to the client")
+    finally:
+        await c.aclose()
