@@ -259,6 +259,27 @@ class ScriptedPlc:
 # -- the driver --------------------------------------------------------------------------------
 
 
+class GuardedTimers(Timers):
+    """:class:`Timers` that fail a test (instead of hanging it) when callbacks keep
+    scheduling callbacks due at the same instant."""
+
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scheduled = 0  # since the last run_due began
+
+    def at(self, when: float, fn: Callable[[float], None]) -> Any:
+        self.scheduled += 1
+        if self.scheduled > self.LIMIT:
+            raise AssertionError(f"more than {self.LIMIT} timers scheduled in one run_due")
+        return super().at(when, fn)
+
+    def run_due(self, now: float, contain: Any = None) -> int:
+        self.scheduled = 0
+        return super().run_due(now, contain)
+
+
 def plc_target(**kw: Any) -> UpstreamTarget:
     """An :class:`UpstreamTarget` named ``plc1`` for unit 1 (override anything)."""
     settings: dict[str, Any] = {
@@ -280,7 +301,7 @@ class Driver:
 
     def __init__(self, *targets: UpstreamTarget, plc: ScriptedPlc | None = None,
                  now: float = 0.0) -> None:
-        self.timers = Timers()
+        self.timers: Timers = GuardedTimers()
         self.log = RecordingLog()
         self.metrics = RecordingMetrics()
         self.router = Router(targets or (plc_target(),), timers=self.timers, log=self.log,
@@ -319,13 +340,15 @@ class Driver:
 
     def run_until(self, when: float) -> None:
         """Fire every timer due up to ``when`` at its own time, then stop the clock at it."""
-        while True:
+        for _ in range(100_000):
             deadline = self.timers.next_deadline()
             if deadline is None or deadline > when:
                 break
             self.now = max(self.now, deadline)
             self.timers.run_due(self.now)
             self.drain()
+        else:
+            raise AssertionError(f"timers keep firing at {self.now}: they never settle")
         self.now = when
         self.timers.run_due(self.now)
         self.drain()
