@@ -75,12 +75,12 @@ class LinkPool:
             return True
         return any(link.state != IDLE for link in self.links)
 
-    def _open_links(self, now: float) -> None:
-        """Connect idle links until those connecting can take every waiting request."""
+    def _open_links(self, now: float, wanted: int) -> None:
+        """Connect idle links until those connecting can take ``wanted`` requests."""
         depth = self.target.depth
         connecting = sum(1 for link in self.links if link.state == CONNECTING)
         for link in self.links:
-            if connecting * depth >= self.wait.count:
+            if connecting * depth >= wanted:
                 return
             if link.state == IDLE:
                 self._connect(link, now)

@@ -110,7 +110,11 @@ class Target(LinkPool):
             ex, link = got
             self._send(link, ex, now)
         if wait.count and now >= self.retry_at:
-            self._open_links(now)
+            pins = self.pins
+            # a client whose earlier requests hold a link waits for that link, not a new one
+            free = sum(len(q) for client, q in wait.queues.items() if client not in pins)
+            if free:
+                self._open_links(now, free)
 
     def _send(self, link: Link, ex: Exchange, now: float) -> None:
         if ex.state != xs.WAITING:  # never twice: a write moves real equipment
