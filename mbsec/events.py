@@ -21,7 +21,6 @@ logged. No I/O, no trio: the request-path core imports this module.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from mbsec.modbus.messages import FUNCTION_NAMES, ExceptionCode
 
 if TYPE_CHECKING:
+    import datetime as dt
+
     from mbsec.identity import PeerIdentity
     from mbsec.modbus.access import Access
 
@@ -874,9 +875,13 @@ def client_penalized(blamed: str, resets: int, hold_s: float) -> Event:
 def fallback_line(event: Event, now: dt.datetime | None = None) -> str:
     """The JSON line the logger would write, built without it: for ``log-sink-failed`` and
     anything else that must reach stderr when the sinks cannot take it."""
-    from mbsec.audit import ECS_VERSION, nest_dotted  # audit may import this module
+    # here, not at import: the request-path core imports this module and reads no clock
+    # (datetime imports time); audit imports this module
+    import datetime
 
-    stamp = (now or dt.datetime.now(dt.UTC)).isoformat().replace("+00:00", "Z")
+    from mbsec.audit import ECS_VERSION, nest_dotted
+
+    stamp = (now or datetime.datetime.now(datetime.UTC)).isoformat().replace("+00:00", "Z")
     flat: dict[str, Any] = {"@timestamp": stamp, "message": event.message, **event.fields,
                             "log.level": event.level, "ecs.version": ECS_VERSION,
                             "service.name": "mbsec"}

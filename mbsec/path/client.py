@@ -194,6 +194,12 @@ class ClientConn:
             if self._complete_timer is not None:
                 self._complete_timer.cancel()
                 self._complete_timer = None
+        if (completed and self._complete_timer is None and self.reading and not self.closing
+                and self.frames.incomplete()):
+            # the part of a request left behind a pipelined burst: its deadline runs from
+            # when the request before it was taken
+            self.partial_since = now
+            self._complete_timer = self.timers.at(now + self.complete_timeout, self._incomplete)
         self._dirty()
 
     def finished(self, ex: Exchange, now: float) -> None:

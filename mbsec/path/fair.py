@@ -94,7 +94,8 @@ class WaitQueue:
 class Breaker:
     """Counts the resets charged to each client (by its blame key: the certificate, so a new
     connection does not start over) and refuses a client that caused ``limit`` of them within
-    ``window`` seconds for ``hold`` seconds."""
+    ``window`` seconds for ``hold`` seconds. A good reply to the client forgives its strikes
+    (the target pops them from :attr:`strikes`): only resets in a row count."""
 
     MAX_KEYS = 4096  # clients remembered; the stale ones are dropped beyond that
 

@@ -10,9 +10,13 @@ through the outbox (``actions``), and every input carries ``now``.
   ``resets_before_backoff`` happen within ``reset_window``; never a first reconnect. The
   backoff is the PLC's (its links share one host), not one link's.
 * A reset is charged to the client whose request the bad reply belongs to (by transaction id,
-  or the only request on the link); a client charged ``breaker_resets`` times within
-  ``breaker_window`` is refused (0x0A) for ``breaker_hold`` seconds
-  (:class:`~mbsec.path.fair.Breaker`). A charged reset does not count toward the backoff.
+  or the one client whose requests are on the link); a client charged ``breaker_resets``
+  times in a row (no good reply for it in between) within ``breaker_window`` is refused (0x0A)
+  for ``breaker_hold`` seconds (:class:`~mbsec.path.fair.Breaker`), so a PLC restart that
+  hits a poller now and then never locks it out. A charged reset does not count toward the
+  backoff; one nobody is blamed for does, once they repeat with no good reply in between.
+  A request that never got its late reply (``late_reply_overdue``) is the PLC's silence and is
+  charged to nobody.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class LinkPool:
         self.breaker = Breaker(target.breaker_resets, target.breaker_window, target.breaker_hold)
         self.backoff = target.backoff_initial
         self.retry_at = 0.0  # no connect before this (the target's backoff)
-        self.resets: list[float] = []  # recent resets nobody was blamed for
+        #: resets nobody was blamed for since the last good reply (within ``reset_window``)
+        self.resets: list[float] = []
         self.last_error = ""
         self.observe_rtt = outbox.observer("mbsec_upstream_request_seconds", target=target.name)
 
@@ -105,12 +110,16 @@ class LinkPool:
         self.outbox.done.append(ex)
 
     def _only_one(self, link: Link) -> str | None:
-        """The client to blame for a fault no tid names: the only request on the link."""
-        if len(link.pending) + len(link.overdue) == 1:
-            for ex in [*link.pending.values(), *link.overdue.values()]:
-                key: str = ex.client.blame_key
-                return key
-        return None
+        """The client to blame for a fault no tid names (an unknown tid, a broken frame, an
+        EOF): the one client whose requests are on the link, else nobody."""
+        key: str | None = None
+        for ex in [*link.pending.values(), *link.overdue.values()]:
+            owner: str = ex.client.blame_key
+            if key is None:
+                key = owner
+            elif owner != key:
+                return None
+        return key
 
     def closed(self, link: Link, gen: int, reason: str, message: str, now: float) -> None:
         """The PLC socket ended (EOF, or an error reading or writing it)."""
@@ -200,6 +209,9 @@ class LinkPool:
         if blame is not None:
             self._charge(blame, now)
         elif not quiet and reason != "shutdown":
+            # resets nobody is blamed for since the PLC last answered properly (a good reply
+            # clears them): a PLC that breaks every connection is throttled, one that only
+            # breaks now and then between good replies is reconnected at once every time
             self.resets = [t for t in self.resets if t > now - self.target.reset_window]
             self.resets.append(now)
             if len(self.resets) > self.target.resets_before_backoff:

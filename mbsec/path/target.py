@@ -81,23 +81,24 @@ class Target(LinkPool):
             return link if link.state == OPEN and link.busy < depth else None
         best: Link | None = None
         tainted: Link | None = None
-        can_open = False
+        other = False  # a healthy link that is full, connecting, or can be opened
         for link in self.links:
             state = link.state
             if state == OPEN:
-                if link.busy >= depth:
-                    continue
                 if link.overdue:
-                    if tainted is None or link.busy < tainted.busy:
+                    if link.busy < depth and (tainted is None or link.busy < tainted.busy):
                         tainted = link
+                elif link.busy >= depth:
+                    other = True
                 elif best is None or link.busy < best.busy:
                     best = link
             elif state == CONNECTING or now >= self.retry_at:
-                can_open = True
+                other = True
         if best is not None:
             return best
-        # a link owed a late reply is used only when no other can be had
-        return None if can_open else tainted
+        # a link owed a late reply (the PLC may still be busy with it) is used only when no
+        # other link can be had: waiting for a healthy one is shorter
+        return None if other else tainted
 
     def schedule(self, now: float) -> None:
         """Hand waiting requests to free slots, clients in turn; open links for the rest."""
@@ -185,14 +186,15 @@ class Target(LinkPool):
                 link.overdue_timer = self.timers.at(ex.deadline, partial(self._overdue, link))
 
     def _overdue(self, link: Link, now: float) -> None:
-        """A late reply did not come within ``late_reply_wait``: reset the link, charged to
-        the client that asked for it (a slow register costs the client that reads it)."""
+        """A late reply did not come within ``late_reply_wait``: reset the link (charged to
+        nobody: a silent PLC is not its client's fault; the client paid with its 0x0B and its
+        wait on this link)."""
         link.overdue_timer = None
         for ex in link.overdue.values():
             if ex.deadline <= now:
                 self._reset(link, "late_reply_overdue",
                             f"no late reply within {self.target.late_reply_wait:g} s after a "
-                            "request timed out", now, ex.client.blame_key)
+                            "request timed out", now, None)
                 self.schedule(now)
                 return
         if link.overdue:
@@ -235,6 +237,11 @@ class Target(LinkPool):
                         failed_too=1)
             return
         self.backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
+        if self.resets:
+            self.resets.clear()
+        strikes = self.breaker.strikes
+        if strikes:
+            strikes.pop(ex.client.blame_key, None)  # its requests do not keep breaking links
         self.observe_rtt(now - ex.sent)
         ex.reply = reply
         ex.state = xs.DONE

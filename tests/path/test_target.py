@@ -650,7 +650,8 @@ def test_rule_overdue_cap_resets_the_link_with_late_reply_overdue() -> None:
     assert b.state == WAITING and closes(d) == []
     d.run_until(1.5)
     [reset] = d.log.of("upstream-reset")
-    assert reset["event.reason"] == "late_reply_overdue" and reset["mbsec.blamed"] == "slow"
+    # NEW RULE: a PLC's silence is charged to nobody (the client paid with its 0x0B)
+    assert reset["event.reason"] == "late_reply_overdue" and "mbsec.blamed" not in reset
     assert closes(d) == [(0, 0)]
     # the waiting request goes out on a fresh connection that owes nothing
     link = d.target().links[0]
@@ -760,19 +761,19 @@ def test_rule_a_blamed_reset_does_not_start_the_backoff() -> None:
 
 
 def test_rule_unblamed_resets_beyond_resets_before_backoff_start_the_backoff() -> None:
-    d = silent(pool_size=1, resets_before_backoff=2, reset_window=10.0, backoff_initial=0.5)
+    # NEW RULE: only resets with no good reply in between count (a good reply clears them)
+    d = silent(pool_size=1, depth=2, resets_before_backoff=2, reset_window=10.0,
+               backoff_initial=0.5)
 
-    def unblamed_reset() -> None:  # a reply no request on the link asked for
-        d.send(FakeClient(), read_pdu(0))
-        d.answer_all()
+    def unblamed_reset() -> list[Exchange]:  # two clients on the link, a reply nobody asked for
+        sent = [d.send(FakeClient("a"), read_pdu(0)), d.send(FakeClient("b"), read_pdu(0))]
         d.reply(d.plc.conns[-1], adu(999, 1, fc03_reply(1, read_pdu(0))))
+        return sent
 
     unblamed_reset()
     unblamed_reset()
-    ex = d.send(FakeClient(), read_pdu(1))  # two resets: still at once
-    assert ex.state == SENT
-    d.answer_all()
-    d.reply(d.plc.conns[-1], adu(999, 1, fc03_reply(1, read_pdu(0))))  # the third
+    third = unblamed_reset()  # two resets before it: still sent at once
+    assert all(ex.state == DONE and ex.error is not None for ex in third)
     assert [e["event.reason"] for e in d.log.of("upstream-reset")] == ["unknown_tid"] * 3
     assert all("mbsec.blamed" not in e for e in d.log.of("upstream-reset"))
     late = d.send(FakeClient(), read_pdu(1))
@@ -781,6 +782,17 @@ def test_rule_unblamed_resets_beyond_resets_before_backoff_start_the_backoff() -
     again = d.send(FakeClient(), read_pdu(2))
     d.answer_all()
     assert ok(again) == [value(1, 2)]
+
+
+def test_rule_a_good_reply_clears_the_unblamed_resets() -> None:
+    d = silent(pool_size=1, resets_before_backoff=1, reset_window=10.0)
+    for _ in range(3):  # each time: a good reply, then a reply nobody asked for
+        d.send(FakeClient(), read_pdu(0))
+        d.answer_all()
+        d.reply(d.plc.conns[-1], adu(999, 1, fc03_reply(1, read_pdu(0))))
+    assert len(d.log.of("upstream-reset")) == 3
+    ex = d.send(FakeClient(), read_pdu(1))
+    assert ex.state == SENT  # no backoff: the PLC answered properly in between
 
 
 def test_rule_unblamed_resets_outside_the_window_do_not_count() -> None:

@@ -84,7 +84,7 @@ class FifoForAll(Target):
             wait.remove(ex)
             self._send(link, ex, now)
         if wait.count and now >= self.retry_at:
-            self._open_links(now)
+            self._open_links(now, wait.count)
 
 
 class NoCompletionDeadline(ClientConn):
