@@ -772,6 +772,8 @@ class World:
                 if other.client.good:
                     other.excuses.add("shared")
         sock.outstanding[req.nonce] = (now, late, bad)
+        if req in self.slow_active:
+            self.update_stuck()
 
     def plc_release(self, sock: SimSocket, req: SimRequest) -> bool:
         """The PLC is done with ``req`` (answered it); False if the socket is gone."""
@@ -797,7 +799,12 @@ class World:
         self.update_stuck()
 
     def update_stuck(self) -> None:
-        stuck = sum(1 for s in self.sockets.values() if s.late > 0)
+        """Every connection holds a misbehaving client's late or slow request (two
+        misbehaving clients can take a pool of two): no link is left for the others."""
+        slow = self.slow_active
+        by_nonce = self.by_nonce
+        stuck = sum(1 for s in self.sockets.values()
+                    if s.late > 0 or any(by_nonce[n] in slow for n in s.outstanding))
         is_stuck = stuck >= self.pool_size
         if is_stuck != self.stuck_open:
             self.stuck_open = is_stuck
@@ -815,6 +822,7 @@ class World:
             del self.slow_active[req]
             if not self.slow_active:
                 self.window("slow", False)
+            self.update_stuck()
 
     # -- episodes ----------------------------------------------------------------------------
 

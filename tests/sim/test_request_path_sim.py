@@ -339,3 +339,17 @@ def test_schedule_busy_link_preferred_to_one_owed_a_late_reply() -> None:
         state.burst(who="bad1", kind="good", n=20, dt=1.2)
         state.burst(who="bad1", kind="good", n=20, dt=1.2)
     replay(steps)
+
+
+def test_schedule_two_misbehaving_clients_hold_both_links() -> None:
+    """Two misbehaving clients, one pipelining late registers, one slow ones, on a pool of two
+    and a one-at-a-time PLC: each holds one link, so a poller cannot be served within the
+    bound; the simulation excuses it (the guarantee is for one misbehaving client per spare
+    link) instead of calling it a fault."""
+    def steps(state: RequestPathSim) -> None:
+        state.setup(pool=2, depth=2, serial=True, pollers=2, think=0.05)
+        state.burst(dt=0.02, kind="late", n=20, who="bad0")
+        state.burst(dt=1.2, kind="no_route", n=2, who="bad0")
+        state.burst(dt=1.2, kind="slow", n=20, who="bad1")
+        state.wait(dt=3.0)
+    replay(steps)
