@@ -15,6 +15,8 @@ import heapq
 import itertools
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 COMPACT_MIN = 4096  # heap size from which cancelled timers are swept out
 
 
@@ -31,6 +33,7 @@ class Timer:
         self.fn = None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests guard against timers that never end
 class Timers:
     """A heap of :class:`Timer`; callbacks get the ``now`` the driver passed in."""
 
