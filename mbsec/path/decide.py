@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mbsec import events
+from mbsec.metrics import counter, observer
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import Action, RemoteProtocolError
 from mbsec.modbus.mbap import Adu
 from mbsec.modbus.pdu import FUNCTION_NAMES, ExceptionCode, exception_pdu, parse_request
 from mbsec.path.plc import UpstreamError, UpstreamReply
-from mbsec.path.router import observer
 
 if TYPE_CHECKING:
     from mbsec.identity import PeerIdentity
@@ -79,13 +79,6 @@ READ_FUNCTIONS = frozenset({1, 2, 3, 4, 7, 11, 12, 17, 20, 24})
 def reads_only(pdu: bytes) -> bool:
     fc = pdu[0] if pdu else 0
     return fc in READ_FUNCTIONS or (fc == 43 and len(pdu) > 1 and pdu[1] == 14)
-
-
-def _counter(metrics: object, name: str, **labels: str) -> Any:
-    get = getattr(metrics, "counter", None)
-    if get is not None:
-        return get(name, **labels)
-    return None
 
 
 class Decisions:
@@ -256,12 +249,9 @@ class Decisions:
         self.allowed += 1
         cell = self._allowed_cells.get(fname)
         if cell is None:
-            cell = self._allowed_cells[fname] = _counter(
+            cell = self._allowed_cells[fname] = counter(
                 self.metrics, "mbsec_requests_total", decision="allow", function=fname)
-        if cell is not None:
-            cell.value += 1
-        else:
-            self.metrics.inc("mbsec_requests_total", decision="allow", function=fname)
+        cell.value += 1
         log_allowed = self.log_allowed
         if log_allowed is not None:
             ev = events.modbus_request_allowed(

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 from mbsec import events
+from mbsec.metrics import observer
 from mbsec.path.exchange import Exchange
 from mbsec.path.link import Link
 from mbsec.path.plc import (
@@ -28,16 +29,6 @@ from mbsec.path.plc import (
 from mbsec.path.pool import LinkPool
 from mbsec.path.target import Target
 from mbsec.path.timers import Timers
-
-
-def observer(metrics: object, name: str, **labels: str) -> Callable[[float], None]:
-    """A bound ``observe`` for one series: the label lookup is paid once, not per request."""
-    histogram = getattr(metrics, "histogram", None)
-    if histogram is not None:
-        bound: Callable[[float], None] = histogram(name, **labels).observe
-        return bound
-    observe = metrics.observe  # type: ignore[attr-defined]
-    return lambda value: observe(name, value, **labels)
 
 
 class Outbox:
