@@ -103,6 +103,8 @@ class Target(LinkPool):
     def schedule(self, now: float) -> None:
         """Hand waiting requests to free slots, clients in turn; open links for the rest."""
         wait = self.wait
+        if not wait.count:
+            return  # the common case, after every reply: nobody waits
         place = partial(self.place, now=now)
         while wait.count:
             got = wait.pop(place)
