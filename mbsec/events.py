@@ -82,13 +82,21 @@ COMMON_FIELDS = frozenset(
     ("@timestamp", "message", "log.level", "event.action", "ecs.version", "service.name")
 )
 
+#: the certificate facts an ``identities:`` entry of the policy can match besides the CN and
+#: the fingerprint (docs/policy.md), bound by :func:`peer_context`; the SAN and OU lists only
+#: when the certificate has any
+PEER_MATCH_FIELDS = (
+    "tls.client.x509.issuer.distinguished_name", "tls.client.x509.subject.organizational_unit",
+    "mbsec.san_dns", "mbsec.san_ip", "mbsec.san_uri",
+)
+
 #: fields bound on the logger rather than passed to each event
 CONTEXTS: dict[str, frozenset[str]] = {
     # bound per client connection at accept (and after the handshake: the peer's identity)
     "connection": frozenset((
         "mbsec.conn_id", "source.ip", "source.port", "destination.ip", "destination.port",
         "tls.client.x509.subject.common_name", "tls.client.hash.sha256", "user.name",
-        "user.roles",
+        "user.roles", *PEER_MATCH_FIELDS,
     )),
     # bound per PLC target (and connection slot)
     "upstream": frozenset(("mbsec.target", "destination.ip", "destination.port",
@@ -141,13 +149,25 @@ def connection_context(
 
 
 def peer_context(identity: PeerIdentity, roles: Iterable[str]) -> dict[str, Any]:
-    """Bound after a successful handshake: who the connection is."""
-    return {
+    """Bound after a successful handshake: who the connection is, with every certificate
+    fact an ``identities:`` entry of the policy matches (subject CN and OU, SANs, issuer,
+    fingerprint), so that the events of a connection are enough to learn or replay one."""
+    ctx: dict[str, Any] = {
         "tls.client.x509.subject.common_name": identity.common_name,
         "tls.client.hash.sha256": identity.fingerprint_sha256,
+        "tls.client.x509.issuer.distinguished_name": identity.issuer,
         "user.name": identity.common_name,
         "user.roles": list(roles),
     }
+    if identity.organizational_units:
+        ctx["tls.client.x509.subject.organizational_unit"] = list(identity.organizational_units)
+    if identity.san_dns:
+        ctx["mbsec.san_dns"] = list(identity.san_dns)
+    if identity.san_ip:
+        ctx["mbsec.san_ip"] = list(identity.san_ip)
+    if identity.san_uri:
+        ctx["mbsec.san_uri"] = list(identity.san_uri)
+    return ctx
 
 
 def roles_context(roles: Iterable[str]) -> dict[str, Any]:
@@ -268,9 +288,11 @@ _register(
     context="connection",
     fields=(*_ENVELOPE, "event.reason", "event.duration", "rule.id", "modbus.decision",
             "modbus.transaction_id", "modbus.unit_id", "modbus.function_code", "modbus.function",
-            "modbus.subfunction", "modbus.address", "modbus.quantity", "modbus.exception_code",
-            "mbsec.target", "mbsec.response_bytes", "mbsec.max_response_bytes",
-            "error.message"),
+            "modbus.subfunction", "modbus.address", "modbus.quantity", "modbus.read.address",
+            "modbus.read.quantity", "modbus.write.address", "modbus.write.quantity",
+            "modbus.values", "mbsec.values_total", "mbsec.request_bytes",
+            "modbus.exception_code", "mbsec.target", "mbsec.response_bytes",
+            "mbsec.max_response_bytes", "error.message"),
     reasons=MODBUS_REQUEST_REASONS,
     constructors=("modbus_request_allowed", "modbus_request_would_deny", "modbus_request_denied",
                   "modbus_request_invalid", "modbus_request_failed",
@@ -280,10 +302,16 @@ _register(
 RESPONSE_TOO_LARGE_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)  # 04
 AUDIT_UNAVAILABLE_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)  # 04
 
+#: written values logged per request; a longer write logs the first ones and
+#: ``mbsec.values_total`` (FC16 writes up to 123 registers, FC15 up to 1968 coils)
+MAX_LOGGED_VALUES = 16
+
 
 def _request(
     tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float
 ) -> dict[str, Any]:
+    """The fields every request event shares: what the policy decides on (``access``), so a
+    policy can be learned from the events and replayed against them."""
     fields: dict[str, Any] = {
         "event.kind": "event",
         "event.category": ["network"],
@@ -295,12 +323,27 @@ def _request(
         "modbus.function": FUNCTION_NAMES.get(fc) or f"function_{fc}",
     }
     if access is not None:
-        span = access.write or access.read
+        read = access.read
+        write = access.write
+        span = write or read
         if span is not None:
             fields["modbus.address"] = span[0]
             fields["modbus.quantity"] = access.quantity
+            if read is not None and write is not None:  # FC23: both ranges, each on its own
+                fields["modbus.read.address"] = read[0]
+                fields["modbus.read.quantity"] = read[1]
+                fields["modbus.write.address"] = write[0]
+                fields["modbus.write.quantity"] = write[1]
         if access.subfunction is not None:
             fields["modbus.subfunction"] = access.subfunction
+        values = access.values
+        if values:
+            if len(values) > MAX_LOGGED_VALUES:
+                fields["modbus.values"] = list(values[:MAX_LOGGED_VALUES])
+                fields["mbsec.values_total"] = len(values)
+            else:
+                fields["modbus.values"] = list(values)
+        fields["mbsec.request_bytes"] = access.pdu_length
     return fields
 
 
@@ -588,6 +631,44 @@ def server_stop(sessions: int, drain_timeout: float) -> Event:
         "mbsec.sessions": sessions,
         "mbsec.drain_timeout": drain_timeout,
     })
+
+
+SERVER_STOPPED_REASONS = ("shutdown_requested", "data_plane_failed", "internal_error",
+                          "cancelled")
+
+_register(
+    "server-stopped",
+    levels=("info", "error"),
+    context=None,
+    fields=(*_ENVELOPE, "event.reason", "event.duration", "process.exit_code",
+            "mbsec.connections_cut"),
+    reasons=SERVER_STOPPED_REASONS,
+    constructors=("server_stopped",),
+)
+
+
+def server_stopped(
+    reason: str, connections_cut: int, drain_s: float, exit_code: int | None
+) -> Event:
+    """The last event: the proxy has stopped serving (after the drain; the data plane has
+    stopped). ``connections_cut``: connections still open when ``drain_timeout`` ran out,
+    closed with their in-flight requests unanswered; ``drain_s``: how long the drain took;
+    ``exit_code``: the status ``mbsec serve`` exits with (None when the proxy was embedded
+    and cancelled by its caller)."""
+    clean = reason == "shutdown_requested"
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["process"],
+        "event.type": ["end"],
+        "event.action": "server-stopped",
+        "event.outcome": "success" if clean or reason == "cancelled" else "failure",
+        "event.reason": reason,
+        "event.duration": int(drain_s * 1e9),
+        "mbsec.connections_cut": connections_cut,
+    }
+    if exit_code is not None:
+        fields["process.exit_code"] = exit_code
+    return Event("info" if clean or reason == "cancelled" else "error", "mbsec stopped", fields)
 
 
 _register(
@@ -895,8 +976,11 @@ __all__ = [
     "COMMON_FIELDS",
     "CONTEXTS",
     "FRAMING_REASONS",
+    "MAX_LOGGED_VALUES",
     "MODBUS_REQUEST_REASONS",
+    "PEER_MATCH_FIELDS",
     "RESPONSE_TOO_LARGE_EXCEPTION",
+    "SERVER_STOPPED_REASONS",
     "TLS_REJECT_REASONS",
     "UPSTREAM_RESET_REASONS",
     "Event",
@@ -928,6 +1012,7 @@ __all__ = [
     "roles_context",
     "server_start",
     "server_stop",
+    "server_stopped",
     "session_error",
     "tls_handshake_accepted",
     "tls_handshake_rejected",

@@ -183,6 +183,9 @@ class Proxy:
         self._token: trio.lowlevel.TrioToken | None = None
         self._no_sessions = trio.Event()
         self._ready = False
+        #: for the final ``server-stopped`` event: the drain's length, connections it cut
+        self._drain_s = 0.0
+        self._connections_cut = 0
         self.addresses: list[tuple[str, int]] = []
         self.metrics_port: int | None = None
         self._warn_crls()
@@ -300,10 +303,20 @@ class Proxy:
         limits = self.settings.limits
         self._token = trio.lowlevel.current_trio_token()
         self.data_plane.start()
+        reason = "shutdown_requested"
         try:
             await self._serve(limits, task_status)
+        except BaseException as exc:
+            reason = "cancelled" if _only_cancelled(exc) else "internal_error"
+            raise
         finally:
             self.data_plane.stop()
+            if self._ready:  # the last event, once nothing serves any more
+                if self.failed:
+                    reason = "data_plane_failed"
+                code = None if reason == "cancelled" else int(reason != "shutdown_requested")
+                events.emit(self.log, events.server_stopped(
+                    reason, self._connections_cut, self._drain_s, code))
 
     async def _serve(
         self, limits: LimitsSettings, task_status: trio.TaskStatus[list[tuple[str, int]]]
@@ -358,9 +371,12 @@ class Proxy:
                     s.stop_reading()
                 events.emit(self.log,
                             events.server_stop(len(self.sessions), limits.drain_timeout))
+                drain_start = trio.current_time()
                 with trio.move_on_after(limits.drain_timeout):
                     if self.sessions:
                         await self._no_sessions.wait()
+                self._drain_s = trio.current_time() - drain_start
+                self._connections_cut = len(self.sessions)
                 conns.cancel_scope.cancel()
             root.cancel_scope.cancel()
 
@@ -426,6 +442,13 @@ class Proxy:
             if self._per_source[source] <= 0:
                 del self._per_source[source]
             self.metrics.set("mbsec_connections_active", len(self.sessions))
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """``serve`` ended by its caller's cancellation (trio.Cancelled, maybe in a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 # -- worker processes ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ names) and the reasons the code uses today (all registered)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import inspect
 import json
@@ -204,8 +205,14 @@ IDENTITY = PeerIdentity(
     fingerprint_sha256="c4f0" * 16, not_before=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     not_after=dt.datetime(2027, 1, 1, tzinfo=dt.UTC), role="operator",
 )
+#: a certificate with every fact an ``identities:`` entry can match
+SAN_IDENTITY = dataclasses.replace(
+    IDENTITY, organizational_units=("Line 1", "HMI"), san_dns=("hmi-01.plant.example",),
+    san_ip=("10.0.0.9", "2001:db8::9"), san_uri=("urn:plant:hmi-01",))
 WRITE = Access(16, Table.HOLDING_REGISTERS, None, (10, 2), (1, 2), None, 10)
 DIAG = Access(8, Table.NONE, None, None, (), 0, 5)
+#: FC23: reads 100..104, writes 10..29 (20 values: more than are logged)
+READ_WRITE = Access(23, Table.HOLDING_REGISTERS, (100, 5), (10, 20), tuple(range(20)), None, 50)
 R = (514, 1, 16, WRITE, 0.00009)  # tid, unit, fc, access, duration
 
 #: calls that together take every branch of every constructor
@@ -219,6 +226,7 @@ SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
     (events.modbus_request_allowed, (8, 1, 8, DIAG, 0.001, "r2", "would_deny", "plc-1", 1),
      {"level": "info"}),
     (events.modbus_request_allowed, (9, 1, 99, None, 0.001, "r3", "allow", "plc-1"), {}),
+    (events.modbus_request_allowed, (10, 1, 23, READ_WRITE, 0.001, "r4", "allow", "plc-1"), {}),
     (events.modbus_request_would_deny, (*R, "default", "no_matching_rule"), {}),
     (events.modbus_request_denied, (*R, "r1", "denied_by_rule", 1), {}),
     (events.modbus_request_denied, (*R, "r1", "write_rate_exceeded", 6), {
@@ -234,6 +242,9 @@ SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
     (events.connection_revoked, (7, IDENTITY, "10.0.0.9"), {}),
     (events.server_start, (["127.0.0.1:802"], None, {"b": 1, "a": 2}, "thread", True), {}),
     (events.server_stop, (2, 10.0), {}),
+    (events.server_stopped, ("shutdown_requested", 1, 2.5, 0), {}),
+    (events.server_stopped, ("data_plane_failed", 0, 0.0, 1), {}),
+    (events.server_stopped, ("cancelled", 0, 0.0, None), {}),
     (events.config_reloaded, (3, ["limits"]), {}),
     (events.config_reload_failed, (["a: broken", "b: broken"],), {}),
     (events.crl_expiry, ("CRL of CN=Plant CA expired",), {}),
@@ -290,8 +301,11 @@ def test_constructors_write_exactly_the_registered_fields_and_levels() -> None:
 
 def test_context_helpers_write_the_registered_context_fields() -> None:
     conn = events.connection_context(1, "10.0.0.9", 40000, "10.0.0.1", 802)
-    peer = events.peer_context(IDENTITY, ["operator"])
+    peer = events.peer_context(SAN_IDENTITY, ["operator"])
     assert set(conn) | set(peer) == CONTEXTS["connection"]
+    bare = events.peer_context(IDENTITY, ["operator"])  # no OU, no SANs: not bound at all
+    assert set(peer) - set(bare) == {"tls.client.x509.subject.organizational_unit",
+                                     "mbsec.san_dns", "mbsec.san_ip", "mbsec.san_uri"}
     assert set(events.roles_context(["a"])) <= CONTEXTS["connection"]
     assert set(events.upstream_context("plc-1", "10.0.0.5", 502, 0)) == CONTEXTS["upstream"]
     assert "mbsec.connection" not in events.upstream_context("plc-1", "10.0.0.5", 502)
@@ -308,7 +322,8 @@ ECS_FIELDS = {
     "tls.cipher", "tls.resumed", "tls.client.hash.sha256",
     "tls.client.x509.subject.common_name", "tls.client.x509.subject.distinguished_name",
     "tls.client.x509.issuer.distinguished_name", "tls.client.x509.serial_number",
-    "tls.client.x509.not_after",
+    "tls.client.x509.not_after", "tls.client.x509.subject.organizational_unit",
+    "process.exit_code",
 }
 ECS_VALUES = {
     "event.kind": {"alert", "enrichment", "event", "metric", "state", "pipeline_error",
@@ -334,13 +349,28 @@ def test_field_names_are_ecs_or_namespaced() -> None:
     assert sorted(r for r in slugs if not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", r)) == []
 
 
-def test_categorization_values_are_ecs_allowed_values() -> None:
-    for evs in _built().values():
-        for ev in evs:
-            for key, allowed in ECS_VALUES.items():
-                value = ev.fields.get(key)
-                values = value if isinstance(value, list) else [] if value is None else [value]
-                assert set(values) <= allowed, (ev.action, key, value)
+def test_every_event_is_categorized_with_ecs_allowed_values() -> None:
+    """Every event of every constructor (all sampled) has kind, category, type and outcome,
+    each with values ECS allows; category and type are lists, kind and outcome one value."""
+    problems = []
+    for action, spec in ACTIONS.items():
+        for key in ECS_VALUES:
+            if key not in spec.fields:
+                problems.append(f"{action}: {key} not registered")
+    for fn, args, kwargs in SAMPLES:
+        ev = fn(*args, **kwargs)
+        for key, allowed in ECS_VALUES.items():
+            value = ev.fields.get(key)
+            if value is None:
+                problems.append(f"{fn.__name__}{args}: no {key}")
+                continue
+            many = key in ("event.category", "event.type")
+            if many != isinstance(value, list) or (many and not value):
+                problems.append(f"{fn.__name__}: {key} {value!r} has the wrong shape")
+            values = value if isinstance(value, list) else [value]
+            if not set(values) <= allowed:
+                problems.append(f"{fn.__name__}: {key} {value!r} not an ECS value")
+    assert problems == []
 
 
 def test_tls_events() -> None:
@@ -365,7 +395,8 @@ def test_modbus_request_events() -> None:
         "event.kind": "event", "event.category": ["network"], "event.action": "modbus-request",
         "event.duration": 90000, "modbus.transaction_id": 514, "modbus.unit_id": 1,
         "modbus.function_code": 16, "modbus.function": "write_multiple_registers",
-        "modbus.address": 10, "modbus.quantity": 2, "event.type": ["protocol", "allowed"],
+        "modbus.address": 10, "modbus.quantity": 2, "modbus.values": [1, 2],
+        "mbsec.request_bytes": 10, "event.type": ["protocol", "allowed"],
         "event.outcome": "success", "rule.id": "r1", "modbus.decision": "allow",
         "mbsec.target": "plc-1",
     }
@@ -385,6 +416,91 @@ def test_modbus_request_events() -> None:
     assert gone.message.startswith("client went away")
     assert events.modbus_request_failed(*R, "r1", "timeout", 11, "x").message == \
         "PLC did not answer"
+
+
+def _access(fc: int, table: Table, read: tuple[int, int] | None,
+            write: tuple[int, int] | None, values: tuple[int, ...], pdu_length: int) -> Access:
+    return Access(fc, table, read, write, values, None, pdu_length)
+
+
+@pytest.mark.parametrize(("access", "logged", "total"), [
+    (_access(5, Table.COILS, None, (7, 1), (1,), 5), [1], None),  # FC05 on
+    (_access(5, Table.COILS, None, (7, 1), (0,), 5), [0], None),  # FC05 off
+    (_access(15, Table.COILS, None, (0, 10), (1, 0, 1, 1, 0, 0, 0, 0, 1, 1), 8),
+     [1, 0, 1, 1, 0, 0, 0, 0, 1, 1], None),  # FC15: one state per coil
+    (_access(6, Table.HOLDING_REGISTERS, None, (10, 1), (65535,), 5), [65535], None),
+    (_access(16, Table.HOLDING_REGISTERS, None, (10, 16), tuple(range(16)), 38),
+     list(range(16)), None),  # exactly the bound: not cut
+    (_access(16, Table.HOLDING_REGISTERS, None, (10, 123), tuple(range(123)), 252),
+     list(range(16)), 123),  # cut: the first 16 and the count
+    (_access(22, Table.HOLDING_REGISTERS, None, (4, 1), (0x00F2, 0x0025), 7),
+     [0x00F2, 0x0025], None),  # FC22: and_mask, or_mask
+    (_access(3, Table.HOLDING_REGISTERS, (0, 10), None, (), 5), None, None),  # reads: none
+])
+def test_request_events_carry_the_written_values(
+    access: Access, logged: list[int] | None, total: int | None
+) -> None:
+    for ev in (events.modbus_request_denied(1, 1, access.function_code, access, 0.0, "r",
+                                            "denied_by_rule", 1),
+               events.modbus_request_allowed(1, 1, access.function_code, access, 0.0, "r",
+                                             "allow", "plc-1"),
+               events.modbus_request_would_deny(1, 1, access.function_code, access, 0.0, "r",
+                                                "denied_by_rule")):
+        assert ev.fields.get("modbus.values") == logged
+        assert ev.fields.get("mbsec.values_total") == total
+        assert ev.fields["mbsec.request_bytes"] == access.pdu_length
+    assert len(logged or ()) <= events.MAX_LOGGED_VALUES
+
+
+def test_fc23_request_events_carry_both_ranges() -> None:
+    ev = events.modbus_request_denied(3, 1, 23, READ_WRITE, 0.0, "r", "denied_by_rule", 1)
+    f = ev.fields
+    assert (f["modbus.read.address"], f["modbus.read.quantity"]) == (100, 5)
+    assert (f["modbus.write.address"], f["modbus.write.quantity"]) == (10, 20)
+    assert (f["modbus.address"], f["modbus.quantity"]) == (10, 20)  # as before: the write's
+    assert f["modbus.values"] == list(range(16)) and f["mbsec.values_total"] == 20
+    # one range only: no split fields (modbus.address/quantity say it all)
+    for access in (WRITE, _access(3, Table.HOLDING_REGISTERS, (0, 10), None, (), 5)):
+        fields = events.modbus_request_denied(3, 1, access.function_code, access, 0.0, "r",
+                                              "denied_by_rule", 1).fields
+        assert not any(k.startswith(("modbus.read.", "modbus.write.")) for k in fields)
+
+
+def test_peer_context_carries_what_policy_identities_match() -> None:
+    """Every ``identities:`` match key (docs/policy.md) has its fact in the context."""
+    from mbsec.policy.engine import _identity_values
+
+    peer = events.peer_context(SAN_IDENTITY, ["operator"])
+    by_key = {
+        "subject_cn": peer["tls.client.x509.subject.common_name"],
+        "subject_ou": peer["tls.client.x509.subject.organizational_unit"],
+        "san_dns": peer["mbsec.san_dns"],
+        "san_ip": peer["mbsec.san_ip"],
+        "san_uri": peer["mbsec.san_uri"],
+        "issuer": peer["tls.client.x509.issuer.distinguished_name"],
+        "fingerprint_sha256": peer["tls.client.hash.sha256"],
+    }
+    for key, logged in by_key.items():
+        logged = logged if isinstance(logged, list) else [logged]
+        assert list(_identity_values(SAN_IDENTITY, key)) == logged, key
+    from mbsec.policy.model import IdentityMatch
+
+    assert set(IdentityMatch.model_fields) == set(by_key)  # a new match key: log it too
+
+
+def test_server_stopped() -> None:
+    ok = events.server_stopped("shutdown_requested", 2, 1.5, 0)
+    assert ok.level == "info" and ok.message == "mbsec stopped"
+    assert ok.fields == {
+        "event.kind": "event", "event.category": ["process"], "event.type": ["end"],
+        "event.action": "server-stopped", "event.outcome": "success",
+        "event.reason": "shutdown_requested", "event.duration": 1_500_000_000,
+        "mbsec.connections_cut": 2, "process.exit_code": 0}
+    bad = events.server_stopped("data_plane_failed", 0, 0.1, 1)
+    assert bad.level == "error" and bad.fields["event.outcome"] == "failure"
+    assert bad.fields["process.exit_code"] == 1
+    embedded = events.server_stopped("cancelled", 0, 0.0, None)
+    assert embedded.level == "info" and "process.exit_code" not in embedded.fields
 
 
 def test_upstream_events() -> None:
