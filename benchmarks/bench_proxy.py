@@ -2,10 +2,10 @@
 """mbsec against stunnel and haproxy, with the neutral kit in ../shared/bench (not run in CI).
 
 One run measures, interleaved so drift hits every target alike:
-  direct (mbload -> mbplc), stunnel, haproxy, and mbsec four ways (mutual TLS -> mbplc):
+  direct (mbload -> mbplc), stunnel, haproxy, and mbsec three ways (mutual TLS -> mbplc):
   mbsec (one process, the defaults), mbsec-workers (``workers = --workers``, default 2:
-  processes sharing the port), mbsec-busypoll (``busy_poll_us = --busy-poll-us``, default 50)
-  and mbsec-trio (``data_plane = "trio"``, the all-trio reference engine)
+  processes sharing the port) and mbsec-busypoll (``busy_poll_us = --busy-poll-us``,
+  default 50)
 at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), FC03 quantity 10, with the
 full mbsec policy on (role from the certificate, source network, unit, function, address
 range, quantity and response-size limits, a rate limiter sized not to bind). It prints a
@@ -13,11 +13,21 @@ table of rps, p50/p99 latency, proxy CPU % and proxy CPU microseconds per reques
 ratios mbsec/stunnel and mbsec/haproxy. Any request mbload could not validate (mismatch,
 bad tid/unit/fc/length/MBAP, exception, timeout, connection or TLS error) fails the run.
 
+Builds side by side: ``--build NAME=PATH`` (repeatable) names a checkout whose own
+``PATH/.venv/bin/mbsec`` serves the targets ``mbsec@NAME`` (and ``mbsec-workers@NAME``,
+``mbsec-busypoll@NAME``), each with the same generated config and policy. The repetitions
+alternate the order of the targets (odd repetitions as listed, even ones reversed), and the
+run prints every repetition and the paired ratios of each build against the first one
+(``--baseline``): rps after/before and p50 before/after per repetition, their median per
+point, and whether it holds ``--min-ratio``.
+
 Everything it starts (mbplc, stunnel, haproxy, mbsec) is stopped by pid on exit. Ports are
 picked free on 127.0.0.1, so it does not collide with another run or service.
 
     python3 benchmarks/bench_proxy.py --duration 3
     python3 benchmarks/bench_proxy.py --reps 3 --duration 5 --json-out results.jsonl
+    python3 benchmarks/bench_proxy.py --build before=/tmp/bench-before \
+        --build after=/tmp/bench-after --reps 7 --duration 12
 """
 
 from __future__ import annotations
@@ -42,9 +52,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = REPO.parent / "shared" / "bench"
 POINTS = ("1x1", "10x1", "100x1", "10x4")
-TARGETS = ("direct", "stunnel", "haproxy", "mbsec", "mbsec-workers", "mbsec-busypoll",
-           "mbsec-trio")
-MBSEC_TARGETS = ("mbsec", "mbsec-workers", "mbsec-busypoll", "mbsec-trio")
+TARGETS = ("direct", "stunnel", "haproxy", "mbsec", "mbsec-workers", "mbsec-busypoll")
+#: the mbsec configurations; each is a target on its own (this checkout's .venv) and, for a
+#: ``--build NAME=PATH``, as ``KIND@NAME`` (that checkout's .venv)
+MBSEC_KINDS = ("mbsec", "mbsec-workers", "mbsec-busypoll")
 ERROR_KEYS = (
     "mismatch",
     "bad_tid",
@@ -57,6 +68,19 @@ ERROR_KEYS = (
     "tls_error",
     "aborted",
 )
+
+
+def kind_of(target: str) -> str:
+    """``mbsec-workers@after`` -> ``mbsec-workers``; ``stunnel`` -> ``stunnel``."""
+    return target.split("@", 1)[0]
+
+
+def build_of(target: str) -> str | None:
+    return target.split("@", 1)[1] if "@" in target else None
+
+
+def is_mbsec(target: str) -> bool:
+    return kind_of(target) in MBSEC_KINDS
 
 
 def say(msg: str) -> None:
@@ -130,6 +154,8 @@ class Stack:
     peers_env: dict[str, str]
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     peers_started: bool = False
+    #: what each mbsec target's ``server-start`` event says about its data plane
+    compiled: dict[str, Any] = field(default_factory=dict)
 
     def cpu_pids(self, name: str) -> list[int]:
         """The processes whose CPU counts for ``name``: a worker set is its main process and
@@ -174,8 +200,14 @@ class Stack:
 
 
 def write_mbsec_config(
-    work: Path, port: int, plc_port: int, pool: int, depth: int, workers: int = 1,
-    name: str = "mbsec", extra: str = "",
+    work: Path,
+    port: int,
+    plc_port: int,
+    pool: int,
+    depth: int,
+    workers: int = 1,
+    name: str = "mbsec",
+    extra: str = "",
 ) -> Path:
     """A config and policy that enforce everything a production policy would check."""
     (work / "policy.yaml").write_text(
@@ -252,18 +284,49 @@ file = "{name}.log"
     return cfg
 
 
+def mbsec_exe(args: argparse.Namespace, target: str) -> str:
+    build = build_of(target)
+    root = REPO if build is None else args.builds[build]
+    exe = root / ".venv" / "bin" / "mbsec"
+    if exe.exists():
+        return str(exe)
+    if build is not None:
+        raise SystemExit(f"--build {build}={root}: no {exe} (make its .venv and pip install -e)")
+    return shutil.which("mbsec") or "mbsec"
+
+
+def data_plane_compiled(log: Path, proc: subprocess.Popen[Any], timeout: float) -> Any:
+    """The ``mbsec.data_plane_compiled`` field of the ``server-start`` event in the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            for line in log.read_text().splitlines():
+                if "data_plane_compiled" not in line:
+                    continue
+                with contextlib.suppress(ValueError):
+                    return _find_key(json.loads(line), "mbsec.data_plane_compiled")
+        time.sleep(0.1)
+    return None
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        head, _, rest = key.partition(".")
+        if rest and isinstance(obj.get(head), dict):
+            return _find_key(obj[head], rest)
+        for v in obj.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
 @contextlib.contextmanager
 def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack, dict[str, int]]]:
     kit: Path = args.kit
-    ports = {
-        "direct": free_port(),
-        "stunnel": free_port(),
-        "haproxy": free_port(),
-        "mbsec": free_port(),
-        "mbsec-workers": free_port(),
-        "mbsec-busypoll": free_port(),
-        "mbsec-trio": free_port(),
-    }
+    ports = {name: free_port() for name in ("direct", "stunnel", "haproxy", *args.target_list)}
     peers_env = dict(
         os.environ,
         RUNDIR=str(work / "peers"),
@@ -288,28 +351,44 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
         stack.peers_started = True
         run([str(kit / "run-peers.sh"), "start", str(certs)], env=peers_env)
 
-        mbsec = str(REPO / ".venv" / "bin" / "mbsec")
-        if not Path(mbsec).exists():
-            mbsec = shutil.which("mbsec") or "mbsec"
-        for name in MBSEC_TARGETS:
-            if name not in args.target_list:
+        for name in args.target_list:
+            if not is_mbsec(name):
                 continue
-            workers = args.workers if name == "mbsec-workers" else 1
-            extra = {
-                "mbsec-busypoll": f"busy_poll_us = {args.busy_poll_us}\n",
-                "mbsec-trio": 'data_plane = "trio"\n',
-            }.get(name, "")
-            cfg = write_mbsec_config(work, ports[name], ports["direct"], args.pool, args.depth,
-                                     workers, name, extra)
-            run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")])
-            run([mbsec, "policy", "test", str(work / "policy.yaml")])
-            run([mbsec, "config", "check", str(cfg)])
-            say(f"starting mbsec serve ({workers} worker(s)) on 127.0.0.1:{ports[name]}")
+            kind = kind_of(name)
+            mbsec = mbsec_exe(args, name)
+            workers = args.workers if kind == "mbsec-workers" else 1
+            extra = f"busy_poll_us = {args.busy_poll_us}\n" if kind == "mbsec-busypoll" else ""
+            # the same config for every build: only the port and the log file differ
+            cfg = write_mbsec_config(
+                work, ports[name], ports["direct"], args.pool, args.depth, workers, name, extra
+            )
+            run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")], cwd=work)
+            run([mbsec, "policy", "test", str(work / "policy.yaml")], cwd=work)
+            run([mbsec, "config", "check", str(cfg)], cwd=work)
+            say(f"starting {name}: {mbsec} serve ({workers} worker(s)) on 127.0.0.1:{ports[name]}")
             out = (work / f"{name}.out").open("w")
+            # cwd is the work directory, so no checkout's sources shadow the build's own
             stack.procs[name] = subprocess.Popen(
-                [mbsec, "serve", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT
+                [mbsec, "serve", "--config", str(cfg)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=work,
             )
             wait_listening(ports[name], stack.procs[name], name, 15)
+            stack.compiled[name] = data_plane_compiled(work / f"{name}.log", stack.procs[name], 10)
+            say(f"{name}: data plane compiled = {stack.compiled[name]}")
+            if stack.compiled[name] is not True:
+                say(f"WARNING: {name} runs the interpreted data plane (reinstall its .venv)")
+            if (
+                build_of(name) is not None
+                and stack.compiled[name] is not True
+                and not args.allow_interpreted
+            ):
+                raise SystemExit(
+                    f"{name}: the server-start event says data_plane_compiled = "
+                    f"{stack.compiled[name]} (see {work / (name + '.log')}); "
+                    "--allow-interpreted to measure it anyway"
+                )
         yield stack, ports
     finally:
         stack.stop()
@@ -327,6 +406,8 @@ class Result:
     proxy_pids: list[int]
     plc_pid: int
     exit_status: int
+    #: position of this run among the targets of its point and repetition (1 = first)
+    slot: int = 0
 
     @property
     def failed(self) -> int:
@@ -376,7 +457,7 @@ def mbload(
     r = Result(point, target, rep, data, proxy_pids, plc_pid, proc.returncode)
     status = "ok" if r.failed == 0 and not r.errors() else f"FAILED {r.failed} {r.errors()}"
     say(
-        f"{point:>6} {target:<13} rep {rep}: {data['rps']:>9,.0f} rps  p50 {data['p50_us']:,.0f} us"
+        f"{point:>6} {target:<20} rep {rep}: {data['rps']:>9,.0f} rps  p50 {data['p50_us']:,.0f} us"
         f"  p99 {data['p99_us']:,.0f} us  {status}"
     )
     if r.failed or r.errors():
@@ -432,7 +513,7 @@ def summarize(results: list[Result], points: list[str], targets: list[str]) -> s
                 f"| {fmt(a['cpu'])} | {fmt(a['us'], '.1f')} | {fmt(a['plc'])} "
                 f"| {fmt(a['load'])} | {failed} |"
             )
-    ours = [t for t in MBSEC_TARGETS if t in targets]
+    ours = [t for t in targets if is_mbsec(t)]
     if ours:
         rows += [
             "",
@@ -458,28 +539,182 @@ def summarize(results: list[Result], points: list[str], targets: list[str]) -> s
     return "\n".join(rows)
 
 
+def _r(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _us(r: Result) -> float | None:
+    """Proxy CPU microseconds per request."""
+    c = r.proxy_cpu()
+    return None if c is None or not r.data["rps"] else c / 100 * 1e6 / r.data["rps"]
+
+
+def _c(r: Result) -> str:
+    return fmt(_us(r), ".1f")
+
+
+def every_repetition(results: list[Result], points: list[str], targets: list[str]) -> str:
+    """One row per mbload run, in the order they ran."""
+    rows = [
+        "| conns x depth | rep | slot | target | ok rps | p50 µs | p99 µs | proxy CPU % "
+        "| proxy CPU µs/req | failed |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for point in points:
+        for r in sorted((r for r in results if r.point == point), key=lambda r: (r.rep, r.slot)):
+            if r.target not in targets:
+                continue
+            rows.append(
+                f"| {point} | {r.rep} | {r.slot} | {r.target} | {fmt(r.data['rps'])} "
+                f"| {fmt(r.data['p50_us'])} | {fmt(r.data['p99_us'])} | {fmt(r.proxy_cpu())} "
+                f"| {_c(r)} | {r.failed} |"
+            )
+    return "\n".join(rows)
+
+
+def paired(
+    results: list[Result],
+    points: list[str],
+    targets: list[str],
+    baseline: str,
+    min_ratio: float,
+) -> tuple[str, bool]:
+    """Each build against the baseline build, kind by kind, repetition by repetition: rps
+    after/before and p50 before/after (both > 1 when the other build is better), and their
+    medians per point. Returns the table and whether every median rps ratio holds
+    ``min_ratio``."""
+    pairs = []
+    for t in targets:
+        build = build_of(t)
+        if build is None or build == baseline:
+            continue
+        base = f"{kind_of(t)}@{baseline}"
+        if base in targets:
+            pairs.append((base, t))
+    ok = True
+    if not pairs:
+        return "", ok
+    by = {(r.point, r.target, r.rep): r for r in results}
+    reps = sorted({r.rep for r in results})
+    rows = [
+        "| conns x depth | rep | pair (order) | rps before | rps after | rps after/before "
+        "| p50 before µs | p50 after µs | p50 before/after | p99 before µs | p99 after µs "
+        "| CPU µs/req before | CPU µs/req after | stunnel rps |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for point in points:
+        for base, other in pairs:
+            rps_r: list[float] = []
+            p50_r: list[float] = []
+            cpu_r: list[float] = []
+            for rep in reps:
+                a, b = by.get((point, base, rep)), by.get((point, other, rep))
+                if a is None or b is None:
+                    continue
+                rr = _r(b.data["rps"], a.data["rps"])
+                pr = _r(a.data["p50_us"], b.data["p50_us"])
+                if rr is not None:
+                    rps_r.append(rr)
+                if pr is not None:
+                    p50_r.append(pr)
+                cr = _r(_us(b), _us(a))
+                if cr is not None:
+                    cpu_r.append(cr)
+                first = base if a.slot < b.slot else other
+                s = by.get((point, "stunnel", rep))
+                rows.append(
+                    f"| {point} | {rep} | {other} / {base} ({first} first) "
+                    f"| {fmt(a.data['rps'])} | {fmt(b.data['rps'])} | {fmt(rr, '.3f')} "
+                    f"| {fmt(a.data['p50_us'])} | {fmt(b.data['p50_us'])} | {fmt(pr, '.3f')} "
+                    f"| {fmt(a.data['p99_us'])} | {fmt(b.data['p99_us'])} | {_c(a)} | {_c(b)} "
+                    f"| {fmt(s.data['rps']) if s else '-'} |"
+                )
+            m_rps, m_p50 = median(rps_r), median(p50_r)
+            holds = m_rps is not None and m_rps >= min_ratio
+            ok = ok and holds
+            rows.append(
+                f"| **{point}** | **median** | {other} / {base} | | | **{fmt(m_rps, '.3f')}** "
+                f"| | | **{fmt(m_p50, '.3f')}** | | | | | |"
+            )
+            verdicts.append(
+                f"{point}: {other} / {base}: median rps ratio {fmt(m_rps, '.3f')} over "
+                f"{len(rps_r)} pairs (min {fmt(min(rps_r) if rps_r else None, '.3f')}, "
+                f"max {fmt(max(rps_r) if rps_r else None, '.3f')}), median p50 ratio "
+                f"{fmt(m_p50, '.3f')}, median CPU/req ratio after/before "
+                f"{fmt(median(cpu_r), '.3f')}: {'holds' if holds else 'BELOW'} {min_ratio:g}"
+            )
+    return "\n".join(rows) + "\n\n" + "\n".join(verdicts), ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", type=Path, default=DEFAULT_KIT, help="the bench kit (shared/bench)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per mbload run")
     p.add_argument("--reps", type=int, default=1, help="repetitions of the whole matrix")
     p.add_argument("--points", default=",".join(POINTS), help="connsxdepth list")
-    p.add_argument("--targets", default=",".join(TARGETS), help="subset of " + ",".join(TARGETS))
+    p.add_argument(
+        "--targets",
+        help="subset of " + ",".join(TARGETS) + " and KIND@NAME for a "
+        "--build (default: all of them, or with --build: stunnel and mbsec@NAME "
+        "for every build)",
+    )
+    p.add_argument(
+        "--build",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a checkout whose PATH/.venv/bin/mbsec serves mbsec@NAME "
+        "(also mbsec-workers@NAME, mbsec-busypoll@NAME); repeatable",
+    )
+    p.add_argument(
+        "--baseline", help="the build the others are compared with (default: the first --build)"
+    )
+    p.add_argument(
+        "--min-ratio",
+        type=float,
+        default=0.97,
+        help="the median paired rps ratio each build must hold against the baseline",
+    )
+    p.add_argument(
+        "--allow-interpreted",
+        action="store_true",
+        help="measure a --build whose data plane is not compiled",
+    )
     p.add_argument("--pool", type=int, default=4, help="mbsec upstream pool_size to mbplc")
     p.add_argument("--depth", type=int, default=16, help="mbsec upstream depth per connection")
     p.add_argument("--workers", type=int, default=2, help="workers of the mbsec-workers target")
-    p.add_argument("--busy-poll-us", type=int, default=50,
-                   help="busy_poll_us of the mbsec-busypoll target")
+    p.add_argument(
+        "--busy-poll-us", type=int, default=50, help="busy_poll_us of the mbsec-busypoll target"
+    )
     p.add_argument("--workdir", type=Path, help="keep certs, configs and logs here")
     p.add_argument("--json-out", type=Path, help="append every mbload result as a JSON line")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing packages")
     args = p.parse_args(argv)
     points = [x.strip() for x in args.points.split(",") if x.strip()]
+    args.builds = {}
+    for spec in args.build:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or "@" in name or name in args.builds:
+            p.error(f"--build {spec}: want NAME=PATH with a new NAME (no '@')")
+        args.builds[name] = Path(path).resolve()
+    if args.targets is None:
+        args.targets = ",".join(
+            ["stunnel", *(f"mbsec@{n}" for n in args.builds)] if args.builds else TARGETS
+        )
     targets = [x.strip() for x in args.targets.split(",") if x.strip()]
     args.target_list = targets
-    unknown = set(targets) - set(TARGETS)
+    unknown = {
+        t
+        for t in targets
+        if not (t in TARGETS or (kind_of(t) in MBSEC_KINDS and build_of(t) in args.builds))
+    }
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.baseline is None and args.builds:
+        args.baseline = next(iter(args.builds))
+    if args.baseline is not None and args.baseline not in args.builds:
+        p.error(f"--baseline {args.baseline}: not a --build")
 
     ensure_packages(not args.no_install)
     run(["make", "-s", "-C", str(args.kit)])
@@ -490,23 +725,41 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir.resolve()
         work.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
+    load_start = os.getloadavg()
+    started = time.time()
+    say(f"load average at the start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    compiled: dict[str, Any] = {}
     try:
         with started_stack(args, work) as (stack, ports):
+            compiled = dict(stack.compiled)
             for rep in range(1, args.reps + 1):
+                # odd repetitions run the targets as listed, even ones in reverse, so neither
+                # build of a pair always runs first (ABBA)
+                order = targets if rep % 2 else targets[::-1]
                 for point in points:
-                    for target in targets:
-                        results.append(mbload(stack, ports, target, point, rep, args.duration))
-                    for name in MBSEC_TARGETS:
-                        proc = stack.procs.get(name)
-                        if proc is not None and proc.poll() is not None:
+                    for slot, target in enumerate(order, 1):
+                        r = mbload(stack, ports, target, point, rep, args.duration)
+                        r.slot = slot
+                        results.append(r)
+                    for name, proc in stack.procs.items():
+                        if is_mbsec(name) and proc.poll() is not None:
                             raise SystemExit(
-                                f"{name} exited during the run; see {name}.out/{name}.log")
+                                f"{name} exited during the run; see {name}.out/{name}.log"
+                            )
     finally:
         if args.json_out is not None:
             with args.json_out.open("a") as f:
                 for r in results:
-                    rec = {"point": r.point, "target": r.target, "rep": r.rep, "result": r.data}
+                    rec = {
+                        "point": r.point,
+                        "target": r.target,
+                        "rep": r.rep,
+                        "slot": r.slot,
+                        "result": r.data,
+                    }
                     f.write(json.dumps(rec) + "\n")
+    load_end = os.getloadavg()
+    say(f"load average at the end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     bad = [r for r in results if r.failed or r.errors() or r.exit_status != 0]
     if not keep and not bad and len(results) == args.reps * len(points) * len(targets):
         shutil.rmtree(work, ignore_errors=True)
@@ -514,12 +767,28 @@ def main(argv: list[str] | None = None) -> int:
         say(f"certs, configs and logs kept in {work}")
 
     print(
-        f"FC03 qty 10, {args.duration:g} s per run, {args.reps} rep(s), interleaved; "
-        f"mbsec upstream pool {args.pool} x depth {args.depth} (per worker); mbsec-workers: "
-        f"workers = {args.workers}; mbsec-busypoll: busy_poll_us = {args.busy_poll_us}; "
-        f"mbsec-trio: data_plane = \"trio\"; {os.cpu_count()} CPUs"
+        f"FC03 qty 10, {args.duration:g} s per run, {args.reps} rep(s), interleaved (even "
+        f"repetitions in reverse order); mbsec upstream pool_size {args.pool} x depth "
+        f"{args.depth} (per worker); mbsec-workers: workers = {args.workers}; mbsec-busypoll: "
+        f"busy_poll_us = {args.busy_poll_us}; {os.cpu_count()} CPUs; "
+        f"{time.time() - started:.0f} s; load average {load_start[0]:.2f} at the start, "
+        f"{load_end[0]:.2f} at the end"
     )
+    for name, path in args.builds.items():
+        print(f"build {name}: {path} ({path / '.venv' / 'bin' / 'mbsec'})")
+    if compiled:
+        print("data plane compiled: " + ", ".join(f"{k} {v}" for k, v in compiled.items()))
+    print()
     print(summarize(results, points, targets))
+    ok = True
+    if args.builds and args.baseline is not None:
+        table, ok = paired(results, points, targets, args.baseline, args.min_ratio)
+        if table:
+            print("\nEvery repetition (slot: the position in its point's sequence):\n")
+            print(every_repetition(results, points, targets))
+            print(f"\nPaired by repetition against {args.baseline}:\n")
+            print(table)
+            print(f"\nevery median paired rps ratio >= {args.min_ratio:g}: {'yes' if ok else 'NO'}")
     if bad:
         for r in bad:
             print(
