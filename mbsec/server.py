@@ -28,7 +28,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec import events
-from mbsec.audit import SinkLogger, null_logger, sink_healthy
+from mbsec.audit import SinkLogger, null_logger
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics
 from mbsec.metrics_http import serve_metrics
 from mbsec.path.epoll import DataPlane
@@ -416,7 +416,7 @@ class Proxy:
             stream,
             state=lambda: self.state,
             decision_state=lambda: self.decision_state,
-            audit_ok=lambda: sink_healthy(self.log),
+            sink=getattr(self.log, "_logger", None),
             on_sink_failure=self.settings.logging.on_sink_failure,
             limits=limits,
             log=self.log,

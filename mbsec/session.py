@@ -102,7 +102,7 @@ class Session:
         allowed_requests: str = "debug",
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         decision_state: Callable[[], ProxyState] | None = None,
-        audit_ok: Callable[[], bool] = lambda: True,
+        sink: Any = None,
         on_sink_failure: str = "refuse_writes",
     ) -> None:
         self._raw = stream
@@ -115,7 +115,7 @@ class Session:
         self._identity_slots = identity_slots or UnlimitedIdentities()
         self._now = now
         self._allowed_level = allowed_requests
-        self._audit_ok = audit_ok
+        self._sink = sink
         self._on_sink_failure = on_sink_failure
         self._plane = data_plane
         self._conn: ClientConn | None = None  # set while the data plane owns the connection
@@ -130,6 +130,7 @@ class Session:
         self.identity: PeerIdentity | None = None
         self.close_reason = "unknown"
         self.bytes_in = 0
+        self.bytes_out = 0
         self.started = time.monotonic()
 
     # -- public ------------------------------------------------------------------------
@@ -302,7 +303,7 @@ class Session:
         decisions = Decisions(
             state=self._decision_state_fn, identity=self.identity,
             peer_ip=self.peer_ip or "0.0.0.0", log=log, metrics=self._metrics,
-            allowed_requests=self._allowed_level, audit_ok=self._audit_ok,
+            allowed_requests=self._allowed_level, sink=self._sink,
             on_sink_failure=self._on_sink_failure)
         self.decisions = decisions
         obj, incoming, outgoing, delayed = take_tls_state(ssl_stream)
@@ -341,6 +342,7 @@ class Session:
             if conn is not None:
                 self.note_close_reason(conn.close_reason)
                 self.bytes_in = conn.bytes_in
+                self.bytes_out = conn.bytes_out
             self._conn = None
 
     # -- close ---------------------------------------------------------------------------
@@ -365,6 +367,6 @@ class Session:
         duration = time.monotonic() - self.started
         d = self.decisions
         events.emit(self._log, events.connection_closed(
-            self.close_reason, duration, self.bytes_in, d.bytes_out if d else 0,
+            self.close_reason, duration, self.bytes_in, self.bytes_out,
             d.requests if d else 0, d.allowed if d else 0, d.denied if d else 0,
             d.errors if d else 0))

@@ -25,6 +25,7 @@ Deadlines, all from the ``now`` the driver passes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mypy_extensions import mypyc_attr
@@ -51,7 +52,6 @@ class Decider(Protocol):
 
     def framing_error(self, exc: RemoteProtocolError) -> None: ...
 
-    def replied(self, nbytes: int, t0: float, now: float) -> None: ...
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # tests put old faults back
@@ -78,6 +78,9 @@ class ClientConn:
         self.broken = False  # no clean TLS close can follow
         self.close_reason = "unknown"
         self.bytes_in = 0
+        self.bytes_out = 0
+        #: request latency (complete request to its reply made), the metrics' histogram
+        self.observe: Callable[[float], None] = router.outbox.observer("mbsec_request_seconds")
         self.queued = False  # in the outbox's dirty list
         self.io: Any = None  # the driver's handle for this connection (opaque to the core)
         self._pumping = False
@@ -219,7 +222,8 @@ class ClientConn:
     def _reply(self, adu: Adu, pdu: bytes, t0: float, now: float) -> None:
         data = encode_adu(adu.transaction_id, adu.unit_id, pdu)
         self.replies.append(data)
-        self.decider.replied(len(data), t0, now)
+        self.bytes_out += len(data)
+        self.observe(now - t0)
         self._dirty()
 
     def flushed(self, all_written: bool, now: float) -> None:
@@ -283,7 +287,7 @@ class ClientConn:
     def _dirty(self) -> None:
         if not self.queued:
             self.queued = True
-            self.router.outbox.dirty.append(self)
+            self.router.outbox.clients.append(self)
 
     def _drop_request_deadline(self) -> None:
         self.partial_since = -1.0

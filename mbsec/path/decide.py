@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mbsec import events
-from mbsec.metrics import counter, observer
+from mbsec.metrics import counter
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import Action, RemoteProtocolError
 from mbsec.modbus.mbap import Adu
@@ -93,7 +93,7 @@ class Decisions:
         log: Any,
         metrics: Any,
         allowed_requests: str = "debug",
-        audit_ok: Callable[[], bool] = lambda: True,
+        sink: Any = None,
         on_sink_failure: str = "refuse_writes",
     ) -> None:
         self.state_fn = state
@@ -101,13 +101,13 @@ class Decisions:
         self.peer_ip = peer_ip
         self.blame_key = identity.fingerprint_sha256
         self.metrics = metrics
-        self.audit_ok = audit_ok
+        #: the logger's sinks (audit.SinkLogger): ``healthy`` False while none takes events
+        self.sink = sink
         self.on_sink_failure = on_sink_failure
         self.allowed_level = allowed_requests
         self.log: Any = log
         self.log_allowed: Callable[..., Any] | None = None
         self.set_log(log)
-        self.observe_request = observer(metrics, "mbsec_request_seconds")
         self._allowed_cells: dict[str, Any] = {}
         #: (unit id, request PDU) -> (request, access, decision) for requests that write
         #: nothing: an HMI polls the same blocks all day, and the decision is a pure function
@@ -122,7 +122,6 @@ class Decisions:
         self.allowed = 0
         self.denied = 0
         self.errors = 0
-        self.bytes_out = 0
 
     def set_log(self, log: Any) -> None:
         self.log = log
@@ -142,10 +141,6 @@ class Decisions:
         self._decided.clear()  # decided by the old policy
         roles = list(getattr(self._principal, "roles", ()) or ())
         self.set_log(self.log.bind(**events.roles_context(roles)))
-
-    def replied(self, nbytes: int, t0: float, now: float) -> None:
-        self.bytes_out += nbytes
-        self.observe_request(now - t0)
 
     def framing_error(self, exc: RemoteProtocolError) -> None:
         self.errors += 1
@@ -195,7 +190,8 @@ class Decisions:
             return self._deny(events.modbus_request_denied(
                 tid, adu.unit_id, fc, access, 0.0, decision.rule_id, limited,
                 RATE_LIMIT_EXCEPTION, "rate_limited"), fc, RATE_LIMIT_EXCEPTION, "rate_limited")
-        if not self.audit_ok() and (
+        sink = self.sink
+        if sink is not None and not sink.healthy and (
             self.on_sink_failure == "refuse"
             or (self.on_sink_failure == "refuse_writes" and not reads_only(pdu))
         ):

@@ -211,7 +211,7 @@ class DataPlane:
                     call()
                 except Exception as exc:
                     self.contain(call, exc)
-            if outbox.actions or outbox.done or outbox.dirty:
+            if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
 
     def drain(self, now: float) -> None:
@@ -220,8 +220,9 @@ class DataPlane:
         actions = outbox.actions
         done = outbox.done
         dirty = outbox.dirty
+        clients = outbox.clients
         links = self._links
-        while actions or done or dirty:
+        while actions or done or dirty or clients:
             while actions:
                 kind, link, gen = actions.popleft()
                 try:
@@ -238,24 +239,29 @@ class DataPlane:
                     self.contain(None, exc)
             while done:
                 ex = done.popleft()
-                client = ex.client
+                owner: ClientConn = ex.client
                 try:
-                    client.finished(ex, now)
+                    owner.finished(ex, now)
                 except Exception as exc:
                     self.bug(exc)
-                    client.abort("internal_error")
+                    owner.abort("internal_error")
+            # requests to the PLCs first (they start the next round trip), replies after
             while dirty:
-                owner = dirty.pop()
+                link = dirty.pop()
                 try:
-                    if type(owner) is Link:
-                        io3 = links.get(owner)
-                        if io3 is not None:
-                            io3.write()
-                    else:
-                        owner.queued = False
-                        owner.io.flush(now)
+                    io3 = links.get(link)
+                    if io3 is not None:
+                        io3.write()
                 except Exception as exc:
-                    self.contain(None, exc, owner)
+                    self.contain(None, exc, link)
+            while clients:
+                conn: ClientConn = clients.pop()
+                try:
+                    conn.queued = False
+                    cio: ClientIO = conn.io
+                    cio.flush(now)
+                except Exception as exc:
+                    self.contain(None, exc, conn)
 
     def contain(self, fn: Any, exc: Exception, owner: Any = None) -> None:
         """A handler failed (a bug): log it and close what it belongs to, so a half-updated

@@ -2,9 +2,11 @@
 
 A driver owns one :class:`Router` (with its :class:`Timers`). After feeding any input it
 drains, in this order: ``actions`` (sockets to open or close), ``done`` (finished requests,
-handed to their client with ``ex.client.finished(ex, now)``) and ``dirty`` (links and clients
-with bytes to write). Core objects never call each other back directly: a request that finishes
-at once (0x0A) goes through ``done`` like any other, so no core method is re-entered.
+handed to their client with ``ex.client.finished(ex, now)``), ``dirty`` (links with requests
+to write) and then ``clients`` (client connections with replies to write or news: closing,
+reading paused or resumed). Core objects never call each other back directly: a request that
+finishes at once (0x0A) goes through ``done`` like any other, so no core method is
+re-entered.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class Outbox:
         #: (CONNECT | CLOSE, link, link generation), in order
         self.actions: collections.deque[tuple[str, Link, int]] = collections.deque()
         self.done: collections.deque[Exchange] = collections.deque()
-        self.dirty: list[Any] = []  # links (and clients) with bytes to write
+        self.dirty: list[Link] = []  # links with ADUs to write (written first: requests out)
+        self.clients: list[Any] = []  # client connections with replies or news for the driver
 
     def observer(self, name: str, **labels: str) -> Callable[[float], None]:
         return observer(self.metrics, name, **labels)

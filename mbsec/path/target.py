@@ -82,16 +82,22 @@ class Target(LinkPool):
         best: Link | None = None
         tainted: Link | None = None
         other = False  # a healthy link that is full, connecting, or can be opened
+        best_busy = depth
         for link in self.links:
             state = link.state
             if state == OPEN:
                 if link.overdue:
                     if link.busy < depth and (tainted is None or link.busy < tainted.busy):
                         tainted = link
-                elif link.busy >= depth:
+                    continue
+                busy = len(link.pending)
+                if busy >= depth:
                     other = True
-                elif best is None or link.busy < best.busy:
+                elif busy < best_busy:
                     best = link
+                    best_busy = busy
+                    if busy == 0:
+                        break  # an idle healthy link: nothing is less loaded
             elif state == CONNECTING or now >= self.retry_at:
                 other = True
         if best is not None:

@@ -405,7 +405,7 @@ class Driver:
 
     def drain(self) -> None:
         outbox = self.outbox
-        while outbox.actions or outbox.done or outbox.dirty:
+        while outbox.actions or outbox.done or outbox.dirty or outbox.clients:
             while outbox.actions:
                 kind, link, gen = outbox.actions.popleft()
                 self.actions.append((kind, link, gen))
@@ -423,12 +423,10 @@ class Driver:
                 self._finished_ids.add(id(ex))
                 self.finished.append(ex)
                 ex.client.finished(ex, self.now)
-            while outbox.dirty:
-                owner = outbox.dirty.pop(0)
-                if isinstance(owner, Link):
-                    self._write(owner)
-                else:
-                    self._client_write(owner)
+            while outbox.dirty:  # requests to the PLC first, as the epoll driver does
+                self._write(outbox.dirty.pop(0))
+            while outbox.clients:
+                self._client_write(outbox.clients.pop(0))
 
     def _dial(self, link: Link, gen: int) -> None:
         self.plc.connect_attempts += 1

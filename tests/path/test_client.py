@@ -56,7 +56,6 @@ class Decider:
         self.close_reason = "unknown"
         self.outcomes: dict[int, list[str]] = {}
         self.framing: list[str] = []
-        self.bytes_out = 0
         self.raise_in_decide: int | None = None  # a tid whose decision raises (a bug)
         self.raise_in_complete: int | None = None
         self.close_on: int | None = None  # a tid whose decision breaks the connection
@@ -93,8 +92,6 @@ class Decider:
     def framing_error(self, exc: RemoteProtocolError) -> None:
         self.framing.append(exc.reason)
 
-    def replied(self, nbytes: int, t0: float, now: float) -> None:
-        self.bytes_out += nbytes
 
     def one_outcome_each(self) -> dict[int, str]:
         """Every request the core took has exactly one outcome; returns them by tid."""
@@ -373,7 +370,7 @@ def test_replies_completed_while_the_socket_is_full_wait_in_completion_order() -
     assert addresses(at_plc(d)) == [0, 1, 2, 3]  # not read while blocked
     d.unblock(conn)
     assert [t for t, _u, _p in d.got(conn)][:4] == [0, 3, 1, 2]
-    assert decider.bytes_out >= 4 * 11
+    assert conn.bytes_out >= 4 * 11
     assert addresses(at_plc(d)) == [0, 1, 2, 3, 9]  # reading resumed
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -56,10 +57,10 @@ class Conn:
         self.current = state(policy)
         self.log = RecordingLog()
         self.metrics = RecordingMetrics()
-        self.audit = audit_ok
+        self.sink = SimpleNamespace(healthy=audit_ok)  # audit.SinkLogger's health flag
         self.d = Decisions(state=lambda: self.current, identity=identity(role),
                            peer_ip="192.0.2.7", log=self.log, metrics=self.metrics,
-                           allowed_requests=allowed_requests, audit_ok=lambda: self.audit,
+                           allowed_requests=allowed_requests, sink=self.sink,
                            on_sink_failure=on_sink_failure)
         self.now = 100.0
 
@@ -327,7 +328,7 @@ def test_refuse_writes_refuses_writes_with_04_and_serves_reads_while_the_log_fai
     assert ev["event.reason"] == "audit_unavailable" and ev["modbus.exception_code"] == 4
     assert ev["rule.id"] == "engineer-rw"
     c.forward(read(5, 1), tid=2)
-    c.audit = True  # the sink works again: writes go through
+    c.sink.healthy = True  # the sink works again: writes go through
     c.forward(write(5, 1), tid=3)
 
 
@@ -355,7 +356,7 @@ def test_a_write_refused_for_the_log_gives_its_rate_limit_slot_back() -> None:
     c = Conn("engineer", policy, audit_ok=False)
     for tid in (1, 2, 3):
         assert c.decide(write(5, 1), tid=tid)[1] == bytes([0x86, 0x04])
-    c.audit = True
+    c.sink.healthy = True
     c.forward(write(5, 1), tid=4)  # the refused ones hold no slot
 
 

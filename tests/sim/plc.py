@@ -206,9 +206,6 @@ class SimDecider:
     def framing_error(self, exc: Any) -> None:
         self.framing_errors.append(exc.reason)
 
-    def replied(self, nbytes: int, t0: float, now: float) -> None:
-        pass
-
 
 # -- requests and clients ------------------------------------------------------------------------
 
@@ -619,14 +616,17 @@ class World:
                 self.on_done(ex)
                 ex.client.finished(ex, self.now)
                 continue
-            if ob.dirty:
+            if ob.dirty:  # requests to the PLC first, as the epoll driver does
                 items = list(ob.dirty)
                 ob.dirty.clear()
                 for item in items:
-                    if isinstance(item, Link):
-                        self.flush_link(item)
-                    else:
-                        self.flush_client(item)
+                    self.flush_link(item)
+                continue
+            if ob.clients:
+                conns = list(ob.clients)
+                ob.clients.clear()
+                for conn in conns:
+                    self.flush_client(conn)
                 continue
             break
 
@@ -1048,7 +1048,7 @@ class World:
         if len(target.pins) > len(self.clients):
             raise violation("the pin book stays bounded", str(len(target.pins)))
         ob = self.router.outbox
-        if ob.actions or ob.done or ob.dirty:
+        if ob.actions or ob.done or ob.dirty or ob.clients:
             raise violation("the driver drained the outbox", "left over")
         # clients
         for c in live:
