@@ -303,12 +303,6 @@ def check_sinks(settings: LoggingSettings) -> list[str]:
     return problems
 
 
-def sink_healthy(log: Any) -> bool:
-    """False while no sink of a logger made by :func:`make_logger` takes events."""
-    inner = getattr(log, "_logger", None)
-    return not isinstance(inner, SinkLogger) or inner.healthy
-
-
 def close_logger(log: FilteringBoundLogger) -> None:
     """Close file/syslog sinks of a logger made by :func:`make_logger`."""
     inner = getattr(log, "_logger", None)
