@@ -27,6 +27,7 @@ from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
 from mbsec.tls import handshake_failure_reason
+from mbsec.tls_sniff import HandshakeTap, presented_identity
 
 if TYPE_CHECKING:
     from mbsec.path.client import ClientConn
@@ -84,6 +85,38 @@ def stream_addresses(stream: trio.abc.Stream) -> tuple[tuple[str | None, int | N
         return _addr(sock.getpeername()), _addr(sock.getsockname())
     except OSError:
         return (None, None), (None, None)
+
+
+class _TappedStream(trio.abc.Stream):
+    """The client's raw stream, with what it receives fed to a :class:`HandshakeTap` until
+    :meth:`stop_tap` (the handshake is over). Public trio API only: it forwards the four
+    ``Stream`` methods. After the handshake the data plane takes the socket from the session's
+    raw stream, not from this wrapper."""
+
+    def __init__(self, raw: trio.abc.Stream, tap: HandshakeTap) -> None:
+        self._raw = raw
+        self._tap: HandshakeTap | None = tap
+
+    def stop_tap(self) -> None:
+        if self._tap is not None:
+            self._tap.stop()
+            self._tap = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._raw.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._raw.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._raw.receive_some(max_bytes)
+        tap = self._tap
+        if tap is not None and data:
+            tap.feed(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self._raw.aclose()
 
 
 class Session:
@@ -172,7 +205,12 @@ class Session:
 
     async def _handshake(self) -> bool:
         state = self._state_fn()
-        ssl_stream = trio.SSLStream(self._raw, state.tls.context, server_side=True)
+        # What the client sends during the handshake is recorded (bounded): under TLS 1.2 its
+        # Certificate message is in clear, so a rejection by OpenSSL can still name it.
+        tap = HandshakeTap()
+        tapped = _TappedStream(self._raw, tap)
+        transport: trio.abc.Stream = tapped
+        ssl_stream = trio.SSLStream(transport, state.tls.context, server_side=True)
         self._ssl = ssl_stream
         t0 = time.monotonic()
         error: BaseException | None = None
@@ -187,6 +225,7 @@ class Session:
         if cs.cancelled_caught:
             timed_out = True
         duration = time.monotonic() - t0
+        tapped.stop_tap()
         self._handshake_done = not timed_out and error is None
         if timed_out or error is not None:
             if timed_out:
@@ -196,7 +235,9 @@ class Session:
             else:
                 reason, detail = handshake_failure_reason(error)
             await self._flush_alert(ssl_stream)
-            self._reject(reason, detail, duration)
+            der = tap.client_certificate()  # TLS 1.2 only: 1.3 encrypts the Certificate
+            self._reject(reason, detail, duration,
+                         presented_identity(der) if der is not None else None)
             return False
         return self._accept_identity(ssl_stream, state, duration)
 
@@ -242,8 +283,9 @@ class Session:
             return False
         try:
             identity = parse_identity(der)
-        except IdentityError as exc:
-            self._reject(exc.reason, exc.message, duration, resumed=resumed)
+        except IdentityError as exc:  # the plain fields, without the role, still name it
+            self._reject(exc.reason, exc.message, duration, presented_identity(der),
+                         resumed=resumed)
             return False
         if resumed:
             self._reject("session_resumed", "a resumed TLS session is not accepted: every "
@@ -294,7 +336,7 @@ class Session:
 
         ssl_stream = self._ssl
         assert ssl_stream is not None and self.identity is not None
-        sock = getattr(ssl_stream.transport_stream, "socket", None)
+        sock = getattr(self._raw, "socket", None)  # transport_stream is the _TappedStream
         if sock is None:  # pragma: no cover - the proxy only serves socket streams
             self.note_close_reason("internal_error")
             return

@@ -24,7 +24,7 @@ from conftest import (
     read_hr,
 )
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from mbsec.identity import ROLE_OID
 from mbsec.pki.ca import CertificateAuthority
@@ -67,6 +67,17 @@ async def silent_plc(nursery: trio.Nursery) -> ScriptedPlc:
 async def rejected(h: object, reason: str) -> dict[str, object]:
     ev = await h.wait_event(  # type: ignore[attr-defined]
         "tls-handshake", lambda e: e.get("event.outcome") == "failure"
+    )
+    assert ev["event.reason"] == reason, ev
+    assert ev["log.level"] == "warning"
+    return ev  # type: ignore[no-any-return]
+
+
+async def rejected_named(h: object, reason: str) -> dict[str, object]:
+    """The first rejection that names a certificate (after earlier ones that named none)."""
+    ev = await h.wait_event(  # type: ignore[attr-defined]
+        "tls-handshake", lambda e: e.get("event.outcome") == "failure"
+        and "tls.client.hash.sha256" in e,
     )
     assert ev["event.reason"] == reason, ev
     assert ev["log.level"] == "warning"
@@ -120,11 +131,36 @@ async def test_unknown_ca_tls12(pki: Pki, silent_plc: ScriptedPlc, start_proxy: 
     h = await start_proxy(silent_plc.port)
     out = await attempt(h.port, pki.client_ctx(pki.rogue, max_version=ssl.TLSVersion.TLSv1_2))
     assert out == Outcome("alert", "TLSV1_ALERT_UNKNOWN_CA")
-    await rejected(h, "unknown_ca")
+    ev = await rejected(h, "unknown_ca")
+    assert_names(ev, pki.rogue)
+    assert ev["tls.client.x509.issuer.distinguished_name"] == "CN=Rogue CA"
 
 
-def _ctx_for(pki: Pki, ca: CertificateAuthority, cert: object) -> ssl.SSLContext:
+def _cert(files: object) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(files.cert.read_bytes())  # type: ignore[attr-defined]
+
+
+def assert_names(ev: dict[str, object], files: object) -> None:
+    """The rejection event names the certificate the client presented (TLS 1.2: read from its
+    Certificate message, which travels in clear)."""
+    cert = _cert(files)
+    assert ev["tls.client.x509.serial_number"] == format(cert.serial_number, "X"), ev
+    assert ev["tls.client.hash.sha256"] == cert.fingerprint(hashes.SHA256()).hex(), ev
+    assert ev["tls.client.x509.subject.distinguished_name"] == cert.subject.rfc4514_string()
+    assert ev["tls.client.x509.issuer.distinguished_name"] == cert.issuer.rfc4514_string()
+    assert ev["tls.client.x509.not_after"] == cert.not_valid_after_utc.isoformat()
+
+
+def assert_names_none(ev: dict[str, object]) -> None:
+    """TLS 1.3: the client's Certificate is encrypted, so OpenSSL's rejection names none."""
+    assert not [k for k in ev if k.startswith("tls.client.")], ev
+
+
+def _ctx_for(pki: Pki, ca: CertificateAuthority, cert: object,
+             max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.ca.trust_bundle))
+    if max_version is not None:
+        ctx.maximum_version = max_version
     ctx.load_cert_chain(str(cert.chain), str(cert.key))  # type: ignore[attr-defined]
     return ctx
 
@@ -151,7 +187,10 @@ async def test_expired_certificate(
     h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))  # type: ignore[attr-defined]
     assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_EXPIRED")
-    await rejected(h, "certificate_expired")
+    assert_names_none(await rejected(h, "certificate_expired"))
+    out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert, ssl.TLSVersion.TLSv1_2))
+    assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_EXPIRED")
+    assert_names(await rejected_named(h, "certificate_expired"), cert)
 
 
 async def test_not_yet_valid_certificate(
@@ -166,6 +205,9 @@ async def test_not_yet_valid_certificate(
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))  # type: ignore[attr-defined]
     assert out.kind == "alert"
     await rejected(h, "certificate_not_yet_valid")
+    out12 = await attempt(h.port, _ctx_for(pki, fresh_ca, cert, ssl.TLSVersion.TLSv1_2))
+    assert out12 == out
+    assert_names(await rejected_named(h, "certificate_not_yet_valid"), cert)
 
 
 async def test_revoked_certificate(
@@ -180,7 +222,14 @@ async def test_revoked_certificate(
     assert (await attempt(h.port, _ctx_for(pki, fresh_ca, good))).kind == "reply"
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, bad))
     assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_REVOKED")
-    await rejected(h, "certificate_revoked")
+    assert_names_none(await rejected(h, "certificate_revoked"))
+    out = await attempt(h.port, _ctx_for(pki, fresh_ca, bad, ssl.TLSVersion.TLSv1_2))
+    assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_REVOKED")
+    ev = await rejected_named(h, "certificate_revoked")
+    assert_names(ev, bad)
+    assert ev["tls.client.x509.serial_number"] == format(bad.serial, "X")
+    assert ev["tls.client.x509.subject.common_name"] == "bad"
+    assert len(silent_plc.requests) == 1  # the good client's only
 
 
 async def test_revocation_after_reload_applies_to_the_same_client(
@@ -237,6 +286,9 @@ async def test_client_of_an_intermediate_the_root_crl_revoked_is_refused(
     out = await attempt(h.port, pki.client_ctx(leaf))
     assert out.kind != "reply", "a client of a revoked intermediate CA was served"
     await rejected(h, "certificate_revoked")
+    out12 = await attempt(h.port, pki.client_ctx(leaf, max_version=ssl.TLSVersion.TLSv1_2))
+    assert out12.kind != "reply"
+    assert_names(await rejected_named(h, "certificate_revoked"), leaf)  # the leaf, not the CA
     assert silent_plc.requests == []
 
 
@@ -250,6 +302,9 @@ async def test_unknown_critical_extension(
     out = await attempt(h.port, pki.client_ctx(cert))
     assert out.kind == "alert"
     await rejected(h, "unhandled_critical_extension")
+    out12 = await attempt(h.port, pki.client_ctx(cert, max_version=ssl.TLSVersion.TLSv1_2))
+    assert out12 == out
+    assert_names(await rejected_named(h, "unhandled_critical_extension"), cert)
 
 
 async def test_malformed_role_printable_string(
@@ -263,6 +318,7 @@ async def test_malformed_role_printable_string(
     assert out.kind in ("eof", "alert"), out  # no Modbus reply: the connection is dropped
     ev = await rejected(h, "role_not_utf8string")
     assert ev["error.message"]
+    assert_names(ev, cert)  # verified, refused after the handshake: any TLS version
     assert silent_plc.requests == []
 
 
