@@ -250,7 +250,9 @@ def tls_handshake_rejected(
     reason: str, detail: str, duration_s: float, identity: PeerIdentity | None = None,
     resumed: bool | None = None,
 ) -> Event:
-    """``identity``: when the certificate verified but was refused after the handshake."""
+    """``identity``: the certificate the client presented, when known: a verified one refused
+    after the handshake, or (TLS 1.2) the one OpenSSL rejected, read from the handshake bytes
+    (presented, not verified: mbsec/tls_sniff.py)."""
     fields: dict[str, Any] = {
         "event.kind": "event",
         "event.category": ["network", "authentication"],
