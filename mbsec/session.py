@@ -168,10 +168,6 @@ class Session:
 
     # -- public ------------------------------------------------------------------------
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop
-
     def note_close_reason(self, reason: str) -> None:
         """The first reason wins: it is the cause, later ones are consequences."""
         if self.close_reason == "unknown":

@@ -283,26 +283,9 @@ class Settings(BaseSettings):
     def upstream_targets(self) -> list[UpstreamTarget]:
         from mbsec.path.plc import UpstreamTarget
 
+        # every [upstreams.NAME] key is an UpstreamTarget field of the same name
         return [
-            UpstreamTarget(
-                name=name,
-                host=u.host,
-                port=u.port,
-                unit_ids=frozenset(u.unit_ids),
-                unit_rewrite=dict(u.unit_rewrite),
-                pool_size=u.pool_size,
-                depth=u.depth,
-                connect_timeout=u.connect_timeout,
-                request_timeout=u.request_timeout,
-                backoff_initial=u.backoff_initial,
-                backoff_max=u.backoff_max,
-                late_reply_wait=u.late_reply_wait,
-                resets_before_backoff=u.resets_before_backoff,
-                reset_window=u.reset_window,
-                breaker_resets=u.breaker_resets,
-                breaker_window=u.breaker_window,
-                breaker_hold=u.breaker_hold,
-            )
+            UpstreamTarget(name=name, **{**u.model_dump(), "unit_ids": frozenset(u.unit_ids)})
             for name, u in self.upstreams.items()
         ]
 

@@ -44,6 +44,7 @@ class Decider(Protocol):
     """The policy side of a connection (:class:`mbsec.path.decide.Decisions`)."""
 
     blame_key: str
+    close_reason: str  # why a request broke the connection (decide returned None)
 
     def decide(self, adu: Adu, now: float) -> bytes | Any | None: ...
 
@@ -182,7 +183,7 @@ class ClientConn:
                     raise
                 if result is None:  # the request broke the connection (logged)
                     self.inflight -= 1
-                    self._close(getattr(decider, "close_reason", "bad_request"))
+                    self._close(decider.close_reason)
                     return
                 if type(result) is bytes:
                     self.inflight -= 1

@@ -131,10 +131,6 @@ class Decisions:
         elif self.allowed_level == "debug" and log.is_enabled_for(10):
             self.log_allowed = log.debug
 
-    @property
-    def principal(self) -> Principal | None:
-        return self._principal
-
     def _rebind_principal(self, state: ProxyState) -> None:
         self._principal = state.policy.principal(self.identity, self.peer_ip)
         self._principal_generation = state.generation

@@ -30,12 +30,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from mbsec import events
+from mbsec.metrics import MetricsLike
 from mbsec.path.client import ClientConn
 from mbsec.path.link import Link
-from mbsec.path.plc import MetricsLike, UpstreamTarget, check_targets
+from mbsec.path.plc import UpstreamTarget, check_targets
 from mbsec.path.router import Router
 from mbsec.path.target import CONNECT, Target
 from mbsec.path.timers import Timers
@@ -267,7 +269,10 @@ class DataPlane:
         """A handler failed (a bug): log it and close what it belongs to, so a half-updated
         connection cannot hang with requests in flight."""
         self.bug(exc)
-        owner = owner if owner is not None else getattr(fn, "__self__", None)
+        if owner is None:  # a bound method's object, or the link of a core timer's partial
+            owner = getattr(fn, "__self__", None)
+            if owner is None and isinstance(fn, partial) and fn.args:
+                owner = fn.args[0]
         try:
             if isinstance(owner, ClientIO):
                 owner.conn.abort("internal_error")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
 
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import ProtocolError
@@ -129,23 +128,6 @@ class UpstreamReply:
     pdu: bytes
     response: Response | ExceptionResponse
     target: str
-
-
-class MetricsLike(Protocol):
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None: ...
-    def observe(self, name: str, value: float, **labels: str) -> None: ...
-    def set(self, name: str, value: float, **labels: str) -> None: ...
-
-
-class NoMetrics:
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        pass
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        pass
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        pass
 
 
 class ReplyProblem(Exception):

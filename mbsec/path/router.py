@@ -17,13 +17,12 @@ from functools import partial
 from typing import Any
 
 from mbsec import events
-from mbsec.metrics import observer
+from mbsec.metrics import MetricsLike, NullMetrics, observer
+from mbsec.path import exchange as xs
 from mbsec.path.exchange import Exchange
 from mbsec.path.link import Link
 from mbsec.path.plc import (
     RETIRE_GRACE,
-    MetricsLike,
-    NoMetrics,
     PathUnavailable,
     UpstreamTarget,
     check_targets,
@@ -82,7 +81,7 @@ class Router:
 
     def __init__(self, targets: Iterable[UpstreamTarget], *, timers: Timers, log: Any,
                  metrics: MetricsLike | None = None) -> None:
-        self.outbox = Outbox(timers, log, metrics if metrics is not None else NoMetrics())
+        self.outbox = Outbox(timers, log, metrics if metrics is not None else NullMetrics())
         self.timers = timers
         self.targets: dict[str, Target] = {}
         self.routes: dict[int, Target] = {}
@@ -120,19 +119,21 @@ class Router:
             self.outbox.metrics.inc("mbsec_upstream_failures_total", target="", reason="no_route")
             ex.error = PathUnavailable(f"no upstream target for unit id {ex.adu.unit_id}",
                                        reason="no_route")
-            ex.state = 2
+            ex.state = xs.DONE
             self.outbox.done.append(ex)
             return
         target.submit(ex, now)
 
+    def all_targets(self) -> list[Target]:
+        """The routed targets and those a reload retired (still finishing requests)."""
+        return [*self.targets.values(), *self.retired]
+
     def withdraw(self, client: Any) -> None:
-        for target in [*self.targets.values(), *self.retired]:
+        for target in self.all_targets():
             target.withdraw(client)
 
     def close(self, reason: str, message: str, now: float) -> None:
-        for target in [*self.targets.values(), *self.retired]:
+        for target in self.all_targets():
             target.close(reason, message, now)
         self.retired.clear()
 
-    def all_targets(self) -> list[Target]:
-        return [*self.targets.values(), *self.retired]

@@ -1237,3 +1237,33 @@ async def test_a_connection_closed_by_a_bug_still_gets_the_replies_finished_befo
             "sent to the client")
     finally:
         await c.aclose()
+
+
+def test_a_core_timer_that_raises_resets_its_link() -> None:
+    """A bug in a core timer (a partial of a Target method over its link, e.g. the reply
+    sweep) costs that link, never the loop: the driver finds the link in the partial and
+    resets it, failing what was on it, with a data-plane-error event."""
+    from functools import partial
+
+    from mbsec.audit import flatten, make_logger
+    from mbsec.metrics import NullMetrics
+    from mbsec.path.epoll import DataPlane, LinkIO
+    from mbsec.path.link import IDLE, OPEN
+    from mbsec.path.plc import UpstreamTarget
+    from mbsec.settings import LoggingSettings
+
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    plane = DataPlane([UpstreamTarget("plc", "127.0.0.1", 502, frozenset({1}))], log=log,
+                      metrics=NullMetrics())
+    try:
+        target = plane.router.targets["plc"]
+        link = target.links[0]
+        link.state = OPEN  # as if connected (no socket: the reset only closes it)
+        plane._links[link] = LinkIO(plane, link, link.gen)
+        plane.contain(partial(target._sweep, link), RuntimeError("a bug in a timer"))
+        assert link.state == IDLE and link.gen == 1
+        actions = [flatten(e).get("event.action") for e in sink.events()]
+        assert "data-plane-error" in actions and "upstream-reset" in actions, actions
+    finally:
+        plane.stop()
