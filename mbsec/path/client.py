@@ -148,7 +148,7 @@ class ClientConn:
         self.reading = False
         self._drop_request_deadline()
         self._maybe_close()
-        self._dirty()
+        self.mark_dirty()
 
     def pump(self, now: float) -> None:
         """Start buffered requests while a pipelining slot is free and the client takes its
@@ -204,7 +204,7 @@ class ClientConn:
             # when the request before it was taken
             self.partial_since = now
             self._complete_timer = self.timers.at(now + self.complete_timeout, self._incomplete)
-        self._dirty()
+        self.mark_dirty()
 
     def finished(self, ex: Exchange, now: float) -> None:
         """A forwarded request has its outcome (from the router's ``done`` queue)."""
@@ -218,14 +218,14 @@ class ClientConn:
             self.pump(now)
         else:
             self._maybe_close()
-            self._dirty()
+            self.mark_dirty()
 
     def _reply(self, adu: Adu, pdu: bytes, t0: float, now: float) -> None:
         data = encode_adu(adu.transaction_id, adu.unit_id, pdu)
         self.replies.append(data)
         self.bytes_out += len(data)
         self.observe(now - t0)
-        self._dirty()
+        self.mark_dirty()
 
     def flushed(self, all_written: bool, now: float) -> None:
         """The driver wrote the replies; ``all_written`` False: the socket is full."""
@@ -254,7 +254,7 @@ class ClientConn:
         self.frames = FrameBuffer()  # requests not yet started are dropped
         self._drop_request_deadline()
         self._maybe_close()
-        self._dirty()
+        self.mark_dirty()
 
     def abort(self, reason: str) -> None:
         """Close now; replies of requests still in flight are not sent."""
@@ -278,14 +278,15 @@ class ClientConn:
         if self.inflight:
             self.router.withdraw(self)  # waiting ones come back through ``done``
         self._maybe_release()
-        self._dirty()
+        self.mark_dirty()
 
     def _maybe_release(self) -> None:
         if self.closing and self.inflight <= 0 and not self.released:
             self.released = True
-            self._dirty()
+            self.mark_dirty()
 
-    def _dirty(self) -> None:
+    def mark_dirty(self) -> None:
+        """Ask the driver to come back to this connection (replies, close, reading)."""
         if not self.queued:
             self.queued = True
             self.router.outbox.clients.append(self)

@@ -328,6 +328,7 @@ class ClientIO:
         self._out = bytearray(pending_out)  # ciphertext the kernel has not taken yet
         self._on_finished = on_finished
         self._mask = 0
+        self._held = False  # ciphertext waits in the BIO until the core takes requests again
         self.closed = False  # no more socket I/O (unregistered)
         self._handed_back = False
         self.broken = False
@@ -379,7 +380,12 @@ class ClientIO:
         conn = self.conn
         incoming = self._incoming
         drained = False
-        while conn.wants_read:
+        self._held = False
+        while True:
+            if not conn.wants_read:
+                # the core takes no requests now: what the BIO holds waits for flush
+                self._held = conn.reading and bool(incoming.pending or obj.pending())
+                break
             if not incoming.pending and not incoming.eof and not obj.pending():
                 drained = True
                 break  # nothing buffered: a read could only want more
@@ -397,7 +403,7 @@ class ClientIO:
             conn.receive(data, now)
         if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer, in order with replies
             self._out += self._outgoing.read()
-            conn._dirty()
+            conn.mark_dirty()
         if drained:  # what is left in the BIO is part of a record (not held back by us)
             conn.settled(incoming.pending > 0, now)
 
@@ -444,7 +450,7 @@ class ClientIO:
         if want != self._mask:
             self._mask = want
             self.plane.modify(self.fd, want)
-        if wants_read and (self._incoming.pending or self._obj.pending()):
+        if wants_read and self._held:
             self._decrypt(now)  # ciphertext held back while the core took no requests
 
     def _finish(self) -> None:
