@@ -23,9 +23,11 @@ from mbsec.identity import IdentityError, PeerIdentity, parse_identity
 
 __all__ = ["MAX_RECORDED", "HandshakeTap", "presented_identity"]
 
-#: Bytes recorded at most; a client's first flights (ClientHello, then Certificate,
-#: ClientKeyExchange, CertificateVerify) fit well within this with any sane chain.
-MAX_RECORDED = 64 * 1024
+#: Bytes recorded at most per handshake; a client's first flights (ClientHello, then
+#: Certificate, ClientKeyExchange, CertificateVerify) take 2-8 KiB with a chain of a few
+#: certificates. Kept small: every handshake in flight, a peer without a certificate's too,
+#: holds this much (x max_connections); a larger chain just goes unnamed in the event.
+MAX_RECORDED = 16 * 1024
 
 _HANDSHAKE = 22
 _CHANGE_CIPHER_SPEC = 20
