@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import ssl
+import time
 from typing import Any
 
 import pytest
@@ -85,8 +86,9 @@ def _libssl() -> Any:
 
 def _key_update_flood(port: int, ctx: ssl.SSLContext, most: int) -> tuple[ssl.SSLSocket, int]:
     """A TLS 1.3 client that never reads sends KeyUpdate(update_requested) records, no
-    request, until its socket takes no more (the proxy stopped reading) or ``most`` are sent;
-    each asks the proxy for a KeyUpdate of its own. Returns the open connection (the caller
+    request, until the proxy closes the connection or ``most`` are sent; while its socket
+    takes nothing (the proxy stopped reading) it keeps trying, as a flooding peer would.
+    Each asks the proxy for a KeyUpdate of its own. Returns the connection (the caller
     closes it) and how many it sent. Both socket buffers are small, so the kernel holds only
     a few kB in either direction."""
     lib = _libssl()
@@ -103,12 +105,19 @@ def _key_update_flood(port: int, ctx: ssl.SSLContext, most: int) -> tuple[ssl.SS
             pytest.fail("cannot reach the SSL object of the client socket (CPython layout?)")
         s.settimeout(0.5)
         sent = 0
-        while sent < most:
+        give_up = time.monotonic() + 20
+        while sent < most and time.monotonic() < give_up:
             assert lib.SSL_key_update(ptr, SSL_KEY_UPDATE_REQUESTED) == 1
-            try:
-                s.do_handshake()  # sends the pending KeyUpdate
-            except (TimeoutError, ssl.SSLError, OSError):
-                break
+            while time.monotonic() < give_up:
+                try:
+                    s.do_handshake()  # sends the pending KeyUpdate
+                    break
+                except TimeoutError:
+                    # the proxy takes nothing now; keep asking (a client that gave up
+                    # here would go idle once the proxy's buffers grew, not stall)
+                    continue
+                except (ssl.SSLError, OSError):
+                    return s, sent  # the proxy closed the connection
             sent += 1
     except BaseException:
         s.close()
