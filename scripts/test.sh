@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_NEEDS="openssl:openssl" EXTRAS=test,dev source scripts/bootstrap.sh
 source scripts/libmodbus.sh  # libmodbus's unit-test programs (tests/e2e/test_libmodbus.py)
+# one file per real component a test needs (rsyslog, promtool, keepalived, chromium...): each
+# installs what is missing with apt-get (scripts/apt_need.sh) and exports what its tests read
+source scripts/apt_need.sh
+for f in scripts/test.d/*.sh; do
+  [ -e "$f" ] && source "$f"
+done
 
 echo "== ruff"
 .venv/bin/ruff check mbsec tests benchmarks
