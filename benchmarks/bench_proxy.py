@@ -4,8 +4,9 @@
 One run measures, interleaved so drift hits every target alike:
   direct (mbload -> mbplc), stunnel, haproxy, and mbsec three ways (mutual TLS -> mbplc):
   mbsec (one process, the defaults), mbsec-workers (``workers = --workers``, default 2:
-  processes sharing the port) and mbsec-busypoll (``busy_poll_us = --busy-poll-us``,
-  default 50)
+  processes sharing the port), mbsec-busypoll (``busy_poll_us = --busy-poll-us``,
+  default 50) and mbsec-logall (every allowed request logged: ``allowed_requests = "info"``;
+  paired with mbsec repetition by repetition, so the cost of logging them is a ratio)
 at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), FC03 quantity 10, with the
 full mbsec policy on (role from the certificate, source network, unit, function, address
 range, quantity and response-size limits, a rate limiter sized not to bind). It prints a
@@ -52,10 +53,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = REPO.parent / "shared" / "bench"
 POINTS = ("1x1", "10x1", "100x1", "10x4")
-TARGETS = ("direct", "stunnel", "haproxy", "mbsec", "mbsec-workers", "mbsec-busypoll")
+TARGETS = (
+    "direct", "stunnel", "haproxy", "mbsec", "mbsec-workers", "mbsec-busypoll", "mbsec-logall"
+)
 #: the mbsec configurations; each is a target on its own (this checkout's .venv) and, for a
 #: ``--build NAME=PATH``, as ``KIND@NAME`` (that checkout's .venv)
-MBSEC_KINDS = ("mbsec", "mbsec-workers", "mbsec-busypoll")
+MBSEC_KINDS = ("mbsec", "mbsec-workers", "mbsec-busypoll", "mbsec-logall")
 ERROR_KEYS = (
     "mismatch",
     "bad_tid",
@@ -208,6 +211,7 @@ def write_mbsec_config(
     workers: int = 1,
     name: str = "mbsec",
     extra: str = "",
+    allowed_requests: str = "off",
 ) -> Path:
     """A config and policy that enforce everything a production policy would check."""
     (work / "policy.yaml").write_text(
@@ -276,7 +280,7 @@ max_pipelined = 16
 
 [logging]
 level = "info"
-allowed_requests = "off"
+allowed_requests = "{allowed_requests}"
 stdout = false
 file = "{name}.log"
 """
@@ -360,7 +364,8 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
             extra = f"busy_poll_us = {args.busy_poll_us}\n" if kind == "mbsec-busypoll" else ""
             # the same config for every build: only the port and the log file differ
             cfg = write_mbsec_config(
-                work, ports[name], ports["direct"], args.pool, args.depth, workers, name, extra
+                work, ports[name], ports["direct"], args.pool, args.depth, workers, name, extra,
+                "info" if kind == "mbsec-logall" else "off",
             )
             run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")], cwd=work)
             run([mbsec, "policy", "test", str(work / "policy.yaml")], cwd=work)
@@ -586,6 +591,10 @@ def paired(
     pairs = []
     for t in targets:
         build = build_of(t)
+        if kind_of(t) == "mbsec-logall":  # the same build with every allowed request logged
+            plain = "mbsec" if build is None else f"mbsec@{build}"
+            if plain in targets:
+                pairs.append((plain, t))
         if build is None or build == baseline:
             continue
         base = f"{kind_of(t)}@{baseline}"
@@ -781,8 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summarize(results, points, targets))
     ok = True
-    if args.builds and args.baseline is not None:
-        table, ok = paired(results, points, targets, args.baseline, args.min_ratio)
+    if (args.builds and args.baseline is not None) or any(
+        kind_of(t) == "mbsec-logall" for t in targets
+    ):
+        table, ok = paired(results, points, targets, args.baseline or "", args.min_ratio)
         if table:
             print("\nEvery repetition (slot: the position in its point's sequence):\n")
             print(every_repetition(results, points, targets))
