@@ -54,12 +54,12 @@ def flat_fields(event: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[st
             yield name, value
 
 
-def _values(value: Any) -> list[str]:
+def field_values(value: Any) -> list[str]:
     """One field's value as strings: a list gives one string per item; None gives none."""
     if value is None:
         return []
     if isinstance(value, list | tuple):
-        return [s for item in value for s in _values(item)]
+        return [s for item in value for s in field_values(item)]
     if isinstance(value, bool):
         return ["true" if value else "false"]
     if isinstance(value, str):
@@ -112,7 +112,7 @@ def structured_data(event: Mapping[str, Any], enterprise_number: int) -> str:
             continue
         sd_id, param = sd_address(name, enterprise_number)
         params = elements.setdefault(sd_id, [])
-        params.extend(f'{param}="{escape_param_value(v)}"' for v in _values(value))
+        params.extend(f'{param}="{escape_param_value(v)}"' for v in field_values(value))
     parts = [f"[{sd_id} {' '.join(params)}]" for sd_id, params in elements.items() if params]
     return "".join(parts) or _NIL
 
@@ -274,7 +274,7 @@ def cef(
     for name, value in flat.items():
         if name in HEADER_FIELDS:
             continue
-        values = _values(value)
+        values = field_values(value)
         if not values:
             continue
         text = ",".join(values)
