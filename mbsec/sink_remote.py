@@ -157,6 +157,7 @@ class RemoteSink:
     def write_event(self, level: str, line: str, event: Mapping[str, Any]) -> None:
         with self._cond:
             spool = self._spool
+            was_empty = not spool
             if self._drop_pending and len(spool) < self._capacity:
                 spool.append(self._drop_notice())
             if len(spool) >= self._capacity or self._closing:
@@ -169,8 +170,8 @@ class RemoteSink:
                 raise SpoolFull(f"spool full ({self._capacity} events waiting for "
                                 f"{self.host}:{self.port}): event dropped for this sink")
             spool.append((level, event))
-            if len(spool) == 1:
-                self._cond.notify()
+            if was_empty:
+                self._cond.notify()  # the sender sleeps only on an empty spool
 
     def _drop_notice(self) -> tuple[str, Mapping[str, Any]]:
         ev = events.log_sink_dropped(self.name, self._drop_pending, self._drop_first,
