@@ -199,6 +199,8 @@ class SinkSettings(_Model):
     cert: Path | None = None  # tls: optional client certificate (PEM chain)
     key: Path | None = None  # tls: its private key
     server_name: str | None = None  # tls: name checked in the collector's certificate
+    #: tcp/tls: RFC 6587 octet counting (RFC 5425 over TLS), or one message per line (LF)
+    framing: Literal["octet-counting", "lf"] = "octet-counting"
     spool_events: int = Field(default=10000, ge=1, le=1_000_000)
     reconnect_initial: float = Field(default=0.5, gt=0)
     reconnect_max: float = Field(default=30.0, gt=0)

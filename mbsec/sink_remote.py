@@ -108,6 +108,12 @@ class LineSink:
             self._fh.close()
 
 
+def _lf_frame(msg: str) -> bytes:
+    """RFC 6587 3.4.2 non-transparent framing: the message, then LF (control characters in
+    it written ``#NNN``, so that a value cannot end the frame early)."""
+    return (sink_formats.one_line(msg) + "\n").encode("utf-8")
+
+
 def client_context(cfg: SinkSettings) -> ssl.SSLContext:
     """TLS client context: the collector is verified against ``ca`` (and its name against
     ``server_name`` or the address's host); the client certificate is optional."""
@@ -131,6 +137,8 @@ class RemoteSink:
         self._ctx = client_context(cfg) if cfg.type == "tls" else None
         self._server_name = cfg.server_name or self.host
         self._format = make_formatter(cfg)
+        self._frame: Callable[[str], bytes] = (
+            sink_formats.octet_counted if cfg.framing == "octet-counting" else _lf_frame)
         self._capacity = cfg.spool_events
         self._spool: collections.deque[tuple[str, Mapping[str, Any]]] = collections.deque()
         self._cond = threading.Condition()
@@ -267,11 +275,12 @@ class RemoteSink:
     def _send(self, sock: socket.socket, batch: list[tuple[str, Mapping[str, Any]]]) -> int:
         """Frame and send ``batch``; return how many events the kernel took completely."""
         frames: list[bytes] = []
+        frame = self._frame
         for level, event in batch:
             try:
-                frames.append(sink_formats.octet_counted(self._format(level, event)))
+                frames.append(frame(self._format(level, event)))
             except Exception as exc:  # a formatting bug must not wedge the spool
-                frames.append(sink_formats.octet_counted(sink_formats.rfc5424(
+                frames.append(frame(sink_formats.rfc5424(
                     "error", {"message": f"event not formattable: {exc!r}"},
                     facility=sink_formats.FACILITIES[self.cfg.facility], hostname="-",
                     procid=os.getpid(), enterprise_number=self.cfg.enterprise_number)))
@@ -283,8 +292,8 @@ class RemoteSink:
         except (OSError, ValueError):
             pass
         done, total = 0, 0
-        for frame in frames:
-            total += len(frame)
+        for framed in frames:
+            total += len(framed)
             if total > offset:
                 break
             done += 1

@@ -241,7 +241,8 @@ def test_rfc5424_and_cef_over_plain_tcp(collector: Any, tmp_path: Path) -> None:
     log = make_logger(LoggingSettings(
         stdout=False, file=tmp_path / "events.jsonl",
         sinks=[_sink("tcp", rs.port, name="soc"),
-               _sink("tcp", rs.port, name="arcsight", format="cef", level="warning")]))
+               _sink("tcp", rs.port, name="arcsight", format="cef", level="warning",
+                     framing="lf")]))
     _emit_samples(log)
     lines = rs.wait_lines(4)  # 3 RFC 5424 + the one warning as CEF
     close_logger(log)
