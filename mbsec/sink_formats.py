@@ -250,9 +250,10 @@ CEF_LABELS = {
 
 
 def cef_custom_key(name: str) -> str:
-    """``modbus.function_code`` -> ``mbsecModbusFunctionCode``: the standard's naming for
-    keys outside its dictionary (vendor prefix, then the name, alphanumeric only)."""
-    words = re.split(r"[^A-Za-z0-9]+", name)
+    """``modbus.function_code`` -> ``mbsecModbusFunctionCode`` (``mbsec.request_bytes`` ->
+    ``mbsecRequestBytes``): the standard's naming for keys outside its dictionary (vendor
+    prefix, then the name, alphanumeric only)."""
+    words = re.split(r"[^A-Za-z0-9]+", name.removeprefix("mbsec."))
     return "mbsec" + "".join(w[:1].upper() + w[1:] for w in words if w)
 
 
