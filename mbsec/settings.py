@@ -275,6 +275,15 @@ class LoggingSettings(_Model):
     #: further sinks, each with its own format and minimum level (docs/config.md)
     sinks: list[SinkSettings] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _sink_names_unique(self) -> LoggingSettings:
+        names = [sink.label(i) for i, sink in enumerate(self.sinks)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"sinks: name {', '.join(twice)} is used twice (alarms and "
+                             "metrics tell the sinks apart by it)")
+        return self
+
 
 class MetricsSettings(_Model):
     listen: str | None = None  # e.g. "127.0.0.1:9802"; unset: no HTTP endpoint

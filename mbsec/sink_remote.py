@@ -247,7 +247,18 @@ class RemoteSink:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self._ctx is not None:
+                started = time.monotonic()
                 sock = self._ctx.wrap_socket(sock, server_hostname=self._server_name)
+                if sock.version() == "TLSv1.3":
+                    # the collector judges our certificate after our side of the handshake
+                    # is done: its refusal (an alert) comes about one round trip later, and
+                    # what we sent before it would be lost. Wait two handshake times for it
+                    # (session tickets, which an accepting server sends, end the wait early).
+                    wait = min(self.cfg.connect_timeout,
+                               max(0.05, 2 * (time.monotonic() - started)))
+                    readable, _, _ = select.select([sock], [], [], wait)
+                    if readable and not self._alive(sock):
+                        raise ConnectionRefusedError("the collector ended the TLS session")
             sock.settimeout(self.cfg.send_timeout)
         except BaseException:
             sock.close()
@@ -307,13 +318,20 @@ class RemoteSink:
                 sock.close()
 
     def close(self) -> None:
-        """Stop: the sender gets ``close_timeout`` seconds for what is spooled; what is left
-        then is counted as dropped and reported once on stderr (the file has it)."""
+        """Stop: the sender gets ``close_timeout`` seconds for what is spooled (a stop never
+        waits much longer for a collector); what is left then is counted as dropped and
+        reported once on stderr (the file has it)."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(self.cfg.close_timeout + self.cfg.connect_timeout
-                          + self.cfg.send_timeout)
+        self._thread.join(self.cfg.close_timeout + 0.1)
+        sock = self._sock
+        if self._thread.is_alive() and sock is not None:
+            # stuck in send() to a collector that stopped reading: unblock it; a connect in
+            # progress is abandoned (a daemon thread; the process is stopping)
+            with contextlib.suppress(OSError, ValueError):
+                sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join(1.0)
         with self._cond:
             left = len(self._spool)
             self._spool.clear()

@@ -56,7 +56,7 @@ global(workDirectory="{work}"
        defaultNetstreamDriverCertFile="{cert}"
        defaultNetstreamDriverKeyFile="{key}")
 module(load="imtcp" streamDriver.name="ossl" streamDriver.mode="1"
-       streamDriver.authMode="x509/certvalid")
+       streamDriver.authMode="{auth}")
 input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="mbsec")
 """
 RSYSLOG_TCP = """\
@@ -81,7 +81,8 @@ ruleset(name="mbsec") {{
 class Rsyslog:
     """One rsyslogd in the foreground, on 127.0.0.1:port."""
 
-    def __init__(self, binary: str, directory: Path, port: int, pki: Pki | None) -> None:
+    def __init__(self, binary: str, directory: Path, port: int, pki: Pki | None,
+                 auth: str = "x509/certvalid") -> None:
         self.binary = binary
         self.dir = directory
         self.port = port
@@ -89,7 +90,8 @@ class Rsyslog:
         work = directory / "work"
         work.mkdir(parents=True, exist_ok=True)
         head = (RSYSLOG_TLS.format(work=work, ca=pki.ca.trust_bundle, cert=pki.server.chain,
-                                   key=pki.server.key, port=port) if pki is not None
+                                   key=pki.server.key, port=port, auth=auth)
+                if pki is not None
                 else RSYSLOG_TCP.format(work=work, port=port))
         self.conf = directory / "rsyslog.conf"
         self.conf.write_text(head + RSYSLOG_OUT.format(out=directory), encoding="utf-8")
@@ -141,8 +143,10 @@ def _listening(port: int) -> bool:
 def collector(rsyslogd: str, tmp_path: Path) -> Iterator[Any]:
     made: list[Rsyslog] = []
 
-    def make(pki: Pki | None = None, port: int | None = None, start: bool = True) -> Rsyslog:
-        r = Rsyslog(rsyslogd, tmp_path / f"rsyslog{len(made)}", port or unused_port(), pki)
+    def make(pki: Pki | None = None, port: int | None = None, start: bool = True,
+             auth: str = "x509/certvalid") -> Rsyslog:
+        r = Rsyslog(rsyslogd, tmp_path / f"rsyslog{len(made)}", port or unused_port(), pki,
+                    auth)
         made.append(r)
         if start:
             r.start()
@@ -153,10 +157,13 @@ def collector(rsyslogd: str, tmp_path: Path) -> Iterator[Any]:
         r.stop()
 
 
-def _sink(type_: str, port: int, pki: Pki | None = None, **kw: Any) -> SinkSettings:
-    tls = {}
+def _sink(type_: str, port: int, pki: Pki | None = None, client_cert: bool = True,
+          **kw: Any) -> SinkSettings:
+    tls: dict[str, Any] = {}
     if pki is not None:
-        tls = {"ca": pki.ca.trust_bundle, "cert": pki.operator.chain, "key": pki.operator.key}
+        tls = {"ca": pki.ca.trust_bundle}
+        if client_cert:
+            tls.update(cert=pki.operator.chain, key=pki.operator.key)
     return SinkSettings(type=type_, address=f"127.0.0.1:{port}", hostname="dmz-proxy-1",  # type: ignore[arg-type]
                         reconnect_initial=0.05, reconnect_max=0.2, **tls, **kw)
 
@@ -194,12 +201,15 @@ def _check_against_file(received: list[str], file_events: list[dict[str, Any]]) 
                 assert msg.params(*sd_address(name, 32473)) == field_values(value), name
 
 
+@pytest.mark.parametrize("client_cert", [True, False], ids=["client-cert", "no-client-cert"])
 def test_rfc5424_over_tls_reaches_rsyslog_with_structured_data(
-    collector: Any, pki: Pki, tmp_path: Path
+    collector: Any, pki: Pki, tmp_path: Path, client_cert: bool
 ) -> None:
-    rs = collector(pki)
-    log = make_logger(LoggingSettings(stdout=False, file=tmp_path / "events.jsonl",
-                                      sinks=[_sink("tls", rs.port, pki, facility="local4")]))
+    # with a client certificate rsyslog requires one from the CA (x509/certvalid); without,
+    # it asks for none (anon) and only mbsec verifies its peer
+    rs = collector(pki, auth="x509/certvalid" if client_cert else "anon")
+    log = make_logger(LoggingSettings(stdout=False, file=tmp_path / "events.jsonl", sinks=[
+        _sink("tls", rs.port, pki, client_cert=client_cert, facility="local4")]))
     _emit_samples(log)
     remote = _remote(log)
     lines = rs.wait_lines(3)
@@ -233,6 +243,22 @@ def test_tls_sink_refuses_a_collector_its_ca_did_not_sign(
     time.sleep(0.5)
     assert remote.connects == 0 and remote.spooled == 1 and rs.lines() == []
     remote.cfg = remote.cfg.model_copy(update={"close_timeout": 0.0})
+    close_logger(log)
+
+
+def test_a_collector_that_refuses_our_certificate_gets_nothing_sent_into_the_void(
+    collector: Any, pki: Pki, tmp_path: Path
+) -> None:
+    # TLS 1.3: rsyslog refuses a missing client certificate only after the handshake is
+    # complete on our side; the sink must notice that before it sends, and keep the events
+    rs = collector(pki, auth="x509/certvalid")
+    log = make_logger(LoggingSettings(stdout=False, sinks=[
+        _sink("tls", rs.port, pki, client_cert=False, close_timeout=0.0)]))
+    events.emit(log, events.server_stop(0, 1.0))
+    remote = _remote(log)
+    time.sleep(0.6)  # several attempts (backoff 0.05 to 0.2 s)
+    assert remote.sent == 0 and remote.spooled == 1 and remote.connects == 0
+    assert rs.lines() == []
     close_logger(log)
 
 
