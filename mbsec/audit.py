@@ -6,7 +6,10 @@ The structlog message becomes ECS ``message``. The logger is built per proxy ins
 injected (no global ``structlog.configure``), so tests can run several proxies and capture lines.
 
 Only synchronous methods are used: structlog's ``a*`` methods run in asyncio's executor and must
-never be called under trio. Sinks write synchronously; a line is small.
+never be called under trio. Sinks write synchronously; a line is small. The sinks of
+``[[logging.sinks]]`` get the nested event with its line (the last processor passes both) and
+format it themselves; a remote one only spools it here and formats and sends on its own thread
+(mbsec/sink_remote.py).
 Nothing is sampled: denials and TLS failures are logged at ``warning`` and the level setting
 cannot go above ``warning``.
 """
