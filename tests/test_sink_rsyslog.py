@@ -24,7 +24,16 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TEST_POLICY, Pki, PymodbusPlc, TlsClient, read_hr, unused_port
+from conftest import (
+    TEST_POLICY,
+    Pki,
+    PymodbusPlc,
+    TlsClient,
+    read_hr,
+    serve_config,
+    serve_process,
+    unused_port,
+)
 from syslog_parsers import parse_cef, parse_rfc5424
 
 from mbsec import events
@@ -434,3 +443,45 @@ def test_a_collector_that_stops_reading_never_blocks_the_logging_thread(tmp_path
     assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 1500
     close_logger(log)
     stall.close()
+
+
+async def test_mbsec_serve_ships_its_events_to_rsyslog_until_the_last_one(
+    collector: Any, pki: Pki, plc: PymodbusPlc, tmp_path: Path
+) -> None:
+    """The real process: a [[logging.sinks]] table in the TOML file, RFC 5424 over TLS, and
+    at SIGTERM the final server-stopped event still reaches the collector (the sink is
+    flushed when the process stops)."""
+    rs = collector(pki)
+    cfg = serve_config(pki, tmp_path, plc.port, extra=f"""
+[logging]
+stdout = true
+[[logging.sinks]]
+type = "tls"
+name = "soc"
+address = "127.0.0.1:{rs.port}"
+ca = "{pki.ca.trust_bundle}"
+cert = "{pki.operator.chain}"
+key = "{pki.operator.key}"
+facility = "local5"
+hostname = "dmz-proxy-1"
+""")
+    async with serve_process(cfg) as sp:
+        start = await sp.next_event("server-start")
+        port = int(start["mbsec"]["listen"][0].rsplit(":", 1)[1])
+        client = await TlsClient.connect(port, pki.client_ctx(pki.operator))
+        assert await client.request(1, 1, read_hr(0, 2)) is not None
+        await client.aclose()
+        sp.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await sp.proc.wait() == 0
+    deadline = time.monotonic() + 10
+    while not any(" server-stopped " in x for x in rs.lines()):
+        assert time.monotonic() < deadline, rs.lines()
+        await trio.sleep(0.02)
+    received = [parse_rfc5424(x) for x in rs.lines()]
+    actions = [m.msgid for m in received]
+    assert actions[0] == "server-start" and actions[-1] == "server-stopped", actions
+    assert "connection-closed" in actions and "tls-handshake" in actions
+    assert {m.pri for m in received} >= {21 * 8 + 6}  # local5, info
+    assert all(m.hostname == "dmz-proxy-1" and m.app_name == "mbsec" for m in received)
+    assert received[-1].params("event@32473", "action") == ["server-stopped"]
