@@ -345,7 +345,8 @@ def _configured_sink(settings: LoggingSettings, cfg: SinkSettings, index: int,
             return _Named(StreamSink(stdout), cfg.label(index))
         return _JsonFromEvent(FileSink(cfg.path) if cfg.path is not None else StreamSink(stdout),
                               cfg.label(index), sink_formats.json_line)
-    return cast("EventSink", sink_remote.build_sink(cfg, index, stdout=stdout))
+    return cast("EventSink", sink_remote.build_sink(
+        cfg, index, stdout=stdout, lines_are_json=settings.format == "json"))
 
 
 class _Named:

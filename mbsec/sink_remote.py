@@ -6,7 +6,8 @@ the thread that logs (the data plane, trio) and only appends the event to a boun
 formatting, connecting, TLS and sending happen on the sink's own sender thread.
 
 The spool holds the events not yet handed to the kernel, oldest first, at most
-``spool_events`` of them (memory: about 1 KB each). While the collector is away the sender
+``spool_events`` of them, as their JSON lines (memory: about 1 KB each, measured for a
+denial; strings, so the garbage collector has nothing to walk there). While the collector is away the sender
 reconnects with exponential backoff (``reconnect_initial`` doubling up to ``reconnect_max``,
 +-20 % jitter) and sends the spool in order when it is back. When the spool is full, the new
 event is dropped for this sink (the older ones are kept: the start of an incident is what a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import random
 import select
@@ -130,7 +132,7 @@ class RemoteSink:
     spool (see the module docstring for what it holds and what happens when it is full)."""
 
     def __init__(self, cfg: SinkSettings, *, name: str = "remote",
-                 alarm: TextIO | None = None) -> None:
+                 alarm: TextIO | None = None, lines_are_json: bool = True) -> None:
         self.name = name
         self.cfg = cfg
         self.host, self.port = cfg.host_port()
@@ -140,7 +142,12 @@ class RemoteSink:
         self._frame: Callable[[str], bytes] = (
             sink_formats.octet_counted if cfg.framing == "octet-counting" else _lf_frame)
         self._capacity = cfg.spool_events
-        self._spool: collections.deque[tuple[str, Mapping[str, Any]]] = collections.deque()
+        #: (level, the JSON line, or the event when the lines are not JSON): a line is a
+        #: third of the memory of the nested dict and no work for the garbage collector,
+        #: which would otherwise walk every spooled event's dicts on each full collection
+        self._spool: collections.deque[tuple[str, str | Mapping[str, Any]]] = \
+            collections.deque()
+        self._lines_are_json = lines_are_json
         self._cond = threading.Condition()
         self._closing = False
         self._alarm = alarm
@@ -177,11 +184,11 @@ class RemoteSink:
                     self._drop_first = self._drop_last
                 raise SpoolFull(f"spool full ({self._capacity} events waiting for "
                                 f"{self.host}:{self.port}): event dropped for this sink")
-            spool.append((level, event))
+            spool.append((level, line if self._lines_are_json else event))
             if was_empty:
                 self._cond.notify()  # the sender sleeps only on an empty spool
 
-    def _drop_notice(self) -> tuple[str, Mapping[str, Any]]:
+    def _drop_notice(self) -> tuple[str, str | Mapping[str, Any]]:
         ev = events.log_sink_dropped(self.name, self._drop_pending, self._drop_first,
                                      self._drop_last)
         self._drop_pending = 0
@@ -283,12 +290,14 @@ class RemoteSink:
         except (OSError, ValueError):
             return False
 
-    def _send(self, sock: socket.socket, batch: list[tuple[str, Mapping[str, Any]]]) -> int:
+    def _send(self, sock: socket.socket,
+              batch: list[tuple[str, str | Mapping[str, Any]]]) -> int:
         """Frame and send ``batch``; return how many events the kernel took completely."""
         frames: list[bytes] = []
         frame = self._frame
-        for level, event in batch:
+        for level, item in batch:
             try:
+                event = json.loads(item) if isinstance(item, str) else item
                 frames.append(frame(self._format(level, event)))
             except Exception as exc:  # a formatting bug must not wedge the spool
                 frames.append(frame(sink_formats.rfc5424(
@@ -346,11 +355,13 @@ class RemoteSink:
                 stream.flush()
 
 
-def build_sink(cfg: SinkSettings, index: int, *, stdout: TextIO | None = None) -> Any:
-    """The sink object for one ``[[logging.sinks]]`` entry (json stdout/file: audit's)."""
+def build_sink(cfg: SinkSettings, index: int, *, stdout: TextIO | None = None,
+               lines_are_json: bool = True) -> Any:
+    """The sink object for one ``[[logging.sinks]]`` entry (json stdout/file: audit's);
+    ``lines_are_json``: the logger's lines are the ECS JSON (not ``format = "console"``)."""
     name = cfg.label(index)
     if cfg.type in ("tcp", "tls"):
-        return RemoteSink(cfg, name=name)
+        return RemoteSink(cfg, name=name, lines_are_json=lines_are_json)
     return LineSink(cfg, stream=stdout, name=name)
 
 

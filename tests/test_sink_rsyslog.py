@@ -298,6 +298,18 @@ def test_rfc5424_and_cef_over_plain_tcp(collector: Any, tmp_path: Path) -> None:
     assert c.get("spriv") == "operator,a]b"
 
 
+def test_remote_sink_under_the_console_format_sends_the_event(collector: Any) -> None:
+    # the main lines are console text then, so the sink spools the event itself
+    rs = collector()
+    log = make_logger(LoggingSettings(format="console", stdout=False,
+                                      sinks=[_sink("tcp", rs.port)]))
+    events.emit(log, events.server_stop(4, 2.0))
+    (line,) = rs.wait_lines(1)
+    close_logger(log)
+    msg = parse_rfc5424(line)
+    assert msg.msgid == "server-stop" and msg.params("mbsec@32473", "sessions") == ["4"]
+
+
 def test_collector_down_then_up_gets_the_spool_in_order(
     collector: Any, tmp_path: Path
 ) -> None:
