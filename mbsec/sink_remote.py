@@ -7,15 +7,15 @@ formatting, connecting, TLS and sending happen on the sink's own sender thread.
 
 The spool holds the events not yet handed to the kernel, oldest first, at most
 ``spool_events`` of them, as their JSON lines (memory: about 1 KB each, measured for a
-denial; strings, so the garbage collector has nothing to walk there). While the collector is away the sender
-reconnects with exponential backoff (``reconnect_initial`` doubling up to ``reconnect_max``,
-+-20 % jitter) and sends the spool in order when it is back. When the spool is full, the new
-event is dropped for this sink (the older ones are kept: the start of an incident is what a
-SOC needs), :meth:`write_event` raises :class:`SpoolFull` so that the logger counts it
-(``mbsec_log_sink_failures_total``) and raises its ``log-sink-failed`` alarm once, and as
-soon as there is room again a ``log-sink-dropped`` event takes its place in the stream, with
-the count and the time span of what was lost. The other sinks (the local file: the
-guaranteed record) take every event regardless.
+denial; strings, so the garbage collector has nothing to walk there). While the collector is
+away the sender reconnects with exponential backoff (``reconnect_initial`` doubling up to
+``reconnect_max``, +-20 % jitter) and sends the spool in order when it is back. When the
+spool is full, the new event is dropped for this sink (the older ones are kept: the start of
+an incident is what a SOC needs), :meth:`write_event` raises :class:`SpoolFull` so that the
+logger counts it (``mbsec_log_sink_failures_total``) and raises its ``log-sink-failed``
+alarm once, and as soon as there is room again a ``log-sink-dropped`` event takes its place
+in the stream, with the count and the time span of what was lost. The other sinks (the local
+file: the guaranteed record) take every event regardless.
 
 TCP offers no acknowledgement: an event counts as sent once the kernel took it. Before each
 batch the sender checks whether the collector closed the connection, so a collector that
@@ -207,6 +207,22 @@ class RemoteSink:
     # -- the sender thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The sender thread. A bug in it must not silently stop this sink for good: it is
+        reported on stderr and the loop starts over (the spool is kept)."""
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # pragma: no cover - a bug; nothing known raises here
+                self._disconnect()
+                line = events.fallback_line(events.log_sink_failed(self.name, exc))
+                with contextlib.suppress(Exception):
+                    stream = self._alarm or sys.stderr
+                    stream.write(line + "\n")
+                    stream.flush()
+                time.sleep(self.cfg.reconnect_max)
+
+    def _loop(self) -> None:
         backoff = self.cfg.reconnect_initial
         next_try = 0.0
         deadline: float | None = None
