@@ -57,16 +57,39 @@ def rsyslogd() -> str:
     return RSYSLOGD
 
 
-# The configuration docs/events.md shows ("Pointing a collector at mbsec"), with the test's
-# paths and port filled in.
-RSYSLOG_TLS = """\
-global(workDirectory="{work}"
-       defaultNetstreamDriverCAFile="{ca}"
-       defaultNetstreamDriverCertFile="{cert}"
-       defaultNetstreamDriverKeyFile="{key}")
-module(load="imtcp" streamDriver.name="ossl" streamDriver.mode="1"
-       streamDriver.authMode="{auth}")
-input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="mbsec")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documented_rsyslog_conf(*, work: Path, ca: Path, cert: Path, key: Path, auth: str,
+                            port: int, out: Path) -> str:
+    """The rsyslog configuration docs/events.md gives ("Pointing a collector at mbsec"): the
+    TLS tests run exactly that, with the test's paths, address, port and auth mode put in,
+    plus a second action that writes rsyslog's own parse of each message."""
+    doc = (ROOT / "docs" / "events.md").read_text(encoding="utf-8")
+    conf = doc[doc.index("**rsyslog**"):].split("```", 2)[1]
+    raw_action = 'template="mbsec_raw")'
+    for documented, ours in [
+        ('"/var/spool/rsyslog"', f'"{work}"'),
+        ('"/etc/rsyslog.d/mbsec-ca.pem"', f'"{ca}"'),
+        ('"/etc/rsyslog.d/collector-chain.pem"', f'"{cert}"'),
+        ('"/etc/rsyslog.d/collector.key"', f'"{key}"'),
+        ('authMode="x509/certvalid"', f'authMode="{auth}"'),
+        ('input(type="imtcp" port="6514"', f'input(type="imtcp" address="127.0.0.1" port="{port}"'),
+        ('file="/var/log/mbsec/events.log"', f'file="{out}/raw.log"'),
+        (raw_action, raw_action + f'\n  action(type="omfile" file="{out}/parsed.log" '
+                                  'template="mbsec_parsed")'),
+    ]:
+        assert conf.count(documented) == 1, documented
+        conf = conf.replace(documented, ours)
+    return PARSED_TEMPLATE + conf
+
+
+PARSED_TEMPLATE = """\
+template(name="mbsec_parsed" type="list") {
+  property(name="pri") constant(value="|") property(name="app-name") constant(value="|")
+  property(name="msgid") constant(value="|") property(name="structured-data")
+  constant(value="\\n")
+}
 """
 RSYSLOG_TCP = """\
 global(workDirectory="{work}")
@@ -75,11 +98,6 @@ input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="mbsec")
 """
 RSYSLOG_OUT = """\
 template(name="mbsec_raw" type="string" string="%rawmsg%\\n")
-template(name="mbsec_parsed" type="list") {{
-  property(name="pri") constant(value="|") property(name="app-name") constant(value="|")
-  property(name="msgid") constant(value="|") property(name="structured-data")
-  constant(value="\\n")
-}}
 ruleset(name="mbsec") {{
   action(type="omfile" file="{out}/raw.log" template="mbsec_raw")
   action(type="omfile" file="{out}/parsed.log" template="mbsec_parsed")
@@ -98,12 +116,15 @@ class Rsyslog:
         self.proc: subprocess.Popen[bytes] | None = None
         work = directory / "work"
         work.mkdir(parents=True, exist_ok=True)
-        head = (RSYSLOG_TLS.format(work=work, ca=pki.ca.trust_bundle, cert=pki.server.chain,
-                                   key=pki.server.key, port=port, auth=auth)
-                if pki is not None
-                else RSYSLOG_TCP.format(work=work, port=port))
+        if pki is not None:
+            text = documented_rsyslog_conf(work=work, ca=pki.ca.trust_bundle,
+                                           cert=pki.server.chain, key=pki.server.key,
+                                           auth=auth, port=port, out=directory)
+        else:
+            text = (RSYSLOG_TCP.format(work=work, port=port) + PARSED_TEMPLATE
+                    + RSYSLOG_OUT.format(out=directory))
         self.conf = directory / "rsyslog.conf"
-        self.conf.write_text(head + RSYSLOG_OUT.format(out=directory), encoding="utf-8")
+        self.conf.write_text(text, encoding="utf-8")
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
