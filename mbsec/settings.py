@@ -244,6 +244,8 @@ class SinkSettings(_Model):
             raise ValueError(f"{', '.join(tls_keys)}: only for tls sinks")
         if t == "tls" and self.ca is None:
             raise ValueError("a tls sink needs 'ca' (the CA that signed the collector)")
+        if self.server_name is not None:
+            check_host_name(self.server_name, "server_name")
         if (self.cert is None) != (self.key is None):
             raise ValueError("'cert' and 'key' go together")
         if self.reconnect_max < self.reconnect_initial:

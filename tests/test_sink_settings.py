@@ -66,6 +66,7 @@ format = "rfc5424"
     ('type = "tcp"\naddress = "h:1"\nreconnect_initial = 5\nreconnect_max = 1',
      "reconnect_max is below"),
     ('type = "tcp"\naddress = "h:1"\ntypo = 1', "unknown key"),
+    ('type = "tls"\naddress = "h:1"\nca = "a"\nserver_name = "a..b"', "not a valid host name"),
 ])
 def test_bad_sink_entries_are_one_line_errors(tmp_path: Path, entry: str, message: str) -> None:
     cfg = _config(tmp_path, f"[[logging.sinks]]\n{entry}\n")
