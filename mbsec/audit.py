@@ -378,14 +378,19 @@ class _JsonFromEvent(_Named):
 def check_sinks(settings: LoggingSettings) -> list[str]:
     """Problems that would stop the sinks from opening, found without creating anything."""
     problems = []
-    if settings.file is not None:
-        parent = settings.file.parent
+    files = [("logging.file", settings.file)] + [
+        (f"logging.sinks[{i}] ({cfg.label(i)})", cfg.path)
+        for i, cfg in enumerate(settings.sinks) if cfg.type == "file"]
+    for where, path in files:
+        if path is None:
+            continue
+        parent = path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
-        if settings.file.is_dir():
-            problems.append(f"logging.file: {settings.file} is a directory")
+        if path.is_dir():
+            problems.append(f"{where}: {path} is a directory")
         elif not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            problems.append(f"logging.file: cannot create {settings.file} ({parent} is not a "
+            problems.append(f"{where}: cannot create {path} ({parent} is not a "
                             "writable directory)")
     if settings.syslog is not None:
         addr = settings.syslog.address

@@ -188,17 +188,13 @@ class RemoteSink:
             if was_empty:
                 self._cond.notify()  # the sender sleeps only on an empty spool
 
-    def _drop_notice(self) -> tuple[str, str | Mapping[str, Any]]:
+    def _drop_notice(self) -> tuple[str, str]:
+        """The ``log-sink-dropped`` event, as the JSON line the logger would write."""
         ev = events.log_sink_dropped(self.name, self._drop_pending, self._drop_first,
                                      self._drop_last)
         self._drop_pending = 0
         self._drop_first = self._drop_last = None
-        from mbsec.audit import ECS_VERSION, nest_dotted
-
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
-        flat = {"@timestamp": stamp, "message": ev.message, **ev.fields, "log.level": ev.level,
-                "ecs.version": ECS_VERSION, "service.name": "mbsec"}
-        return ev.level, nest_dotted(flat)
+        return ev.level, events.fallback_line(ev)
 
     @property
     def spooled(self) -> int:
@@ -382,15 +378,10 @@ def build_sink(cfg: SinkSettings, index: int, *, stdout: TextIO | None = None,
 
 
 def check_sink(cfg: SinkSettings, index: int) -> list[str]:
-    """Problems that would stop this sink from starting, found without connecting."""
+    """Problems with a tls sink's material, found without connecting (audit.check_sinks
+    checks file paths)."""
     where = f"logging.sinks[{index}] ({cfg.label(index)})"
     problems: list[str] = []
-    if cfg.type == "file" and cfg.path is not None:
-        parent = cfg.path.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if cfg.path.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            problems.append(f"{where}: cannot write {cfg.path}")
     if cfg.type == "tls":
         for key in ("ca", "cert", "key"):
             path: Path | None = getattr(cfg, key)

@@ -96,6 +96,9 @@ def test_config_check_reports_unreadable_tls_material(tmp_path: Path) -> None:
                            "a file")
     assert problems[1].startswith("logging.sinks[1] (siem): TLS material:")
     assert len(problems) == 2
+    (tmp_path / "adir").mkdir()
+    assert check_sinks(LoggingSettings(sinks=[SinkSettings(type="file", path=tmp_path / "adir")])
+                       ) == [f"logging.sinks[0] (file-0): {tmp_path / 'adir'} is a directory"]
 
 
 def test_each_sink_has_its_own_minimum_level_and_format(tmp_path: Path) -> None:
