@@ -462,7 +462,7 @@ def test_a_collector_that_stops_reading_never_blocks_the_logging_thread(tmp_path
     stall.listen(1)
     log = make_logger(LoggingSettings(stdout=False, file=tmp_path / "events.jsonl", sinks=[
         SinkSettings(type="tcp", address=f"127.0.0.1:{stall.getsockname()[1]}",
-                     spool_events=100, send_timeout=1.0, close_timeout=0.0)]))
+                     spool_events=100, send_timeout=5.0, close_timeout=0.0)]))
     remote = _remote(log)
     big = "x" * 20000
     slowest = 0.0
@@ -472,7 +472,7 @@ def test_a_collector_that_stops_reading_never_blocks_the_logging_thread(tmp_path
         slowest = max(slowest, time.perf_counter() - t0)
     assert remote.connects == 1
     assert remote.dropped > 0 and remote.spooled == 100
-    assert slowest < 0.5, slowest  # generous: a shared box; no write waited for the network
+    assert slowest < 1.0, slowest  # generous (a shared box), and far below send_timeout
     assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 1500
     close_logger(log)
     stall.close()
