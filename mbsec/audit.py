@@ -6,7 +6,10 @@ The structlog message becomes ECS ``message``. The logger is built per proxy ins
 injected (no global ``structlog.configure``), so tests can run several proxies and capture lines.
 
 Only synchronous methods are used: structlog's ``a*`` methods run in asyncio's executor and must
-never be called under trio. Sinks write synchronously; a line is small.
+never be called under trio. Sinks write synchronously; a line is small. The sinks of
+``[[logging.sinks]]`` get the nested event with its line (the last processor passes both) and
+format it themselves; a remote one only spools it here and formats and sends on its own thread
+(mbsec/sink_remote.py).
 Nothing is sampled: denials and TLS failures are logged at ``warning`` and the level setting
 cannot go above ``warning``.
 """
@@ -24,12 +27,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from mbsec.settings import LoggingSettings, parse_hostport
+from mbsec.settings import LoggingSettings, SinkSettings, parse_hostport
 
 ECS_VERSION = "8.11.0"
 
@@ -38,6 +41,16 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 class Sink(Protocol):
     def write(self, level: str, line: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EventSink(Protocol):
+    """A sink with a format of its own (``[[logging.sinks]]``, mbsec/sink_remote.py): it gets
+    the nested event besides the JSON line and formats it itself (a remote sink does that on
+    its sender thread, never on the thread that logs)."""
+
+    def write_event(self, level: str, line: str, event: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -121,60 +134,74 @@ class SinkLogger:
     sink that took it: the request path applies ``logging.on_sink_failure`` while it does not.
     """
 
-    def __init__(self, sinks: Iterable[Sink], *, alarm: TextIO | None = None) -> None:
+    def __init__(self, sinks: Iterable[Sink | EventSink], *, alarm: TextIO | None = None,
+                 levels: Iterable[int] | None = None) -> None:
         self.sinks = list(sinks)
+        #: each sink's minimum level (``[[logging.sinks]]`` level); 0: everything the logger
+        #: lets through
+        self.levels = list(levels) if levels is not None else [0] * len(self.sinks)
+        self._takes_event = [hasattr(s, "write_event") for s in self.sinks]
         self.healthy = True
         self.failures = 0
         self._failing: set[int] = set()  # indexes of sinks whose last write raised
         self._alarm = alarm
         self.metrics: Any = None  # set by the proxy: counts failures
 
-    def _emit(self, level: str, line: str) -> None:
-        took = not self.sinks
+    def _emit(self, level: str, line: str, event: dict[str, Any] | None = None) -> None:
+        took = wanted = False
+        number = _LEVELS.get(level, 20)
         for i, s in enumerate(self.sinks):
+            if number < self.levels[i]:
+                continue  # below this sink's level
+            wanted = True
             try:
-                s.write(level, line)
+                if self._takes_event[i]:
+                    s.write_event(level, line, event if event is not None  # type: ignore[union-attr]
+                                  else _event_of(line))
+                else:
+                    s.write(level, line)  # type: ignore[union-attr]
             except Exception as exc:
                 self._sink_failed(i, s, exc)
             else:
                 took = True
                 if self._failing:
                     self._failing.discard(i)
-        self.healthy = took
+        self.healthy = took or not wanted  # no sink wanted it: nothing was lost
 
-    def _sink_failed(self, index: int, sink: Sink, exc: Exception) -> None:
+    def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception) -> None:
         self.failures += 1
+        name = str(getattr(sink, "name", None) or type(sink).__name__)
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.inc("mbsec_log_sink_failures_total", sink=type(sink).__name__)
+                self.metrics.inc("mbsec_log_sink_failures_total", sink=name)
         if index in self._failing:
             return  # alarmed once per failure period, not per line
         self._failing.add(index)
         from mbsec import events  # events imports this module for fallback_line
 
-        alarm = events.fallback_line(events.log_sink_failed(type(sink).__name__, exc))
+        alarm = events.fallback_line(events.log_sink_failed(name, exc))
         with contextlib.suppress(Exception):
             stream = self._alarm or sys.stderr
             stream.write(alarm + "\n")
             stream.flush()
 
-    def debug(self, line: str) -> None:
-        self._emit("debug", line)
+    def debug(self, line: str, event: dict[str, Any] | None = None) -> None:
+        self._emit("debug", line, event)
 
-    def info(self, line: str) -> None:
-        self._emit("info", line)
+    def info(self, line: str, event: dict[str, Any] | None = None) -> None:
+        self._emit("info", line, event)
 
-    def msg(self, line: str) -> None:
-        self._emit("info", line)
+    def msg(self, line: str, event: dict[str, Any] | None = None) -> None:
+        self._emit("info", line, event)
 
-    def warning(self, line: str) -> None:
-        self._emit("warning", line)
+    def warning(self, line: str, event: dict[str, Any] | None = None) -> None:
+        self._emit("warning", line, event)
 
-    def error(self, line: str) -> None:
-        self._emit("error", line)
+    def error(self, line: str, event: dict[str, Any] | None = None) -> None:
+        self._emit("error", line, event)
 
-    def critical(self, line: str) -> None:
-        self._emit("critical", line)
+    def critical(self, line: str, event: dict[str, Any] | None = None) -> None:
+        self._emit("critical", line, event)
 
     exception = error
     fatal = critical
@@ -235,8 +262,18 @@ def _nest(_: Any, __: str, ev: EventDict) -> EventDict:
     return nest_dotted(ev)
 
 
-def _json(_: Any, __: str, ev: EventDict) -> str:
-    return json.dumps(ev, separators=(",", ":"), default=str)
+def _json(_: Any, __: str, ev: EventDict) -> tuple[tuple[str, EventDict], dict[str, Any]]:
+    # the nested event travels with its line, for the sinks that format it themselves
+    return (json.dumps(ev, separators=(",", ":"), default=str), ev), {}
+
+
+def _event_of(line: str) -> dict[str, Any]:
+    """The event of a line logged without one (a caller of SinkLogger itself)."""
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        return {"message": line}
+    return ev if isinstance(ev, dict) else {"message": line}
 
 
 def make_logger(
@@ -247,7 +284,7 @@ def make_logger(
 ) -> FilteringBoundLogger:
     """Build the event logger from the ``[logging]`` settings (plus extra sinks for tests)."""
     settings = settings or LoggingSettings()
-    sinks: list[Sink] = []
+    sinks: list[Sink | EventSink] = []
     if settings.stdout:
         sinks.append(StreamSink(stdout))
     if settings.file is not None:
@@ -255,10 +292,25 @@ def make_logger(
     if settings.syslog is not None:
         sinks.append(SyslogSink(settings.syslog.address, settings.syslog.facility))
     sinks.extend(extra_sinks)
+    levels = [_LEVELS[settings.level]] * len(sinks)
+    try:
+        for index, cfg in enumerate(settings.sinks):
+            sinks.append(_configured_sink(settings, cfg, index, stdout))
+            levels.append(_LEVELS[cfg.level or settings.level])
+    except BaseException:
+        for sink in sinks:
+            with contextlib.suppress(Exception):
+                sink.close()
+        raise
     renderer: Callable[[Any, str, EventDict], Any]
     if settings.format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-        tail: list[Callable[[Any, str, EventDict], Any]] = [renderer]
+
+        def _console(logger: Any, method: str, ev: EventDict) -> Any:
+            nested = nest_dotted(ev)
+            return (renderer(logger, method, ev), nested), {}
+
+        tail: list[Callable[[Any, str, EventDict], Any]] = [_console]
     else:
         tail = [_nest, _json]
     processors: list[Callable[[Any, str, EventDict], Any]] = [
@@ -269,9 +321,9 @@ def make_logger(
         structlog.processors.EventRenamer("message"),
         *tail,
     ]
-    wrapper = structlog.make_filtering_bound_logger(_LEVELS[settings.level])
+    wrapper = structlog.make_filtering_bound_logger(min(levels, default=_LEVELS[settings.level]))
     logger: FilteringBoundLogger = structlog.wrap_logger(
-        SinkLogger(sinks),
+        SinkLogger(sinks, levels=levels),
         processors=processors,
         wrapper_class=wrapper,
         cache_logger_on_first_use=False,
@@ -279,17 +331,66 @@ def make_logger(
     return logger
 
 
+def _configured_sink(settings: LoggingSettings, cfg: SinkSettings, index: int,
+                     stdout: TextIO | None) -> Sink | EventSink:
+    """One ``[[logging.sinks]]`` entry; a json stdout/file sink reuses the rendered line
+    (unless ``format = "console"`` made that line a console one)."""
+    from mbsec import sink_formats, sink_remote
+
+    if cfg.effective_format() == "json" and cfg.type in ("stdout", "file"):
+        if settings.format == "json":
+            if cfg.type == "file":
+                assert cfg.path is not None
+                return _Named(FileSink(cfg.path), cfg.label(index))
+            return _Named(StreamSink(stdout), cfg.label(index))
+        return _JsonFromEvent(FileSink(cfg.path) if cfg.path is not None else StreamSink(stdout),
+                              cfg.label(index), sink_formats.json_line)
+    return cast("EventSink", sink_remote.build_sink(
+        cfg, index, stdout=stdout, lines_are_json=settings.format == "json"))
+
+
+class _Named:
+    """A line sink under its ``[[logging.sinks]]`` name (alarms and metrics use it)."""
+
+    def __init__(self, inner: Sink, name: str) -> None:
+        self.inner = inner
+        self.name = name
+
+    def write(self, level: str, line: str) -> None:
+        self.inner.write(level, line)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _JsonFromEvent(_Named):
+    """A json sink while the main format is ``console``: renders the event itself."""
+
+    def __init__(self, inner: Sink, name: str,
+                 render: Callable[[str, dict[str, Any]], str]) -> None:
+        super().__init__(inner, name)
+        self._render = render
+
+    def write_event(self, level: str, line: str, event: dict[str, Any]) -> None:
+        self.inner.write(level, self._render(level, event))
+
+
 def check_sinks(settings: LoggingSettings) -> list[str]:
     """Problems that would stop the sinks from opening, found without creating anything."""
     problems = []
-    if settings.file is not None:
-        parent = settings.file.parent
+    files = [("logging.file", settings.file)] + [
+        (f"logging.sinks[{i}] ({cfg.label(i)})", cfg.path)
+        for i, cfg in enumerate(settings.sinks) if cfg.type == "file"]
+    for where, path in files:
+        if path is None:
+            continue
+        parent = path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
-        if settings.file.is_dir():
-            problems.append(f"logging.file: {settings.file} is a directory")
+        if path.is_dir():
+            problems.append(f"{where}: {path} is a directory")
         elif not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            problems.append(f"logging.file: cannot create {settings.file} ({parent} is not a "
+            problems.append(f"{where}: cannot create {path} ({parent} is not a "
                             "writable directory)")
     if settings.syslog is not None:
         addr = settings.syslog.address
@@ -300,6 +401,11 @@ def check_sinks(settings: LoggingSettings) -> list[str]:
             SyslogSink(settings.syslog.address, settings.syslog.facility).close()
         except (OSError, ValueError) as exc:
             problems.append(f"logging.syslog: {settings.syslog.address}: {exc}")
+    if settings.sinks:
+        from mbsec.sink_remote import check_sink
+
+        for index, cfg in enumerate(settings.sinks):
+            problems.extend(check_sink(cfg, index))
     return problems
 
 

@@ -821,6 +821,36 @@ def log_sink_failed(sink: str, exc: BaseException) -> Event:
     })
 
 
+_register(
+    "log-sink-dropped",
+    levels=("warning",),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.sink", "mbsec.dropped", "mbsec.dropped_first",
+            "mbsec.dropped_last"),
+    constructors=("log_sink_dropped",),
+)
+
+
+def log_sink_dropped(sink: str, count: int, first: str | None, last: str | None) -> Event:
+    """A remote sink's spool was full: ``count`` events (timestamps ``first`` to ``last``)
+    were not sent to it. Sent to that sink, in the place of the lost events, once it has room
+    again (mbsec/sink_remote.py); the other sinks got the events themselves."""
+    fields: dict[str, Any] = {
+        "event.kind": "alert",
+        "event.category": ["process"],
+        "event.type": ["info"],
+        "event.action": "log-sink-dropped",
+        "event.outcome": "failure",
+        "mbsec.sink": sink,
+        "mbsec.dropped": count,
+    }
+    if first is not None:
+        fields["mbsec.dropped_first"] = first
+    if last is not None:
+        fields["mbsec.dropped_last"] = last
+    return Event("warning", "log sink dropped events", fields)
+
+
 # -- upstream (PLC side) --------------------------------------------------------------------------
 # Written with the PLC target's logger: its name and address (and the connection slot, except
 # for client-penalized) are bound there (upstream_context).
@@ -1001,6 +1031,7 @@ __all__ = [
     "emit",
     "fallback_line",
     "identity_fields",
+    "log_sink_dropped",
     "log_sink_failed",
     "modbus_framing_error",
     "modbus_request_allowed",

@@ -175,6 +175,95 @@ class SyslogSettings(_Model):
     facility: str = "local0"
 
 
+class SinkSettings(_Model):
+    """One ``[[logging.sinks]]`` entry: where events go, in which format, from which level.
+
+    ``tcp`` and ``tls`` send RFC 5424 frames with octet counting (RFC 6587, RFC 5425) from a
+    sender thread of their own, through a bounded in-memory spool (mbsec/sink_remote.py)."""
+
+    type: Literal["stdout", "file", "tcp", "tls"]
+    #: json: the ECS line; rfc5424: syslog with structured data; cef: ArcSight CEF.
+    #: Unset: json for stdout/file, rfc5424 for tcp/tls
+    format: Literal["json", "rfc5424", "cef"] | None = None
+    #: minimum level of this sink; unset: ``logging.level``
+    level: Literal["debug", "info", "warning"] | None = None
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    path: Path | None = None  # file
+    address: str | None = None  # tcp/tls: host:port (default port 514 tcp, 6514 tls)
+    facility: str = "local0"
+    hostname: str | None = Field(default=None, min_length=1, max_length=255)
+    #: the private enterprise number in the SD-IDs (``event@32473``); 32473 is the number
+    #: RFC 5612 reserves for documentation: an organisation with its own PEN sets it
+    enterprise_number: int = Field(default=32473, ge=1)
+    ca: Path | None = None  # tls: PEM CA bundle the collector's certificate must chain to
+    cert: Path | None = None  # tls: optional client certificate (PEM chain)
+    key: Path | None = None  # tls: its private key
+    server_name: str | None = None  # tls: name checked in the collector's certificate
+    #: tcp/tls: RFC 6587 octet counting (RFC 5425 over TLS), or one message per line (LF)
+    framing: Literal["octet-counting", "lf"] = "octet-counting"
+    spool_events: int = Field(default=10000, ge=1, le=1_000_000)
+    reconnect_initial: float = Field(default=0.5, gt=0)
+    reconnect_max: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    send_timeout: float = Field(default=10.0, gt=0)
+    close_timeout: float = Field(default=2.0, ge=0)
+
+    @field_validator("facility")
+    @classmethod
+    def _facility(cls, v: str) -> str:
+        import logging.handlers
+
+        if v not in logging.handlers.SysLogHandler.facility_names:
+            raise ValueError(f"unknown syslog facility {v!r}")
+        return v
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str | None) -> str | None:
+        if v is not None and not all(33 <= ord(c) <= 126 for c in v):
+            raise ValueError("hostname: printable ASCII without spaces (RFC 5424 HOSTNAME)")
+        return v
+
+    @model_validator(mode="after")
+    def _keys_for_type(self) -> SinkSettings:
+        t = self.type
+        if t == "file" and self.path is None:
+            raise ValueError("a file sink needs 'path'")
+        if t in ("tcp", "tls"):
+            if self.address is None:
+                raise ValueError(f"a {t} sink needs 'address' (host:port)")
+            host, _port = parse_hostport(self.address, default_port=514)
+            if not host:
+                raise ValueError(f"address {self.address!r} needs a host")
+        elif self.address is not None:
+            raise ValueError(f"'address' is for tcp/tls sinks, not {t}")
+        if t != "file" and self.path is not None:
+            raise ValueError(f"'path' is for file sinks, not {t}")
+        tls_keys = [k for k in ("ca", "cert", "key", "server_name") if getattr(self, k)]
+        if t != "tls" and tls_keys:
+            raise ValueError(f"{', '.join(tls_keys)}: only for tls sinks")
+        if t == "tls" and self.ca is None:
+            raise ValueError("a tls sink needs 'ca' (the CA that signed the collector)")
+        if self.server_name is not None:
+            check_host_name(self.server_name, "server_name")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("'cert' and 'key' go together")
+        if self.reconnect_max < self.reconnect_initial:
+            raise ValueError("reconnect_max is below reconnect_initial")
+        return self
+
+    def host_port(self) -> tuple[str, int]:
+        assert self.address is not None
+        return parse_hostport(self.address, default_port=6514 if self.type == "tls" else 514)
+
+    def effective_format(self) -> str:
+        return self.format or ("rfc5424" if self.type in ("tcp", "tls") else "json")
+
+    def label(self, index: int) -> str:
+        """How alarms and metrics name this sink: ``name``, else ``TYPE-INDEX``."""
+        return self.name or f"{self.type}-{index}"
+
+
 class LoggingSettings(_Model):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning"] = "info"
@@ -185,6 +274,17 @@ class LoggingSettings(_Model):
     stdout: bool = True
     file: Path | None = None
     syslog: SyslogSettings | None = None
+    #: further sinks, each with its own format and minimum level (docs/config.md)
+    sinks: list[SinkSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sink_names_unique(self) -> LoggingSettings:
+        names = [sink.label(i) for i, sink in enumerate(self.sinks)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"sinks: name {', '.join(twice)} is used twice (alarms and "
+                             "metrics tell the sinks apart by it)")
+        return self
 
 
 class MetricsSettings(_Model):
@@ -306,6 +406,12 @@ class Settings(BaseSettings):
         logging = self.logging
         if logging.file is not None:
             logging = logging.model_copy(update={"file": r(logging.file)})
+        if logging.sinks:
+            paths = ("path", "ca", "cert", "key")
+            logging = logging.model_copy(update={"sinks": [
+                sink.model_copy(update={k: r(getattr(sink, k)) for k in paths
+                                        if getattr(sink, k) is not None})
+                for sink in logging.sinks]})
         return self.model_copy(update={"tls": tls, "policy": r(self.policy), "logging": logging})
 
 

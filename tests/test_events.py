@@ -253,6 +253,8 @@ SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
     (events.data_plane_error, (ValueError("bug"),), {}),
     (events.data_plane_error, (ValueError("bug"),), {"fatal": True}),
     (events.log_sink_failed, ("FileSink", OSError(28, "No space left on device")), {}),
+    (events.log_sink_dropped, ("soc", 12, "2026-11-25T14:56:03.347880Z",
+                                "2026-11-25T14:57:00.000001Z"), {}),
     (events.upstream_connect, (), {}),
     (events.upstream_connect_failed, ("connect_timeout", "no connection within 3 s", 0.4), {}),
     (events.upstream_reset, ("bad_frame", "MBAP length 300", 2), {}),
