@@ -3,6 +3,8 @@
 Both print one line per configuration problem (``FILE: key: what is wrong``) and exit 1; a
 traceback is never the answer to a user mistake. ``serve`` handles SIGHUP (reload; a failed
 reload keeps running with the old state) and SIGTERM/SIGINT (stop accepting, drain, exit 0).
+Under systemd (``$NOTIFY_SOCKET``) it speaks the notify protocol, watchdog included
+(:mod:`mbsec.sdnotify`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import trio
 
 from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.metrics import Metrics
+from mbsec.sdnotify import Notifier, PlaneProbe, keep_watchdog
 from mbsec.settings import Settings, SettingsError, load_settings
 from mbsec.tls import chain_warnings, crl_warnings
 
@@ -102,6 +105,12 @@ def serve_main(argv: list[str]) -> int:
         close_logger(log)
         return _problems([f"{args.config}: {line}" for line in exc.problems])
 
+    notifier = Notifier.from_environment()  # systemd Type=notify (mbsec/sdnotify.py)
+
+    def status() -> str:
+        where = ", ".join(f"{h}:{p}" for h, p in proxy.addresses)
+        return f"serving {where} (configuration generation {proxy.state.generation})"
+
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -109,14 +118,24 @@ def serve_main(argv: list[str]) -> int:
                 async def watch() -> None:
                     async for sig in signals:
                         if sig == signal.SIGHUP:
-                            proxy.reload()
+                            notifier.reloading()
+                            ok = proxy.reload()
+                            notifier.ready(status() if ok else
+                                           f"{status()}; the last reload failed (see the log)")
                         else:
+                            notifier.stopping()
                             proxy.request_shutdown()
                             return
 
+                async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+                    await proxy.serve(task_status=task_status)
+                    nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
+
                 nursery.start_soon(watch)
-                await proxy.serve()
-                nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
+                await nursery.start(serve)
+                notifier.ready(status())
+                nursery.start_soon(lambda: keep_watchdog(
+                    notifier, PlaneProbe(proxy.data_plane).answers, serving_status=status))
 
     try:
         trio.run(run)
@@ -128,6 +147,8 @@ def serve_main(argv: list[str]) -> int:
         where = ", ".join(settings.listen) + (
             f"; metrics.listen {settings.metrics.listen}" if settings.metrics.listen else "")
         return _problems([f"{args.config}: cannot listen ({where}): {oserr.strerror or oserr}"])
+    notifier.stopping("stopped (data plane failed)" if proxy.failed else "stopped")
+    notifier.close()
     close_logger(log)
     return 1 if proxy.failed else 0
 
