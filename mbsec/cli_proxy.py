@@ -153,6 +153,20 @@ def serve_main(argv: list[str]) -> int:
     return 1 if proxy.failed else 0
 
 
+def key_mode_warning(path: Path) -> str | None:
+    """One line when the server's private key is readable by its group or by others: anyone who
+    reads it can impersonate the proxy to every HMI (the fix is on the same line)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None  # missing or unreadable: build_state already said so
+    who = [w for w, bits in (("group", 0o040), ("others", 0o004)) if mode & bits]
+    if not who:
+        return None
+    return (f"tls.key: {path} is readable by {' and '.join(who)} (mode {mode:04o}); "
+            f"fix: chmod 600 {path} (owner: the user mbsec runs as)")
+
+
 def config_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="mbsec config",
@@ -178,6 +192,9 @@ def config_main(argv: list[str]) -> int:
         return _problems(problems)
     for line in chain_warnings(settings.tls.cert):
         print(f"warning: {line}", file=sys.stderr)
+    key_warning = key_mode_warning(Path(settings.tls.key))
+    if key_warning is not None:
+        print(f"warning: {key_warning}", file=sys.stderr)
     if not state.tls.session_cache_off:
         print("warning: tls: OpenSSL's session cache could not be turned off on this Python "
               "build; a client that resumes a TLS session is refused (session_resumed)",
