@@ -18,7 +18,7 @@ import trio
 
 from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.metrics import Metrics
-from mbsec.sdnotify import Notifier, PlaneProbe, keep_watchdog
+from mbsec.sdnotify import Notifier, PlaneProbe, keep_watchdog, listen_sockets
 from mbsec.settings import Settings, SettingsError, load_settings
 from mbsec.tls import chain_warnings, crl_warnings
 
@@ -71,7 +71,22 @@ def serve_main(argv: list[str]) -> int:
     sink_problems = check_sinks(settings.logging)
     if sink_problems:
         return _problems([f"{args.config}: {line}" for line in sink_problems])
+    try:  # systemd socket activation (deploy/systemd/mbsec.socket) replaces `listen`
+        activated = listen_sockets()
+    except (OSError, ValueError) as exc:
+        return _problems([f"{args.config}: {exc}"])
     worker = worker_from_environment()
+    if worker is None and settings.workers > 1 and activated:
+        # every worker accepts on the sockets systemd bound (the kernel wakes one per connection)
+        try:
+            build_state(settings)
+            metrics_socks = bind_metrics_sockets(settings, settings.workers)
+        except StartupError as exc:
+            return _problems([f"{args.config}: {line}" for line in exc.problems])
+        except OSError as exc:
+            where = f"metrics.listen {settings.metrics.listen}"
+            return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
+        return run_workers(args.config, [activated] * settings.workers, metrics_socks)
     if worker is None and settings.workers > 1:
         # main process of a worker set: check everything, bind, then start the workers
         try:
@@ -99,7 +114,7 @@ def serve_main(argv: list[str]) -> int:
     metrics = Metrics()
     try:
         proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config),
-                      listen_sockets=worker.listen if worker is not None else None,
+                      listen_sockets=worker.listen if worker is not None else activated or None,
                       metrics_sockets=worker.metrics if worker is not None else None)
     except StartupError as exc:
         close_logger(log)

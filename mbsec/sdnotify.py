@@ -1,4 +1,5 @@
-"""systemd's notify protocol (sd_notify(3)) and the watchdog, written out: no libsystemd.
+"""systemd's notify protocol (sd_notify(3)), the watchdog and socket activation
+(sd_listen_fds(3)), written out: no libsystemd.
 
 The protocol is one datagram per message, newline-separated ``KEY=value`` lines, sent to the
 unix socket named in ``$NOTIFY_SOCKET`` (a path, or an abstract name written with a leading
@@ -8,6 +9,11 @@ around a SIGHUP reload, ``STOPPING=1`` when it starts draining, ``STATUS=`` line
 data-plane thread answers: a loop that is wedged (a handler that never returns) would accept
 connections in trio and answer none, and systemd then restarts the service (``WatchdogSec=``).
 Without ``$NOTIFY_SOCKET`` every call is a no-op, so nothing changes outside systemd.
+
+Socket activation (``deploy/systemd/mbsec.socket``): systemd binds port 802 and hands the
+listening sockets over (``$LISTEN_FDS`` from fd 3, for ``$LISTEN_PID``), so the proxy needs no
+capability and can run in its own user namespace (``PrivateUsers=yes``), and connections that
+arrive while it restarts wait in the backlog instead of being refused.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["Notifier", "PlaneProbe", "WorkerRelay", "keep_watchdog"]
+__all__ = ["Notifier", "PlaneProbe", "WorkerRelay", "keep_watchdog", "listen_sockets"]
 
 
 class Notifier:
@@ -100,6 +106,31 @@ class Notifier:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+
+
+LISTEN_FDS_START = 3
+
+
+def listen_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """The listening sockets systemd passed (and remove ``LISTEN_*`` from the environment, so
+    that a worker process does not take them for its own); empty when none were passed to
+    this process. ``ValueError`` for a passed descriptor that is not a listening TCP socket."""
+    env = os.environ if environ is None else environ
+    pid, count = env.pop("LISTEN_PID", ""), env.pop("LISTEN_FDS", "")
+    env.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    socks = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        if (sock.family not in (socket.AF_INET, socket.AF_INET6)
+                or sock.type != socket.SOCK_STREAM
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            raise ValueError(f"socket activation: descriptor {fd} is not a listening TCP socket "
+                             "(ListenStream= in the .socket unit)")
+        socks.append(sock)
+    return socks
 
 
 class CallsThreadsafe(Protocol):

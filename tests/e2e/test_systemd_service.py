@@ -1,5 +1,5 @@
-"""``mbsec serve`` under the systemd notify protocol, as systemd sees it: the test binds the
-``NOTIFY_SOCKET`` datagram socket, starts the real process with ``NOTIFY_SOCKET`` and
+"""``mbsec serve`` under systemd's protocols. The notify protocol, as systemd sees it: the
+test binds the ``NOTIFY_SOCKET`` datagram socket, starts the real process with ``NOTIFY_SOCKET`` and
 ``WATCHDOG_USEC`` set, and reads what arrives (READY, WATCHDOG, RELOADING, STOPPING), with the
 sender's pid from the kernel (``SO_PASSCRED``), as systemd checks ``NotifyAccess=main``.
 
@@ -7,7 +7,8 @@ The watchdog must stop when the data plane is wedged: the test stops the data-pl
 and only that thread, with ``ptrace`` (``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT`` stop one thread
 of another process; trio's thread keeps running), and sees no ``WATCHDOG=1``, a ``STATUS=``
 saying why, ``/healthz`` 503, and a TLS client's request unanswered; once the thread runs
-again, all of it comes back.
+again, all of it comes back. Socket activation: systemd's systemd-socket-activate binds the
+port and starts the proxy, which serves that socket.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -271,3 +273,56 @@ async def test_watchdog_stops_while_the_data_plane_is_wedged(
         sp.proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             assert await sp.proc.wait() == 0
+
+
+# -- socket activation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_socket_activation_serves_the_socket_systemd_bound(
+    pki: Pki, plc: PymodbusPlc, tmp_path: Path, workers: int
+) -> None:
+    """systemd's own systemd-socket-activate binds the port (as mbsec.socket does) and starts
+    mbsec serve on the first connection; mbsec serves that socket (its `listen` is ignored)."""
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        why = "systemd-socket-activate missing: source scripts/test.d/systemd-ha.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    notify = NotifySocket()
+    await notify.bind()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = serve_config(pki, tmp_path, plc.port, workers=workers)  # listen 127.0.0.1:0
+    proc = await trio.lowlevel.open_process(
+        [tool, "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={notify.env}",
+         "-E", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", "-E", "MBSEC_PURE=1",
+         sys.executable, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sp = ServeProcess(proc)
+    try:
+        said = b""
+        with trio.fail_after(10):  # "Listening on 127.0.0.1:PORT as 3." once it has bound
+            while b"Listening on" not in said:
+                assert proc.stderr is not None
+                said += await proc.stderr.receive_some(4096)
+        with trio.fail_after(30):
+            # the first connection starts the proxy; its handshake waits in the backlog
+            client = await TlsClient.connect(port, pki.client_ctx(pki.operator))
+        assert (await client.request(1, 1, read_hr(0, 2))) == (1, 1, bytes([3, 4, 0, 0, 0, 1]))
+        await client.aclose()
+        start = await sp.next_event("server-start")
+        assert start["mbsec"]["listen"] == [f"127.0.0.1:{port}"]
+        ready = await notify.until("READY", within=20)
+        assert ready.pid == proc.pid  # systemd-socket-activate execs mbsec in its child
+        if workers == 2:
+            assert ready.fields["STATUS"] == "serving with 2 workers"
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
