@@ -127,6 +127,7 @@ def listen_sockets(environ: MutableMapping[str, str] | None = None) -> list[sock
         if (sock.family not in (socket.AF_INET, socket.AF_INET6)
                 or sock.type != socket.SOCK_STREAM
                 or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            sock.detach()  # not ours to close
             raise ValueError(f"socket activation: descriptor {fd} is not a listening TCP socket "
                              "(ListenStream= in the .socket unit)")
         socks.append(sock)

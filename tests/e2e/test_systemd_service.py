@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from mbsec.sdnotify import Notifier
 from tests.conftest import (
     Pki,
     PymodbusPlc,
@@ -145,22 +144,6 @@ async def test_ready_watchdog_reload_stopping(pki: Pki, plc: PymodbusPlc, tmp_pa
         with trio.fail_after(15):
             assert await sp.proc.wait() == 0
     assert all(m.pid == sp.proc.pid for m in notify.messages)
-
-
-async def test_no_notify_socket_no_messages(pki: Pki, plc: PymodbusPlc, tmp_path: Path) -> None:
-    """WATCHDOG_USEC alone (no NOTIFY_SOCKET) changes nothing and sends nothing."""
-    n = Notifier.from_environment({"WATCHDOG_USEC": "1000000"})
-    assert not n.enabled and n.watchdog_interval is None and not n.ready("x")
-
-
-def test_notifier_reads_and_unsets_the_environment() -> None:
-    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
-    n = Notifier.from_environment(env)
-    assert env == {}  # a child process must not speak for us
-    assert n.watchdog_interval == 2.0
-    other = Notifier.from_environment({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "4000000",
-                                       "WATCHDOG_PID": "1"})
-    assert other.enabled and other.watchdog_interval is None  # the watchdog is another pid's
 
 
 async def test_workers_ready_once_all_are_and_watchdog_from_main(
