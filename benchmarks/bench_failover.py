@@ -8,11 +8,13 @@ and mbsec-b.conf as shipped (only the paths of the track script changed); ``sha-
 pymodbus PLC; ``sha-m`` runs the master, a TLS Modbus client with its certificate that reads a
 register every 50 ms from the virtual address and, when a request fails, reconnects at once
 (connect and request deadlines of 0.3 s). Then the active node is killed: its mbsec and
-keepalived get SIGKILL and its link goes down (a node that loses power), or, with
-``--kill process``, only mbsec dies (keepalived's track script notices). The figure is the time
-from the kill to the master's next answered request.
+keepalived get SIGKILL and its link goes down (a node that loses power); with
+``--kill process`` only mbsec dies (keepalived's track script notices); with ``--kill wedge``
+mbsec's data-plane thread stops (ptrace, tests/ptrace_helpers.py) while the process, its trio
+thread and keepalived live on: /healthz turns 503 and the track script moves the address. The
+figure is the time from the kill to the master's next answered request.
 
-    sudo .venv/bin/python benchmarks/bench_failover.py --runs 7 [--kill node|process]
+    sudo .venv/bin/python benchmarks/bench_failover.py --runs 7 [--kill node|process|wedge]
 
 Needs root, iproute2 and keepalived (scripts/test.d/systemd-ha.sh).
 """
@@ -35,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.ptrace_helpers import data_plane_thread, thread_stopped  # noqa: E402
+
 KEEPALIVED = ROOT / "deploy" / "keepalived"
 PREFIX = "sha-"
 LAN = "10.10.0"
@@ -150,7 +155,6 @@ class Pair:
 
 
 def make_pki(work: Path) -> dict[str, Path]:
-    sys.path.insert(0, str(ROOT))
     from mbsec.pki.ca import CertificateAuthority
 
     ca = CertificateAuthority.init(work / "ca", common_name="HA Test CA")
@@ -254,8 +258,14 @@ def one_run(work: Path, kill: str) -> float:
                 if time.monotonic() > end or master.poll() is not None:
                     raise RuntimeError(f"the master gets no answers: {pair.master_out[-3:]}")
                 time.sleep(0.05)
+            wedge = contextlib.ExitStack()
+            victim = pair.procs[f"mbsec-{active}"]
+            tid = data_plane_thread(victim.pid) if kill == "wedge" else 0
             killed_at = time.monotonic()
-            pair.procs[f"mbsec-{active}"].kill()
+            if kill == "wedge":
+                wedge.enter_context(thread_stopped(tid))
+            else:
+                victim.kill()
             if kill == "node":
                 pair.procs[f"keepalived-{active}"].kill()
                 sh(*netns(active, "ip", "link", "set", "eth0", "down"))
@@ -270,7 +280,9 @@ def one_run(work: Path, kill: str) -> float:
                     raise RuntimeError(f"no answer 20 s after the kill: {pair.master_out[-3:]}")
                 time.sleep(0.05)
             other = next(n for n in NODES if n != active)
-            if holder() != other:
+            moved = holder() == other
+            wedge.close()
+            if not moved:
                 raise RuntimeError("the virtual address did not move")
             return back
     finally:
@@ -281,7 +293,7 @@ def one_run(work: Path, kill: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--kill", choices=("node", "process"), default="node")
+    p.add_argument("--kill", choices=("node", "process", "wedge"), default="node")
     args = p.parse_args(argv)
     results = []
     for i in range(args.runs):

@@ -14,7 +14,6 @@ port and starts the proxy, which serves that socket.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -22,9 +21,8 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from tests.conftest import (
     read_hr,
     serve_config,
 )
+from tests.ptrace_helpers import data_plane_thread, thread_stopped
 
 WATCHDOG_USEC = 600_000  # WATCHDOG=1 every 0.3 s
 
@@ -171,46 +170,6 @@ async def test_workers_ready_once_all_are_and_watchdog_from_main(
 
 
 # -- a wedged data plane --------------------------------------------------------------------
-
-PTRACE_DETACH = 17
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
-EPOLL_SYSCALLS = {"232", "281", "441"}  # x86_64 epoll_wait, epoll_pwait, epoll_pwait2
-
-
-def data_plane_thread(pid: int) -> int:
-    """The tid of the data-plane thread: the thread other than the main one that sleeps in
-    epoll (trio's own epoll runs in the main thread; trio's worker threads wait on futexes).
-    Sampled until one is found: a thread that is running shows no system call."""
-    seen: dict[str, str] = {}
-    for _ in range(50):
-        found = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                seen[task.name] = call = (task / "syscall").read_text().split()[0]
-                if int(task.name) != pid and call in EPOLL_SYSCALLS:
-                    found.append(int(task.name))
-        if len(found) == 1:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no single data-plane thread in epoll: {seen}")
-
-
-@contextlib.contextmanager
-def thread_stopped(tid: int) -> Iterator[None]:
-    """Stop one thread of another process (ptrace stop) and let it run again on the way out."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    if libc.ptrace(PTRACE_SEIZE, tid, None, None) != 0:
-        err = ctypes.get_errno()
-        pytest.fail(f"ptrace(PTRACE_SEIZE) of the data-plane thread: {os.strerror(err)}")
-    try:
-        assert libc.ptrace(PTRACE_INTERRUPT, tid, None, None) == 0
-        os.waitpid(tid, 0x40000000)  # __WALL: the thread is in its ptrace stop now
-        yield
-    finally:
-        libc.ptrace(PTRACE_DETACH, tid, None, None)
-
 
 @pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
                     reason="reads x86_64 syscall numbers from /proc")
