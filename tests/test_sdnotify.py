@@ -4,14 +4,17 @@ checks. The end-to-end tests are in tests/e2e/test_systemd_service.py."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trio
 
-from mbsec.sdnotify import Notifier, WorkerRelay, listen_sockets
+from mbsec.sdnotify import Notifier, WorkerRelay, keep_watchdog, listen_sockets
 
 
 @pytest.fixture
@@ -106,3 +109,62 @@ def _open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_path_socket_address(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(0.3)
+        assert Notifier(str(path)).status("hello")
+        assert received(s) == ["STATUS=hello"]
+
+
+class Recorder(Notifier):
+    """What would be sent, with the (simulated) time it was sent at."""
+
+    def __init__(self, watchdog_usec: int) -> None:
+        super().__init__("@unused", watchdog_usec=watchdog_usec)
+        self.sent: list[tuple[float, tuple[str, ...]]] = []
+
+    def send(self, *lines: str) -> bool:
+        self.sent.append((trio.current_time(), lines))
+        return True
+
+
+async def test_watchdog_pings_only_while_the_plane_answers(autojump_clock: object) -> None:
+    """On a simulated clock: WATCHDOG=1 every half timeout while the plane answers, none
+    while it is wedged (3 s to 6 s here), one STATUS when it stops and one when it is back."""
+    n = Recorder(watchdog_usec=1_000_000)  # interval 0.5 s
+    wedged = (3.0, 6.0)
+
+    async def alive(within: float) -> bool:
+        now = trio.current_time()
+        if wedged[0] <= now < wedged[1]:
+            await trio.sleep(min(within, wedged[1] - now))
+            return False
+        return True
+
+    with trio.move_on_after(9.0):
+        await keep_watchdog(n, alive, serving_status=lambda: "serving x")
+    pings = [t for t, lines in n.sent if lines == ("WATCHDOG=1",)]
+    statuses = [(t, lines[0]) for t, lines in n.sent if lines[0].startswith("STATUS=")]
+    assert not [t for t in pings if wedged[0] < t < wedged[1]]
+    assert len([t for t in pings if t < wedged[0]]) == 6  # 0, 0.5, ..., 2.5
+    assert len([t for t in pings if t >= wedged[1]]) >= 5
+    assert all(b - a <= 0.5 + 1e-9 for a, b in itertools.pairwise(pings)
+               if b <= wedged[0] or a >= wedged[1])
+    assert [s for _, s in statuses] == [
+        "STATUS=data plane not answering for 0.5 s; no WATCHDOG=1", "STATUS=serving x"]
+
+
+async def test_no_watchdog_without_watchdog_usec() -> None:
+    n = Recorder(watchdog_usec=0)
+    n.watchdog_usec = None
+
+    async def alive(within: float) -> bool:
+        raise AssertionError("not asked")
+
+    with trio.fail_after(1):
+        await keep_watchdog(n, alive, serving_status=lambda: "x")  # returns at once
+    assert n.sent == []
