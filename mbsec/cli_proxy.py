@@ -3,6 +3,8 @@
 Both print one line per configuration problem (``FILE: key: what is wrong``) and exit 1; a
 traceback is never the answer to a user mistake. ``serve`` handles SIGHUP (reload; a failed
 reload keeps running with the old state) and SIGTERM/SIGINT (stop accepting, drain, exit 0).
+Under systemd (``$NOTIFY_SOCKET``) it speaks the notify protocol, watchdog included
+(:mod:`mbsec.sdnotify`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import trio
 
 from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.metrics import Metrics
+from mbsec.sdnotify import Notifier, PlaneProbe, keep_watchdog, listen_sockets
 from mbsec.settings import Settings, SettingsError, load_settings
 from mbsec.tls import chain_warnings, crl_warnings
 
@@ -68,7 +71,22 @@ def serve_main(argv: list[str]) -> int:
     sink_problems = check_sinks(settings.logging)
     if sink_problems:
         return _problems([f"{args.config}: {line}" for line in sink_problems])
+    try:  # systemd socket activation (deploy/systemd/mbsec.socket) replaces `listen`
+        activated = listen_sockets()
+    except (OSError, ValueError) as exc:
+        return _problems([f"{args.config}: {exc}"])
     worker = worker_from_environment()
+    if worker is None and settings.workers > 1 and activated:
+        # every worker accepts on the sockets systemd bound (the kernel wakes one per connection)
+        try:
+            build_state(settings)
+            metrics_socks = bind_metrics_sockets(settings, settings.workers)
+        except StartupError as exc:
+            return _problems([f"{args.config}: {line}" for line in exc.problems])
+        except OSError as exc:
+            where = f"metrics.listen {settings.metrics.listen}"
+            return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
+        return run_workers(args.config, [activated] * settings.workers, metrics_socks)
     if worker is None and settings.workers > 1:
         # main process of a worker set: check everything, bind, then start the workers
         try:
@@ -96,11 +114,17 @@ def serve_main(argv: list[str]) -> int:
     metrics = Metrics()
     try:
         proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config),
-                      listen_sockets=worker.listen if worker is not None else None,
+                      listen_sockets=worker.listen if worker is not None else activated or None,
                       metrics_sockets=worker.metrics if worker is not None else None)
     except StartupError as exc:
         close_logger(log)
         return _problems([f"{args.config}: {line}" for line in exc.problems])
+
+    notifier = Notifier.from_environment()  # systemd Type=notify (mbsec/sdnotify.py)
+
+    def status() -> str:
+        where = ", ".join(f"{h}:{p}" for h, p in proxy.addresses)
+        return f"serving {where} (configuration generation {proxy.state.generation})"
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -109,14 +133,24 @@ def serve_main(argv: list[str]) -> int:
                 async def watch() -> None:
                     async for sig in signals:
                         if sig == signal.SIGHUP:
-                            proxy.reload()
+                            notifier.reloading()
+                            ok = proxy.reload()
+                            notifier.ready(status() if ok else
+                                           f"{status()}; the last reload failed (see the log)")
                         else:
+                            notifier.stopping()
                             proxy.request_shutdown()
                             return
 
+                async def serve(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+                    await proxy.serve(task_status=task_status)
+                    nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
+
                 nursery.start_soon(watch)
-                await proxy.serve()
-                nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
+                await nursery.start(serve)
+                notifier.ready(status())
+                nursery.start_soon(lambda: keep_watchdog(
+                    notifier, PlaneProbe(proxy.data_plane).answers, serving_status=status))
 
     try:
         trio.run(run)
@@ -128,8 +162,24 @@ def serve_main(argv: list[str]) -> int:
         where = ", ".join(settings.listen) + (
             f"; metrics.listen {settings.metrics.listen}" if settings.metrics.listen else "")
         return _problems([f"{args.config}: cannot listen ({where}): {oserr.strerror or oserr}"])
+    notifier.stopping("stopped (data plane failed)" if proxy.failed else "stopped")
+    notifier.close()
     close_logger(log)
     return 1 if proxy.failed else 0
+
+
+def key_mode_warning(path: Path) -> str | None:
+    """One line when the server's private key is readable by its group or by others: anyone who
+    reads it can impersonate the proxy to every HMI (the fix is on the same line)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None  # missing or unreadable: build_state already said so
+    who = [w for w, bits in (("group", 0o040), ("others", 0o004)) if mode & bits]
+    if not who:
+        return None
+    return (f"tls.key: {path} is readable by {' and '.join(who)} (mode {mode:04o}); "
+            f"fix: chmod 600 {path} (owner: the user mbsec runs as)")
 
 
 def config_main(argv: list[str]) -> int:
@@ -157,6 +207,9 @@ def config_main(argv: list[str]) -> int:
         return _problems(problems)
     for line in chain_warnings(settings.tls.cert):
         print(f"warning: {line}", file=sys.stderr)
+    key_warning = key_mode_warning(Path(settings.tls.key))
+    if key_warning is not None:
+        print(f"warning: {key_warning}", file=sys.stderr)
     if not state.tls.session_cache_off:
         print("warning: tls: OpenSSL's session cache could not be turned off on this Python "
               "build; a client that resumes a TLS session is refused (session_resumed)",

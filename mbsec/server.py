@@ -35,6 +35,7 @@ from mbsec.path.epoll import DataPlane
 from mbsec.path.epoll import compiled as reactor_compiled
 from mbsec.path.plc import check_targets
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
+from mbsec.sdnotify import Notifier, PlaneProbe, WorkerRelay
 from mbsec.session import ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
@@ -44,6 +45,7 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 CRL_CHECK_INTERVAL = 3600.0
 RELOAD_APPLY_TIMEOUT = 2.0  # seconds a reload waits for the data plane to switch
+LIVENESS_INTERVAL = 1.0  # seconds between two questions to the data-plane thread (/healthz)
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
@@ -183,6 +185,8 @@ class Proxy:
         self._token: trio.lowlevel.TrioToken | None = None
         self._no_sessions = trio.Event()
         self._ready = False
+        #: False while the data-plane thread does not answer (a wedged loop): /healthz 503
+        self.data_plane_answers = True
         #: for the final ``server-stopped`` event: the drain's length, connections it cut
         self._drain_s = 0.0
         self._connections_cut = 0
@@ -295,7 +299,17 @@ class Proxy:
         self._shutdown.set()
 
     def healthy(self) -> bool:
-        return self._ready and not self._shutdown.is_set()
+        return self._ready and not self._shutdown.is_set() and self.data_plane_answers
+
+    async def _liveness(self) -> None:
+        """Ask the data-plane thread every second whether its loop still turns: a wedged loop
+        accepts (trio) but answers nobody, and /healthz must say so (keepalived then moves
+        the virtual address to the other node, deploy/HA.md)."""
+        probe = PlaneProbe(self.data_plane)
+        while True:
+            start = trio.current_time()
+            self.data_plane_answers = await probe.answers(LIVENESS_INTERVAL)
+            await trio.sleep_until(start + LIVENESS_INTERVAL)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
@@ -335,6 +349,7 @@ class Proxy:
                     )
                 )
             root.start_soon(self._crl_watch)
+            root.start_soon(self._liveness)
             listeners: list[trio.SocketListener] = []
             if self._listen_sockets is not None:
                 listeners = [
@@ -588,10 +603,15 @@ def run_workers(
     the others down and the exit status is 1, so the service manager restarts the whole set."""
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
+    relay = WorkerRelay(Notifier.from_environment())  # systemd hears the set through us
 
     def forward(signum: int, _frame: Any) -> None:
         nonlocal stopping
-        if signum != signal.SIGHUP:
+        if signum == signal.SIGHUP:
+            relay.reloading()
+        else:
+            if not stopping:
+                relay.notifier.stopping()
             stopping = True
         for p in procs:
             if p.poll() is None:
@@ -603,6 +623,7 @@ def run_workers(
         for index, (socks, msocks) in enumerate(zip(per_worker, metrics, strict=True)):
             env = dict(os.environ)
             env[WORKER_ENV] = f"{index}/{len(per_worker)}/{_fds(socks)}/{_fds(msocks)}"
+            env.update(relay.worker_environment())
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "mbsec.cli", "serve", "--config", config],
@@ -610,6 +631,7 @@ def run_workers(
                     preexec_fn=_die_with_parent,
                 )
             )
+            relay.workers[procs[-1].pid] = index
         close_all(per_worker)  # the workers hold them now
         close_all(metrics)
         failed = False
@@ -620,7 +642,7 @@ def run_workers(
             if not stopping and len(alive) < len(procs):
                 failed = True  # a worker ended on its own: stop the set
                 forward(signal.SIGTERM, None)
-            time.sleep(0.1)
+            relay.poll(0.1)
         codes = [p.returncode for p in procs]
         return 1 if failed or any(codes) else 0
     finally:
@@ -630,3 +652,4 @@ def run_workers(
                 p.wait()
         for s, h in old.items():
             signal.signal(s, h)
+        relay.close()
