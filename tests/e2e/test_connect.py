@@ -1,0 +1,231 @@
+"""``mbsec connect`` end to end: a plain pymodbus master -> ``mbsec connect`` (a real child
+process) -> ``mbsec serve`` (a real child process) -> a pymodbus PLC; the server verified by
+name or by a pinned fingerprint, a wrong one refused with a clear event, reconnection with
+backoff while the server is down, and a master certificate the server refuses."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import Pki, PymodbusPlc, ServeProcess, serve_config, serve_process, unused_port
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from mbsec.pki.ca import IssuedFiles
+
+pytestmark = pytest.mark.slow
+
+
+def fingerprint(files: IssuedFiles) -> str:
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def connect_process(args: list[str]) -> AsyncIterator[ServeProcess]:
+    """``mbsec connect ARGS`` as a child process; its JSON events on stdout."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mbsec.cli", "connect", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE)
+    try:
+        yield ServeProcess(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def tls_args(pki: Pki, who: IssuedFiles, server_port: int, *extra: str) -> list[str]:
+    return ["--server", f"127.0.0.1:{server_port}", "--cert", str(who.chain),
+            "--key", str(who.key), "--ca", str(pki.ca.trust_bundle), *extra]
+
+
+def plain_master(port: int, body: str) -> Any:
+    """A plain (no TLS) pymodbus master, as on a SCADA host; ``body``: what it does."""
+    from pymodbus.client import ModbusTcpClient
+
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=8, retries=0)
+    try:
+        if not client.connect():
+            return None
+        if body == "write-read":
+            w = client.write_register(42, 4321, device_id=1)
+            r = client.read_holding_registers(40, count=5, device_id=1)
+            return w, r
+        return client.read_holding_registers(10, count=3, device_id=1)
+    except Exception as exc:  # a closed connection: pymodbus raises ModbusIOException
+        return exc
+    finally:
+        client.close()
+
+
+async def master(port: int, body: str = "read") -> Any:
+    return await trio.to_thread.run_sync(plain_master, port, body)
+
+
+async def started_serve(serve: ServeProcess) -> int:
+    ev = await serve.next_event("server-start")
+    return int(ev["mbsec"]["listen"][0].rsplit(":", 1)[1])
+
+
+async def started_connect(conn: ServeProcess) -> int:
+    ev = await conn.next_event("connect-start")
+    return int(ev["mbsec"]["listen"][0].rsplit(":", 1)[1])
+
+
+async def stop(p: ServeProcess) -> int:
+    p.proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        return await p.proc.wait()
+
+
+async def test_plain_pymodbus_master_writes_and_reads_through_connect_and_serve(
+    pki: Pki, plc: PymodbusPlc, tmp_path: Path
+) -> None:
+    async with serve_process(serve_config(pki, tmp_path, plc.port)) as serve:
+        sport = await started_serve(serve)
+        async with connect_process(tls_args(pki, pki.engineer, sport,
+                                            "--server-name", "localhost")) as conn:
+            cport = await started_connect(conn)
+            w, r = await master(cport, "write-read")
+            assert not w.isError() and not r.isError()
+            assert r.registers == [40, 41, 4321, 43, 44]
+            assert await plc.holding(1, 42) == [4321]
+            up = await conn.next_event("connect-upstream")
+            assert up["event"]["outcome"] == "success"
+            assert up["tls"]["server"]["x509"]["subject"]["common_name"] == "mbsec-test"
+            assert up["tls"]["server"]["hash"]["sha256"] == fingerprint(pki.server)
+            assert up["server"] == {"address": "127.0.0.1", "port": sport}
+            closed = await conn.next_event("connect-closed")
+            assert closed["event"]["reason"] == "client_closed"
+            assert closed["source"]["bytes"] == 12 + 12  # FC06 + FC03 requests
+            # the session mbsec serve saw is the master's, with the engineer's certificate
+            hs = await serve.next_event("tls-handshake")
+            assert hs["tls"]["client"]["x509"]["subject"]["common_name"] == "eng-1"
+            served = await serve.next_event("connection-closed")
+            assert served["event"]["reason"] == "client_closed"
+            assert served["mbsec"]["allowed"] == 2
+            assert await stop(conn) == 0
+            assert (await conn.next_event("connect-stopped"))["mbsec"]["connections_cut"] == 0
+
+
+async def test_a_pinned_fingerprint_verifies_the_server_and_policy_still_applies(
+    pki: Pki, plc: PymodbusPlc, tmp_path: Path
+) -> None:
+    async with serve_process(serve_config(pki, tmp_path, plc.port)) as serve:
+        sport = await started_serve(serve)
+        pin = ":".join(f"{b:02X}" for b in bytes.fromhex(fingerprint(pki.server)))
+        async with connect_process(tls_args(pki, pki.operator, sport,
+                                            "--server-sha256", pin)) as conn:
+            cport = await started_connect(conn)
+            (start,) = [e for e in conn.events if e["event"]["action"] == "connect-start"]
+            assert start["mbsec"]["server_sha256"] == fingerprint(pki.server)
+            assert start["mbsec"]["server_name"] is None
+            rr = await master(cport)
+            assert not rr.isError() and rr.registers == [10, 11, 12]
+
+            def operator_write(port: int) -> Any:
+                from pymodbus.client import ModbusTcpClient
+
+                c = ModbusTcpClient("127.0.0.1", port=port, timeout=8, retries=0)
+                assert c.connect()
+                try:
+                    return c.write_register(42, 1, device_id=1)
+                finally:
+                    c.close()
+
+            denied = await trio.to_thread.run_sync(operator_write, cport)
+            assert denied.isError() and denied.exception_code == 1  # mbsec serve's policy
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("--server-name", "plc-gw.plant.example", "server_name_mismatch"),
+    ("--server-sha256", "ab" * 32, "server_fingerprint_mismatch"),
+])
+async def test_a_wrong_server_identity_is_refused_with_a_clear_event(
+    pki: Pki, plc: PymodbusPlc, tmp_path: Path, option: str, value: str, reason: str
+) -> None:
+    async with serve_process(serve_config(pki, tmp_path, plc.port)) as serve:
+        sport = await started_serve(serve)
+        async with connect_process(tls_args(pki, pki.engineer, sport, option, value)) as conn:
+            cport = await started_connect(conn)
+            result = await master(cport)
+            assert result is None or isinstance(result, Exception) or result.isError()
+            failed = await conn.next_event("connect-upstream")
+            assert failed["event"]["outcome"] == "failure"
+            assert failed["event"]["reason"] == reason
+            assert failed["mbsec"]["retry"] is False and failed["mbsec"]["attempt"] == 1
+            assert failed["log"]["level"] == "warning"
+            message = failed["error"]["message"]
+            assert (value in message) if reason == "server_fingerprint_mismatch" else \
+                ("mismatch" in message.lower())
+            closed = await conn.next_event("connect-closed")
+            assert closed["event"]["reason"] == "server_refused"
+            assert closed["destination"]["bytes"] == 0
+            # nothing reached the PLC: the request never left the master's host
+            assert not [e for e in serve.events if e["event"]["action"] == "modbus-request"]
+
+
+async def test_connect_retries_with_backoff_until_the_server_is_up(
+    pki: Pki, plc: PymodbusPlc, tmp_path: Path
+) -> None:
+    sport = unused_port()
+    cfg = serve_config(pki, tmp_path, plc.port)
+    cfg.write_text(cfg.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{sport}"'))
+    async with connect_process(tls_args(
+            pki, pki.operator, sport, "--server-name", "localhost", "--retry-for", "30",
+            "--backoff-initial", "0.1", "--backoff-max", "0.4")) as conn:
+        cport = await started_connect(conn)
+        async with trio.open_nursery() as nursery:
+            results: list[Any] = []
+
+            async def ask() -> None:
+                results.append(await master(cport))
+
+            nursery.start_soon(ask)
+            failures = [await conn.next_event("connect-upstream") for _ in range(4)]
+            assert {f["event"]["reason"] for f in failures} == {"connect_failed"}
+            assert all(f["mbsec"]["retry"] for f in failures)
+            backoffs = [f["mbsec"]["backoff"] for f in failures]
+            assert backoffs == [0.1, 0.2, 0.4, 0.4]  # doubling, capped at --backoff-max
+            async with serve_process(cfg) as serve:
+                await started_serve(serve)
+                while (ev := await conn.next_event("connect-upstream"))["event"][
+                        "outcome"] == "failure":
+                    pass
+                assert ev["mbsec"]["attempt"] >= 5
+                with trio.fail_after(10):
+                    while not results:  # keep the server up until the master has its answer
+                        await trio.sleep(0.05)
+        rr = results[0]
+        assert not isinstance(rr, Exception) and rr is not None and not rr.isError()
+        assert rr.registers == [10, 11, 12]
+
+
+async def test_a_master_certificate_the_server_refuses_is_named(
+    pki: Pki, plc: PymodbusPlc, tmp_path: Path
+) -> None:
+    """The rogue CA's certificate: under TLS 1.3 the master's side learns it only when it
+    reads, after its handshake; under TLS 1.2 during the handshake."""
+    async with serve_process(serve_config(pki, tmp_path, plc.port)) as serve:
+        sport = await started_serve(serve)
+        async with connect_process(tls_args(pki, pki.rogue, sport,
+                                            "--server-name", "localhost")) as conn:
+            cport = await started_connect(conn)
+            result = await master(cport)
+            assert result is None or isinstance(result, Exception) or result.isError()
+            closed = await conn.next_event("connect-closed")
+            assert closed["event"]["reason"] in ("client_certificate_rejected",
+                                                 "server_refused")
+            assert "certificate" in closed["error"]["message"]
+            rejected = await serve.next_event("tls-handshake")
+            assert rejected["event"]["reason"] == "unknown_ca"
