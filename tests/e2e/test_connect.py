@@ -187,9 +187,11 @@ async def test_connect_retries_with_backoff_until_the_server_is_up(
         cport = await started_connect(conn)
         async with trio.open_nursery() as nursery:
             results: list[Any] = []
+            answered = trio.Event()
 
             async def ask() -> None:
                 results.append(await master(cport))
+                answered.set()
 
             nursery.start_soon(ask)
             failures = [await conn.next_event("connect-upstream") for _ in range(4)]
@@ -204,8 +206,7 @@ async def test_connect_retries_with_backoff_until_the_server_is_up(
                     pass
                 assert ev["mbsec"]["attempt"] >= 5
                 with trio.fail_after(10):
-                    while not results:  # keep the server up until the master has its answer
-                        await trio.sleep(0.05)
+                    await answered.wait()  # the server stays up until the master has its answer
         rr = results[0]
         assert not isinstance(rr, Exception) and rr is not None and not rr.isError()
         assert rr.registers == [10, 11, 12]
