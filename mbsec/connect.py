@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import hashlib
 import signal
-import socket
 import ssl
 import sys
 import time
@@ -294,7 +293,6 @@ class Connector:
         except OSError as exc:
             raise UpstreamFailure("connect_failed", f"{host}:{port}: "
                                   f"{exc.strerror or exc}", retry=True) from None
-        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         name = self.cfg.server_name or host
         stream = trio.SSLStream(tcp, self.ctx, server_hostname=name)
         try:
@@ -386,6 +384,8 @@ class Connector:
                 reason, detail = f.reason, f.detail
                 return
             reason, detail = await self._relay(plain, up.stream, counts)
+        except Exception as exc:  # a bug in one connection: log it, keep serving the others
+            reason, detail = "internal_error", f"{type(exc).__name__}: {exc}"
         finally:
             self._active -= 1
             self.metrics.set("mbsec_connect_connections_active", self._active)
@@ -613,8 +613,9 @@ def main(argv: list[str]) -> int:
                 await nursery.start(connector.serve)
                 async for _ in signals:
                     break
-                events.emit(log, events.connect_stopped(connector.active))
-                nursery.cancel_scope.cancel()
+                cut = connector.active
+                nursery.cancel_scope.cancel()  # each open tunnel logs connect-closed: shutdown
+            events.emit(log, events.connect_stopped(cut))
 
     try:
         trio.run(run)

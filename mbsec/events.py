@@ -969,7 +969,7 @@ CONNECT_UPSTREAM_REASONS = (
 CONNECT_CLOSE_REASONS = (
     "client_closed", "client_reset", "server_closed", "server_reset",
     "client_certificate_rejected", "server_unreachable", "server_refused",
-    "too_many_connections", "shutdown",
+    "too_many_connections", "shutdown", "internal_error",
 )
 
 _register(

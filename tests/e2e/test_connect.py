@@ -146,6 +146,17 @@ async def test_a_pinned_fingerprint_verifies_the_server_and_policy_still_applies
             denied = await trio.to_thread.run_sync(operator_write, cport)
             assert denied.isError() and denied.exception_code == 1  # mbsec serve's policy
 
+            # SIGTERM with a tunnel open: it is closed and counted, the process exits 0
+            held = await trio.open_tcp_stream("127.0.0.1", cport)
+            await held.send_all(bytes.fromhex("000100000006010300000001"))
+            with trio.fail_after(5):
+                assert len(await held.receive_some(100)) == 11
+            assert await stop(conn) == 0
+            while (await conn.next_event("connect-closed"))["event"]["reason"] != "shutdown":
+                pass
+            assert (await conn.next_event("connect-stopped"))["mbsec"]["connections_cut"] == 1
+            await held.aclose()
+
 
 @pytest.mark.parametrize("option, value, reason", [
     ("--server-name", "plc-gw.plant.example", "server_name_mismatch"),
