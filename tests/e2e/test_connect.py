@@ -6,8 +6,10 @@ backoff while the server is down, and a master certificate the server refuses.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,11 +18,23 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Pki, PymodbusPlc, ServeProcess, serve_config, serve_process, unused_port
+from conftest import (
+    Pki,
+    PymodbusPlc,
+    ServeProcess,
+    StartProxy,
+    serve_config,
+    serve_process,
+    unused_port,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from mbsec.audit import ListSink, make_logger
+from mbsec.connect import ConnectConfig, Connector
+from mbsec.metrics import Metrics
 from mbsec.pki.ca import IssuedFiles
+from mbsec.settings import LoggingSettings
 
 pytestmark = pytest.mark.slow
 
@@ -158,86 +172,114 @@ async def test_a_pinned_fingerprint_verifies_the_server_and_policy_still_applies
             await held.aclose()
 
 
-@pytest.mark.parametrize("option, value, reason", [
-    ("--server-name", "plc-gw.plant.example", "server_name_mismatch"),
-    ("--server-sha256", "ab" * 32, "server_fingerprint_mismatch"),
+async def in_process_connector(
+    nursery: trio.Nursery, pki: Pki, who: IssuedFiles, server_port: int, *,
+    max_version: ssl.TLSVersion | None = None, **over: Any
+) -> tuple[Connector, ListSink, Metrics]:
+    """``mbsec connect`` in this process (real sockets and TLS, no interpreter start-up):
+    its events in a list, its metrics readable; ``max_version`` caps its TLS (a test knob)."""
+    cfg = ConnectConfig(listen=("127.0.0.1", 0), server=("127.0.0.1", server_port),
+                        cert=who.chain, key=who.key, ca=pki.ca.trust_bundle,
+                        server_name="localhost", server_sha256=None)
+    cfg = dataclasses.replace(cfg, **over)
+    sink, metrics = ListSink(), Metrics()
+    connector = Connector(cfg, log=make_logger(LoggingSettings(stdout=False),
+                                               extra_sinks=[sink]), metrics=metrics)
+    if max_version is not None:
+        connector.ctx.maximum_version = max_version
+    await nursery.start(connector.serve)
+    return connector, sink, metrics
+
+
+async def next_event(sink: ListSink, action: str, after: int = 0) -> dict[str, Any]:
+    with trio.fail_after(15):
+        while True:
+            found = [e for e in sink.events() if e["event"]["action"] == action]
+            if len(found) > after:
+                return found[after]
+            await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"server_name": "plc-gw.plant.example"}, "server_name_mismatch"),
+    ({"server_name": None, "server_sha256": "ab" * 32}, "server_fingerprint_mismatch"),
 ])
 async def test_a_wrong_server_identity_is_refused_with_a_clear_event(
-    pki: Pki, plc: PymodbusPlc, tmp_path: Path, option: str, value: str, reason: str
+    pki: Pki, plc: PymodbusPlc, start_proxy: StartProxy, nursery: trio.Nursery,
+    over: dict[str, Any], reason: str
 ) -> None:
-    async with serve_process(serve_config(pki, tmp_path, plc.port)) as serve:
-        sport = await started_serve(serve)
-        async with connect_process(tls_args(pki, pki.engineer, sport, option, value)) as conn:
-            cport = await started_connect(conn)
-            result = await master(cport)
-            assert result is None or isinstance(result, Exception) or result.isError()
-            failed = await conn.next_event("connect-upstream")
-            assert failed["event"]["outcome"] == "failure"
-            assert failed["event"]["reason"] == reason
-            assert failed["mbsec"]["retry"] is False and failed["mbsec"]["attempt"] == 1
-            assert failed["log"]["level"] == "warning"
-            message = failed["error"]["message"]
-            assert (value in message) if reason == "server_fingerprint_mismatch" else \
-                ("mismatch" in message.lower())
-            closed = await conn.next_event("connect-closed")
-            assert closed["event"]["reason"] == "server_refused"
-            assert closed["destination"]["bytes"] == 0
-            # nothing reached the PLC: the request never left the master's host
-            assert not [e for e in serve.events if e["event"]["action"] == "modbus-request"]
+    h = await start_proxy(plc.port)
+    conn, sink, metrics = await in_process_connector(nursery, pki, pki.engineer, h.port,
+                                                     **over)
+    result = await master(conn.listen_port or 0)
+    assert result is None or isinstance(result, Exception) or result.isError()
+    failed = await next_event(sink, "connect-upstream")
+    assert failed["event"]["outcome"] == "failure"
+    assert failed["event"]["reason"] == reason
+    assert failed["mbsec"]["retry"] is False and failed["mbsec"]["attempt"] == 1
+    assert failed["log"]["level"] == "warning"
+    message = failed["error"]["message"]
+    assert ("ab" * 32 in message) if reason == "server_fingerprint_mismatch" else \
+        ("mismatch" in message.lower())
+    closed = await next_event(sink, "connect-closed")
+    assert closed["event"]["reason"] == "server_refused"
+    assert closed["destination"]["bytes"] == 0
+    assert metrics.value("mbsec_connect_upstream_total", outcome="failure", reason=reason) == 1
+    # nothing reached the PLC: the request never left the master's host
+    assert h.events("modbus-request") == []
 
 
 async def test_connect_retries_with_backoff_until_the_server_is_up(
-    pki: Pki, plc: PymodbusPlc, tmp_path: Path
+    pki: Pki, plc: PymodbusPlc, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
     sport = unused_port()
-    cfg = serve_config(pki, tmp_path, plc.port)
-    cfg.write_text(cfg.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{sport}"'))
-    async with connect_process(tls_args(
-            pki, pki.operator, sport, "--server-name", "localhost", "--retry-for", "30",
-            "--backoff-initial", "0.1", "--backoff-max", "0.4")) as conn:
-        cport = await started_connect(conn)
-        async with trio.open_nursery() as nursery:
-            results: list[Any] = []
-            answered = trio.Event()
+    conn, sink, metrics = await in_process_connector(
+        nursery, pki, pki.operator, sport, retry_for=30.0, backoff_initial=0.1,
+        backoff_max=0.4)
+    results: list[Any] = []
+    answered = trio.Event()
 
-            async def ask() -> None:
-                results.append(await master(cport))
-                answered.set()
+    async def ask() -> None:
+        results.append(await master(conn.listen_port or 0))
+        answered.set()
 
-            nursery.start_soon(ask)
-            failures = [await conn.next_event("connect-upstream") for _ in range(4)]
-            assert {f["event"]["reason"] for f in failures} == {"connect_failed"}
-            assert all(f["mbsec"]["retry"] for f in failures)
-            backoffs = [f["mbsec"]["backoff"] for f in failures]
-            assert backoffs == [0.1, 0.2, 0.4, 0.4]  # doubling, capped at --backoff-max
-            async with serve_process(cfg) as serve:
-                await started_serve(serve)
-                while (ev := await conn.next_event("connect-upstream"))["event"][
-                        "outcome"] == "failure":
-                    pass
-                assert ev["mbsec"]["attempt"] >= 5
-                with trio.fail_after(10):
-                    await answered.wait()  # the server stays up until the master has its answer
-        rr = results[0]
-        assert not isinstance(rr, Exception) and rr is not None and not rr.isError()
-        assert rr.registers == [10, 11, 12]
+    nursery.start_soon(ask)
+    failures = [await next_event(sink, "connect-upstream", i) for i in range(4)]
+    assert {f["event"]["reason"] for f in failures} == {"connect_failed"}
+    assert all(f["mbsec"]["retry"] for f in failures)
+    assert [f["mbsec"]["backoff"] for f in failures] == [0.1, 0.2, 0.4, 0.4]  # capped
+    await start_proxy(plc.port, settings={"listen": [f"127.0.0.1:{sport}"]})
+    with trio.fail_after(10):
+        await answered.wait()
+    rr = results[0]
+    assert not isinstance(rr, Exception) and rr is not None and not rr.isError()
+    assert rr.registers == [10, 11, 12]
+    ok = [e for e in sink.events() if e["event"]["action"] == "connect-upstream"
+          and e["event"]["outcome"] == "success"]
+    assert len(ok) == 1 and ok[0]["mbsec"]["attempt"] >= 5
+    assert metrics.value("mbsec_connect_upstream_total", outcome="failure",
+                         reason="connect_failed") >= 4
+    assert conn.backoff.failures == 0  # a success clears the backoff
 
 
 async def test_a_master_certificate_the_server_refuses_is_named(
-    pki: Pki, plc: PymodbusPlc, tmp_path: Path
+    pki: Pki, plc: PymodbusPlc, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
     """The rogue CA's certificate: under TLS 1.3 the master's side learns it only when it
     reads, after its handshake; under TLS 1.2 during the handshake."""
-    async with serve_process(serve_config(pki, tmp_path, plc.port)) as serve:
-        sport = await started_serve(serve)
-        async with connect_process(tls_args(pki, pki.rogue, sport,
-                                            "--server-name", "localhost")) as conn:
-            cport = await started_connect(conn)
-            result = await master(cport)
-            assert result is None or isinstance(result, Exception) or result.isError()
-            closed = await conn.next_event("connect-closed")
-            assert closed["event"]["reason"] in ("client_certificate_rejected",
-                                                 "server_refused")
-            assert "certificate" in closed["error"]["message"]
-            rejected = await serve.next_event("tls-handshake")
-            assert rejected["event"]["reason"] == "unknown_ca"
+    h = await start_proxy(plc.port)
+    for version in ("1.3", "1.2"):
+        conn, sink, _ = await in_process_connector(
+            nursery, pki, pki.rogue, h.port,
+            max_version=ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2)
+        result = await master(conn.listen_port or 0)
+        assert result is None or isinstance(result, Exception) or result.isError()
+        closed = await next_event(sink, "connect-closed")
+        assert closed["event"]["reason"] == (
+            "client_certificate_rejected" if version == "1.3" else "server_refused"), closed
+        assert "certificate" in closed["error"]["message"]
+        if version == "1.2":
+            failed = await next_event(sink, "connect-upstream")
+            assert failed["event"]["reason"] == "client_certificate_rejected"
+    rejected = h.events("tls-handshake")
+    assert [e["event.reason"] for e in rejected] == ["unknown_ca", "unknown_ca"]
