@@ -5,7 +5,10 @@ carries each accepted connection over Modbus/TCP Security (TLS 1.2+, the master'
 to the DMZ mbsec, after verifying the server by name or by a pinned SHA-256 fingerprint. One
 TLS connection per plain connection: the master's connection *is* the session mbsec serve
 sees, so its policy, limits and events apply per master connection, as for a TLS-capable
-master. Anchor: ghostunnel's client mode (``ghostunnel client --listen --target``).
+master. Anchor: ghostunnel's client mode (``ghostunnel client --listen --target``): like it,
+the listener is limited to loopback unless asked (its ``--unsafe-listen``, our
+``--allow-remote``) and the name checked can be set apart from the address dialled (its
+``--override-server-name``, our ``--server-name``).
 
 Choices and why:
 
@@ -28,7 +31,6 @@ import hashlib
 import signal
 import ssl
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,17 +260,11 @@ def closed_reason(exc: BaseException) -> tuple[str, str]:
 # -- the tunnel ---------------------------------------------------------------------------------
 
 
-@dataclass
-class _Upstream:
-    stream: trio.SSLStream[trio.SocketStream]
-    attempt: int
-
-
 class Connector:
     """Listens for plain Modbus/TCP and carries each connection to the server over TLS."""
 
     def __init__(self, cfg: ConnectConfig, *, log: Any, metrics: MetricsLike | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.cfg = cfg
         self.log = log
         self.metrics: MetricsLike = metrics if metrics is not None else NullMetrics()
@@ -316,7 +312,7 @@ class Connector:
                 "mbsec-pki show CERT)", retry=False)
         return stream
 
-    async def _open(self, started: float, log: Any) -> _Upstream:
+    async def _open(self, started: float, log: Any) -> trio.SSLStream[trio.SocketStream]:
         """Reach the server, retrying with the shared backoff until ``retry_for`` is spent."""
         attempt = 0
         while True:
@@ -350,7 +346,7 @@ class Connector:
             events.emit(log, events.connect_upstream_ok(
                 took, attempt, stream.version() or "", cipher[0] if cipher else "",
                 str(cns[0].value) if cns else None, hashlib.sha256(der).hexdigest()))
-            return _Upstream(stream, attempt)
+            return stream
 
     # -- one plain connection -------------------------------------------------------------
 
@@ -379,11 +375,11 @@ class Connector:
         reason, detail = "shutdown", None
         try:
             try:
-                up = await self._open(started, log)
+                upstream = await self._open(started, log)
             except UpstreamFailure as f:
                 reason, detail = f.reason, f.detail
                 return
-            reason, detail = await self._relay(plain, up.stream, counts)
+            reason, detail = await self._relay(plain, upstream, counts)
         except Exception as exc:  # a bug in one connection: log it, keep serving the others
             reason, detail = "internal_error", f"{type(exc).__name__}: {exc}"
         finally:
