@@ -17,9 +17,10 @@ from pathlib import Path
 import trio
 
 from mbsec.audit import check_sinks, close_logger, make_logger
+from mbsec.config_checks import expired_crl_problems, no_crl_warnings, server_usage_problems
 from mbsec.metrics import Metrics
 from mbsec.sdnotify import Notifier, PlaneProbe, keep_watchdog, listen_sockets
-from mbsec.settings import Settings, SettingsError, load_settings
+from mbsec.settings import DEFAULT_PORT, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import chain_warnings, crl_warnings
 
 
@@ -41,6 +42,37 @@ def _first_oserror(exc: BaseException) -> OSError | None:
     return None
 
 
+def _which_address(settings: Settings) -> str:
+    """The configured addresses that cannot be bound now (a port clash names the one taken,
+    not every address); all of them when none fails a second time."""
+    import socket
+
+    named = [(a, parse_hostport(a, default_port=DEFAULT_PORT)) for a in settings.listen]
+    if settings.metrics.listen:
+        named.append((f"metrics.listen {settings.metrics.listen}",
+                       parse_hostport(settings.metrics.listen)))
+    taken = []
+    for label, (host, port) in named:
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError:
+            continue
+        for family, kind, proto, _, sockaddr in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(sockaddr)
+                except OSError:
+                    taken.append(label)
+                    break
+    return ", ".join(taken) if taken else "; ".join(label for label, _ in named)
+
+
 def _load(path: str) -> tuple[Settings | None, list[str]]:
     try:
         return load_settings(path), []
@@ -50,7 +82,11 @@ def _load(path: str) -> tuple[Settings | None, list[str]]:
 
 def serve_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="mbsec serve", description="Run the Modbus/TCP Security proxy."
+        prog="mbsec serve",
+        description="Run the Modbus/TCP Security proxy. Signals: SIGHUP reloads the "
+        "configuration, policy, certificates and CRLs (a failed reload keeps the running "
+        "state); SIGTERM or SIGINT stop accepting, drain the open connections for "
+        "limits.drain_timeout, and exit 0.",
     )
     p.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration")
     args = p.parse_args(argv)
@@ -159,9 +195,8 @@ def serve_main(argv: list[str]) -> int:
         if oserr is None:
             raise
         close_logger(log)
-        where = ", ".join(settings.listen) + (
-            f"; metrics.listen {settings.metrics.listen}" if settings.metrics.listen else "")
-        return _problems([f"{args.config}: cannot listen ({where}): {oserr.strerror or oserr}"])
+        return _problems([f"{args.config}: cannot listen ({_which_address(settings)}): "
+                          f"{oserr.strerror or oserr}"])
     notifier.stopping("stopped (data plane failed)" if proxy.failed else "stopped")
     notifier.close()
     close_logger(log)
@@ -189,7 +224,13 @@ def config_main(argv: list[str]) -> int:
         "policy targets against [upstreams]. Nothing is served.",
     )
     sub = p.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("check", help="validate FILE and exit (0 ok, 1 problems)")
+    c = sub.add_parser(
+        "check", help="validate FILE and exit (0 ok, 1 problems)",
+        description="Load everything `mbsec serve` would (TOML keys, TLS material, CRLs, the "
+        "policy) and cross-check the policy's targets against [upstreams]; refuse what cannot "
+        "work (a server certificate without serverAuth, an expired CRL). Prints one line per "
+        "problem and exits 1, or 'ok' and exits 0; warnings (CRL expiring soon, no CRL, "
+        "chain without its root) go to stderr. Nothing is served.")
     c.add_argument("file", metavar="FILE", help="the TOML configuration (docs/config.md)")
     args = p.parse_args(argv)
     settings, problems = _load(args.file)
@@ -203,9 +244,13 @@ def config_main(argv: list[str]) -> int:
     except StartupError as exc:
         problems = [f"{args.file}: {line}" for line in exc.problems]
     problems.extend(f"{args.file}: {line}" for line in check_sinks(settings.logging))
+    if not problems:
+        problems.extend(f"{args.file}: {line}" for line in
+                        server_usage_problems(settings.tls.cert)
+                        + expired_crl_problems(state.tls.crls))
     if problems:
         return _problems(problems)
-    for line in chain_warnings(settings.tls.cert):
+    for line in chain_warnings(settings.tls.cert) + no_crl_warnings(settings.tls):
         print(f"warning: {line}", file=sys.stderr)
     key_warning = key_mode_warning(Path(settings.tls.key))
     if key_warning is not None:

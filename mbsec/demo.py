@@ -266,15 +266,20 @@ class Demo:
             log = make_logger(LoggingSettings(stdout=False, allowed_requests="info"),
                               extra_sinks=[self.sink])
             proxy = Proxy(settings, log=log)
-            addrs = await nursery.start(proxy.serve)
-            port = addrs[0][1]
-            self.say(f"4. mbsec, the proxy: mutual TLS on 127.0.0.1:{port} -> the PLC.")
-            self.events_since_last()
-            await self.drive(port, pki, plc)
-            proxy.request_shutdown()
+            # the proxy stops (drains) before the PLC does: stopping both at once would log
+            # the PLC closing its connection, an upstream-reset the demo is not about
+            async with trio.open_nursery() as proxy_nursery:
+                addrs = await proxy_nursery.start(proxy.serve)
+                port = addrs[0][1]
+                self.say(f"4. mbsec, the proxy: mutual TLS on 127.0.0.1:{port} -> the PLC.")
+                self.events_since_last()
+                await self.drive(port, pki, plc)
+                proxy.request_shutdown()
             nursery.cancel_scope.cancel()
         self.say()
-        self.say("Shut down; the temporary directory is removed next.")
+        self.say("Shut down (the proxy first, then the PLC); the temporary directory is "
+                 "removed next.")
+        self.events_since_last()  # every event the summary counts is shown
         return all(s.ok for s in self.steps) and len(self.steps) == 4
 
     async def expect_event(self, action: str, **want: Any) -> dict[str, Any] | None:

@@ -101,6 +101,9 @@ CONTEXTS: dict[str, frozenset[str]] = {
     # bound per PLC target (and connection slot)
     "upstream": frozenset(("mbsec.target", "destination.ip", "destination.port",
                            "mbsec.connection")),
+    # bound per plain connection `mbsec connect` accepted (tunnel_context)
+    "tunnel": frozenset(("mbsec.conn_id", "source.ip", "source.port", "server.address",
+                         "server.port")),
 }
 
 
@@ -982,6 +985,170 @@ def client_penalized(blamed: str, resets: int, hold_s: float) -> Event:
                  })
 
 
+# -- mbsec connect (the client side) --------------------------------------------------------------
+# Written by `mbsec connect` on a master's host: plain Modbus/TCP in, Modbus/TCP Security out.
+# The "tunnel" context (tunnel_context) is bound per accepted plain connection.
+
+CONNECT_UPSTREAM_REASONS = (
+    "connect_failed", "connect_timeout", "handshake_timeout", "server_closed",
+    "server_name_mismatch", "server_fingerprint_mismatch", "server_unknown_ca",
+    "server_certificate_expired", "server_certificate_not_yet_valid",
+    "server_certificate_wrong_purpose", "server_certificate_invalid",
+    "client_certificate_rejected", "unsupported_protocol_version", "tls_error",
+)
+CONNECT_CLOSE_REASONS = (
+    "client_closed", "client_reset", "server_closed", "server_reset",
+    "client_certificate_rejected", "server_unreachable", "server_refused",
+    "too_many_connections", "shutdown", "internal_error",
+)
+
+_register(
+    "connect-start",
+    levels=("info",),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.listen", "server.address", "server.port", "mbsec.server_name",
+            "mbsec.server_sha256", "tls.client.x509.subject.common_name",
+            "tls.client.hash.sha256", "mbsec.metrics_port"),
+    constructors=("connect_start",),
+)
+
+
+def tunnel_context(conn_id: int, source_ip: str | None, source_port: int | None,
+                   server: str, server_port: int) -> dict[str, Any]:
+    """Bound once per plain connection ``mbsec connect`` accepted: the master and the DMZ
+    mbsec it is carried to."""
+    return {"mbsec.conn_id": conn_id, "source.ip": source_ip, "source.port": source_port,
+            "server.address": server, "server.port": server_port}
+
+
+def connect_start(
+    listen: Sequence[str], server: str, server_port: int, server_name: str | None,
+    server_sha256: str | None, client_cn: str | None, client_sha256: str,
+    metrics_port: int | None,
+) -> Event:
+    """``mbsec connect`` listens; how it verifies the server (name and/or pinned
+    fingerprint) and the certificate it presents."""
+    return Event("info", "mbsec connect listening", {
+        "event.kind": "event",
+        "event.category": ["process"],
+        "event.type": ["start"],
+        "event.action": "connect-start",
+        "event.outcome": "success",
+        "mbsec.listen": list(listen),
+        "server.address": server,
+        "server.port": server_port,
+        "mbsec.server_name": server_name,
+        "mbsec.server_sha256": server_sha256,
+        "tls.client.x509.subject.common_name": client_cn,
+        "tls.client.hash.sha256": client_sha256,
+        "mbsec.metrics_port": metrics_port,
+    })
+
+
+_register(
+    "connect-upstream",
+    levels=("info", "warning"),
+    context="tunnel",
+    fields=(*_ENVELOPE, "event.reason", "event.duration", "error.message", "mbsec.attempt",
+            "mbsec.backoff", "mbsec.retry", "tls.version", "tls.version_protocol", "tls.cipher",
+            "tls.server.x509.subject.common_name", "tls.server.hash.sha256"),
+    reasons=CONNECT_UPSTREAM_REASONS,
+    constructors=("connect_upstream_ok", "connect_upstream_failed"),
+)
+
+
+def connect_upstream_ok(duration_s: float, attempt: int, version: str, cipher: str,
+                        server_cn: str | None, server_sha256: str) -> Event:
+    """The TLS connection to the DMZ mbsec is up and its certificate verified."""
+    return Event("info", "connected to the server", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "start"],
+        "event.action": "connect-upstream",
+        "event.outcome": "success",
+        "event.duration": int(duration_s * 1e9),
+        "mbsec.attempt": attempt,
+        "tls.version": version.removeprefix("TLSv"),
+        "tls.version_protocol": "tls",
+        "tls.cipher": cipher,
+        "tls.server.x509.subject.common_name": server_cn,
+        "tls.server.hash.sha256": server_sha256,
+    })
+
+
+def connect_upstream_failed(reason: str, detail: str, attempt: int, backoff_s: float,
+                            retry: bool) -> Event:
+    """An attempt failed. ``backoff_s``: seconds before the next attempt of any connection;
+    ``retry``: whether this plain connection tries again (never after the server's
+    certificate failed verification: that is refused at once)."""
+    return Event("warning", "cannot connect to the server", {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "error"],
+        "event.action": "connect-upstream",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "error.message": detail,
+        "mbsec.attempt": attempt,
+        "mbsec.backoff": backoff_s,
+        "mbsec.retry": retry,
+    })
+
+
+_register(
+    "connect-closed",
+    levels=("info", "warning"),
+    context="tunnel",
+    fields=(*_ENVELOPE, "event.reason", "event.duration", "error.message", "source.bytes",
+            "destination.bytes"),
+    reasons=CONNECT_CLOSE_REASONS,
+    constructors=("connect_closed",),
+)
+
+
+def connect_closed(reason: str, duration_s: float, bytes_in: int, bytes_out: int,
+                   detail: str | None = None) -> Event:
+    """The canonical line: one per plain connection accepted. ``bytes_in``: from the master
+    (to the server); ``bytes_out``: to the master. ``warning`` unless a side closed."""
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "end"],
+        "event.action": "connect-closed",
+        "event.outcome": "success" if reason in ("client_closed", "server_closed", "shutdown")
+        else "failure",
+        "event.reason": reason,
+        "event.duration": int(duration_s * 1e9),
+        "source.bytes": bytes_in,
+        "destination.bytes": bytes_out,
+    }
+    if detail:
+        fields["error.message"] = detail
+    level: Level = "info" if fields["event.outcome"] == "success" else "warning"
+    return Event(level, "connection closed", fields)
+
+
+_register(
+    "connect-stopped",
+    levels=("info",),
+    context=None,
+    fields=(*_ENVELOPE, "mbsec.connections_cut"),
+    constructors=("connect_stopped",),
+)
+
+
+def connect_stopped(connections_cut: int) -> Event:
+    """SIGTERM/SIGINT: ``mbsec connect`` stopped; ``connections_cut``: tunnels it closed."""
+    return Event("info", "mbsec connect stopped", {
+        "event.kind": "event",
+        "event.category": ["process"],
+        "event.type": ["end"],
+        "event.action": "connect-stopped",
+        "event.outcome": "success",
+        "mbsec.connections_cut": connections_cut,
+    })
+
+
 # -- without a logger -----------------------------------------------------------------------------
 
 
@@ -1006,6 +1173,8 @@ __all__ = [
     "AUDIT_UNAVAILABLE_EXCEPTION",
     "CLOSE_REASONS",
     "COMMON_FIELDS",
+    "CONNECT_CLOSE_REASONS",
+    "CONNECT_UPSTREAM_REASONS",
     "CONTEXTS",
     "FRAMING_REASONS",
     "MAX_LOGGED_VALUES",
@@ -1022,6 +1191,11 @@ __all__ = [
     "client_penalized",
     "config_reload_failed",
     "config_reloaded",
+    "connect_closed",
+    "connect_start",
+    "connect_stopped",
+    "connect_upstream_failed",
+    "connect_upstream_ok",
     "connection_closed",
     "connection_context",
     "connection_rejected",
@@ -1049,6 +1223,7 @@ __all__ = [
     "session_error",
     "tls_handshake_accepted",
     "tls_handshake_rejected",
+    "tunnel_context",
     "upstream_connect",
     "upstream_connect_failed",
     "upstream_context",

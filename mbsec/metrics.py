@@ -36,6 +36,12 @@ HELP: dict[str, str] = {
     "mbsec_upstream_request_seconds": "PLC round trip",
     "mbsec_clients_penalized_total": "Clients refused by a PLC target for breaking its links",
     "mbsec_log_sink_failures_total": "Events a log sink could not take (disk full, syslog down)",
+    # mbsec connect (the client side)
+    "mbsec_connect_connections_total": "Plain connections from masters by outcome",
+    "mbsec_connect_connections_active": "Plain connections from masters currently open",
+    "mbsec_connect_upstream_total": "Connection attempts to the server by outcome and reason",
+    "mbsec_connect_handshake_seconds": "TLS connection to the server, connect and handshake",
+    "mbsec_connect_bytes_total": "Bytes carried, by direction (to_server, to_client)",
 }
 
 

@@ -58,9 +58,13 @@ class StartupError(Exception):
 
 
 def _policy_problems(exc: PolicyError) -> list[str]:
+    """One line per diagnostic, without an "error:" of its own: the caller prefixes one
+    (``error: mbsec.toml: policy.yaml:4:5: missing required key ...``)."""
     diags = getattr(exc, "diagnostics", None)
     if diags:
-        return [str(d) for d in diags]
+        return [f"{d.file}:{d.line}:{d.col}: "
+                + ("" if d.severity == "error" else f"{d.severity}: ") + d.message
+                + (f" (hint: {d.hint})" if d.hint else "") for d in diags]
     return [str(exc)]
 
 

@@ -8,12 +8,13 @@ config directory can be moved as a whole. ``load_settings`` turns every problem 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 import idna
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -425,6 +426,39 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the configuration allows at ``loc`` (a table's dotted path), [] if unknown."""
+    model: Any = Settings
+    skip_key = False
+    for part in loc:
+        if skip_key:  # the NAME of [upstreams.NAME]
+            skip_key = False
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if get_origin(ann) is dict and args and isinstance(args[-1], type):
+            model, skip_key = args[-1], True
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            model = args[0]  # Optional[Model]
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """``unknown key``, with the close name when there is one (``limit`` -> ``limits``)."""
+    known = _keys_at(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
+    if close:
+        return f"unknown key; did you mean {close[0]!r}? (docs/config.md)"
+    return "unknown key (typo?)" + (f"; allowed here: {', '.join(known)}" if known else "")
+
+
 def format_validation_error(source: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
@@ -432,7 +466,7 @@ def format_validation_error(source: str, exc: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
+            msg = _unknown_key(tuple(err["loc"]))
         elif err["type"] == "missing":
             msg = "required key is missing (docs/config.md)"
         lines.append(f"{source}: {_loc(tuple(err['loc']))}: {msg}")

@@ -20,7 +20,8 @@ DOCS = "\n".join(p.read_text(encoding="utf-8") for p in
                  [ROOT / "README.md", ROOT / "pki" / "README.md", *(ROOT / "docs").glob("*.md")])
 
 MBSEC_COMMANDS = [["serve"], ["config", "check"], ["policy", "check"], ["policy", "test"],
-                  ["policy", "explain"], ["policy", "diff"], ["policy", "eval"], ["demo"]]
+                  ["policy", "explain"], ["policy", "diff"], ["policy", "eval"], ["demo"],
+                  ["connect"]]
 PKI_COMMANDS = ["init", "issue", "csr", "sign", "renew", "revoke", "crl", "list", "show",
                 "verify", "profiles"]
 

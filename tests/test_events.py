@@ -262,6 +262,15 @@ SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
     (events.upstream_reset, ("eof", "connection closed by the PLC", 0), {}),
     (events.upstream_late_reply, (77,), {}),
     (events.client_penalized, ("c4f0" * 16, 3, 30.0), {}),
+    (events.connect_start, (["127.0.0.1:502"], "mbsec.plant.local", 802, "mbsec.plant.local",
+                            None, "hmi-01", "c4f0" * 16, None), {}),
+    (events.connect_upstream_ok, (0.004, 1, "TLSv1.3", "TLS_AES_256_GCM_SHA384", "mbsec-dmz",
+                                  "c4f0" * 16), {}),
+    (events.connect_upstream_failed, ("server_name_mismatch", "Hostname mismatch", 1, 0.2,
+                                      False), {}),
+    (events.connect_closed, ("client_closed", 60.0, 120, 130), {}),
+    (events.connect_closed, ("server_refused", 0.01, 12, 0, "server_name_mismatch"), {}),
+    (events.connect_stopped, (2,), {}),
 ]
 
 
@@ -312,6 +321,8 @@ def test_context_helpers_write_the_registered_context_fields() -> None:
     assert set(events.upstream_context("plc-1", "10.0.0.5", 502, 0)) == CONTEXTS["upstream"]
     assert "mbsec.connection" not in events.upstream_context("plc-1", "10.0.0.5", 502)
     assert peer["user.roles"] == ["operator"] and peer["user.name"] == "hmi-01"
+    assert set(events.tunnel_context(1, "127.0.0.1", 40000, "mbsec.plant.local", 802)) == \
+        CONTEXTS["tunnel"]
 
 
 # ECS 8.11 fields mbsec uses; anything else must be in mbsec's own or the modbus namespace
@@ -325,7 +336,8 @@ ECS_FIELDS = {
     "tls.client.x509.subject.common_name", "tls.client.x509.subject.distinguished_name",
     "tls.client.x509.issuer.distinguished_name", "tls.client.x509.serial_number",
     "tls.client.x509.not_after", "tls.client.x509.subject.organizational_unit",
-    "process.exit_code",
+    "process.exit_code", "server.address", "server.port",
+    "tls.server.x509.subject.common_name", "tls.server.hash.sha256",
 }
 ECS_VALUES = {
     "event.kind": {"alert", "enrichment", "event", "metric", "state", "pipeline_error",

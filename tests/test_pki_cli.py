@@ -260,14 +260,18 @@ def test_revoke_crl_list_show_verify(ca_dir: Path, tmp_path: Path,
         assert run(capsys, "issue", "client", cn, "--role", role, "--dir", ca_dir,
                    "--out-dir", tmp_path)[0] == EXIT_OK
     crl = ca_dir / "crl.pem"
-    code, out, _ = run(capsys, "verify", tmp_path / "acme-chain.pem", "--ca", ca_dir / "ca.crt",
+    code, out, _ = run(capsys, "verify", tmp_path / "acme-chain.pem", "--dir", ca_dir / "ca.crt",
                        "--crl", crl, "--purpose", "client")
     assert code == EXIT_OK and "OK" in out and "role vendor" in out
-    code, _, err = run(capsys, "verify", tmp_path / "acme-chain.pem", "--ca", ca_dir,
+    code, _, err = run(capsys, "verify", tmp_path / "acme-chain.pem", "--dir", ca_dir,
                        "--purpose", "server")
     assert code == EXIT_INVALID and "lacks serverAuth" in err
-    code, _, err = run(capsys, "verify", tmp_path / "acme.crt", "--ca", ca_dir)
+    code, _, err = run(capsys, "verify", tmp_path / "acme.crt", "--dir", ca_dir)
     assert code == EXIT_INVALID and "no chain" in err
+    # --ca: the old spelling of --dir, still accepted, with a warning
+    code, out, err = run(capsys, "verify", tmp_path / "acme-chain.pem", "--ca", ca_dir)
+    assert code == EXIT_OK and "OK" in out
+    assert "warning: --ca is deprecated, use --dir" in err
 
     code, out, _ = run(capsys, "revoke", tmp_path / "acme.crt", "--reason",
                        "cessation_of_operation", "--dir", ca_dir)

@@ -370,8 +370,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.ca is not None:  # the old spelling, kept working
+        print("warning: --ca is deprecated, use --dir (a CA directory or a CA bundle)",
+              file=sys.stderr)
+    trust = args.ca if args.ca is not None else args.dir
     report = verify_certificate(
-        Path(args.cert), Path(args.ca), chain_path=Path(args.chain) if args.chain else None,
+        Path(args.cert), Path(trust), chain_path=Path(args.chain) if args.chain else None,
         crl_paths=[Path(c) for c in args.crl], purpose=args.purpose, now=_now(args.now))
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -584,11 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
     _now_opt(p)
 
     p = add("verify", "verify chain, usage, role extension, expiry and revocation", cmd_verify,
-            "mbsec-pki verify certs/hmi-01-chain.pem --ca ca/ca.crt --crl ca/crl.pem",
-            "mbsec-pki verify server.crt --ca ca --chain ca/intermediate.crt --purpose server")
+            "mbsec-pki verify certs/hmi-01-chain.pem --dir ca --crl ca/crl.pem",
+            "mbsec-pki verify server.crt --dir ca/ca.crt --chain ca/intermediate.crt "
+            "--purpose server")
     p.add_argument("cert", metavar="CERT", help="certificate or chain file (leaf first)")
-    p.add_argument("--ca", required=True, metavar="BUNDLE|DIR",
-                   help="trusted CA certificate(s), or a CA directory")
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument("--dir", default=os.environ.get("MBSEC_PKI_DIR", DEFAULT_DIR),
+                       metavar="DIR|BUNDLE",
+                       help="the CA directory (as for every other command; default: "
+                       "$MBSEC_PKI_DIR or ./ca), or a PEM bundle of trusted CA certificates")
+    trust.add_argument("--ca", metavar="BUNDLE|DIR", help="deprecated spelling of --dir")
     p.add_argument("--chain", metavar="FILE", help="intermediate certificates")
     p.add_argument("--crl", action="append", default=[], metavar="FILE",
                    help="CRL file(s) to check revocation against (repeatable)")

@@ -37,6 +37,22 @@ def test_demo_runs_green(capsys: pytest.CaptureFixture[str]) -> None:
     assert denied and denied[0]["modbus"]["exception_code"] == 1
 
 
+def test_demo_shows_every_event_it_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    """The summary's "Events by action" counts exactly the events printed above it (it once
+    counted an upstream-reset from stopping the PLC with the proxy, never shown)."""
+    assert mbsec.demo.main([]) == 0
+    out = capsys.readouterr().out
+    shown: dict[str, int] = {}
+    for line in out.splitlines():
+        if line.strip().startswith("{"):
+            action = json.loads(line)["event"]["action"]
+            shown[action] = shown.get(action, 0) + 1
+    summary = out.split("Events by action: ", 1)[1].splitlines()[0]
+    counted = {k: int(v) for k, v in (item.split("=") for item in summary.split(", "))}
+    assert counted == shown
+    assert "upstream-reset" not in counted and "server-stopped" in counted
+
+
 def test_demo_keeps_nothing_behind(capsys: pytest.CaptureFixture[str]) -> None:
     assert mbsec.demo.main(["--quiet-events"]) == 0
     out = capsys.readouterr().out

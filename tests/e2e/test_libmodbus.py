@@ -5,6 +5,8 @@ The path through mbsec::
     unit-test-client --plain TCP--> stunnel (client mode, the engineer's certificate)
         --TLS--> mbsec serve --plain Modbus/TCP--> unit-test-server
 
+and the same with ``mbsec connect`` (the client side mbsec ships) in stunnel's place.
+
 The programs come from the libmodbus source package of the Debian release the machine runs,
 built by scripts/libmodbus.sh (sourced by scripts/test.sh) with a small patch, stated there and
 in docs/compliance.md ("libmodbus unit-test-client through mbsec"):
@@ -229,8 +231,10 @@ def mbsec_port(d: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def through_mbsec(b: Built, pki: Pki, mode: str, d: Path) -> Iterator[int]:
-    """unit-test-server, mbsec and stunnel for ``mode``; yields the port the client uses."""
+def through_mbsec(b: Built, pki: Pki, mode: str, d: Path, shim: str = "stunnel",
+                  ) -> Iterator[int]:
+    """unit-test-server, mbsec and the TLS shim for ``mode`` (``stunnel``, or ``connect``:
+    ``mbsec connect``); yields the port the client uses."""
     host = "::1" if mode == "tcppi" else "127.0.0.1"
     with ut_server(b, mode, host, d) as server_port:
         cfg = mbsec_config(pki, d, host, server_port)
@@ -240,18 +244,27 @@ def through_mbsec(b: Built, pki: Pki, mode: str, d: Path) -> Iterator[int]:
             wait_until("mbsec serve", lambda: mbsec_port(d) is not None, mbsec, log)
             proxy_port = mbsec_port(d)
             shim_port = free_port(host)
-            conf = d / "stunnel.conf"
-            conf.write_text(
-                "foreground = yes\npid =\ndebug = notice\n"
-                "[modbus-security]\nclient = yes\n"
-                f"accept = {host}:{shim_port}\nconnect = 127.0.0.1:{proxy_port}\n"
-                f"cert = {pki.engineer.chain}\nkey = {pki.engineer.key}\n"
-                f"CAfile = {pki.ca.trust_bundle}\nverifyChain = yes\ncheckHost = localhost\n"
-                "sslVersionMin = TLSv1.2\n"
-            )
-            slog = d / "stunnel.log"
-            with process([str(b.stunnel), str(conf)], slog) as shim:
-                wait_until("stunnel", lambda: listening(host, shim_port), shim, slog)
+            if shim == "connect":
+                argv = [sys.executable, "-m", "mbsec.cli", "connect",
+                        "--listen", f"[{host}]:{shim_port}" if ":" in host
+                        else f"{host}:{shim_port}",
+                        "--server", f"127.0.0.1:{proxy_port}", "--server-name", "localhost",
+                        "--cert", str(pki.engineer.chain), "--key", str(pki.engineer.key),
+                        "--ca", str(pki.ca.trust_bundle)]
+            else:
+                conf = d / "stunnel.conf"
+                conf.write_text(
+                    "foreground = yes\npid =\ndebug = notice\n"
+                    "[modbus-security]\nclient = yes\n"
+                    f"accept = {host}:{shim_port}\nconnect = 127.0.0.1:{proxy_port}\n"
+                    f"cert = {pki.engineer.chain}\nkey = {pki.engineer.key}\n"
+                    f"CAfile = {pki.ca.trust_bundle}\nverifyChain = yes\n"
+                    "checkHost = localhost\nsslVersionMin = TLSv1.2\n"
+                )
+                argv = [str(b.stunnel), str(conf)]
+            slog = d / f"{shim}.log"
+            with process(argv, slog) as shim_proc:
+                wait_until(shim, lambda: listening(host, shim_port), shim_proc, slog)
                 yield shim_port
 
 
@@ -300,14 +313,16 @@ def run_client(b: Built, mode: str, port: int, d: Path, labels: dict[int, str]) 
 @dataclass
 class ModeRuns:
     direct: Run
-    proxied: Run
+    proxied: Run  # through stunnel and mbsec serve
+    connected: Run  # through mbsec connect and mbsec serve
     backoff_answers: list[str]  # requests answered 0x0A for the reconnect backoff (events)
 
 
 class Runs:
-    """Runs every mode's two sequences (direct, through mbsec) at once, on first use: the
-    direct runs take about 14 s, mostly the server's own 0.5 s sleeps before its
-    illegal-data-value exceptions (mbsec answers those itself), so in parallel the four cost
+    """Runs every mode's three sequences (direct, through stunnel and mbsec, through mbsec
+    connect and mbsec) at once, on first use: the direct runs take about 14 s, mostly the
+    server's own 0.5 s sleeps before its illegal-data-value exceptions (mbsec answers those
+    itself), so in parallel the six cost
     about as much as one. CPU stays low (the programs sleep), and the one timing-tight check
     (bytes 5 ms apart against a 7 ms byte timeout) is in the direct run, which only ever
     removes an assertion from the comparison."""
@@ -320,7 +335,8 @@ class Runs:
     def get(self, b: Built, mode: str) -> ModeRuns:
         if not self.results:
             labels = assertion_labels(b.client.parent / "unit-test-client.c")
-            jobs = [(m, via) for m in ("tcp", "tcppi") for via in ("direct", "through")]
+            jobs = [(m, via) for m in ("tcp", "tcppi")
+                    for via in ("direct", "through", "connect")]
             with ThreadPoolExecutor(len(jobs)) as pool:
                 futures = {job: pool.submit(self._sequence, b, *job, labels) for job in jobs}
                 done = {job: f.result() for job, f in futures.items()}
@@ -328,7 +344,8 @@ class Runs:
                 d = self.base / f"{m}-through"
                 backoff = [f"FC{e['modbus']['function_code']}@{e['modbus'].get('address')}"
                            for e in events(d) if e.get("event", {}).get("reason") == "backoff"]
-                self.results[m] = ModeRuns(done[m, "direct"], done[m, "through"], backoff)
+                self.results[m] = ModeRuns(done[m, "direct"], done[m, "through"],
+                                           done[m, "connect"], backoff)
         return self.results[mode]
 
     def _sequence(self, b: Built, mode: str, via: str, labels: dict[int, str]) -> Run:
@@ -338,7 +355,8 @@ class Runs:
             host = "::1" if mode == "tcppi" else "127.0.0.1"
             with ut_server(b, mode, host, d) as port:
                 return run_client(b, mode, port, d, labels)
-        with through_mbsec(b, self.pki, mode, d) as port:
+        shim = "connect" if via == "connect" else "stunnel"
+        with through_mbsec(b, self.pki, mode, d, shim) as port:
             return run_client(b, mode, port, d, labels)
 
 
@@ -367,6 +385,26 @@ def test_unit_test_client_through_mbsec_differs_only_where_documented(
         # before the request-path rewrite, 4 more failed: 0x0A from the reconnect backoff
         f"answered 0x0A for the reconnect backoff: {r.backoff_answers or 'none'}\n"
         f"outputs: {runs.base}/{mode}-*/")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["tcp", "tcppi"])
+def test_unit_test_client_through_mbsec_connect_differs_only_where_documented(
+    mode: str, runs: Runs
+) -> None:
+    """The same client with ``mbsec connect`` as its shim instead of stunnel: a master that
+    speaks plain Modbus/TCP only, on its own host, through the client side mbsec ships."""
+    b = built()
+    r = runs.get(b, mode)
+    differences = r.connected.failed - r.direct.failed
+    report = (f"libmodbus {b.version} unit-test-client {mode}: failing directly "
+              f"{sorted(r.direct.failed)}; through mbsec connect {sorted(r.connected.failed)}")
+    print(report)
+    expected = set(EXPECTED[mode])
+    assert differences == expected, (
+        f"{report}\nunexpected: {sorted(differences - expected)}; "
+        f"missing: {sorted(expected - differences)}\noutputs: {runs.base}/{mode}-connect/")
+    assert differences == r.proxied.failed - r.direct.failed  # as through stunnel
 
 
 def test_policy_is_strict_and_its_cases_pass(tmp_path: Path) -> None:
