@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import Pki
+from test_settings import write_config
 
 from mbsec.cli import main as mbsec_main
-from tests.conftest import Pki
-from tests.test_settings import write_config
 
 
 @pytest.mark.parametrize(("mode", "who"), [(0o640, "group"), (0o604, "others"),

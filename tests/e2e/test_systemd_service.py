@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 import trio
-
-from tests.conftest import (
+from conftest import (
     Pki,
     PymodbusPlc,
     ServeProcess,
@@ -38,7 +37,7 @@ from tests.conftest import (
     read_hr,
     serve_config,
 )
-from tests.ptrace_helpers import data_plane_thread, thread_stopped
+from ptrace_helpers import data_plane_thread, thread_stopped
 
 WATCHDOG_USEC = 600_000  # WATCHDOG=1 every 0.3 s
 
