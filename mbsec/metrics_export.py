@@ -111,10 +111,10 @@ class UpstreamCollector(Collector):
                 info = tcp_info.parse(link.tcp) if link.tcp is not None else None
                 if info is None:
                     continue  # no socket (idle, connecting) or no TCP_INFO: no TCP series
-                for name, value in zip(self.TCP, (
-                        info.rtt, info.rtt_var, info.rto, info.retransmits, info.lost,
-                        info.unacked), strict=True):
-                    fams[name].add_sample(name, ll, float(value))
+                figures = (info.rtt, info.rtt_var, info.rto, float(info.retransmits),
+                           float(info.lost), float(info.unacked))
+                for name, figure in zip(self.TCP, figures, strict=True):
+                    fams[name].add_sample(name, ll, figure)
                 total.add_sample("mbsec_upstream_tcp_retransmissions_total", ll,
                                  float(info.total_retrans))
         yield from fams.values()
