@@ -65,6 +65,7 @@ HELP: dict[str, str] = {
     "mbsec_certificate_expiry_timestamp_seconds":
         "notAfter of each loaded certificate (server chain, client CAs), Unix time",
     "mbsec_crl_next_update_timestamp_seconds": "nextUpdate of each loaded CRL, Unix time",
+    "mbsec_start_time_seconds": "When this proxy process started, Unix time",
 }
 
 

@@ -168,6 +168,11 @@ class Proxy:
         if isinstance(inner, SinkLogger):  # a sink that fails is counted (mbsec/audit.py)
             inner.metrics = self.metrics
         self.state = build_state(settings)
+        # alerting series that must exist before their first event: an alert on increase()
+        # misses a counter whose series appears with its first count (docs/metrics.md)
+        for stage in ("handshake", "open_connection"):
+            self.metrics.inc("mbsec_revoked_certificate_seen_total", 0, stage=stage)
+        self.metrics.set("mbsec_start_time_seconds", time.time())
         #: when the loaded certificates and CRLs run out (/metrics), rebuilt on every reload
         self.expiry = tls_expiry(settings.tls, self.state.tls)
         #: what requests are decided by; ``state`` (handshakes, CRLs) switches at once on a

@@ -6,9 +6,9 @@ when real requests are allowed, denied and timed out.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-import shutil
-import subprocess
+import ssl
 from pathlib import Path
 
 import pytest
@@ -16,22 +16,11 @@ import trio
 from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, http_get, read_hr
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
+from promtool_helpers import metric_names, run_promtool
 
 from mbsec.metrics import HELP
 
 METRICS = {"metrics": {"listen": "127.0.0.1:0"}}
-
-
-def promtool() -> str:
-    """The promtool binary (Debian's prometheus package, scripts/test.d/promtool.sh): a
-    missing one fails under CI, else skips with the install hint."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool not installed (scripts/test.d/promtool.sh installs it)")
-        pytest.skip("promtool not installed: apt-get install prometheus "
-                    "(or source scripts/apt_need.sh; source scripts/test.d/promtool.sh)")
-    return path
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -57,9 +46,9 @@ async def scrape(port: int) -> str:
 
 
 def check_metrics(text: str) -> None:
-    run = subprocess.run([promtool(), "check", "metrics"], input=text.encode(),
-                         capture_output=True, timeout=30)
-    assert run.returncode == 0, run.stdout.decode() + run.stderr.decode()
+    """``promtool check metrics``: the exposition parses and follows the naming rules (it
+    prints lint problems and fails on them)."""
+    assert run_promtool("check", "metrics", stdin=text.encode()).strip() == ""
 
 
 @pytest.fixture
@@ -193,3 +182,41 @@ async def test_expiry_gauges_follow_the_loaded_material_and_reloads(
     soon_next = value(text, "mbsec_crl_next_update_timestamp_seconds", path=str(soon))
     assert soon_next is not None and 0 < soon_next - now <= 86400 + 60
     check_metrics(text)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+
+
+async def test_every_metric_of_the_dashboard_and_alerts_exists_in_a_real_scrape(
+    pki: Pki, plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    """The names deploy/prometheus/ queries (dashboard, alert rules, their unit tests' input
+    series) are what a proxy exposes, after traffic of each kind."""
+    h = await start_proxy(plc.port, settings=METRICS,
+                          upstream={"request_timeout": 0.3, "late_reply_wait": 0.3})
+    op = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert (await op.request(1, 1, read_hr(0, 1)))[2][0] == 3  # type: ignore[index]
+    assert (await op.request(2, 1, bytes.fromhex("0600010001")))[2] == b"\x86\x01"
+    assert (await op.request(3, 1, read_hr(150, 1)))[2] == b"\x83\x0b"  # type: ignore[index]
+    with trio.fail_after(5):  # the late reply does not come: the link is reset
+        while h.metrics.value("mbsec_upstream_resets_total", target="plc",
+                              reason="late_reply_overdue") == 0:
+            await trio.sleep(0.05)
+    assert (await op.request(4, 1, read_hr(0, 1)))[2][0] == 3  # type: ignore[index]
+    with pytest.raises(trio.BrokenResourceError):  # a failed handshake (1.2: the client sees it)
+        await TlsClient.connect(h.port, pki.client_ctx(pki.rogue,
+                                                       max_version=ssl.TLSVersion.TLSv1_2))
+    await h.wait_event("tls-handshake", lambda e: e.get("event.outcome") == "failure")
+    text = await scrape(h.proxy.metrics_port)
+    check_metrics(text)
+    exposed = {name for name, _labels in samples(text)}
+    dashboard = json.loads((DEPLOY / "mbsec-dashboard.json").read_text())
+    queried = metric_names(" ".join(t["expr"] for p in dashboard["panels"]
+                                    for t in p.get("targets", ())))
+    alerting = metric_names((DEPLOY / "mbsec-alerts.yml").read_text())
+    tested = metric_names((DEPLOY / "mbsec-alerts.test.yml").read_text())
+    assert {"mbsec_upstream_tcp_rtt_seconds", "mbsec_role_requests_total",
+            "mbsec_tls_handshakes_total"} <= queried
+    assert len(alerting) >= 7
+    assert (queried | alerting | tested) - exposed == set()
+    await op.aclose()
