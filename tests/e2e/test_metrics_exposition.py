@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import ssl
 from pathlib import Path
 
@@ -74,8 +73,6 @@ async def test_live_plc_link_scrape_passes_promtool_and_has_tcp_figures(
         assert (await client.request(tid, 1, read_hr(0, 2)))[2][0] == 3  # type: ignore[index]
     text = await scrape(port)
     check_metrics(text)
-    if os.environ.get("MBSEC_DUMP_SCRAPE"):
-        Path(os.environ["MBSEC_DUMP_SCRAPE"]).write_text(text)
     assert value(text, "mbsec_upstream_link_state", target="plc", link="0", state="open") == 1
     rtt = value(text, "mbsec_upstream_tcp_rtt_seconds", target="plc", link="0")
     assert rtt is not None and 0 < rtt < 1.0, rtt  # a real loopback RTT, in seconds
@@ -122,11 +119,11 @@ async def test_per_target_and_role_series_move_with_requests(
     assert value(text, "mbsec_upstream_requests_overdue", target="plc") == 1
     assert value(text, "mbsec_role_requests_total", role="operator",
                  decision="upstream_error") == 1
-    with trio.fail_after(5):  # late_reply_wait passes: the link is reset for it
-        while value(text, "mbsec_upstream_resets_total", target="plc",
-                    reason="late_reply_overdue") != 1:
-            await trio.sleep(0.1)
-            text = await scrape(port)
+    await h.wait_event("upstream-reset",  # late_reply_wait passes: the link is reset
+                       lambda e: e.get("event.reason") == "late_reply_overdue")
+    text = await scrape(port)
+    assert value(text, "mbsec_upstream_resets_total", target="plc",
+                 reason="late_reply_overdue") == 1
     assert value(text, "mbsec_upstream_requests_overdue", target="plc") == 0
     check_metrics(text)
     await op.aclose()
@@ -198,10 +195,8 @@ async def test_every_metric_of_the_dashboard_and_alerts_exists_in_a_real_scrape(
     assert (await op.request(1, 1, read_hr(0, 1)))[2][0] == 3  # type: ignore[index]
     assert (await op.request(2, 1, bytes.fromhex("0600010001")))[2] == b"\x86\x01"
     assert (await op.request(3, 1, read_hr(150, 1)))[2] == b"\x83\x0b"  # type: ignore[index]
-    with trio.fail_after(5):  # the late reply does not come: the link is reset
-        while h.metrics.value("mbsec_upstream_resets_total", target="plc",
-                              reason="late_reply_overdue") == 0:
-            await trio.sleep(0.05)
+    await h.wait_event("upstream-reset",  # the late reply does not come: the link is reset
+                       lambda e: e.get("event.reason") == "late_reply_overdue")
     assert (await op.request(4, 1, read_hr(0, 1)))[2][0] == 3  # type: ignore[index]
     with pytest.raises(trio.BrokenResourceError):  # a failed handshake (1.2: the client sees it)
         await TlsClient.connect(h.port, pki.client_ctx(pki.rogue,
