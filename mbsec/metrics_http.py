@@ -79,8 +79,13 @@ async def _handle_http(
             if len(line) < 2 or line[0] not in ("GET", "HEAD"):
                 out = _response("405 Method Not Allowed", b"GET only\n")
             elif line[1].split("?", 1)[0] == "/metrics":
-                body = await scrape() if scrape is not None else metrics.render().encode()
-                out = _response("200 OK", body, "text/plain; version=0.0.4; charset=utf-8")
+                try:
+                    body = await scrape() if scrape is not None else metrics.render().encode()
+                except Exception as exc:  # a bug costs this scrape, never the proxy
+                    out = _response("500 Internal Server Error",
+                                    f"scrape failed: {type(exc).__name__}\n".encode())
+                else:
+                    out = _response("200 OK", body, "text/plain; version=0.0.4; charset=utf-8")
             elif line[1] == "/healthz":
                 ok = healthy()
                 out = _response("200 OK" if ok else "503 Service Unavailable",

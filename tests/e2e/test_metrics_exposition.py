@@ -215,3 +215,25 @@ async def test_every_metric_of_the_dashboard_and_alerts_exists_in_a_real_scrape(
     assert len(alerting) >= 7
     assert (queried | alerting | tested) - exposed == set()
     await op.aclose()
+
+
+async def test_a_failing_scrape_costs_the_scrape_not_the_endpoint(
+    nursery: trio.Nursery,
+) -> None:
+    from mbsec.metrics import Metrics
+    from mbsec.metrics_http import serve_metrics
+
+    calls = []
+
+    async def scrape_once_broken() -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug in a collector")
+        return b"mbsec_connections_active 0\n"
+
+    port = await nursery.start(lambda task_status: serve_metrics(
+        Metrics(), "127.0.0.1", 0, scrape=scrape_once_broken, task_status=task_status))
+    status, body = await http_get(port, "/metrics")
+    assert status == "HTTP/1.1 500 Internal Server Error" and "ValueError" in body
+    assert await http_get(port, "/metrics") == ("HTTP/1.1 200 OK", "mbsec_connections_active 0\n")
+    assert (await http_get(port, "/healthz"))[0] == "HTTP/1.1 200 OK"
