@@ -216,9 +216,14 @@ TLS_REJECT_REASONS = (
     "client_rejected_server_certificate", "tls_error",
 )
 
+#: rejections that are security incidents, not mistakes: a revoked certificate is one its owner
+#: lost or that was stolen. Their events are ``event.kind`` ``alert`` at ``error`` (SIEM rules
+#: and CEF severity pick them out) and ``mbsec_revoked_certificate_seen_total`` counts them.
+INCIDENT_REASONS = frozenset(("certificate_revoked",))
+
 _register(
     "tls-handshake",
-    levels=("info", "warning"),
+    levels=("info", "warning", "error"),
     context="connection",
     fields=(*_ENVELOPE, "event.reason", "event.duration", "error.message", "tls.version",
             "tls.version_protocol", "tls.cipher", "tls.resumed", *_IDENTITY, "mbsec.role"),
@@ -256,9 +261,11 @@ def tls_handshake_rejected(
     """``identity``: the certificate the client presented, when known: a verified one refused
     after the handshake, or (TLS 1.2) the one OpenSSL rejected, read from the handshake bytes
     (presented, not verified: mbsec/tls_sniff.py)."""
+    incident = reason in INCIDENT_REASONS
     fields: dict[str, Any] = {
-        "event.kind": "event",
-        "event.category": ["network", "authentication"],
+        "event.kind": "alert" if incident else "event",
+        "event.category": (["network", "authentication", "intrusion_detection"] if incident
+                           else ["network", "authentication"]),
         "event.type": ["connection", "denied"],
         "event.action": "tls-handshake",
         "event.outcome": "failure",
@@ -270,7 +277,7 @@ def tls_handshake_rejected(
         fields.update(identity_fields(identity))
     if resumed is not None:
         fields["tls.resumed"] = resumed
-    return Event("warning", "TLS client rejected", fields)
+    return Event("error" if incident else "warning", "TLS client rejected", fields)
 
 
 # -- modbus-request -------------------------------------------------------------------------------
@@ -561,7 +568,7 @@ def connection_rejected(reason: str, source_ip: str, source_port: int) -> Event:
 
 _register(
     "connection-revoked",
-    levels=("warning",),
+    levels=("error",),
     context=None,
     fields=(*_ENVELOPE, "event.reason", "mbsec.conn_id", "tls.client.x509.subject.common_name",
             "tls.client.hash.sha256", "source.ip"),
@@ -572,9 +579,9 @@ _register(
 
 def connection_revoked(conn_id: int, identity: PeerIdentity, source_ip: str | None) -> Event:
     """A reloaded CRL revokes the certificate (or a CA above it) of an open connection."""
-    return Event("warning", "certificate revoked by the reloaded CRL, closing its connection", {
-        "event.kind": "event",
-        "event.category": ["network", "authentication"],
+    return Event("error", "certificate revoked by the reloaded CRL, closing its connection", {
+        "event.kind": "alert",
+        "event.category": ["network", "authentication", "intrusion_detection"],
         "event.type": ["connection", "end", "denied"],
         "event.action": "connection-revoked",
         "event.outcome": "success",
@@ -1177,6 +1184,7 @@ __all__ = [
     "CONNECT_UPSTREAM_REASONS",
     "CONTEXTS",
     "FRAMING_REASONS",
+    "INCIDENT_REASONS",
     "MAX_LOGGED_VALUES",
     "MODBUS_REQUEST_REASONS",
     "PEER_MATCH_FIELDS",

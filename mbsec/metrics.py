@@ -1,15 +1,17 @@
 """Counters, gauges and histograms (the ``/metrics`` endpoint is :mod:`mbsec.metrics_http`).
 
-No client library: the proxy needs a handful of series, and a dict keyed by (name, labels) is
-cheaper per request than anything generic. Names are ``mbsec_*`` snake case, counters end in
-``_total``, histograms are in seconds. ``NullMetrics`` has the same methods and does nothing, so
+The request path counts here, on plain floats: a dict keyed by (name, labels) and a
+:class:`Cell` a hot path keeps and adds to, cheaper per request than a client library's
+locked, label-resolving counters. prometheus_client reads these at scrape time
+(:mod:`mbsec.metrics_export`), so the text format is the library's. Names are ``mbsec_*``
+snake case, counters end in ``_total``, histograms are in seconds; every name is in
+:data:`HELP` and in docs/metrics.md. ``NullMetrics`` has the same methods and does nothing, so
 components take ``metrics=None`` -> ``NullMetrics()`` instead of checking everywhere.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import operator
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
@@ -42,6 +44,34 @@ HELP: dict[str, str] = {
     "mbsec_connect_upstream_total": "Connection attempts to the server by outcome and reason",
     "mbsec_connect_handshake_seconds": "TLS connection to the server, connect and handshake",
     "mbsec_connect_bytes_total": "Bytes carried, by direction (to_server, to_client)",
+    # issue 11: per role, per PLC target and link, expiry, revoked certificates
+    "mbsec_role_requests_total":
+        "Modbus requests by the client's role (each role it holds) and decision",
+    "mbsec_upstream_resets_total": "PLC connections reset, by target and reason",
+    "mbsec_upstream_exception_answers_total":
+        "Gateway exceptions answered for a target: 0x0A path unavailable, 0x0B no response",
+    "mbsec_revoked_certificate_seen_total":
+        "Revoked client certificates seen: refused in a handshake, or an open connection ended "
+        "by a reloaded CRL",
+    "mbsec_upstream_up": "1 unless the last connection attempt to the PLC failed",
+    "mbsec_upstream_backoff": "1 while connecting to the PLC waits for the reconnect backoff",
+    "mbsec_upstream_requests_in_flight": "Requests sent to the PLC and not yet answered",
+    "mbsec_upstream_requests_overdue":
+        "Requests answered 0x0B whose PLC connection still waits for the late reply",
+    "mbsec_upstream_requests_queued": "Requests waiting for a free PLC connection slot",
+    "mbsec_upstream_link_state": "PLC connection state (1 for the current state)",
+    "mbsec_upstream_tcp_rtt_seconds": "Smoothed TCP round-trip time of the PLC connection",
+    "mbsec_upstream_tcp_rtt_variance_seconds": "TCP round-trip time mean deviation",
+    "mbsec_upstream_tcp_rto_seconds": "TCP retransmission timeout of the PLC connection",
+    "mbsec_upstream_tcp_retransmits": "RTO expiries in a row for the current segment",
+    "mbsec_upstream_tcp_lost_segments": "Segments the kernel presumes lost now",
+    "mbsec_upstream_tcp_unacked_segments": "Segments sent and not yet acknowledged",
+    "mbsec_upstream_tcp_retransmissions_total":
+        "Segments retransmitted on this PLC connection (restarts with a new connection)",
+    "mbsec_certificate_expiry_timestamp_seconds":
+        "notAfter of each loaded certificate (server chain, client CAs), Unix time",
+    "mbsec_crl_next_update_timestamp_seconds": "nextUpdate of each loaded CRL, Unix time",
+    "mbsec_start_time_seconds": "When this proxy process started, Unix time",
 }
 
 
@@ -144,35 +174,31 @@ class Metrics:
             return cell.value if cell is not None else 0.0
         return self._gauges.get(name, {}).get(k, 0.0)
 
+    def snapshot(self) -> tuple[
+        list[tuple[str, list[tuple[LabelKey, float]]]],
+        list[tuple[str, list[tuple[LabelKey, float]]]],
+        list[tuple[str, list[tuple[LabelKey, tuple[tuple[float, ...], list[int], float, int]]]]],
+    ]:
+        """Every series, sorted: (counters, gauges, histograms), for the exposition.
+
+        The data-plane thread adds series while a scrape reads them in trio's thread: every
+        dict is copied by one C-level call (atomic under the GIL) before it is walked."""
+        counters = [(name, sorted(((k, c.value) for k, c in list(self._counters[name].items())),
+                                  key=_first))
+                    for name in sorted(list(self._counters))]
+        gauges = [(name, sorted(list(self._gauges[name].items()), key=_first))
+                  for name in sorted(list(self._gauges))]
+        hists = [(name, sorted(((k, (h.buckets, list(h.counts), h.sum, h.count))
+                                for k, h in list(self._hists[name].items())), key=_first))
+                 for name in sorted(list(self._hists))]
+        return counters, gauges, hists
+
     def render(self) -> str:
-        lines: list[str] = []
+        """The store alone in the Prometheus text format (the proxy's scrape adds more:
+        :func:`mbsec.metrics_export.render`)."""
+        from mbsec.metrics_export import render  # prometheus_client: not for the core
 
-        def head(name: str, kind: str) -> None:
-            if name in HELP:
-                lines.append(f"# HELP {name} {HELP[name]}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        # The data-plane thread adds series while this renders in trio's thread: every dict is
-        # copied by one C-level call (atomic under the GIL) before it is sorted and walked.
-        for name in sorted(list(self._counters)):
-            head(name, "counter")
-            for k, cell in sorted(list(self._counters[name].items()), key=_first):
-                lines.append(f"{name}{_fmt_labels(k)} {_num(cell.value)}")
-        for name in sorted(list(self._gauges)):
-            head(name, "gauge")
-            for k, v in sorted(list(self._gauges[name].items()), key=_first):
-                lines.append(f"{name}{_fmt_labels(k)} {_num(v)}")
-        for name in sorted(list(self._hists)):
-            head(name, "histogram")
-            for k, h in sorted(list(self._hists[name].items()), key=_first):
-                cum = 0
-                for bound, c in zip((*h.buckets, math.inf), h.counts, strict=True):
-                    cum += c
-                    le = "+Inf" if bound == math.inf else repr(bound)
-                    lines.append(f"{name}_bucket{_fmt_labels((*k, ('le', le)))} {cum}")
-                lines.append(f"{name}_sum{_fmt_labels(k)} {_num(h.sum)}")
-                lines.append(f"{name}_count{_fmt_labels(k)} {h.count}")
-        return "\n".join(lines) + "\n"
+        return render(self).decode()
 
 
 _first = operator.itemgetter(0)
@@ -230,20 +256,3 @@ class NullMetrics:
 
     def observe(self, name: str, value: float, **labels: str | int) -> None:
         pass
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _fmt_labels(k: LabelKey) -> str:
-    if not k:
-        return ""
-    return "{" + ",".join(f'{n}="{_esc(v)}"' for n, v in k) + "}"
-
-
-def _num(v: float) -> str:
-    v = float(v)  # callers may pass ints (len(...))
-    if math.isinf(v) or math.isnan(v):
-        return "+Inf" if v > 0 else ("-Inf" if v < 0 else "NaN")
-    return str(int(v)) if v.is_integer() else repr(v)

@@ -29,8 +29,9 @@ from structlog.typing import FilteringBoundLogger
 
 from mbsec import events
 from mbsec.audit import SinkLogger, null_logger
+from mbsec.expiry import tls_expiry
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics
-from mbsec.metrics_http import serve_metrics
+from mbsec.metrics_http import scrape_proxy, serve_metrics
 from mbsec.path.epoll import DataPlane
 from mbsec.path.epoll import compiled as reactor_compiled
 from mbsec.path.plc import check_targets
@@ -173,6 +174,13 @@ class Proxy:
         if isinstance(inner, SinkLogger):  # a sink that fails is counted (mbsec/audit.py)
             inner.metrics = self.metrics
         self.state = build_state(settings)
+        # alerting series that must exist before their first event: an alert on increase()
+        # misses a counter whose series appears with its first count (docs/metrics.md)
+        for stage in ("handshake", "open_connection"):
+            self.metrics.inc("mbsec_revoked_certificate_seen_total", 0, stage=stage)
+        self.metrics.set("mbsec_start_time_seconds", time.time())
+        #: when the loaded certificates and CRLs run out (/metrics), rebuilt on every reload
+        self.expiry = tls_expiry(settings.tls, self.state.tls)
         #: what requests are decided by; ``state`` (handshakes, CRLs) switches at once on a
         #: reload, this one together with the data plane's routes
         self.decision_state = self.state
@@ -251,6 +259,7 @@ class Proxy:
         # (a wedged loop, a bug that stops the proxy anyway, must not hang the reload)
         applied.wait(RELOAD_APPLY_TIMEOUT)
         self.state = state
+        self.expiry = tls_expiry(settings.tls, state.tls)
         self.settings = self.settings.model_copy(
             update={"tls": settings.tls, "policy": settings.policy, "upstreams": settings.upstreams}
         )
@@ -268,6 +277,7 @@ class Proxy:
             ident = s.identity
             if ident is not None and (state.tls.is_revoked(ident.issuer, ident.serial)
                                       or state.tls.issuer_revoked(ident.issuer)):
+                self.metrics.inc("mbsec_revoked_certificate_seen_total", stage="open_connection")
                 events.emit(self.log, events.connection_revoked(s.conn_id, ident, s.peer_ip))
                 s.stop_reading("certificate_revoked")
 
@@ -349,6 +359,8 @@ class Proxy:
                         port,
                         healthy=self.healthy,
                         sockets=self._metrics_sockets,
+                        scrape=lambda: scrape_proxy(
+                            self.metrics, self.data_plane, self.expiry),  # type: ignore[arg-type]
                         task_status=task_status,
                     )
                 )

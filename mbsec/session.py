@@ -261,6 +261,8 @@ class Session:
     ) -> None:
         self.close_reason = reason
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
+        if reason in events.INCIDENT_REASONS:  # a revoked certificate tried to get in
+            self._metrics.inc("mbsec_revoked_certificate_seen_total", stage="handshake")
         events.emit(self._log,
                     events.tls_handshake_rejected(reason, detail, duration, identity, resumed))
 

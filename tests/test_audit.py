@@ -137,7 +137,7 @@ def test_hot_path_series_handles_count_into_the_registry() -> None:
     m.observe("mbsec_upstream_request_seconds", 0.5, target="plc")
     text = m.render()
     assert 'mbsec_upstream_request_seconds_count{target="plc"} 2' in text
-    assert 'mbsec_upstream_request_seconds_bucket{target="plc",le="0.01"} 1' in text
+    assert 'mbsec_upstream_request_seconds_bucket{le="0.01",target="plc"} 1' in text
 
 
 def test_hot_path_handles_fall_back_to_inc_and_observe() -> None:

@@ -387,6 +387,18 @@ def test_every_event_is_categorized_with_ecs_allowed_values() -> None:
     assert problems == []
 
 
+def test_a_revoked_certificate_is_an_incident_other_rejections_are_not() -> None:
+    revoked = events.tls_handshake_rejected("certificate_revoked", "certificate revoked", 0.001,
+                                            IDENTITY)
+    assert revoked.level == "error" and revoked.fields["event.kind"] == "alert"
+    assert "intrusion_detection" in revoked.fields["event.category"]
+    assert revoked.fields["tls.client.x509.serial_number"] == format(IDENTITY.serial, "X")
+    expired = events.tls_handshake_rejected("certificate_expired", "expired", 0.001, IDENTITY)
+    assert expired.level == "warning" and expired.fields["event.kind"] == "event"
+    assert "intrusion_detection" not in expired.fields["event.category"]
+    assert ACTIONS["tls-handshake"].reasons >= events.INCIDENT_REASONS
+
+
 def test_tls_events() -> None:
     ok = events.tls_handshake_accepted(0.0012, IDENTITY, "TLSv1.3", "TLS_AES_256_GCM_SHA384",
                                        False).fields
@@ -567,7 +579,8 @@ def test_emitted_through_the_logger_and_the_fallback_line_alike() -> None:
     flat = flatten(line)
     assert set(flat) == set(ev.fields) | COMMON_FIELDS
     assert {k: flat[k] for k in ev.fields} == ev.fields
-    assert flat["log.level"] == "warning" and flat["message"] == ev.message
+    assert flat["log.level"] == "error" and flat["message"] == ev.message  # an incident
+    assert flat["event.kind"] == "alert"
     stamp = dt.datetime(2026, 11, 25, 14, 56, 3, 347880, tzinfo=dt.UTC)
     failed = events.log_sink_failed("FileSink", OSError(28, "No space left on device"))
     fb = json.loads(events.fallback_line(failed, stamp))

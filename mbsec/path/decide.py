@@ -27,6 +27,7 @@ from mbsec.modbus.errors import Action, RemoteProtocolError
 from mbsec.modbus.mbap import Adu
 from mbsec.modbus.pdu import FUNCTION_NAMES, ExceptionCode, exception_pdu, parse_request
 from mbsec.path.plc import UpstreamError, UpstreamReply
+from mbsec.role_labels import role_labels
 
 if TYPE_CHECKING:
     from mbsec.identity import PeerIdentity
@@ -109,6 +110,10 @@ class Decisions:
         self.log_allowed: Callable[..., Any] | None = None
         self.set_log(log)
         self._allowed_cells: dict[str, Any] = {}
+        #: ``mbsec_role_requests_total`` series by decision, one per role label of the
+        #: principal (mbsec/role_labels.py bounds the labels); rebuilt with the principal
+        self._role_labels: tuple[str, ...] = ()
+        self._role_cells: dict[str, list[Any]] = {}
         #: (unit id, request PDU) -> (request, access, decision) for requests that write
         #: nothing: an HMI polls the same blocks all day, and the decision is a pure function
         #: of the principal, the unit and the PDU under one policy (cleared when it changes)
@@ -136,6 +141,8 @@ class Decisions:
         self._principal_generation = state.generation
         self._decided.clear()  # decided by the old policy
         roles = list(getattr(self._principal, "roles", ()) or ())
+        self._role_labels = role_labels(state.policy, roles)
+        self._role_cells = {}
         self.set_log(self.log.bind(**events.roles_context(roles)))
 
     def framing_error(self, exc: RemoteProtocolError) -> None:
@@ -226,6 +233,7 @@ class Decisions:
             assert error is not None
             self.errors += 1
             self.metrics.inc("mbsec_requests_total", decision="upstream_error", function=fname)
+            self._count_role("upstream_error")
             events.emit(self.log, events.modbus_request_failed(
                 adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
                 error.reason, error.exception_code, error.message))
@@ -234,6 +242,7 @@ class Decisions:
         if limit is not None and len(reply.pdu) > limit:
             self.errors += 1
             self.metrics.inc("mbsec_requests_total", decision="response_too_large", function=fname)
+            self._count_role("response_too_large")
             events.emit(self.log, events.modbus_request_response_too_large(
                 adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
                 len(reply.pdu), limit))
@@ -244,6 +253,7 @@ class Decisions:
             cell = self._allowed_cells[fname] = counter(
                 self.metrics, "mbsec_requests_total", decision="allow", function=fname)
         cell.value += 1
+        self._count_role("allow")
         log_allowed = self.log_allowed
         if log_allowed is not None:
             ev = events.modbus_request_allowed(
@@ -256,5 +266,16 @@ class Decisions:
         self.denied += 1
         self.metrics.inc(
             "mbsec_requests_total", decision=decision, function=FUNCTION_NAMES.get(fc, str(fc)))
+        self._count_role(decision)
         events.emit(self.log, event)
         return exception_pdu(fc, code)
+
+    def _count_role(self, decision: str) -> None:
+        """``mbsec_role_requests_total``: once under each role label of the principal."""
+        cells = self._role_cells.get(decision)
+        if cells is None:
+            cells = self._role_cells[decision] = [
+                counter(self.metrics, "mbsec_role_requests_total", role=r, decision=decision)
+                for r in self._role_labels]
+        for c in cells:
+            c.value += 1

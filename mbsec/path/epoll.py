@@ -39,6 +39,8 @@ from mbsec.path.client import ClientConn
 from mbsec.path.link import Link
 from mbsec.path.plc import UpstreamTarget, check_targets
 from mbsec.path.router import Router
+from mbsec.path.stats import TargetStats
+from mbsec.path.stats import collect as collect_stats
 from mbsec.path.target import CONNECT, Target
 from mbsec.path.timers import Timers
 
@@ -148,6 +150,19 @@ class DataPlane:
         elif not self.call_threadsafe(apply):
             applied.set()
         return applied
+
+    def stats_threadsafe(self, done: Callable[[list[TargetStats]], None]) -> bool:
+        """A scrape: per-target state and each open PLC socket's ``TCP_INFO``, collected in the
+        loop (the only thread that closes those sockets, so no descriptor is read after it was
+        closed and reused) and handed to ``done`` there. False when the plane has stopped."""
+
+        def collect() -> None:
+            done(collect_stats(self.router.targets.values(), self._links, time.monotonic()))
+
+        if self._worker is None:  # not started, or stopped: no socket to race with
+            collect()
+            return True
+        return self.call_threadsafe(collect)
 
     def adopt_threadsafe(self, make: Callable[[DataPlane, float], ClientIO]) -> None:
         """Hand a connection to the loop: ``make`` builds its :class:`ClientIO` in the loop."""

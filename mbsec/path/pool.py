@@ -69,6 +69,8 @@ class LinkPool:
         #: resets nobody was blamed for since the last good reply (within ``reset_window``)
         self.resets: list[float] = []
         self.last_error = ""
+        #: False after a failed connection attempt until one succeeds (``mbsec_upstream_up``)
+        self.up = True
         self.observe_rtt = outbox.observer("mbsec_upstream_request_seconds", target=target.name)
 
     def schedule(self, now: float) -> None:
@@ -105,6 +107,9 @@ class LinkPool:
         if metric is not None:
             self.metrics.inc("mbsec_upstream_failures_total", target=self.target.name,
                              reason=metric)
+        if error.reason != "client_gone":  # nobody is left to answer
+            self.metrics.inc("mbsec_upstream_exception_answers_total", target=self.target.name,
+                             code=f"0x{error.exception_code:02X}")
         ex.error = error
         ex.state = xs.DONE
         self.outbox.done.append(ex)
@@ -145,6 +150,7 @@ class LinkPool:
             link.connect_timer = None
         link.state = OPEN
         link.frames = FrameBuffer()
+        self.up = True
         self.metrics.inc("mbsec_upstream_connects_total", target=self.target.name)
         self.outbox.emit_connect(self, link)
         self.schedule(now)
@@ -165,6 +171,7 @@ class LinkPool:
             link.connect_timer = None
         link.gen += 1
         link.state = IDLE
+        self.up = False
         backoff = self.backoff
         self._back_off(now, message)
         self.metrics.inc("mbsec_upstream_failures_total", target=self.target.name, reason=reason)
@@ -218,6 +225,8 @@ class LinkPool:
                 self._back_off(now, message)
         if reason != "shutdown":
             self.metrics.inc("mbsec_upstream_failures_total", target=self.target.name,
+                             reason=reason)
+            self.metrics.inc("mbsec_upstream_resets_total", target=self.target.name,
                              reason=reason)
             self.outbox.emit_reset(self, link, reason, message, len(lost) + failed_too, blame)
         error = reset_error(self.target.name, reason, message)

@@ -117,6 +117,8 @@ class Router:
         target = self.routes.get(ex.adu.unit_id)
         if target is None:
             self.outbox.metrics.inc("mbsec_upstream_failures_total", target="", reason="no_route")
+            self.outbox.metrics.inc("mbsec_upstream_exception_answers_total", target="",
+                                    code="0x0A")
             ex.error = PathUnavailable(f"no upstream target for unit id {ex.adu.unit_id}",
                                        reason="no_route")
             ex.state = xs.DONE

@@ -64,12 +64,17 @@ async def silent_plc(nursery: trio.Nursery) -> ScriptedPlc:
     return plc
 
 
+def level(reason: str) -> str:
+    """A revoked certificate's rejection is an incident (``error``, ``event.kind`` alert)."""
+    return "error" if reason == "certificate_revoked" else "warning"
+
+
 async def rejected(h: object, reason: str) -> dict[str, object]:
     ev = await h.wait_event(  # type: ignore[attr-defined]
         "tls-handshake", lambda e: e.get("event.outcome") == "failure"
     )
     assert ev["event.reason"] == reason, ev
-    assert ev["log.level"] == "warning"
+    assert ev["log.level"] == level(reason)
     return ev  # type: ignore[no-any-return]
 
 
@@ -80,7 +85,7 @@ async def rejected_named(h: object, reason: str) -> dict[str, object]:
         and "tls.client.hash.sha256" in e,
     )
     assert ev["event.reason"] == reason, ev
-    assert ev["log.level"] == "warning"
+    assert ev["log.level"] == level(reason)
     return ev  # type: ignore[no-any-return]
 
 
@@ -229,7 +234,11 @@ async def test_revoked_certificate(
     assert_names(ev, bad)
     assert ev["tls.client.x509.serial_number"] == format(bad.serial, "X")
     assert ev["tls.client.x509.subject.common_name"] == "bad"
+    assert ev["event.kind"] == "alert" and "intrusion_detection" in ev["event.category"]
     assert len(silent_plc.requests) == 1  # the good client's only
+    # an incident, counted: both attempts (TLS 1.3 and 1.2), nothing for the good client
+    assert h.metrics.value(  # type: ignore[attr-defined]
+        "mbsec_revoked_certificate_seen_total", stage="handshake") == 2
 
 
 async def test_revocation_after_reload_applies_to_the_same_client(
@@ -254,6 +263,10 @@ async def test_revocation_after_reload_applies_to_the_same_client(
     assert await held.closed_by_peer()  # the open connection is ended too
     ev = await h.wait_event("connection-revoked")  # type: ignore[attr-defined]
     assert ev["event.reason"] == "certificate_revoked"
+    assert ev["event.kind"] == "alert" and ev["log.level"] == "error"
+    metrics = h.metrics  # type: ignore[attr-defined]
+    assert metrics.value("mbsec_revoked_certificate_seen_total", stage="open_connection") == 1
+    assert metrics.value("mbsec_revoked_certificate_seen_total", stage="handshake") == 1
     closed = await h.wait_event(  # type: ignore[attr-defined]
         "connection-closed", lambda e: e.get("event.reason") == "certificate_revoked")
     assert closed["mbsec.requests"] == 1

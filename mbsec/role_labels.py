@@ -1,0 +1,42 @@
+"""The ``role`` label of per-role metrics, bounded by the policy.
+
+A certificate's Modbus role extension is free text a CA wrote; used as a label as it is, every
+new role string would be a new time series. So a role counts under its own name only when the
+policy names it (in a rule, an ``identities:`` entry or ``limits.roles``), else under
+``other``; a client with no role (the NULL role) counts under ``none``. The label values are
+therefore the policy's roles plus two, whatever certificates arrive.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+NO_ROLE = "none"
+OTHER_ROLE = "other"
+
+_KNOWN: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def policy_roles(policy: Any) -> frozenset[str]:
+    """Every role a policy names (cached per policy object)."""
+    known = _KNOWN.get(policy)
+    if known is None:
+        names: set[str] = set()
+        for rule in getattr(policy, "rules", ()):
+            names |= rule.roles or frozenset()
+        for ident in getattr(policy, "identities", ()):
+            names |= ident.roles
+        for role, _limit in getattr(policy, "role_limits", ()):
+            names.add(role)
+        names.discard("*")
+        known = _KNOWN[policy] = frozenset(names)
+    return known
+
+
+def role_labels(policy: Any, roles: Iterable[str]) -> tuple[str, ...]:
+    """The label values a principal with ``roles`` counts under (one per role, sorted)."""
+    known = policy_roles(policy)
+    labels = {r if r in known else OTHER_ROLE for r in roles}
+    return tuple(sorted(labels)) if labels else (NO_ROLE,)
