@@ -1,6 +1,6 @@
 """The request-path core is sans-IO: it imports none of trio, socket, ssl, select, threading or
-time, directly or through anything it imports. Only the driver (mbsec/path/epoll.py) and the
-policy side (decide.py: the logger) may.
+time, directly or through anything it imports. Only the driver (mbsec/path/epoll.py and its
+scrape collector stats.py) and the policy side (decide.py: the logger) may.
 
 Checked in a fresh interpreter where those modules are made unimportable before the core is
 imported, so an indirect import fails as loudly as a direct one, and by reading each core file's
@@ -17,8 +17,9 @@ from pathlib import Path
 import mbsec.path
 
 FORBIDDEN = ("trio", "socket", "ssl", "select", "threading", "time")
-#: the driver and the policy side are not the core
-NOT_CORE = {"epoll", "decide"}
+#: the driver, its scrape collector (reads TCP_INFO from the link sockets on the data-plane
+#: thread) and the policy side are not the core
+NOT_CORE = {"epoll", "stats", "decide"}
 PATH = Path(mbsec.path.__file__).parent
 CORE = sorted(p.stem for p in PATH.glob("*.py") if p.stem not in NOT_CORE)
 
