@@ -225,6 +225,9 @@ class Reader:
 
     stats: ReadStats = field(default_factory=ReadStats)
     progress: Progress | None = None
+    #: unit id -> the upstream (``mbsec.target``) that last answered for it: outcome events
+    #: name it, monitor mode's would_deny events do not
+    unit_targets: dict[int, str] = field(default_factory=dict)
     _pending: OrderedDict[tuple[Any, Any], None] = field(default_factory=OrderedDict)
     _roles: OrderedDict[Any, str | None] = field(default_factory=OrderedDict)
 
@@ -300,6 +303,9 @@ class Reader:
         if "mbsec.request_bytes" not in ev:  # parser rejected it: no Access, no policy
             stats.invalid_requests += 1
             return None
+        target = ev.get("mbsec.target")
+        if target is not None and len(self.unit_targets) < 256:
+            self.unit_targets[int(ev["modbus.unit_id"])] = str(target)
         event_decision = str(ev["modbus.decision"])
         types = ev.get("event.type") or ()
         conn = ev.get("mbsec.conn_id")

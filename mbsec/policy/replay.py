@@ -168,7 +168,8 @@ class Replayer:
             res.values_cut += 1
         if res.is_change(old, new):
             res.by_rule[(old, new, rec.rule, d.rule_id)] += 1
-            res.by_role[(",".join(sorted(rec.roles)) or "(no role)", old, new)] += 1
+            res.by_role[(",".join(sorted(rec.roles)) or f"(no role) cn={rec.who.cn}",
+                         old, new)] += 1
             exs = res.examples.setdefault((old, new), [])
             if len(exs) < EXAMPLES:
                 exs.append(describe(rec) + f": rule {rec.rule} -> {d.rule_id}")

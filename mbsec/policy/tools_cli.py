@@ -39,6 +39,8 @@ def run(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(d, file=err)
         print(f"mbsec policy {cmd}: error: the policy does not load", file=err)
         return fail
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        return 0 if cmd != "replay" else 2
     except KeyboardInterrupt:
         print(f"mbsec policy {cmd}: interrupted", file=err)
         return 130
@@ -74,6 +76,7 @@ def _learn(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                                             for e in ns.events]))
     for rec in reader.records(ns.events):
         learner.add(rec)
+    learner.target_hints(reader.unit_targets)
     stats = reader.stats
     for line in stats.summary():
         print(f"mbsec policy learn: {line}", file=err)
