@@ -175,21 +175,33 @@ def open_events(path: str) -> io.BufferedIOBase:
     return buffered
 
 
-def _flat(obj: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
-    for k, v in obj.items():
-        if isinstance(v, dict):
-            _flat(v, f"{prefix}{k}.", out)
-        else:
-            out[f"{prefix}{k}"] = v
+_MISSING: Any = object()
 
 
-def flatten(obj: dict[str, Any]) -> dict[str, Any]:
-    """Nested ECS JSON (as mbsec writes it) or already flat dotted keys (SIEM exports)."""
-    if "event.action" in obj:
-        return obj
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat dotted keys (a SIEM export) -> nested, as mbsec writes events."""
     out: dict[str, Any] = {}
-    _flat(obj, "", out)
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".") if key != "@timestamp" else [key]
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = node[part] = {}
+            node = nxt
+        node[parts[-1]] = value
     return out
+
+
+def _get(obj: Any, path: tuple[str, ...], default: Any = None) -> Any:
+    """``obj["a"]["b"]`` for ``path=("a", "b")``, or ``default`` where a level is missing."""
+    for part in path:
+        if type(obj) is not dict:
+            return default
+        obj = obj.get(part, _MISSING)
+        if obj is _MISSING:
+            return default
+    return obj
 
 
 def _tuple(v: Any) -> tuple[str, ...]:
@@ -200,23 +212,24 @@ def _tuple(v: Any) -> tuple[str, ...]:
     return (str(v),)
 
 
-def build_access(fc: int, ev: dict[str, Any]) -> Access:
-    """The :class:`Access` the proxy decided on, from a request event's ``modbus.*`` fields."""
+def build_access(fc: int, modbus: dict[str, Any], request_bytes: int) -> Access:
+    """The :class:`Access` the proxy decided on, from a request event's ``modbus`` object."""
     read = write = None
     if fc == 23:
-        read = (int(ev["modbus.read.address"]), int(ev["modbus.read.quantity"]))
-        write = (int(ev["modbus.write.address"]), int(ev["modbus.write.quantity"]))
-    elif "modbus.address" in ev:
-        span = (int(ev["modbus.address"]), int(ev["modbus.quantity"]))
+        r, w = modbus["read"], modbus["write"]
+        read = (int(r["address"]), int(r["quantity"]))
+        write = (int(w["address"]), int(w["quantity"]))
+    elif "address" in modbus:
+        span = (int(modbus["address"]), int(modbus["quantity"]))
         if fc in _READS:
             read = span
         elif fc in _WRITES:
             write = span
-    values = ev.get("modbus.values") or ()
-    sub = ev.get("modbus.subfunction")
+    values = modbus.get("values") or ()
+    sub = modbus.get("subfunction")
     return Access(fc, _TABLES.get(fc, Table.NONE), read, write,
                   tuple(int(v) for v in values), None if sub is None else int(sub),
-                  int(ev["mbsec.request_bytes"]))
+                  int(request_bytes))
 
 
 @dataclass
@@ -264,19 +277,20 @@ class Reader:
                     stats.not_json += 1
                 stats.first_bad = stats.first_bad or f"{name}:{n}"
                 continue
-            ev = flatten(obj)
-            action = ev.get("event.action")
+            if "event.action" in obj:
+                obj = nest(obj)
+            action = _get(obj, ("event", "action"))
             if action is None:
                 stats.not_event += 1
                 stats.first_bad = stats.first_bad or f"{name}:{n}"
                 continue
             if action != "modbus-request":
-                if action == "tls-handshake" and "mbsec.conn_id" in ev:
-                    self._remember_role(ev)
+                if action == "tls-handshake":
+                    self._remember_role(obj)
                 stats.other_events += 1
                 continue
             try:
-                rec = self._record(ev, f"{name}:{n}")
+                rec = self._record(obj, name, n)
             except (KeyError, TypeError, ValueError):
                 stats.not_event += 1
                 stats.first_bad = stats.first_bad or f"{name}:{n}"
@@ -290,27 +304,31 @@ class Reader:
                 yield rec
 
     def _remember_role(self, ev: dict[str, Any]) -> None:
-        if ev.get("event.outcome") != "success" or "mbsec.role" not in ev:
+        mbsec = ev.get("mbsec")
+        if not isinstance(mbsec, dict) or "role" not in mbsec or "conn_id" not in mbsec \
+                or _get(ev, ("event", "outcome")) != "success":
             return
-        key = ev["mbsec.conn_id"]
-        self._roles[key] = ev["mbsec.role"]
+        key = mbsec["conn_id"]
+        self._roles[key] = mbsec["role"]
         self._roles.move_to_end(key)
         if len(self._roles) > ROLES_MAX:
             self._roles.popitem(last=False)
 
-    def _record(self, ev: dict[str, Any], where: str) -> Record | None:
+    def _record(self, ev: dict[str, Any], name: str, line: int) -> Record | None:
         stats = self.stats
-        if "mbsec.request_bytes" not in ev:  # parser rejected it: no Access, no policy
+        mbsec = ev.get("mbsec") or {}
+        modbus = ev["modbus"]
+        request_bytes = mbsec.get("request_bytes")
+        if request_bytes is None:  # the parser rejected it: no Access, no policy decision
             stats.invalid_requests += 1
             return None
-        target = ev.get("mbsec.target")
+        target = mbsec.get("target")
         if target is not None and len(self.unit_targets) < 256:
-            self.unit_targets[int(ev["modbus.unit_id"])] = str(target)
-        event_decision = str(ev["modbus.decision"])
-        types = ev.get("event.type") or ()
-        conn = ev.get("mbsec.conn_id")
-        key = (conn, ev.get("modbus.transaction_id"))
-        if event_decision == "would_deny" and "info" in types:
+            self.unit_targets[int(modbus["unit_id"])] = str(target)
+        event_decision = str(modbus["decision"])
+        conn = mbsec.get("conn_id")
+        key = (conn, modbus.get("transaction_id"))
+        if event_decision == "would_deny" and "info" in (_get(ev, ("event", "type")) or ()):
             self._pending[key] = None  # its outcome event follows, if any is logged
             self._pending.move_to_end(key)
             if len(self._pending) > PENDING_MAX:
@@ -320,34 +338,36 @@ class Reader:
             stats.outcome_duplicates += 1
             return None
         decision = _POLICY_DECISION.get(event_decision, "allow")
-        fp = ev.get("tls.client.hash.sha256")
+        client = _get(ev, ("tls", "client")) or {}
+        fp = _get(client, ("hash", "sha256"))
         if fp is None:
             stats.anonymous += 1
             return None
-        fc = int(ev["modbus.function_code"])
-        access = build_access(fc, ev)
-        roles = _tuple(ev.get("user.roles"))
-        if "mbsec.role" in ev:
-            role, known = ev["mbsec.role"], True
+        fc = int(modbus["function_code"])
+        access = build_access(fc, modbus, request_bytes)
+        roles = _tuple(_get(ev, ("user", "roles")))
+        if "role" in mbsec:
+            role, known = mbsec["role"], True
         elif conn in self._roles:
             role, known = self._roles[conn], True
         else:
             role, known = None, False
             stats.role_unknown += 1
-        ou = _tuple(ev.get("tls.client.x509.subject.organizational_unit"))
-        who = Who(role=role, cn=ev.get("tls.client.x509.subject.common_name"), ou=ou,
-                  san_dns=_tuple(ev.get("mbsec.san_dns")), san_ip=_tuple(ev.get("mbsec.san_ip")),
-                  san_uri=_tuple(ev.get("mbsec.san_uri")),
-                  issuer=ev.get("tls.client.x509.issuer.distinguished_name"),
-                  fingerprint=str(fp))
-        total = ev.get("mbsec.values_total")
+        x509 = client.get("x509") or {}
+        who = Who(role=role, cn=_get(x509, ("subject", "common_name")),
+                  ou=_tuple(_get(x509, ("subject", "organizational_unit"))),
+                  san_dns=_tuple(mbsec.get("san_dns")), san_ip=_tuple(mbsec.get("san_ip")),
+                  san_uri=_tuple(mbsec.get("san_uri")),
+                  issuer=_get(x509, ("issuer", "distinguished_name")), fingerprint=str(fp))
+        total = mbsec.get("values_total")
         return Record(
             timestamp=str(ev.get("@timestamp", "")), who=who, roles=roles, role_known=known,
-            source=str(ev.get("source.ip") or "192.0.2.10"), unit=int(ev["modbus.unit_id"]),
-            target=ev.get("mbsec.target"), access=access, decision=decision,
-            rule=str(ev.get("rule.id", "default")), event_decision=event_decision,
-            values_cut=total is not None and int(total) > len(access.values), location=where)
+            source=str(_get(ev, ("source", "ip")) or "192.0.2.10"),
+            unit=int(modbus["unit_id"]), target=target, access=access, decision=decision,
+            rule=str(_get(ev, ("rule", "id"), "default")), event_decision=event_decision,
+            values_cut=total is not None and int(total) > len(access.values),
+            location=f"{name}:{line}")
 
 
-__all__ = ["InputError", "Progress", "ReadStats", "Reader", "Record", "build_access",
+__all__ = ["InputError", "Progress", "ReadStats", "Reader", "Record", "build_access", "nest",
            "open_events"]
