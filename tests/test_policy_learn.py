@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,9 @@ from mbsec.policy.loader import load_policy_text
 from mbsec.policy.records import Reader, Record
 from mbsec.policy.replay import Replayer
 
-RECORDING_POLICY = """\
-version: 1
-default: deny
-mode: monitor
-rules:
-  - id: operator-read
-    description: Operators read process values
-    roles: [operator]
-    functions: [read_holding_registers, read_coils]
-    addresses: ["0-199"]
-"""
+ROOT = Path(__file__).resolve().parents[1]
+#: the policy in force while the walkthrough's events were recorded (docs/policy.md)
+RECORDING_POLICY = (ROOT / "docs" / "adoption" / "monitor.yaml").read_text()
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
@@ -90,6 +83,8 @@ async def test_learn_from_a_real_monitor_mode_recording(
                        and "allowed" in e.get("event.type", ()))
     log = tmp_path / "recorded.jsonl"
     log.write_text("\n".join(h.sink.lines) + "\n")
+    if dest := os.environ.get("MBSEC_WALKTHROUGH_EVENTS"):  # docs/adoption/events.jsonl.gz
+        Path(dest).write_bytes(gzip.compress(log.read_bytes(), mtime=0))
     recorded = records(log)
     assert {r.decision for r in recorded} == {"allow", "would_deny"}
     assert len(recorded) == 9 + 5 + 3  # one record per request, monitor outcomes folded in

@@ -89,7 +89,7 @@ class ReplayResult:
                 out.append(f"  {o} -> {w}:")
                 out += [f"    {e}" for e in exs]
         if self.rule_moves:
-            out += ["", "same decision, another rule (not a change):"]
+            out += ["", f"not changed (compare: {self.compare}), decided by another rule:"]
             for (ro, rn), n in sorted(self.rule_moves.items(), key=lambda x: (-x[1], x[0])):
                 out.append(f"  {ro} -> {rn}: {n:,}")
         out += ["", f"{self.changed:,} of {self.total:,} request(s) would be decided "

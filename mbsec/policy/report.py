@@ -77,7 +77,7 @@ table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 8px;verti
 th{background:#eee;text-align:left}ul{margin:0;padding-left:1.1em}
 .write{color:#a00;font-weight:bold}.write::before{content:"\\270E  "}
 .read{color:#225}.cond{color:#666;font-size:.9em}.rule{color:#888;font-size:.85em}
-.added{color:#070}.removed{color:#a00}.changed{color:#850}
+#diff{list-style:none;padding-left:0}.added{color:#070}.removed{color:#a00}.changed{color:#850}
 .pass{color:#070}.fail{color:#a00;font-weight:bold}.meta{color:#555}
 code{background:#f4f4f4;padding:0 3px}
 """
