@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from conftest import Pki, PymodbusPlc, StartProxy
 from e2e.test_pymodbus_e2e import in_thread
 from event_log import EventLog
@@ -84,7 +85,7 @@ async def test_learn_from_a_real_monitor_mode_recording(
     log = tmp_path / "recorded.jsonl"
     log.write_text("\n".join(h.sink.lines) + "\n")
     if dest := os.environ.get("MBSEC_WALKTHROUGH_EVENTS"):  # docs/adoption/events.jsonl.gz
-        Path(dest).write_bytes(gzip.compress(log.read_bytes(), mtime=0))
+        await trio.Path(dest).write_bytes(gzip.compress(log.read_bytes(), mtime=0))
     recorded = records(log)
     assert {r.decision for r in recorded} == {"allow", "would_deny"}
     assert len(recorded) == 9 + 5 + 3  # one record per request, monitor outcomes folded in
