@@ -115,3 +115,27 @@ def _wrap(cmd: str) -> str:
         else:
             cur = f"{cur} {p}"
     return "\n".join([*lines, cur])
+
+
+@pytest.mark.parametrize("cmd", ["learn", "replay", "report"])
+def test_every_flag_of_the_adoption_tools_is_documented(
+    cmd: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with contextlib.suppress(SystemExit):
+        mbsec_main(["policy", cmd, "--help"])
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out)) - {"--help"}
+    assert flags
+    text = DOC.read_text()
+    assert sorted(f for f in flags if f"`{f}" not in text and f" {f}" not in text) == []
+    assert f"`mbsec policy {cmd} " in text
+
+
+def test_progress_lines_go_to_stderr_on_long_runs() -> None:
+    from mbsec.policy.records import Progress, ReadStats
+
+    err = io.StringIO()
+    p = Progress("mbsec policy replay", err, every=0.0)
+    p.tick(ReadStats(lines=1_000_000, records=900_000))
+    assert err.getvalue().startswith("mbsec policy replay: 1,000,000 lines, 900,000 requests (")
+    quiet = Progress("x", None, every=0.0)
+    quiet.tick(ReadStats(lines=5))  # -q: no stream, nothing printed
