@@ -385,3 +385,35 @@ def test_the_proposal_is_stable_yaml_for_review(tmp_path: Path) -> None:
         "  - id: operator-plc-read_holding_registers\n" in first
     assert json.loads(json.dumps(first))  # plain text, no binary
 
+
+
+def test_every_kind_of_request_is_learned_strict_clean(tmp_path: Path) -> None:
+    """FC23's two ranges, sub-functions, MEI types, masks, coils, file records, FIFO, no-address
+    functions and a vendor code: the proposal loads strictly, passes its tests, allows all."""
+    log = EventLog()
+    eng = Who(role="engineer", cn="eng-1", issuer="CN=Test CA")
+    requests = [
+        build_access(23, address=0, quantity=4, write_address=200, values=(7, 8)),
+        build_access(8, subfunction=0), build_access(8, subfunction=11),
+        build_access(43, subfunction=14), build_access(22, address=30, values=(0xFF00, 0x12)),
+        build_access(15, address=40, values=(1, 0, 1)), build_access(2, address=0, quantity=16),
+        build_access(24, address=500), build_access(20, address=3, quantity=10),
+        build_access(21, address=3, values=(1, 2)), build_access(7), build_access(17),
+        build_access(100),
+        build_access(16, address=40001 - 40001 + 40005, values=(1,)),  # looks like 4xxxx
+    ]
+    for a in requests:
+        log.request(eng, ["engineer"], 1, a, "allow", "r")
+    path = tmp_path / "ev.jsonl"
+    path.write_text(log.text())
+    rc, out, err = run(["learn", str(path), "--margin", "20"])
+    assert rc == 0, err
+    assert "functions: [100]" in out and "mei_types: [14]" in out
+    assert "subfunctions: [0, 11]" in out
+    assert 'read_addresses: ["0-3"]' in out and 'write_addresses: ["200-201"]' in out
+    assert 'addresses: ["0x9c45"]' in out  # 40005 in hex: never read as a register number
+    assert "# mask values are not bounded" in out
+    assert "coil_states: [on, off]" in out
+    policy = load_policy_text(out, strict=True)
+    assert all(r.passed for r in run_cases(policy))
+    assert Replayer(policy).run(records(path)).transitions == {("allow", "allow"): 14}
