@@ -243,6 +243,8 @@ class Reader:
     unit_targets: dict[int, str] = field(default_factory=dict)
     _pending: OrderedDict[tuple[Any, Any], None] = field(default_factory=OrderedDict)
     _roles: OrderedDict[Any, str | None] = field(default_factory=OrderedDict)
+    #: (connection, fingerprint, role) -> its Who: built once per connection, not per event
+    _whos: dict[tuple[Any, ...], Who] = field(default_factory=dict)
 
     def records(self, paths: Iterable[str]) -> Iterator[Record]:
         for path in paths:
@@ -353,12 +355,18 @@ class Reader:
         else:
             role, known = None, False
             stats.role_unknown += 1
-        x509 = client.get("x509") or {}
-        who = Who(role=role, cn=_get(x509, ("subject", "common_name")),
-                  ou=_tuple(_get(x509, ("subject", "organizational_unit"))),
-                  san_dns=_tuple(mbsec.get("san_dns")), san_ip=_tuple(mbsec.get("san_ip")),
-                  san_uri=_tuple(mbsec.get("san_uri")),
-                  issuer=_get(x509, ("issuer", "distinguished_name")), fingerprint=str(fp))
+        wkey = (conn, fp, role)
+        who = self._whos.get(wkey)
+        if who is None:
+            x509 = client.get("x509") or {}
+            who = Who(role=role, cn=_get(x509, ("subject", "common_name")),
+                      ou=_tuple(_get(x509, ("subject", "organizational_unit"))),
+                      san_dns=_tuple(mbsec.get("san_dns")), san_ip=_tuple(mbsec.get("san_ip")),
+                      san_uri=_tuple(mbsec.get("san_uri")),
+                      issuer=_get(x509, ("issuer", "distinguished_name")), fingerprint=str(fp))
+            if len(self._whos) >= ROLES_MAX:
+                self._whos.clear()
+            self._whos[wkey] = who
         total = mbsec.get("values_total")
         return Record(
             timestamp=str(ev.get("@timestamp", "")), who=who, roles=roles, role_known=known,
