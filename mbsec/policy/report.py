@@ -104,8 +104,9 @@ def html_report(policy: Policy, old: Policy | None = None) -> str:
                'have claimed their requests; <span class="write">writes</span> stand out. '
                "Everything not listed is denied.</p>")
     if cells:
-        out.append('<table id="matrix"><thead><tr><th>role</th>'
-                   + "".join(f"<th>{e(t)}</th>" for t in targets) + "</tr></thead><tbody>")
+        out.append('<table id="matrix"><thead><tr><th>role</th>' + "".join(
+            f'<th data-target="{e(t)}">{e(t)}<br><span class="meta">{e(_units(policy, t))}'
+            "</span></th>" for t in targets) + "</tr></thead><tbody>")
         for role in roles:
             out.append(f'<tr data-role="{e(role)}"><th>{e(role)}</th>')
             for t in targets:
@@ -136,6 +137,14 @@ def html_report(policy: Policy, old: Policy | None = None) -> str:
     out += _html_tests(results)
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _units(policy: Policy, target: str) -> str:
+    if target not in policy.targets:
+        return "units no target names"
+    units, upstream = policy.targets[target]
+    return f"unit{'s' if len(units) > 1 else ''} {', '.join(str(u) for u in sorted(units))}" \
+        + (f" @ {upstream}" if upstream else "")
 
 
 def _html_who(policy: Policy) -> list[str]:
