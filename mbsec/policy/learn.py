@@ -449,10 +449,12 @@ class Learner:
             edge = dict(base)
             edge.pop("values", None)
             edge.pop("value", None)
-            if fc in VALUE_FUNCTIONS:
-                edge["value" if fc == 6 else "values"] = \
-                    g.values.get(first_lo, [0, 0])[0] if fc == 6 else \
-                    [g.values.get(first_lo, [0, 0])[0]]
+            if fc in VALUE_FUNCTIONS:  # a value written there: the address is what is wrong
+                v = g.values.get(first_lo, [0, 0])[0]
+                if fc == 6:
+                    edge["value"] = v
+                else:
+                    edge["values"] = [v]
             elif fc in COIL_FUNCTIONS:
                 st = "on" if 1 in g.coil_states else "off"
                 if fc == 5:
@@ -472,15 +474,17 @@ class Learner:
                 out.append((f"between ranges at {holes[0][0]}", {**edge,
                                                                  "address": holes[0][0]}))
             if fc in VALUE_FUNCTIONS and not g.values_cut and g.values:
-                lo, hi, _vmin, vmax = self._value_bounds(fc, g)[0]
-                if vmax < 0xFFFF:
-                    val = {**edge, "address": lo}
-                    val.pop("quantity", None)
-                    if fc == 6:
-                        val["value"] = vmax + 1
-                    else:
-                        val["values"] = [vmax + 1]
-                    out.append((f"value above {vmax}", val))
+                lo, _hi, vmin, vmax = self._value_bounds(fc, g)[0]
+                for v, what in ((vmax + 1, f"value above {vmax}"),
+                                (vmin - 1, f"value below {vmin}")):
+                    if 0 <= v <= 0xFFFF:
+                        val = {**edge, "address": lo}
+                        val.pop("quantity", None)
+                        if fc == 6:
+                            val["value"] = v
+                        else:
+                            val["values"] = [v]
+                        out.append((what, val))
             if fc in COIL_FUNCTIONS and len(g.coil_states) == 1 and not g.values_cut:
                 other = "off" if 1 in g.coil_states else "on"
                 val = {**edge, "address": first_lo}
