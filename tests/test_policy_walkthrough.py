@@ -102,6 +102,13 @@ def test_the_walkthrough_prints_what_the_tools_print(tmp_path: Path,
     assert ran >= 8
     if update:
         DOC.write_text(text.replace(section, new_section))
+    # reviewed.yaml is the proposal without the engineer's coil rule, nothing else
+    from mbsec.policy.explain import diff
+    from mbsec.policy.loader import load_policy
+
+    assert diff(load_policy("proposal.yaml"), load_policy("reviewed.yaml")) == [
+        "- engineer @ plc-unit1: write_single_coil (5) write 10 [coils on]  "
+        "(rule engineer-plc-unit1-write_single_coil)"]
 
 
 def _wrap(cmd: str) -> str:
