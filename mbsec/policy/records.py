@@ -113,28 +113,28 @@ class ReadStats:
         bad = self.not_json + self.not_event
         if not bad:
             return None
-        return (f"skipped {bad} line(s) that are not JSON events ({self.not_json} not JSON, "
-                f"{self.not_event} without event.action; first at {self.first_bad})")
+        return (f"skipped {bad:,} line(s) that are not JSON events ({self.not_json:,} not JSON, "
+                f"{self.not_event:,} without event.action; first at {self.first_bad})")
 
     def summary(self) -> list[str]:
-        out = [f"read {self.lines} line(s) from {self.files} file(s): {self.records} "
+        out = [f"read {self.lines:,} line(s) from {self.files} file(s): {self.records:,} "
                f"recorded request(s), {self.span()}"]
         if (s := self.skipped_line()) is not None:
             out.append(s)
         notes = []
         if self.other_events:
-            notes.append(f"{self.other_events} other event(s)")
+            notes.append(f"{self.other_events:,} other event(s)")
         if self.invalid_requests:
-            notes.append(f"{self.invalid_requests} invalid request(s) (no policy decision)")
+            notes.append(f"{self.invalid_requests:,} invalid request(s) (no policy decision)")
         if self.outcome_duplicates:
-            notes.append(f"{self.outcome_duplicates} monitor-mode outcome event(s) of a "
+            notes.append(f"{self.outcome_duplicates:,} monitor-mode outcome event(s) of a "
                          "would_deny already counted")
         if self.anonymous:
-            notes.append(f"{self.anonymous} request(s) without a client certificate")
+            notes.append(f"{self.anonymous:,} request(s) without a client certificate")
         if notes:
             out.append("not requests to decide: " + ", ".join(notes))
         if self.role_unknown:
-            out.append(f"{self.role_unknown} request(s) without the certificate's role "
+            out.append(f"{self.role_unknown:,} request(s) without the certificate's role "
                        "(mbsec.role): their recorded user.roles stand in for it")
         return out
 
