@@ -97,7 +97,8 @@ def _tool_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     lr.add_argument("-o", "--output", default="-", metavar="FILE",
                     help="where to write the proposal (default: stdout)")
     lr.add_argument("--gap", type=_nonneg, default=0, metavar="N",
-                    help="merge address ranges fewer than N+1 addresses apart (default 0)")
+                    help="merge address ranges with at most N unused addresses between "
+                    "them (default 0)")
     lr.add_argument("--margin", type=_nonneg, default=0, metavar="PERCENT",
                     help="widen quantities and written values by PERCENT (default 0)")
     lr.add_argument("--by", choices=("role", "identity"), default="role",
