@@ -6,14 +6,17 @@ the granted blocks, writes with values, functions nobody is granted) is decided 
 times; every single ``Policy.evaluate`` call is timed with ``perf_counter_ns``.
 
     .venv/bin/python benchmarks/bench_policy.py [--loops 20000] [--rules 10 500]
+    .venv/bin/python benchmarks/bench_policy.py --replay-events 1000000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 from mbsec.identity import PeerIdentity
 from mbsec.modbus.access import Access
@@ -116,11 +119,95 @@ def bench(n_rules: int, loops: int) -> dict[str, float]:
     }
 
 
+def write_events(path: Path, n: int, seed: int = 3) -> None:
+    """``n`` request events as the proxy logs them (built by mbsec.events' constructors):
+    20 clients of 7 roles, reads and writes inside and outside the generated policy's blocks,
+    allowed, denied and monitor-mode would_deny with their outcome events."""
+    from mbsec import events
+    from mbsec.audit import ECS_VERSION, nest_dotted
+
+    rnd = random.Random(seed)
+    policy = load_policy_text(generate(500), "generated-500.yaml")
+    templates: list[str] = []
+    for pr, unit, acc in workload(policy, seed):
+        ident = pr.identity
+        assert ident is not None
+        d = policy.evaluate(pr, unit, acc)
+        ctx = {**events.connection_context(rnd.randrange(1, 1000), pr.source_ip, 40000,
+                                           "10.0.0.1", 802),
+               **events.peer_context(ident, sorted(pr.roles))}
+        fc = acc.function_code
+        if d.outcome == "allow":
+            evs = [events.modbus_request_allowed(1, unit, fc, acc, 0.001, d.rule_id, "allow",
+                                                 "plc", level="info")]
+        elif rnd.random() < 0.5:
+            evs = [events.modbus_request_denied(1, unit, fc, acc, 0.0, d.rule_id, d.reason, 1)]
+        else:
+            evs = [events.modbus_request_would_deny(1, unit, fc, acc, 0.0, d.rule_id, d.reason),
+                   events.modbus_request_allowed(1, unit, fc, acc, 0.001, d.rule_id,
+                                                 "would_deny", "plc", level="info")]
+        lines = []
+        for ev in evs:
+            flat = {"@timestamp": "TS", "message": ev.message, **ctx, **ev.fields,
+                    "log.level": ev.level, "ecs.version": ECS_VERSION, "service.name": "mbsec"}
+            lines.append(json.dumps(nest_dotted(flat), separators=(",", ":")))
+        templates.append("\n".join(lines) + "\n")
+    with path.open("w") as f:
+        written = 0
+        i = 0
+        while written < n:
+            t = templates[i % len(templates)]
+            stamp = f"2026-12-{1 + i // 100000 % 28:02d}T{i // 3600 % 24:02d}:" \
+                f"{i // 60 % 60:02d}:{i % 60:02d}.{i % 1000000:06d}Z"
+            f.write(t.replace('"TS"', f'"{stamp}"', t.count('"TS"')).replace(
+                '"transaction_id":1,', f'"transaction_id":{i & 0xFFFF},'))
+            written += t.count("\n")
+            i += 1
+
+
+def bench_replay(n: int, keep: Path | None) -> None:
+    """``mbsec policy replay`` of ``n`` generated events against the 500-rule policy with one
+    rule's roles changed: events/s and the process's peak RSS."""
+    import resource
+    import tempfile
+
+    from mbsec.policy.records import Reader
+    from mbsec.policy.replay import Replayer
+
+    with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
+        path = keep or Path(tmp) / "events.jsonl"
+        t0 = time.perf_counter()
+        write_events(path, n)
+        gen_s = time.perf_counter() - t0
+        size = path.stat().st_size
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        candidate = load_policy_text(generate(500).replace("roles: [role3]", "roles: [role4]"),
+                                     "candidate.yaml")
+        reader = Reader()
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = Replayer(candidate).run(reader.records([str(path)]))
+        took, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lines = reader.stats.lines
+    print(f"replay: {lines:,} event lines ({size / 1e6:.0f} MB, generated in {gen_s:.0f} s), "
+          f"{result.total:,} requests, {result.changed:,} changed")
+    print(f"replay: {took:.1f} s wall, {cpu:.1f} s CPU: {lines / cpu:,.0f} events/s "
+          f"({lines / took:,.0f} by the wall clock), {result.total / cpu:,.0f} requests/s; "
+          f"peak RSS {rss0 / 1024:.0f} MB before, {rss1 / 1024:.0f} MB after")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loops", type=int, default=20000)
     ap.add_argument("--rules", type=int, nargs="+", default=[10, 500])
+    ap.add_argument("--replay-events", type=int, metavar="N",
+                    help="instead: time `mbsec policy replay` over N generated events")
+    ap.add_argument("--keep", type=Path, metavar="FILE",
+                    help="with --replay-events: write the events here and keep them")
     ns = ap.parse_args()
+    if ns.replay_events:
+        bench_replay(ns.replay_events, ns.keep)
+        return
     print(f"{'rules':>6} {'load ms':>9} {'median ns':>10} {'p99 ns':>8} {'allowed %':>10}")
     for n in ns.rules:
         r = bench(n, ns.loops)

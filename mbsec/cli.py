@@ -17,7 +17,8 @@ from mbsec import __version__
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("mbsec.cli_proxy", "serve_main", "run the proxy (mutual TLS in, Modbus/TCP out)"),
     "config": ("mbsec.cli_proxy", "config_main", "validate a configuration file (config check)"),
-    "policy": ("mbsec.policy.cli", "main", "check, test, explain, diff and evaluate policy files"),
+    "policy": ("mbsec.policy.cli", "main",
+               "check, test, explain, diff, evaluate, learn, replay and report on policies"),
     "connect": ("mbsec.connect", "main",
                 "client side: plain Modbus/TCP on this host -> Modbus/TCP Security to mbsec"),
     "demo": ("mbsec.demo", "main", "throw-away PKI + simulated PLC + proxy + client, end to end"),

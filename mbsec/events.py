@@ -96,7 +96,7 @@ CONTEXTS: dict[str, frozenset[str]] = {
     "connection": frozenset((
         "mbsec.conn_id", "source.ip", "source.port", "destination.ip", "destination.port",
         "tls.client.x509.subject.common_name", "tls.client.hash.sha256", "user.name",
-        "user.roles", *PEER_MATCH_FIELDS,
+        "user.roles", "mbsec.role", *PEER_MATCH_FIELDS,
     )),
     # bound per PLC target (and connection slot)
     "upstream": frozenset(("mbsec.target", "destination.ip", "destination.port",
@@ -161,6 +161,9 @@ def peer_context(identity: PeerIdentity, roles: Iterable[str]) -> dict[str, Any]
         "tls.client.x509.issuer.distinguished_name": identity.issuer,
         "user.name": identity.common_name,
         "user.roles": list(roles),
+        # the certificate's own Modbus role: replaying against another policy resolves the
+        # roles again from it (user.roles holds the recording policy's identities: mappings)
+        "mbsec.role": identity.role,
     }
     if identity.organizational_units:
         ctx["tls.client.x509.subject.organizational_unit"] = list(identity.organizational_units)

@@ -41,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mbsec policy", description="Check, test, explain, diff and evaluate "
-                "mbsec policy files (see docs/policy.md).")
+                "mbsec policy files; learn one from recorded events, replay events against "
+                "one, report on one for review (see docs/policy.md).")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
     c = sub.add_parser("check", help="validate files; exit 1 on errors")
     c.add_argument("files", nargs="+", metavar="FILE", help="policy file(s) to validate")
@@ -84,7 +85,51 @@ def _parser() -> argparse.ArgumentParser:
                    help="written value (repeat for several; on/off for coils)")
     v.add_argument("--pdu-bytes", type=_int, help="request PDU size to assume")
     v.add_argument("--json", action="store_true", help="print the decision as JSON")
+    _tool_parsers(sub)
     return p
+
+
+def _tool_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """learn / replay / report: the adoption path's tools (docs/policy.md)."""
+    events_help = "JSON-lines event files (gzip is fine; - for stdin)"
+    lr = sub.add_parser("learn", help="propose a least-privilege policy from recorded events")
+    lr.add_argument("events", nargs="+", metavar="EVENTS", help=events_help)
+    lr.add_argument("-o", "--output", default="-", metavar="FILE",
+                    help="where to write the proposal (default: stdout)")
+    lr.add_argument("--gap", type=_nonneg, default=0, metavar="N",
+                    help="merge address ranges with at most N unused addresses between "
+                    "them (default 0)")
+    lr.add_argument("--margin", type=_nonneg, default=0, metavar="PERCENT",
+                    help="widen quantities and written values by PERCENT (default 0)")
+    lr.add_argument("--by", choices=("role", "identity"), default="role",
+                    help="rules per certificate role (default) or per identity (CN)")
+    lr.add_argument("--mode", choices=("enforce", "monitor"), default="enforce",
+                    help="the proposal's mode (default enforce)")
+    lr.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    rp = sub.add_parser("replay", help="decide recorded requests with a candidate policy")
+    rp.add_argument("file", metavar="POLICY", help="the candidate policy")
+    rp.add_argument("events", nargs="+", metavar="EVENTS", help=events_help)
+    rp.add_argument("--compare", choices=("decision", "forwarding"), default="decision",
+                    help="what counts as a change: the decision (default) or only whether "
+                    "the request reaches the PLC")
+    rp.add_argument("--exit-code", action="store_true",
+                    help="exit 1 when any request would be decided differently")
+    rp.add_argument("--json", action="store_true", help="print the result as JSON")
+    rp.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    rr = sub.add_parser("report", help="a review page: access matrix, diff, test results")
+    rr.add_argument("file", metavar="POLICY", help="the policy to review")
+    rr.add_argument("--against", metavar="OLD", help="the policy in force, for the diff")
+    rr.add_argument("-o", "--output", default="-", metavar="FILE",
+                    help="where to write the report (default: stdout)")
+    rr.add_argument("--format", choices=("html", "markdown"), default="html",
+                    help="one self-contained HTML page (default) or Markdown")
+
+
+def _nonneg(text: str) -> int:
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return n
 
 
 def _int(text: str) -> int:
@@ -117,6 +162,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
                 return _diff(ns, out)
             case "eval":
                 return _eval(ns, out, err)
+            case "learn" | "replay" | "report":
+                from mbsec.policy import tools_cli
+
+                return tools_cli.run(ns, out, err)
     except _UsageError as exc:
         print(f"mbsec policy: error: {exc}", file=err)
         return 2
