@@ -220,8 +220,17 @@ class Target(LinkPool):
                     break
                 self._dispatch(link, adu, now)
         except ProtocolError as exc:
-            self._reset(link, "bad_frame", exc.message, now, self._only_one(link))
+            self._answered_reset(link, "bad_frame", exc.message, now)
         self.schedule(now)
+
+    def _answered_reset(self, link: Link, reason: str, message: str, now: float) -> None:
+        """A frame no tid places (unknown tid, broken frame): charged to the one client on the
+        link; with several, to nobody, and not counted toward the backoff either: the PLC
+        answered, so it is reachable, and throttling it would cost the clients that did
+        nothing (the fault costs only whoever caused it; the breaker finds that client once
+        its requests are alone on a link)."""
+        blame = self._only_one(link)
+        self._reset(link, reason, message, now, blame, quiet=blame is None)
 
     def _dispatch(self, link: Link, adu: Adu, now: float) -> None:
         tid = adu.transaction_id
@@ -232,9 +241,8 @@ class Target(LinkPool):
                 self._unpin(late)
                 self.outbox.emit_late_reply(self, link, tid)
                 return
-            self._reset(link, "unknown_tid",
-                        f"reply with transaction id {tid}, which is not in flight", now,
-                        self._only_one(link))
+            self._answered_reset(link, "unknown_tid",
+                                 f"reply with transaction id {tid}, which is not in flight", now)
             return
         self._unpin(ex)
         try:

@@ -353,3 +353,45 @@ def test_schedule_two_misbehaving_clients_hold_both_links() -> None:
         state.burst(dt=1.2, kind="slow", n=20, who="bad1")
         state.wait(dt=3.0)
     replay(steps)
+
+
+def test_schedule_unplaceable_replies_with_two_clients_on_one_link() -> None:
+    """pool 1, depth 2: a client's requests are answered with unknown transaction ids (and
+    broken frames) while a well-behaved poller's request shares the link, so nobody can be
+    blamed; those resets must not start the backoff that would answer the poller's next
+    request 0x0A (found by the simulation in a CI run)."""
+    def steps(state: RequestPathSim) -> None:
+        state.setup(pollers=1, serial=False, depth=2, pool=1, think=0.05)
+        state.wait(dt=0.05)
+        state.burst(dt=0.0, kind='wrong_unit', n=1, who='bad1')
+        state.stall(dt=0.02, who='bad0')
+        state.wait(dt=0.05)
+        state.wait(dt=0.3)
+        state.burst(dt=0.02, kind='bad_pdu', n=20, who='bad0')
+        state.stall(dt=0.02, who='bad0')
+        state.wait(dt=0.3)
+        state.burst(dt=1.2, kind='never', n=5, who='bad1')
+        state.wait(dt=0.3)
+        state.wait(dt=1.0)
+        state.wait(dt=0.3)
+        state.stall(dt=0.02, who='bad1')
+        state.burst(dt=0.0, kind='wrong_function', n=5, who='bad0')
+        state.burst(dt=0.0, kind='short_count', n=20, who='bad1')
+        state.stall(dt=1.2, who='bad1')
+        state.burst(dt=0.4, kind='never', n=5, who='bad0')
+        state.burst(dt=0.1, kind='late', n=20, who='bad0')
+        state.wait(dt=1.0)
+        state.wait(dt=3.0)
+        state.burst(dt=1.2, kind='late', n=5, who='bad0')
+        state.burst(dt=0.1, kind='good', n=1, who='bad1')
+        state.burst(dt=1.2, kind='write', n=20, who='bad1')
+        state.stall(dt=0.4, who='bad1')
+        state.burst(dt=0.4, kind='slow', n=5, who='bad0')
+        state.burst(dt=0.1, kind='plc_exception', n=1, who='bad0')
+        state.burst(dt=0.02, kind='unknown_tid', n=20, who='bad1')
+        state.burst(dt=0.0, kind='bad_pdu', n=20, who='bad0')
+        state.burst(dt=0.0, kind='late', n=1, who='bad1')
+        state.stall(dt=0.0, who='bad0')
+        state.wait(dt=1.0)
+        state.stall(dt=1.2, who='bad0')
+    replay(steps)
