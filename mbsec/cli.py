@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("mbsec.cli_proxy", "serve_main", "run the proxy (mutual TLS in, Modbus/TCP out)"),
     "config": ("mbsec.cli_proxy", "config_main", "validate a configuration file (config check)"),
     "policy": ("mbsec.policy.cli", "main", "check, test, explain, diff and evaluate policy files"),
+    "ctl": ("mbsec.ctl", "main", "ask a running proxy: status, freeze/thaw writes, connections, "
+            "drop, reload (admin socket)"),
     "demo": ("mbsec.demo", "main", "throw-away PKI + simulated PLC + proxy + client, end to end"),
 }
 

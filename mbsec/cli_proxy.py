@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import trio
 
+from mbsec.admin import AdminServer, AdminSocketError
 from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.metrics import Metrics
+from mbsec.nodestate import NodeState, NodeStateError
 from mbsec.settings import Settings, SettingsError, load_settings
 from mbsec.tls import chain_warnings, crl_warnings
 
@@ -88,7 +91,17 @@ def serve_main(argv: list[str]) -> int:
             if settings.metrics_address(1) != settings.metrics_address(0):  # not port 0
                 where += f" and the next {settings.workers - 1} port(s), one per worker"
             return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
+        try:  # the node state: kept freezes, fresh rate buckets (docs/config.md, [admin])
+            NodeState.open(settings.admin.state_file, reset_buckets=True).close()
+        except NodeStateError as exc:
+            close_all(per_worker)
+            close_all(metrics_socks)
+            return _problems([f"{args.config}: {exc}"])
         return run_workers(args.config, per_worker, metrics_socks)
+    try:
+        node = NodeState.open(settings.admin.state_file, reset_buckets=worker is None)
+    except NodeStateError as exc:
+        return _problems([f"{args.config}: {exc}"])
     try:
         log = make_logger(settings.logging)
     except (OSError, ValueError) as exc:
@@ -97,10 +110,23 @@ def serve_main(argv: list[str]) -> int:
     try:
         proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config),
                       listen_sockets=worker.listen if worker is not None else None,
-                      metrics_sockets=worker.metrics if worker is not None else None)
+                      metrics_sockets=worker.metrics if worker is not None else None,
+                      node=node, worker=worker.index if worker is not None else 0,
+                      workers=worker.count if worker is not None else 1)
     except StartupError as exc:
         close_logger(log)
         return _problems([f"{args.config}: {line}" for line in exc.problems])
+    admin = None
+    admin_socks: list[socket.socket] = []
+    if settings.admin.socket is not None:
+        admin = AdminServer(proxy, settings.admin.socket,
+                            index=worker.index if worker is not None else 0,
+                            count=worker.count if worker is not None else 1)
+        try:
+            admin_socks = admin.bind(settings.admin.mode, settings.admin.socket_group)
+        except AdminSocketError as exc:
+            close_logger(log)
+            return _problems([f"{args.config}: {exc}"])
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -115,6 +141,8 @@ def serve_main(argv: list[str]) -> int:
                             return
 
                 nursery.start_soon(watch)
+                if admin is not None:
+                    await nursery.start(admin.serve, admin_socks)
                 await proxy.serve()
                 nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
 
