@@ -260,6 +260,14 @@ SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
     (events.upstream_reset, ("eof", "connection closed by the PLC", 0), {}),
     (events.upstream_late_reply, (77,), {}),
     (events.client_penalized, ("c4f0" * 16, 3, 30.0), {}),
+    (events.writes_frozen, ("plc-1", "manual", "operator", 0), {}),
+    (events.writes_frozen, ("plc-1", "auto", "link_flapping", 1, 5, 60.0), {}),
+    (events.writes_thawed, ("plc-1", ["manual", "auto"], "operator", 0), {}),
+    (events.writes_thawed, ("*", ["auto"], "link_stable", 1), {}),
+    (events.admin_command, ("freeze", "plc-1", 0, 4242), {}),
+    (events.admin_command, ("drop", "17", 1000, 4243, "unknown_connection", "no connection 17"),
+     {}),
+    (events.modbus_request_denied, (*R, "r1", "writes_frozen", 1), {"decision": "frozen"}),
 ]
 
 
@@ -323,7 +331,7 @@ ECS_FIELDS = {
     "tls.client.x509.subject.common_name", "tls.client.x509.subject.distinguished_name",
     "tls.client.x509.issuer.distinguished_name", "tls.client.x509.serial_number",
     "tls.client.x509.not_after", "tls.client.x509.subject.organizational_unit",
-    "process.exit_code",
+    "process.exit_code", "process.pid", "user.id",
 }
 ECS_VALUES = {
     "event.kind": {"alert", "enrichment", "event", "metric", "state", "pipeline_error",
