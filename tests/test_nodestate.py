@@ -101,7 +101,7 @@ def test_a_file_of_another_layout_starts_afresh(tmp_path: Path) -> None:
 
 def test_unusable_state_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("a file, not a directory")
-    with pytest.raises(NodeStateError, match="admin.state_file .*f/state"):
+    with pytest.raises(NodeStateError, match=r"admin\.state_file .*f/state"):
         NodeState.open(tmp_path / "f" / "state", reset_buckets=True)
 
 
