@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from mbsec import events
+from mbsec.ctl import REQUEST_MAX, short_path
 from mbsec.nodestate import ALL
 
 if TYPE_CHECKING:
     from mbsec.server import Proxy
 
-REQUEST_MAX = 65536
 REQUEST_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
 COMMANDS = ("status", "freeze", "thaw", "connections", "drop", "reload")
@@ -40,16 +40,6 @@ COMMANDS = ("status", "freeze", "thaw", "connections", "drop", "reload")
 
 class AdminSocketError(Exception):
     """The admin socket cannot be bound (one line for the operator)."""
-
-
-def short_path(path: Path) -> tuple[str, int | None]:
-    """A path ``bind``/``connect`` accept (at most 107 bytes): a longer one is reached through
-    ``/proc/self/fd/N/`` of its directory (the fd is returned for the caller to close)."""
-    s = str(path)
-    if len(s.encode()) < 100:
-        return s, None
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
 def worker_socket_path(path: Path, index: int) -> Path:

@@ -1,5 +1,8 @@
 """``mbsec ctl``: ask a running proxy through its admin socket (mbsec.admin).
 
+Imports nothing but the standard library unless ``--config`` is given (an operator's command
+should answer at once, also on a loaded box).
+
 ``status | freeze [TARGET] | thaw [TARGET] | connections | drop CONN_ID | reload``; readable
 text by default, the proxy's JSON answer with ``--json``. Exit 0 when the proxy did it, 1 when
 it refused (the reason is printed), 2 for a usage error; a missing socket or a permission
@@ -17,10 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mbsec.admin import REQUEST_MAX, short_path
-
 DEFAULT_SOCKET = Path("/run/mbsec/admin.sock")
 TIMEOUT = 15.0
+REQUEST_MAX = 65536  # bytes of one request line (the admin socket's limit)
+
+
+def short_path(path: Path) -> tuple[str, int | None]:
+    """A path ``bind``/``connect`` accept (at most 107 bytes): a longer one is reached through
+    ``/proc/self/fd/N/`` of its directory (the fd is returned for the caller to close)."""
+    s = str(path)
+    if len(s.encode()) < 100:
+        return s, None
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
 class CtlError(Exception):

@@ -43,16 +43,21 @@ def ctl_argv(cfg: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "mbsec.cli", "ctl", "--config", str(cfg), *args]
 
 
+def sock_argv(cfg: Path, *args: str) -> list[str]:
+    """``--socket``: the admin socket serve_config puts next to the configuration."""
+    return [sys.executable, "-m", "mbsec.cli", "ctl", "--socket", str(cfg.parent / "admin.sock"),
+            *args]
+
+
 async def ctl(cfg: Path, *args: str) -> tuple[int, str, str]:
-    res = await trio.run_process(ctl_argv(cfg, *args), capture_stdout=True,
+    res = await trio.run_process(sock_argv(cfg, *args), capture_stdout=True,
                                  capture_stderr=True, check=False)
     return res.returncode, res.stdout.decode(), res.stderr.decode()
 
 
 async def ctl_json(cfg: Path, *args: str) -> dict[str, Any]:
-    res = await trio.run_process(
-        [sys.executable, "-m", "mbsec.cli", "ctl", "--config", str(cfg), "--json", *args],
-        capture_stdout=True, capture_stderr=True, check=False)
+    res = await trio.run_process(sock_argv(cfg, "--json", *args), capture_stdout=True,
+                                 capture_stderr=True, check=False)
     assert res.returncode == 0, (res.stdout, res.stderr)
     return dict(json.loads(res.stdout))
 
