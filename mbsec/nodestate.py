@@ -21,6 +21,9 @@ mapping (:meth:`NodeState.memory`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -39,9 +42,13 @@ from mbsec.policy.ratelimit import REASON_REQUEST_RATE, State, admit
 MAGIC = b"MBSECND1"
 HEADER = struct.Struct("<8sQ")  # magic, freeze generation
 HEADER_SIZE = 64
+MUTEX_AT = 16  # a process-shared, robust pthread mutex (40 bytes on glibc x86-64, 48 arm64)
+MUTEX_SIZE = 48
 FREEZE = struct.Struct("<64sBb6xd48s")  # name, flags, owner worker, since (wall clock), reason
 FREEZE_SLOTS = 64
 BUCKET = struct.Struct("<16sdddiI")  # key hash, tokens, write tokens, stamp, in flight, used
+FLIGHT = struct.Struct("<i")  # the in-flight count, at offset 40 of a bucket
+USED = struct.Struct("<I")  # at offset 44: 0 free, 1 taken
 BUCKET_SLOTS = 8192
 PROBE_MAX = 64  # slots probed before the table is pruned
 BUCKETS_AT = 16384
@@ -55,6 +62,73 @@ KINDS = {MANUAL: "manual", AUTO: "auto"}
 
 class NodeStateError(Exception):
     """The state file cannot be used (one line for the operator)."""
+
+
+class _Mutex:
+    """A pthread mutex inside the mapping (``PTHREAD_PROCESS_SHARED``, ``ROBUST``): taken and
+    given back without a system call when nobody else holds it (a futex), where ``flock``
+    costs two per lock; it excludes threads too, and a worker that dies holding it does not
+    wedge the others (``EOWNERDEAD``: the next one marks it consistent and goes on). ctypes
+    releases the GIL while a caller waits for it."""
+
+    def __init__(self, mm: mmap.mmap, init: bool) -> None:
+        libc = _libc()
+        if libc is None:
+            raise OSError("no pthread mutex")
+        self._buf = (ctypes.c_char * MUTEX_SIZE).from_buffer(mm, MUTEX_AT)
+        self._ptr = ctypes.addressof(self._buf)
+        self._lock = libc.pthread_mutex_lock
+        self._unlock = libc.pthread_mutex_unlock
+        self._consistent = libc.pthread_mutex_consistent
+        if init:
+            attr = ctypes.create_string_buffer(64)
+            ok = (libc.pthread_mutexattr_init(attr) == 0
+                  and libc.pthread_mutexattr_setpshared(attr, 1) == 0  # PTHREAD_PROCESS_SHARED
+                  and libc.pthread_mutexattr_setrobust(attr, 1) == 0  # PTHREAD_MUTEX_ROBUST
+                  and libc.pthread_mutex_init(self._ptr, attr) == 0)
+            libc.pthread_mutexattr_destroy(attr)
+            if not ok:
+                raise OSError("pthread_mutex_init failed")
+
+    def acquire(self) -> None:
+        rc = self._lock(self._ptr)
+        if rc == errno.EOWNERDEAD:  # its holder died: the data is as it left it
+            self._consistent(self._ptr)
+        elif rc:
+            raise OSError(rc, os.strerror(rc))
+
+    def release(self) -> None:
+        self._unlock(self._ptr)
+
+    def drop(self) -> None:
+        del self._buf  # the mapping can close once nothing points into it
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not _LIBC:
+        lib: ctypes.CDLL | None
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            for name, args in (
+                ("pthread_mutex_lock", [ctypes.c_void_p]),
+                ("pthread_mutex_unlock", [ctypes.c_void_p]),
+                ("pthread_mutex_consistent", [ctypes.c_void_p]),
+                ("pthread_mutex_init", [ctypes.c_void_p, ctypes.c_void_p]),
+                ("pthread_mutexattr_init", [ctypes.c_void_p]),
+                ("pthread_mutexattr_destroy", [ctypes.c_void_p]),
+                ("pthread_mutexattr_setpshared", [ctypes.c_void_p, ctypes.c_int]),
+                ("pthread_mutexattr_setrobust", [ctypes.c_void_p, ctypes.c_int]),
+            ):
+                fn = getattr(lib, name)
+                fn.argtypes = args
+                fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +149,27 @@ class Freeze:
 class NodeState:
     """The shared mapping; every method is safe from any thread of any worker."""
 
-    def __init__(self, mm: mmap.mmap, fd: int | None, path: Path | None) -> None:
+    def __init__(self, mm: mmap.mmap, fd: int | None, path: Path | None, *,
+                 init_lock: bool = False) -> None:
         self._mm = mm
         self._fd = fd
         self.path = path
         self._tlock = threading.Lock()
         self._hashes: dict[str, bytes] = {}
+        self._slots: dict[bytes, int] = {}  # key hash -> its bucket's offset, as last found
+        #: the lock every process takes; without pthreads, flock plus a thread lock
+        self._mutex: _Mutex | None
+        try:
+            self._mutex = _Mutex(mm, init_lock)
+        except OSError:
+            self._mutex = None
 
     @classmethod
     def memory(cls) -> NodeState:
         """A private mapping: one process, nothing on disk (tests, ``Proxy`` without a file)."""
         mm = mmap.mmap(-1, SIZE)
         mm[:HEADER.size] = HEADER.pack(MAGIC, 0)
-        return cls(mm, None, None)
+        return cls(mm, None, None, init_lock=True)
 
     @classmethod
     def open(cls, path: Path, *, reset_buckets: bool) -> NodeState:
@@ -117,10 +199,14 @@ class NodeState:
         except OSError as exc:
             os.close(fd)
             raise NodeStateError(f"admin.state_file {path}: {exc.strerror or exc}") from None
-        return cls(mm, fd, path)
+        # the process that starts the node (re)initializes the lock: no worker runs yet
+        return cls(mm, fd, path, init_lock=fresh or reset_buckets)
 
     def close(self) -> None:
         with self._tlock:
+            if self._mutex is not None:
+                self._mutex.drop()
+                self._mutex = None
             with contextlib.suppress(BufferError):
                 self._mm.close()
             if self._fd is not None:
@@ -129,16 +215,39 @@ class NodeState:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[mmap.mmap]:
-        with self._tlock:
-            fd = self._fd
-            if fd is None:
-                yield self._mm
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        self.lock()
+        try:
+            yield self._mm
+        finally:
+            self.unlock()
+
+    def lock(self) -> None:
+        """Exclusive over every thread of every process: the shared mutex, else the thread
+        lock and then flock."""
+        mutex = self._mutex
+        if mutex is not None:
+            mutex.acquire()
+            return
+        self._tlock.acquire()
+        fd = self._fd
+        if fd is not None:
             try:
-                yield self._mm
-            finally:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._tlock.release()
+                raise
+
+    def unlock(self) -> None:
+        mutex = self._mutex
+        if mutex is not None:
+            mutex.release()
+            return
+        fd = self._fd
+        try:
+            if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._tlock.release()
 
     # -- freezes ---------------------------------------------------------------------------
 
@@ -210,13 +319,24 @@ class NodeState:
         return h
 
     def _slot(self, mm: mmap.mmap, h: bytes, now: float, create: bool) -> int:
-        """The offset of ``h``'s bucket, a new one when ``create``, -1 when none."""
+        """The offset of ``h``'s bucket, a new one when ``create``, -1 when none. The offset
+        found last is tried first (a prune may have moved the bucket: the hash there says)."""
+        at = self._slots.get(h, -1)
+        if at >= 0 and mm[at:at + 16] == h:
+            return at
+        at = self._probe(mm, h, now, create)
+        if at >= 0:
+            if len(self._slots) > 4 * BUCKET_SLOTS:
+                self._slots.clear()
+            self._slots[h] = at
+        return at
+
+    def _probe(self, mm: mmap.mmap, h: bytes, now: float, create: bool) -> int:
         start = int.from_bytes(h[:4], "little") % BUCKET_SLOTS
         for attempt in range(2):
             for step in range(PROBE_MAX):
                 at = BUCKETS_AT + ((start + step) % BUCKET_SLOTS) * BUCKET.size
-                used = int(struct.unpack_from("<I", mm, at + 44)[0])
-                if not used:
+                if not USED.unpack_from(mm, at + 44)[0]:
                     return at if create else -1
                 if mm[at:at + 16] == h:
                     return at
@@ -315,7 +435,9 @@ class SharedRateLimiter:
         node = self._node
         h = node.key_hash(principal.key)
         now = self._clock()
-        with node.locked() as mm:
+        mm = node._mm
+        node.lock()
+        try:
             at = node._slot(mm, h, now, create=True)
             if at < 0:
                 return REASON_REQUEST_RATE
@@ -326,20 +448,29 @@ class SharedRateLimiter:
                 st = State(limit, min(tokens, limit.burst), min(wtokens, limit.write_burst),
                            stamp, flight)
             reason = admit(st, access, now)
-            BUCKET.pack_into(mm, at, h, st.tokens, st.write_tokens, st.stamp, st.in_flight, 1)
+            # no in-flight cap: nothing to count, and release() costs nothing
+            counted = st.in_flight if limit.max_in_flight is not None else flight
+            BUCKET.pack_into(mm, at, h, st.tokens, st.write_tokens, st.stamp, counted, 1)
+        finally:
+            node.unlock()
         return reason
 
     def release(self, principal: Principal) -> None:
-        if self._policy.limit_for(principal.roles) is None:
-            return
+        limit = self._policy.limit_for(principal.roles)
+        if limit is None or limit.max_in_flight is None:
+            return  # acquire() counted nothing in flight
         node = self._node
         h = node.key_hash(principal.key)
-        with node.locked() as mm:
+        mm = node._mm
+        node.lock()
+        try:
             at = node._slot(mm, h, 0.0, create=False)
             if at >= 0:
-                flight = struct.unpack_from("<i", mm, at + 40)[0]
+                flight = FLIGHT.unpack_from(mm, at + 40)[0]
                 if flight > 0:
-                    struct.pack_into("<i", mm, at + 40, flight - 1)
+                    FLIGHT.pack_into(mm, at + 40, flight - 1)
+        finally:
+            node.unlock()
 
     def in_flight(self, principal: Principal) -> int:
         node = self._node
