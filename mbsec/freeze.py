@@ -95,6 +95,11 @@ class WriteFreeze:
         if not self.rule.enabled:
             return
         try:
+            if not up and target in self.detector.frozen:
+                entry = self.node.freezes().get(target)
+                if entry is None or not entry.flags & AUTO:  # thawed through another worker
+                    with self._lock:
+                        self.detector.forget(target)
             with self._lock:
                 if up:
                     self.detector.up(target, now)
