@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from path.core_helpers import RecordingLog
+
 from mbsec.flap import FlapRule
 from mbsec.freeze import GAUGE, WriteFreeze
 from mbsec.nodestate import AUTO, NodeState
-from path.core_helpers import RecordingLog
 
 RULE = FlapRule(enabled=True, drops=2, window=10.0, stable_for=5.0)
 
