@@ -447,6 +447,8 @@ async def test_workers_keep_one_rate_for_the_node(
             elapsed = trio.current_time() - t0
             drain.cancel_scope.cancel()
         rate = (counts["allowed"] - 10) / elapsed
+        print(f"node rate {rate:.2f}/s (configured 40/s), {counts}, {elapsed:.2f} s, "
+              f"{len(clients)} connections")
         assert counts["limited"] > counts["allowed"]  # the clients asked far more than that
         assert abs(rate - 40) <= 4, (counts, elapsed, rate)
         per_worker = []
@@ -457,5 +459,6 @@ async def test_workers_keep_one_rate_for_the_node(
             per_worker.append(int(float(line.rsplit(" ", 1)[1])))
         assert all(n > 0 for n in per_worker)  # both workers served the identity
         assert sum(per_worker) == counts["allowed"]
+        print(f"allowed per worker: {per_worker}")
         for c, _w in clients:
             await c.aclose()
