@@ -143,8 +143,11 @@ def render(command: str, answer: dict[str, Any]) -> str:
                                                     else " (was frozen already)"))
         else:
             kinds = answer.get("thawed", [])
-            lines.append(f"thawed: {who} ({', '.join(kinds)})" if kinds
-                         else f"{who} was not frozen")
+            if kinds:
+                lines.append(f"thawed: {'every freeze' if target == '*' else who} "
+                             f"({', '.join(kinds)})")
+            else:
+                lines.append("nothing was frozen" if target == "*" else f"{who} was not frozen")
         lines += _frozen_lines(answer.get("frozen", []))
     elif command == "connections":
         conns = answer.get("connections", [])
