@@ -245,8 +245,8 @@ def world_dir() -> Iterator[Path]:
 def test_socket_permissions_decide_who_may_use_it(world_dir: Path) -> None:
     """Mode 0660 root:root: another user gets a one-line "permission denied"; the owner is
     let in (the socket answers)."""
-    if os.getuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to act as another user")
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user (setpriv)")
     path = world_dir / "admin.sock"
     sock = bind_admin_socket(path, 0o660)
     try:
