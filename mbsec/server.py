@@ -244,9 +244,9 @@ class Proxy:
                     settings = self.settings
                 else:
                     settings = load_settings(self.config_path)
-            state = build_state(
-                settings, generation=self.state.generation + 1, previous=self.state,
-                node=self.node,
+            state = build_state(  # [admin] needs a restart: the running one stays
+                settings.model_copy(update={"admin": self.settings.admin}),
+                generation=self.state.generation + 1, previous=self.state, node=self.node,
             )
             targets = settings.upstream_targets()
             check_targets(targets)
