@@ -205,7 +205,14 @@ class AdminServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             else:
-                answer = await self.handle(req, uid, pid)
+                try:
+                    answer = await self.handle(req, uid, pid)
+                except Exception as exc:  # a bug in a command must not stop the proxy
+                    events.emit(self.proxy.log, events.admin_command(
+                        str(req["command"]), None, uid, pid, "internal_error",
+                        f"{type(exc).__name__}: {exc}"))
+                    answer = {"ok": False, "error": f"internal error ({type(exc).__name__}), "
+                              "logged"}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
 

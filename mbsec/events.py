@@ -1011,7 +1011,7 @@ def writes_thawed(target: str, kinds: Sequence[str], reason: str, worker: int) -
 
 
 ADMIN_REASONS = ("bad_request", "unknown_command", "unknown_target", "unknown_connection",
-                 "reload_failed")
+                 "reload_failed", "internal_error")
 
 _register(
     "admin-command",

@@ -462,3 +462,33 @@ async def test_workers_keep_one_rate_for_the_node(
         print(f"allowed per worker: {per_worker}")
         for c, _w in clients:
             await c.aclose()
+
+
+async def test_a_failing_command_is_answered_and_logged_and_the_proxy_goes_on(
+    pki: Pki, tmp_path: Path, nursery: trio.Nursery, start_proxy: Any,
+) -> None:
+    """A bug in a command handler costs that command (an answer and an event), not the
+    proxy; a request that is not JSON is refused with its reason."""
+    from mbsec.admin import AdminServer, ask
+
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    path = tmp_path / "a.sock"
+    server = AdminServer(h.proxy, path)
+    await nursery.start(server.serve, server.bind(0o600, None))
+
+    def broken() -> list[str]:
+        raise RuntimeError("boom")
+
+    h.proxy.write_freeze.thaw_all = broken
+    answer = await ask(path, {"command": "thaw"})
+    assert answer == {"ok": False, "error": "internal error (RuntimeError), logged"}
+    ev = await h.wait_event("admin-command", lambda e: e.get("event.reason") == "internal_error")
+    assert ev["error.message"] == "RuntimeError: boom"
+    assert (await ask(path, {"command": "freeze"}))["ok"]
+    s = await trio.open_unix_socket(str(path))
+    await s.send_all(b"not json\n")
+    reply = json.loads(await s.receive_some(4096))
+    assert reply["ok"] is False and reply["error"].startswith("bad request")
+    await s.aclose()
+    await h.wait_event("admin-command", lambda e: e.get("event.reason") == "bad_request")
