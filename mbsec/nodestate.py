@@ -1,11 +1,12 @@
 """State every worker process of one node shares: write freezes and rate-limit buckets.
 
 One small file (``admin.state_file``, default ``/run/mbsec/state``) mapped into every worker
-(``mmap``, ``MAP_SHARED``) and guarded by ``flock`` across processes plus a thread lock
-within one (the admin task and the data-plane thread both use it). Why a file and not a
-hand-off of connections: ``SO_REUSEPORT`` spreads connections before anyone knows the client's
-identity, and moving a TLS connection to another process costs more than two ``flock`` calls
-per request (measured in benchmarks/README.md, "node-wide rate limits").
+(``mmap``, ``MAP_SHARED``) and guarded by a process-shared robust pthread mutex inside it
+(``flock`` plus a thread lock where pthreads are missing); the admin task and the data-plane
+thread of each worker both use it. Why shared memory and not a hand-off of connections:
+``SO_REUSEPORT`` spreads connections before anyone knows the client's identity, and moving a
+TLS connection to another process costs more than a lock per request (benchmarks/README.md,
+"Node-wide rate limits and write freezes").
 
 Layout (little endian, fixed): a header (magic, version, a generation that every freeze change
 bumps), :data:`FREEZE_SLOTS` freeze entries, then :data:`BUCKET_SLOTS` rate buckets in an
