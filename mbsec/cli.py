@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                "check, test, explain, diff, evaluate, learn, replay and report on policies"),
     "connect": ("mbsec.connect", "main",
                 "client side: plain Modbus/TCP on this host -> Modbus/TCP Security to mbsec"),
+    "ctl": ("mbsec.ctl", "main", "ask a running proxy: status, freeze/thaw writes, connections, "
+            "drop, reload (admin socket)"),
     "demo": ("mbsec.demo", "main", "throw-away PKI + simulated PLC + proxy + client, end to end"),
 }
 

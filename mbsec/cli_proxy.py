@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import trio
 
+from mbsec.admin import AdminServer, AdminSocketError
 from mbsec.audit import check_sinks, close_logger, make_logger
 from mbsec.config_checks import expired_crl_problems, no_crl_warnings, server_usage_problems
 from mbsec.metrics import Metrics
+from mbsec.nodestate import NodeState, NodeStateError
 from mbsec.sdnotify import Notifier, PlaneProbe, keep_watchdog, listen_sockets
 from mbsec.settings import DEFAULT_PORT, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import chain_warnings, crl_warnings
@@ -142,7 +145,17 @@ def serve_main(argv: list[str]) -> int:
             if settings.metrics_address(1) != settings.metrics_address(0):  # not port 0
                 where += f" and the next {settings.workers - 1} port(s), one per worker"
             return _problems([f"{args.config}: cannot listen ({where}): {exc.strerror or exc}"])
+        try:  # the node state: kept freezes, fresh rate buckets (docs/config.md, [admin])
+            NodeState.open(settings.admin.state_file, reset_buckets=True).close()
+        except NodeStateError as exc:
+            close_all(per_worker)
+            close_all(metrics_socks)
+            return _problems([f"{args.config}: {exc}"])
         return run_workers(args.config, per_worker, metrics_socks)
+    try:
+        node = NodeState.open(settings.admin.state_file, reset_buckets=worker is None)
+    except NodeStateError as exc:
+        return _problems([f"{args.config}: {exc}"])
     try:
         log = make_logger(settings.logging)
     except (OSError, ValueError) as exc:
@@ -151,10 +164,23 @@ def serve_main(argv: list[str]) -> int:
     try:
         proxy = Proxy(settings, log=log, metrics=metrics, config_path=Path(args.config),
                       listen_sockets=worker.listen if worker is not None else activated or None,
-                      metrics_sockets=worker.metrics if worker is not None else None)
+                      metrics_sockets=worker.metrics if worker is not None else None,
+                      node=node, worker=worker.index if worker is not None else 0,
+                      workers=worker.count if worker is not None else 1)
     except StartupError as exc:
         close_logger(log)
         return _problems([f"{args.config}: {line}" for line in exc.problems])
+    admin = None
+    admin_socks: list[socket.socket] = []
+    if settings.admin.socket is not None:
+        admin = AdminServer(proxy, settings.admin.socket,
+                            index=worker.index if worker is not None else 0,
+                            count=worker.count if worker is not None else 1)
+        try:
+            admin_socks = admin.bind(settings.admin.mode, settings.admin.socket_group)
+        except AdminSocketError as exc:
+            close_logger(log)
+            return _problems([f"{args.config}: {exc}"])
 
     notifier = Notifier.from_environment()  # systemd Type=notify (mbsec/sdnotify.py)
 
@@ -183,6 +209,8 @@ def serve_main(argv: list[str]) -> int:
                     nursery.cancel_scope.cancel()  # the proxy may also stop on its own (fatal)
 
                 nursery.start_soon(watch)
+                if admin is not None:
+                    await nursery.start(admin.serve, admin_socks)
                 await nursery.start(serve)
                 notifier.ready(status())
                 nursery.start_soon(lambda: keep_watchdog(

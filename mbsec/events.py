@@ -295,6 +295,7 @@ MODBUS_REQUEST_REASONS = (
     "no_route", "connect_failed", "backoff", "penalized",
     "timeout", "upstream_reset", "connection_lost", "tid_exhausted", "client_gone",
     "response_too_large", "audit_unavailable",
+    "writes_frozen", "link_flapping",
 )
 
 _register(
@@ -396,10 +397,10 @@ def modbus_request_would_deny(
 
 def modbus_request_denied(
     tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
-    reason: str, exception_code: int, decision: Literal["deny", "rate_limited"] = "deny",
+    reason: str, exception_code: int, decision: Literal["deny", "rate_limited", "frozen"] = "deny",
 ) -> Event:
-    """Refused by the policy (``deny``, ``reason`` the policy's) or the rate limiter
-    (``rate_limited``, ``reason`` the limiter's)."""
+    """Refused by the policy (``deny``, ``reason`` the policy's), the rate limiter
+    (``rate_limited``, ``reason`` the limiter's) or a write freeze (``frozen``)."""
     fields = _request(tid, unit_id, fc, access, duration_s)
     fields["event.type"] = ["protocol", "denied"]
     fields["event.outcome"] = "failure"
@@ -507,6 +508,7 @@ def modbus_framing_error(reason: str, detail: str) -> Event:
 CLOSE_REASONS = (
     "client_closed", "client_reset", "client_gone", "client_stalled", "idle_timeout",
     "server_shutdown", "certificate_revoked", "internal_error", "unknown",
+    "dropped_by_operator",
     *FRAMING_REASONS,
 )
 
@@ -1159,6 +1161,100 @@ def connect_stopped(connections_cut: int) -> Event:
     })
 
 
+# -- operator control (mbsec.admin, mbsec.freeze) ------------------------------------------------
+
+FREEZE_REASONS = ("operator", "link_flapping", "link_stable")
+
+_register(
+    "writes-freeze",
+    levels=("warning",),
+    context=None,
+    fields=(*_ENVELOPE, "event.reason", "mbsec.target", "mbsec.frozen", "mbsec.freeze_kind",
+            "mbsec.drops", "mbsec.window", "mbsec.worker"),
+    reasons=FREEZE_REASONS,
+    constructors=("writes_frozen", "writes_thawed"),
+)
+
+
+def writes_frozen(target: str, kind: str, reason: str, worker: int,
+                  drops: int | None = None, window_s: float | None = None) -> Event:
+    """Writes to ``target`` (an ``[upstreams]`` name, ``*`` for all) are refused from the next
+    request on; ``kind``: ``manual`` (``reason`` ``operator``) or ``auto`` (``link_flapping``:
+    ``drops`` link drops within ``window_s``)."""
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["configuration"],
+        "event.type": ["change"],
+        "event.action": "writes-freeze",
+        "event.outcome": "success",
+        "event.reason": reason,
+        "mbsec.target": target,
+        "mbsec.frozen": True,
+        "mbsec.freeze_kind": kind,
+        "mbsec.worker": worker,
+    }
+    if drops is not None:
+        fields["mbsec.drops"] = drops
+    if window_s is not None:
+        fields["mbsec.window"] = window_s
+    return Event("warning", "writes frozen", fields)
+
+
+def writes_thawed(target: str, kinds: Sequence[str], reason: str, worker: int) -> Event:
+    """Writes to ``target`` flow again: an operator thawed it (``operator``) or its link was
+    stable for ``stable_for`` (``link_stable``). ``kinds``: the freezes removed."""
+    return Event("warning", "writes thawed", {
+        "event.kind": "event",
+        "event.category": ["configuration"],
+        "event.type": ["change"],
+        "event.action": "writes-freeze",
+        "event.outcome": "success",
+        "event.reason": reason,
+        "mbsec.target": target,
+        "mbsec.frozen": False,
+        "mbsec.freeze_kind": ",".join(kinds),
+        "mbsec.worker": worker,
+    })
+
+
+ADMIN_REASONS = ("bad_request", "unknown_command", "unknown_target", "unknown_connection",
+                 "reload_failed", "internal_error")
+
+_register(
+    "admin-command",
+    levels=("info", "warning"),
+    context=None,
+    fields=(*_ENVELOPE, "event.reason", "mbsec.command", "mbsec.argument", "user.id",
+            "process.pid", "error.message"),
+    reasons=ADMIN_REASONS,
+    constructors=("admin_command",),
+)
+
+
+def admin_command(command: str, argument: str | None, uid: int | None, pid: int | None,
+                  error: str | None = None, detail: str | None = None) -> Event:
+    """One request on the admin socket (``mbsec ctl``): who (the peer's uid and pid from
+    ``SO_PEERCRED``) asked what; ``error`` (a reason) when it was refused."""
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["configuration"],
+        "event.type": ["access"] if error is None else ["access", "denied"],
+        "event.action": "admin-command",
+        "event.outcome": "success" if error is None else "failure",
+        "mbsec.command": command,
+    }
+    if argument is not None:
+        fields["mbsec.argument"] = argument
+    if uid is not None:
+        fields["user.id"] = str(uid)
+    if pid is not None:
+        fields["process.pid"] = pid
+    if error is not None:
+        fields["event.reason"] = error
+        fields["error.message"] = detail or error
+    return Event("info" if error is None else "warning", "admin command", fields)
+
+
 # -- without a logger -----------------------------------------------------------------------------
 
 
@@ -1199,6 +1295,7 @@ __all__ = [
     "Level",
     "Spec",
     "accept_failed",
+    "admin_command",
     "client_penalized",
     "config_reload_failed",
     "config_reloaded",
@@ -1240,4 +1337,6 @@ __all__ = [
     "upstream_context",
     "upstream_late_reply",
     "upstream_reset",
+    "writes_frozen",
+    "writes_thawed",
 ]

@@ -30,8 +30,11 @@ from structlog.typing import FilteringBoundLogger
 from mbsec import events
 from mbsec.audit import SinkLogger, null_logger
 from mbsec.expiry import tls_expiry
+from mbsec.flap import FlapRule
+from mbsec.freeze import WriteFreeze
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics
 from mbsec.metrics_http import scrape_proxy, serve_metrics
+from mbsec.nodestate import FreezeView, NodeState, SharedRateLimiter
 from mbsec.path.epoll import DataPlane
 from mbsec.path.epoll import compiled as reactor_compiled
 from mbsec.path.plc import check_targets
@@ -109,7 +112,8 @@ def cross_check(settings: Settings, policy: Policy) -> list[str]:
 
 
 def build_state(
-    settings: Settings, *, generation: int = 0, previous: ProxyState | None = None
+    settings: Settings, *, generation: int = 0, previous: ProxyState | None = None,
+    node: NodeState | None = None, shared_limits: bool = False,
 ) -> ProxyState:
     """Load TLS material, CRLs and the policy and cross-check them; collect every problem."""
     problems: list[str] = []
@@ -130,11 +134,19 @@ def build_state(
         problems.extend(cross_check(settings, policy))
     if problems or material is None or policy is None:
         raise StartupError(problems or ["configuration is not usable"])
-    if previous is None:
-        limiter = RateLimiter(policy, clock=time.monotonic)
-    else:  # a reload keeps every client's spent budget and in-flight count
+    limiter: RateLimiter | SharedRateLimiter
+    if previous is not None:  # a reload keeps every client's spent budget and in-flight count
         limiter = previous.limiter.successor(policy)
-    return ProxyState(tls=material, policy=policy, limiter=limiter, generation=generation)
+    elif node is not None and shared_limits:  # workers > 1: one budget for the node
+        limiter = SharedRateLimiter(policy, node, clock=time.monotonic)
+    else:
+        limiter = RateLimiter(policy, clock=time.monotonic)
+    freeze = None
+    if node is not None:  # writes frozen by mbsec ctl or a flapping link (mbsec.nodestate)
+        units = {u: name for name, up in settings.upstreams.items() for u in up.unit_ids}
+        freeze = FreezeView(node, units)
+    return ProxyState(tls=material, policy=policy, limiter=limiter, generation=generation,
+                      freeze=freeze, freeze_exception=settings.admin.freeze_exception)
 
 
 def configure_accepted(stream: trio.SocketStream) -> None:
@@ -162,6 +174,9 @@ class Proxy:
         config_path: Path | None = None,
         listen_sockets: list[socket.socket] | None = None,
         metrics_sockets: list[socket.socket] | None = None,
+        node: NodeState | None = None,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         self.settings = settings
         #: already bound and listening (a worker process gets them from its parent)
@@ -173,7 +188,14 @@ class Proxy:
         inner: Any = getattr(self.log, "_logger", None)
         if isinstance(inner, SinkLogger):  # a sink that fails is counted (mbsec/audit.py)
             inner.metrics = self.metrics
-        self.state = build_state(settings)
+        #: freezes and (workers > 1) rate buckets shared by the node's workers; in memory
+        #: when the caller gives no state file (tests, the demo)
+        self.node = node if node is not None else NodeState.memory()
+        self.worker = worker
+        self.workers = workers
+        self.state = build_state(settings, node=self.node, shared_limits=workers > 1)
+        #: why the last reload failed (``mbsec ctl reload`` shows it)
+        self.last_reload_problems: list[str] = []
         # alerting series that must exist before their first event: an alert on increase()
         # misses a counter whose series appears with its first count (docs/metrics.md)
         for stage in ("handshake", "open_connection"):
@@ -190,6 +212,11 @@ class Proxy:
         self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
                                     metrics=self.metrics, busy_poll=settings.busy_poll_us / 1e6,
                                     on_fatal=self._data_plane_failed)
+        #: write freezes: operator commands and the automatic one, fed by link events
+        self.write_freeze = WriteFreeze(
+            self.node, FlapRule(**settings.admin.auto_freeze.model_dump()), log=self.log,
+            metrics=self.metrics, worker=worker, targets=lambda: list(self.settings.upstreams))
+        self.data_plane.attach_freeze(self.write_freeze)
         self.sessions: set[Session] = set()
         self._per_source: Counter[str] = Counter()
         self._per_identity: Counter[str] = Counter()
@@ -233,21 +260,23 @@ class Proxy:
                     settings = self.settings
                 else:
                     settings = load_settings(self.config_path)
-            state = build_state(
-                settings, generation=self.state.generation + 1, previous=self.state
+            state = build_state(  # [admin] needs a restart: the running one stays
+                settings.model_copy(update={"admin": self.settings.admin}),
+                generation=self.state.generation + 1, previous=self.state, node=self.node,
             )
             targets = settings.upstream_targets()
             check_targets(targets)
         except (SettingsError, StartupError, OSError, ValueError) as exc:
             # a failed reload keeps the running state, whatever broke (ghostunnel's rule)
             problems = getattr(exc, "problems", None) or [f"{type(exc).__name__}: {exc}"]
+            self.last_reload_problems = list(problems)
             self.metrics.inc("mbsec_config_reloads_total", outcome="failure")
             events.emit(self.log, events.config_reload_failed(problems))
             return False
         ignored = [
             key
             for key in ("listen", "limits", "logging", "metrics", "workers", "data_plane",
-                        "busy_poll_us")
+                        "busy_poll_us", "admin")
             if getattr(settings, key) != getattr(self.settings, key)
         ]
         # decisions and routes switch in one step of the data-plane thread: a request is
@@ -263,6 +292,8 @@ class Proxy:
         self.settings = self.settings.model_copy(
             update={"tls": settings.tls, "policy": settings.policy, "upstreams": settings.upstreams}
         )
+        self.last_reload_problems = []
+        self.write_freeze.refresh_gauges()  # targets a reload added or removed
         self.metrics.inc("mbsec_config_reloads_total", outcome="success")
         events.emit(self.log, events.config_reloaded(state.generation, ignored))
         self._warn_crls()
@@ -296,6 +327,17 @@ class Proxy:
         while True:
             await trio.sleep(CRL_CHECK_INTERVAL)
             self._warn_crls()
+
+    async def _freeze_watch(self) -> None:
+        """Another worker (or its flapping link) changed the freeze table: this worker's
+        gauges follow within a second (requests follow at once: mbsec.nodestate)."""
+        seen = self.node.generation()
+        while True:
+            await trio.sleep(1.0)
+            gen = self.node.generation()
+            if gen != seen:
+                seen = gen
+                self.write_freeze.refresh_gauges()
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -366,6 +408,7 @@ class Proxy:
                 )
             root.start_soon(self._crl_watch)
             root.start_soon(self._liveness)
+            root.start_soon(self._freeze_watch)
             listeners: list[trio.SocketListener] = []
             if self._listen_sockets is not None:
                 listeners = [

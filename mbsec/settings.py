@@ -299,6 +299,52 @@ class MetricsSettings(_Model):
         return v
 
 
+class AutoFreezeSettings(_Model):
+    """Freeze writes to a PLC whose link flaps (mbsec.flap): off by default."""
+
+    enabled: bool = False
+    drops: int = Field(default=5, ge=1)  # link drops no client was charged with ...
+    window: float = Field(default=60.0, gt=0)  # ... within this many seconds
+    stable_for: float = Field(default=300.0, gt=0)  # thaw after a link was up this long
+
+
+class AdminSettings(_Model):
+    """The admin socket (``mbsec ctl``) and the node state file (docs/config.md)."""
+
+    #: unix socket; its permissions decide who may use it; "" turns it off
+    socket: Path | None = Path("/run/mbsec/admin.sock")
+    socket_mode: str = "0660"
+    socket_group: str | None = None
+    #: freezes and (workers > 1) rate buckets shared by the workers; kept across restarts
+    state_file: Path = Path("/run/mbsec/state")
+    #: the exception a frozen write gets (01 illegal function, as a policy deny)
+    freeze_exception: int = Field(default=1, ge=1, le=255)
+    auto_freeze: AutoFreezeSettings = Field(default_factory=AutoFreezeSettings)
+
+    @field_validator("socket", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        try:
+            mode = int(v, 8)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an octal file mode such as \"0660\"") from None
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"{v!r} is not a file mode (0000..0777)")
+        if mode & 0o002:
+            raise ValueError(f"{v!r} lets every local user write (freeze, drop): leave out "
+                             "the 'other' write bit")
+        return v
+
+    @property
+    def mode(self) -> int:
+        return int(self.socket_mode, 8)
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -325,6 +371,7 @@ class Settings(BaseSettings):
     data_plane: Literal["thread"] = "thread"
     #: data plane: spin this long for a PLC reply before sleeping (0: never spin)
     busy_poll_us: int = Field(default=0, ge=0, le=1000)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -413,7 +460,11 @@ class Settings(BaseSettings):
                 sink.model_copy(update={k: r(getattr(sink, k)) for k in paths
                                         if getattr(sink, k) is not None})
                 for sink in logging.sinks]})
-        return self.model_copy(update={"tls": tls, "policy": r(self.policy), "logging": logging})
+        admin = self.admin.model_copy(update={
+            "socket": r(self.admin.socket) if self.admin.socket is not None else None,
+            "state_file": r(self.admin.state_file)})
+        return self.model_copy(update={"tls": tls, "policy": r(self.policy), "logging": logging,
+                                       "admin": admin})
 
 
 class FileOnlySettings(Settings):

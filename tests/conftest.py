@@ -556,10 +556,12 @@ def blocking_ask(s: ssl.SSLSocket) -> bytes:
 
 
 def serve_config(pki: Pki, directory: Path, plc_port: int, *, workers: int = 1,
-                 extra: str = "") -> Path:
+                 extra: str = "", admin: str = "", policy: str = TEST_POLICY) -> Path:
     """A configuration file for a real ``mbsec serve`` (TEST_POLICY, one PLC on 127.0.0.1,
-    units 1 and 2, listening on a free port); ``extra`` is appended (TOML tables)."""
-    (directory / "policy.yaml").write_text(TEST_POLICY)
+    units 1 and 2, listening on a free port); ``extra`` is appended (TOML tables), then the
+    ``[admin]`` table (socket and state file in ``directory``, never the shared /run/mbsec)
+    with ``admin`` (more keys and sub-tables) at its end."""
+    (directory / "policy.yaml").write_text(policy)
     cfg = directory / "mbsec.toml"
     cfg.write_text(
         f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\nworkers = {workers}\n'
@@ -567,6 +569,7 @@ def serve_config(pki: Pki, directory: Path, plc_port: int, *, workers: int = 1,
         f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
         f'[upstreams.plc]\nhost = "127.0.0.1"\nport = {plc_port}\nunit_ids = [1, 2]\n'
         f'[limits]\ndrain_timeout = 3\n{extra}'
+        f'[admin]\nsocket = "admin.sock"\nstate_file = "state"\n{admin}'
     )
     return cfg
 

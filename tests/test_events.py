@@ -271,6 +271,14 @@ SAMPLES: list[tuple[Callable[..., Event], tuple[Any, ...], dict[str, Any]]] = [
     (events.connect_closed, ("client_closed", 60.0, 120, 130), {}),
     (events.connect_closed, ("server_refused", 0.01, 12, 0, "server_name_mismatch"), {}),
     (events.connect_stopped, (2,), {}),
+    (events.writes_frozen, ("plc-1", "manual", "operator", 0), {}),
+    (events.writes_frozen, ("plc-1", "auto", "link_flapping", 1, 5, 60.0), {}),
+    (events.writes_thawed, ("plc-1", ["manual", "auto"], "operator", 0), {}),
+    (events.writes_thawed, ("*", ["auto"], "link_stable", 1), {}),
+    (events.admin_command, ("freeze", "plc-1", 0, 4242), {}),
+    (events.admin_command, ("drop", "17", 1000, 4243, "unknown_connection", "no connection 17"),
+     {}),
+    (events.modbus_request_denied, (*R, "r1", "writes_frozen", 1), {"decision": "frozen"}),
 ]
 
 
@@ -338,6 +346,7 @@ ECS_FIELDS = {
     "tls.client.x509.not_after", "tls.client.x509.subject.organizational_unit",
     "process.exit_code", "server.address", "server.port",
     "tls.server.x509.subject.common_name", "tls.server.hash.sha256",
+    "process.pid", "user.id",
 }
 ECS_VALUES = {
     "event.kind": {"alert", "enrichment", "event", "metric", "state", "pipeline_error",

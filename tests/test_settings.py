@@ -22,7 +22,8 @@ def write_config(d: Path, pki: Pki, extra: str = "", *, policy: str = TEST_POLIC
     cfg.write_text(
         f'listen = ["127.0.0.1:8020"]\npolicy = "policy.yaml"\n{extra}\n'
         f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
-        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n\n{up}',
+        f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n\n{up}'
+        '\n[admin]\nsocket = "admin.sock"\nstate_file = "state"\n',  # not /run/mbsec
         encoding="utf-8",
     )
     return cfg

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mbsec.identity import PeerIdentity
     from mbsec.modbus.access import Access
     from mbsec.modbus.pdu import Request
+    from mbsec.nodestate import FreezeView, SharedRateLimiter
     from mbsec.policy import Decision, Policy, Principal, RateLimiter
     from mbsec.tls import TlsMaterial
 
@@ -53,8 +54,12 @@ class ProxyState:
 
     tls: TlsMaterial
     policy: Policy
-    limiter: RateLimiter
+    limiter: RateLimiter | SharedRateLimiter
     generation: int = 0
+    #: which targets' writes are frozen (``mbsec ctl freeze``, automatic on a flapping
+    #: link; mbsec.nodestate), and the exception a frozen write gets (``admin.freeze_exception``)
+    freeze: FreezeView | None = None
+    freeze_exception: int = 1
 
 
 @fast_init
@@ -66,7 +71,7 @@ class Forward:
     access: Access
     decision: Decision
     principal: Principal
-    limiter: RateLimiter
+    limiter: RateLimiter | SharedRateLimiter
     fname: str
     t0: float
 
@@ -187,6 +192,15 @@ class Decisions:
         if decision.outcome == "would_deny":
             events.emit(self.log, events.modbus_request_would_deny(
                 tid, adu.unit_id, fc, access, 0.0, decision.rule_id, decision.reason))
+        freeze = state.freeze
+        if freeze is not None and not reads_only(pdu):
+            frozen = freeze.frozen(adu.unit_id)
+            if frozen is not None:  # reads go on; the connection stays
+                code = state.freeze_exception
+                reason = "writes_frozen" if frozen.flags & 1 else "link_flapping"
+                return self._deny(events.modbus_request_denied(
+                    tid, adu.unit_id, fc, access, 0.0, decision.rule_id, reason, code,
+                    "frozen"), fc, code, "frozen")
         limiter = state.limiter
         limited = limiter.acquire(principal, access)
         if limited is not None:

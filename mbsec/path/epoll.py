@@ -163,6 +163,11 @@ class DataPlane:
             collect()
             return True
         return self.call_threadsafe(collect)
+    def attach_freeze(self, freeze: Any) -> None:
+        """Link events feed the automatic write freeze (:class:`mbsec.freeze.WriteFreeze`)
+        on this loop's clock; its thaw timer runs on this loop's timers."""
+        freeze.schedule = self.timers.at
+        self.outbox.on_link = lambda name, up: freeze.link_event(name, up, self.now)
 
     def adopt_threadsafe(self, make: Callable[[DataPlane, float], ClientIO]) -> None:
         """Hand a connection to the loop: ``make`` builds its :class:`ClientIO` in the loop."""

@@ -44,6 +44,10 @@ class Outbox:
         self.done: collections.deque[Exchange] = collections.deque()
         self.dirty: list[Link] = []  # links with ADUs to write (written first: requests out)
         self.clients: list[Any] = []  # client connections with replies or news for the driver
+        #: told (target name, True) when a link connects and (name, False) when one drops
+        #: with no client charged (a failed connect, an EOF or a timeout): the automatic
+        #: write freeze counts these (mbsec.flap); the driver supplies the time
+        self.on_link: Callable[[str, bool], None] | None = None
 
     def observer(self, name: str, **labels: str) -> Callable[[float], None]:
         return observer(self.metrics, name, **labels)
@@ -54,16 +58,22 @@ class Outbox:
 
     def emit_connect(self, target: LinkPool, link: Link) -> None:
         events.emit(self._link_log(target, link), events.upstream_connect())
+        if self.on_link is not None:
+            self.on_link(target.target.name, True)
 
     def emit_connect_failed(self, target: LinkPool, link: Link, reason: str, message: str,
                             backoff: float) -> None:
         events.emit(self._link_log(target, link),
                     events.upstream_connect_failed(reason, message, backoff))
+        if self.on_link is not None:
+            self.on_link(target.target.name, False)
 
     def emit_reset(self, target: LinkPool, link: Link, reason: str, message: str, pending: int,
                    blame: str | None) -> None:
         events.emit(self._link_log(target, link),
                     events.upstream_reset(reason, message, pending, blame))
+        if blame is None and self.on_link is not None:
+            self.on_link(target.target.name, False)
 
     def emit_late_reply(self, target: LinkPool, link: Link, tid: int) -> None:
         self.metrics.inc("mbsec_upstream_failures_total", target=target.target.name,

@@ -21,7 +21,7 @@ REASON_WRITE_RATE = "write_rate_exceeded"
 
 
 @dataclass(slots=True)
-class _State:
+class State:
     limit: RateLimit
     tokens: float
     write_tokens: float
@@ -43,6 +43,26 @@ class _State:
             self.write_tokens >= self.limit.write_burst
 
 
+def admit(st: State, access: Access, now: float) -> str | None:
+    """Refill ``st`` to ``now``, then take a token (and a write token) and an in-flight slot,
+    or return why not. Shared by this limiter and the node-wide one (mbsec.nodestate)."""
+    limit = st.limit
+    st.refill(now)
+    if limit.max_in_flight is not None and st.in_flight >= limit.max_in_flight:
+        return REASON_IN_FLIGHT
+    if limit.requests_per_second is not None and st.tokens < 1.0:
+        return REASON_REQUEST_RATE
+    write = access.is_write and limit.writes_per_second is not None
+    if write and st.write_tokens < 1.0:
+        return REASON_WRITE_RATE
+    if limit.requests_per_second is not None:
+        st.tokens -= 1.0
+    if write:
+        st.write_tokens -= 1.0
+    st.in_flight += 1
+    return None
+
+
 class RateLimiter:
     """Admit or refuse requests per principal according to the policy's ``limits:``.
 
@@ -55,7 +75,7 @@ class RateLimiter:
         self._policy = policy
         self._clock = clock
         self._max_entries = max_entries
-        self._state: dict[str, _State] = {}
+        self._state: dict[str, State] = {}
 
     def successor(self, policy: Policy) -> RateLimiter:
         """The limiter for a reloaded policy, sharing this one's budgets and in-flight counts.
@@ -77,26 +97,13 @@ class RateLimiter:
         if st is None:
             if len(self._state) >= self._max_entries:
                 self._prune(now)
-            st = _State(limit, limit.burst, limit.write_burst, now)
+            st = State(limit, limit.burst, limit.write_burst, now)
             self._state[principal.key] = st
         elif st.limit is not limit:
             st.limit = limit
             st.tokens = min(st.tokens, limit.burst)
             st.write_tokens = min(st.write_tokens, limit.write_burst)
-        st.refill(now)
-        if limit.max_in_flight is not None and st.in_flight >= limit.max_in_flight:
-            return REASON_IN_FLIGHT
-        if limit.requests_per_second is not None and st.tokens < 1.0:
-            return REASON_REQUEST_RATE
-        write = access.is_write and limit.writes_per_second is not None
-        if write and st.write_tokens < 1.0:
-            return REASON_WRITE_RATE
-        if limit.requests_per_second is not None:
-            st.tokens -= 1.0
-        if write:
-            st.write_tokens -= 1.0
-        st.in_flight += 1
-        return None
+        return admit(st, access, now)
 
     def release(self, principal: Principal) -> None:
         st = self._state.get(principal.key)

@@ -211,6 +211,7 @@ def mbsec_config(pki: Pki, d: Path, host: str, port: int) -> Path:
         f'[upstreams.ut-server]\nhost = "{host}"\nport = {port}\nunit_ids = [0, 18, 255]\n'
         "request_timeout = 2.0\npool_size = 1\n"
         f'[logging]\nstdout = false\nfile = "{d / "events.jsonl"}"\nallowed_requests = "info"\n'
+        '[admin]\nsocket = "admin.sock"\nstate_file = "state"\n'  # not the shared /run/mbsec
     )
     return cfg
 

@@ -365,3 +365,38 @@ def test_the_parsed_request_travels_with_the_forward() -> None:
     _a, fwd = c.forward(write(5, 1))
     assert fwd.request == parse_request(write(5, 1)) and fwd.access.is_write
     assert fwd.fname == "write_single_register"
+
+
+# -- write freezes (mbsec ctl freeze, a flapping PLC link) ---------------------------------------
+
+
+def test_a_frozen_target_refuses_writes_with_its_reason_and_serves_reads() -> None:
+    """The freeze table is read per write (mbsec.nodestate.FreezeView): from the next request
+    on, a write to a frozen target gets the configured exception and an event naming why;
+    reads, and writes to other targets, go on; a thaw lets the next write through."""
+    import dataclasses
+
+    from mbsec.nodestate import ALL, AUTO, MANUAL, FreezeView, NodeState
+
+    node = NodeState.memory()
+    c = Conn("engineer")
+    c.current = dataclasses.replace(c.current, freeze=FreezeView(node, {1: "plc", 2: "other"}),
+                                    freeze_exception=4)
+    c.forward(write(10, 5))
+    node.set_freeze("plc", MANUAL)
+    assert c.decide(write(10, 6), tid=2)[1] == bytes([0x86, 4])
+    c.forward(read(10), tid=3)  # reads are served
+    c.forward(write(10, 7), tid=4, unit=2)  # another target
+    node.set_freeze("plc", AUTO, owner=0)
+    node.clear_freeze("plc", MANUAL)
+    assert c.decide(write(10, 8), tid=6)[1] == bytes([0x86, 4])
+    node.clear_freeze("plc")
+    c.forward(write(10, 9), tid=7)
+    node.set_freeze(ALL, MANUAL)
+    assert c.decide(write(10, 10), tid=8, unit=2)[1] == bytes([0x86, 4])
+    refused = [e for e in c.requests() if e.get("modbus.decision") == "frozen"]
+    assert [(e["modbus.transaction_id"], e["event.reason"]) for e in refused] == [
+        (2, "writes_frozen"), (6, "link_flapping"), (8, "writes_frozen")]
+    assert all(e["modbus.exception_code"] == 4 and e["level"] == "warning" for e in refused)
+    assert c.metrics.count("mbsec_requests_total", decision="frozen",
+                           function="write_single_register") == 3

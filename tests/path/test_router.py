@@ -276,3 +276,36 @@ def test_plc_socket_options() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+# -- link events for the automatic write freeze (Outbox.on_link) ---------------------------------
+
+
+def test_link_events_count_only_drops_no_client_is_charged_with() -> None:
+    """``on_link`` hears connects, failed connects and resets nobody is blamed for (EOF of an
+    idle link, a PLC silent past late_reply_wait); a reset charged to a client (its bad reply)
+    is not a drop, so a client's bad requests cannot freeze everyone's writes."""
+    heard: list[tuple[str, bool]] = []
+    d = Driver(plc_target(pool_size=1, late_reply_wait=0.5), plc=ScriptedPlc(normal_answer))
+    d.outbox.on_link = lambda name, up: heard.append((name, up))
+    client = FakeClient("poller")
+    d.send(client, read_pdu(1))
+    assert heard == [("plc1", True)]
+    link = d.target().links[0]
+    d.plc_closes(link)  # idle link, PLC hung up: a drop
+    assert heard[-1] == ("plc1", False)
+    heard.clear()
+    d.plc.answer = None  # the PLC stops answering
+    d.send(client, read_pdu(2), tid=2)
+    d.advance(5.0)  # 0x0B, then no late reply within late_reply_wait: reset, nobody blamed
+    assert heard == [("plc1", True), ("plc1", False)]
+    heard.clear()
+    d.plc.answer = lambda req: b"\xde\xad\x00\x00\x00\x05junk!"  # a broken frame for it
+    d.send(client, read_pdu(3), tid=3)
+    resets = d.log.of("upstream-reset")
+    assert resets[-1]["mbsec.blamed"] == client.blame_key
+    assert ("plc1", False) not in heard  # charged to the client: not a drop
+    heard.clear()
+    d.plc.connect = "refuse"
+    d.send(FakeClient("other"), read_pdu(4), tid=4)
+    assert ("plc1", False) in heard  # a failed connect is a drop

@@ -1,0 +1,167 @@
+"""The node state file (mbsec.nodestate): freezes every process sees, rate buckets shared by
+the workers, what a restart keeps. Two processes are real ones (a child Python), the clock of
+the rate limiter is a fake one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mbsec.nodestate import (
+    ALL,
+    AUTO,
+    MANUAL,
+    FreezeView,
+    NodeState,
+    NodeStateError,
+    SharedRateLimiter,
+)
+from mbsec.policy import load_policy_text
+from mbsec.policy.ratelimit import REASON_IN_FLIGHT, REASON_REQUEST_RATE, REASON_WRITE_RATE
+from tests.test_policy_ratelimit import READ, WRITE, FakeClock, who
+
+POLICY = """\
+version: 1
+default: deny
+limits:
+  default: {requests_per_second: 10, burst: 5, writes_per_second: 1, write_burst: 2,
+            max_in_flight: 3}
+rules: []
+"""
+
+
+def test_freeze_table_set_clear_and_generation(tmp_path: Path) -> None:
+    node = NodeState.open(tmp_path / "state", reset_buckets=True)
+    g0 = node.generation()
+    e = node.set_freeze("plc", MANUAL, reason="operator", now=5.0)
+    assert e is not None and e.kinds == ["manual"] and e.since == 5.0
+    assert node.set_freeze("plc", MANUAL) is None  # held already: no change
+    assert node.generation() == g0 + 1
+    e2 = node.set_freeze("plc", AUTO, owner=1)
+    assert e2 is not None and e2.kinds == ["manual", "auto"] and e2.owner == 1
+    assert node.clear_freeze("plc", MANUAL) == MANUAL
+    assert node.freezes()["plc"].kinds == ["auto"]
+    assert node.clear_freeze("plc") == AUTO
+    assert node.clear_freeze("plc") == 0
+    assert node.freezes() == {}
+    node.close()
+
+
+def test_a_freeze_by_another_process_holds_from_the_next_lookup(tmp_path: Path) -> None:
+    """What every worker does per write: one generation read, the table when it moved."""
+    path = tmp_path / "state"
+    node = NodeState.open(path, reset_buckets=True)
+    view = FreezeView(node, {1: "plc", 2: "plc", 7: "other"})
+    assert view.frozen(1) is None
+    code = ("import sys; from pathlib import Path; from mbsec.nodestate import *; "
+            "n = NodeState.open(Path(sys.argv[1]), reset_buckets=False); "
+            "n.set_freeze(sys.argv[2], MANUAL, reason='operator'); n.close()")
+    subprocess.run([sys.executable, "-c", code, str(path), "plc"], check=True)
+    hit = view.frozen(2)
+    assert hit is not None and hit.target == "plc"
+    assert view.frozen(7) is None and view.frozen(99) is None
+    subprocess.run([sys.executable, "-c", code, str(path), ALL], check=True)
+    all_hit = view.frozen(7)
+    assert all_hit is not None and all_hit.target == ALL  # every target, routed or not
+    node.close()
+
+
+def test_a_restart_keeps_freezes_and_resets_buckets(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    policy = load_policy_text(POLICY)
+    clock = FakeClock()
+    node = NodeState.open(path, reset_buckets=True)
+    node.set_freeze("plc", MANUAL)
+    lim = SharedRateLimiter(policy, node, clock)
+    pr = who(policy, None)
+    for _ in range(5):
+        assert lim.acquire(pr, READ) is None
+        lim.release(pr)
+    assert lim.acquire(pr, READ) == REASON_REQUEST_RATE
+    node.close()
+    worker = NodeState.open(path, reset_buckets=False)  # a worker joining: budgets kept
+    assert SharedRateLimiter(policy, worker, clock).acquire(pr, READ) == REASON_REQUEST_RATE
+    worker.close()
+    node = NodeState.open(path, reset_buckets=True)  # the next start
+    assert node.freezes()["plc"].kinds == ["manual"]
+    assert SharedRateLimiter(policy, node, clock).acquire(pr, READ) is None
+    node.close()
+
+
+def test_a_file_of_another_layout_starts_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_bytes(b"not a state file")
+    node = NodeState.open(path, reset_buckets=False)
+    assert node.freezes() == {}
+    node.close()
+
+
+def test_unusable_state_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("a file, not a directory")
+    with pytest.raises(NodeStateError, match=r"admin\.state_file .*f/state"):
+        NodeState.open(tmp_path / "f" / "state", reset_buckets=True)
+
+
+def test_two_workers_share_one_budget(tmp_path: Path) -> None:
+    """Two mappings of one file (two workers): a client's tokens, write tokens and in-flight
+    count are one, whichever worker admits its requests."""
+    path = tmp_path / "state"
+    policy = load_policy_text(POLICY)
+    clock = FakeClock()
+    a = SharedRateLimiter(policy, NodeState.open(path, reset_buckets=True), clock)
+    b = SharedRateLimiter(policy, NodeState.open(path, reset_buckets=False), clock)
+    pr = who(policy, None)
+    other = who(policy, None, fp="bb")
+    assert [a.acquire(pr, READ), b.acquire(pr, READ), a.acquire(pr, READ)] == [None] * 3
+    assert b.acquire(pr, READ) == REASON_IN_FLIGHT  # 3 in flight over both workers
+    assert a.in_flight(pr) == b.in_flight(pr) == 3
+    for lim in (b, a, b):
+        lim.release(pr)
+    assert a.in_flight(pr) == 0
+    assert b.acquire(pr, WRITE) is None and a.release(pr) is None
+    assert a.acquire(pr, READ) is None and b.release(pr) is None  # the 5th token
+    assert [b.acquire(pr, READ), a.acquire(pr, READ)] == [REASON_REQUEST_RATE] * 2
+    assert a.acquire(other, READ) is None  # another client: its own bucket
+    a.release(other)
+    clock.now += 0.1  # 10/s: one token back, for the node
+    assert a.acquire(pr, WRITE) is None
+    a.release(pr)
+    clock.now += 0.1  # a request token, but not a write token (1/s), is back
+    assert b.acquire(pr, WRITE) == REASON_WRITE_RATE  # write burst 2 spent over both
+    b.release(pr)
+
+
+def test_a_reload_keeps_the_budget(tmp_path: Path) -> None:
+    policy = load_policy_text(POLICY)
+    clock = FakeClock()
+    lim = SharedRateLimiter(policy, NodeState.memory(), clock)
+    pr = who(policy, None)
+    for _ in range(5):
+        lim.acquire(pr, READ)
+        lim.release(pr)
+    assert lim.successor(load_policy_text(POLICY)).acquire(pr, READ) == REASON_REQUEST_RATE
+
+
+def test_the_table_prunes_idle_clients_and_refuses_when_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many clients: idle ones (no request for a minute, nothing in flight) make room; a
+    table full of busy ones refuses (fail closed) instead of admitting unlimited."""
+    import mbsec.nodestate as ns
+
+    monkeypatch.setattr(ns, "BUCKET_SLOTS", 8)
+    monkeypatch.setattr(ns, "PROBE_MAX", 8)
+    policy = load_policy_text(POLICY)
+    clock = FakeClock()
+    lim = SharedRateLimiter(policy, NodeState.memory(), clock)
+    clients = [who(policy, None, fp=f"{i:02x}") for i in range(9)]
+    for c in clients[:8]:
+        assert lim.acquire(c, READ) is None  # in flight: kept
+    assert lim.acquire(clients[8], READ) == REASON_REQUEST_RATE
+    for c in clients[:8]:
+        lim.release(c)
+    clock.now += 61.0
+    assert lim.acquire(clients[8], READ) is None  # the idle ones were pruned
