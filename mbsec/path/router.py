@@ -32,6 +32,9 @@ from mbsec.path.target import Target
 from mbsec.path.timers import Timers
 
 
+#: link resets caused by a frame the PLC sent (it answered): never a link drop
+_ANSWERED = frozenset(("unknown_tid", "bad_frame"))
+
 class Outbox:
     """What the core asks of its driver, and the injected clockless services it uses."""
 
@@ -72,7 +75,9 @@ class Outbox:
                    blame: str | None) -> None:
         events.emit(self._link_log(target, link),
                     events.upstream_reset(reason, message, pending, blame))
-        if blame is None and self.on_link is not None:
+        # a reply no transaction id places (several clients on the link, nobody charged) is
+        # not a drop: the PLC answered, and a client's bad requests must not freeze writes
+        if blame is None and self.on_link is not None and reason not in _ANSWERED:
             self.on_link(target.target.name, False)
 
     def emit_late_reply(self, target: LinkPool, link: Link, tid: int) -> None:
