@@ -31,7 +31,6 @@ from mbsec.path.pool import LinkPool
 from mbsec.path.target import Target
 from mbsec.path.timers import Timers
 
-
 #: link resets caused by a frame the PLC sent (it answered): never a link drop
 _ANSWERED = frozenset(("unknown_tid", "bad_frame"))
 

@@ -760,21 +760,22 @@ def test_rule_a_blamed_reset_does_not_start_the_backoff() -> None:
     assert ok(good) == [value(1, 9)]
 
 
+def _unblamed_reset(d: Driver) -> list[Exchange]:
+    """Two clients' requests on the link, then the PLC closes it: nobody can be blamed."""
+    sent = [d.send(FakeClient("a"), read_pdu(0)), d.send(FakeClient("b"), read_pdu(0))]
+    d.plc_closes(d.plc.conns[-1])
+    return sent
+
+
 def test_rule_unblamed_resets_beyond_resets_before_backoff_start_the_backoff() -> None:
     # NEW RULE: only resets with no good reply in between count (a good reply clears them)
     d = silent(pool_size=1, depth=2, resets_before_backoff=2, reset_window=10.0,
                backoff_initial=0.5)
-
-    def unblamed_reset() -> list[Exchange]:  # two clients on the link, a reply nobody asked for
-        sent = [d.send(FakeClient("a"), read_pdu(0)), d.send(FakeClient("b"), read_pdu(0))]
-        d.reply(d.plc.conns[-1], adu(999, 1, fc03_reply(1, read_pdu(0))))
-        return sent
-
-    unblamed_reset()
-    unblamed_reset()
-    third = unblamed_reset()  # two resets before it: still sent at once
+    _unblamed_reset(d)
+    _unblamed_reset(d)
+    third = _unblamed_reset(d)  # two resets before it: still sent at once
     assert all(ex.state == DONE and ex.error is not None for ex in third)
-    assert [e["event.reason"] for e in d.log.of("upstream-reset")] == ["unknown_tid"] * 3
+    assert [e["event.reason"] for e in d.log.of("upstream-reset")] == ["eof"] * 3
     assert all("mbsec.blamed" not in e for e in d.log.of("upstream-reset"))
     late = d.send(FakeClient(), read_pdu(1))
     assert error(late).exception_code == 0x0A and late.error.reason == "backoff"
@@ -784,23 +785,42 @@ def test_rule_unblamed_resets_beyond_resets_before_backoff_start_the_backoff() -
     assert ok(again) == [value(1, 2)]
 
 
+@pytest.mark.parametrize("kind", ["unknown_tid", "garbage"])
+def test_rule_replies_nobody_can_be_placed_with_several_clients_never_start_the_backoff(
+        kind: str) -> None:
+    # NEW RULE: the PLC answered (it is reachable): a frame no tid places, with two clients'
+    # requests on the link, is charged to nobody and not counted toward the backoff either
+    d = silent(pool_size=1, depth=2, resets_before_backoff=1, reset_window=10.0)
+    for _ in range(4):
+        d.send(FakeClient("a"), read_pdu(0))
+        d.send(FakeClient("b"), read_pdu(0))
+        d.reply(d.plc.conns[-1], _bad_reply(kind, d.plc.requests[-1]))
+    resets = d.log.of("upstream-reset")
+    assert [e["event.reason"] for e in resets] == [RESET_REASONS[kind]] * 4
+    assert all("mbsec.blamed" not in e for e in resets)
+    bystander = d.send(FakeClient("c"), read_pdu(1))
+    assert bystander.state == SENT  # no backoff
+    d.answer_all()
+    assert ok(bystander) == [value(1, 1)]
+
+
 def test_rule_a_good_reply_clears_the_unblamed_resets() -> None:
-    d = silent(pool_size=1, resets_before_backoff=1, reset_window=10.0)
-    for _ in range(3):  # each time: a good reply, then a reply nobody asked for
+    d = silent(pool_size=1, depth=2, resets_before_backoff=1, reset_window=10.0)
+    for _ in range(3):  # each time: a good reply, then a reset nobody can be blamed for
         d.send(FakeClient(), read_pdu(0))
         d.answer_all()
-        d.reply(d.plc.conns[-1], adu(999, 1, fc03_reply(1, read_pdu(0))))
+        _unblamed_reset(d)
     assert len(d.log.of("upstream-reset")) == 3
     ex = d.send(FakeClient(), read_pdu(1))
     assert ex.state == SENT  # no backoff: the PLC answered properly in between
 
 
 def test_rule_unblamed_resets_outside_the_window_do_not_count() -> None:
-    d = silent(pool_size=1, resets_before_backoff=1, reset_window=10.0)
+    d = silent(pool_size=1, depth=2, resets_before_backoff=1, reset_window=10.0)
     for _ in range(3):
         d.send(FakeClient(), read_pdu(0))
         d.answer_all()
-        d.reply(d.plc.conns[-1], adu(999, 1, fc03_reply(1, read_pdu(0))))
+        _unblamed_reset(d)
         d.advance(10.0)
     ex = d.send(FakeClient(), read_pdu(1))
     assert ex.state == SENT
