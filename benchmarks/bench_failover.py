@@ -241,8 +241,15 @@ def one_run(work: Path, kill: str) -> float:
         pair.start("plc", netns("plc", py, "-c", PLC_CODE, PLC_IP))
         with script_dir() as scripts:
             for n in NODES:
-                pair.start(f"mbsec-{n}", netns(n, "env", f"PYTHONPATH={env_pythonpath}", py,
-                                               "-m", "mbsec.cli", "serve", "--config", str(cfg)))
+                # one host plays both nodes: each its own admin socket and node state file
+                # (on two real nodes the defaults under /run/mbsec are per machine)
+                node_dir = work / f"node-{n}"
+                node_dir.mkdir(exist_ok=True)
+                pair.start(f"mbsec-{n}", netns(
+                    n, "env", f"PYTHONPATH={env_pythonpath}",
+                    f"MBSEC_ADMIN__SOCKET={node_dir / 'admin.sock'}",
+                    f"MBSEC_ADMIN__STATE_FILE={node_dir / 'state'}",
+                    py, "-m", "mbsec.cli", "serve", "--config", str(cfg)))
                 pair.start(f"keepalived-{n}", netns(
                     n, "keepalived", "--dont-fork", "--log-console", "--no-syslog",
                     f"--use-file={keepalived_config(n, scripts)}",

@@ -72,6 +72,8 @@ HELP: dict[str, str] = {
         "notAfter of each loaded certificate (server chain, client CAs), Unix time",
     "mbsec_crl_next_update_timestamp_seconds": "nextUpdate of each loaded CRL, Unix time",
     "mbsec_start_time_seconds": "When this proxy process started, Unix time",
+    # operator control (mbsec ctl, automatic freeze)
+    "mbsec_writes_frozen": "1 while writes to the target are frozen (kind manual or auto)",
 }
 
 
