@@ -116,7 +116,7 @@ class SinkLogger:
 
     A sink that raises (a full disk, a dead syslog socket) never reaches the caller: logging
     must not stop the proxy or close a connection. The failure raises an alarm instead (one
-    ``log-sink-failed`` line on stderr when a sink starts failing, and
+    ``log-sink-failed`` event on stderr and to the other sinks when a sink starts failing, and
     ``mbsec_log_sink_failures_total``), and :attr:`healthy` says whether the last event found a
     sink that took it: the request path applies ``logging.on_sink_failure`` while it does not.
     """
@@ -157,6 +157,11 @@ class SinkLogger:
             stream = self._alarm or sys.stderr
             stream.write(alarm + "\n")
             stream.flush()
+        # and to every sink that still works: the SIEM learns that one destination is blind
+        for i, other in enumerate(self.sinks):
+            if i != index and i not in self._failing:
+                with contextlib.suppress(Exception):
+                    other.write("critical", alarm)
 
     def debug(self, line: str) -> None:
         self._emit("debug", line)

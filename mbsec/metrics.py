@@ -36,6 +36,10 @@ HELP: dict[str, str] = {
     "mbsec_upstream_request_seconds": "PLC round trip",
     "mbsec_clients_penalized_total": "Clients refused by a PLC target for breaking its links",
     "mbsec_log_sink_failures_total": "Events a log sink could not take (disk full, syslog down)",
+    "mbsec_handshakes_active": "Client connections still in their TLS handshake",
+    "mbsec_handshakes_evicted_total": "Handshakes ended to make room for a new connection",
+    "mbsec_rejections_suppressed_total": "Rejections of unauthenticated peers not logged one by "
+                                         "one (summed up in rejections-suppressed events)",
 }
 
 

@@ -28,6 +28,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec import events
+from mbsec.admission import Admission, Admitted, RejectionLog, Summary, source_prefix
 from mbsec.audit import SinkLogger, null_logger
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics
 from mbsec.metrics_http import serve_metrics
@@ -177,7 +178,20 @@ class Proxy:
                                     metrics=self.metrics, busy_poll=settings.busy_poll_us / 1e6,
                                     on_fatal=self._data_plane_failed)
         self.sessions: set[Session] = set()
-        self._per_source: Counter[str] = Counter()
+        #: connection and handshake places, per-prefix rate (mbsec/admission.py)
+        self.admission = Admission(
+            max_connections=settings.limits.max_connections,
+            max_handshakes=settings.limits.max_handshakes,
+            max_per_source=settings.limits.max_per_source,
+            prefix_rate=settings.limits.prefix_connection_rate,
+            prefix_burst=settings.limits.prefix_connection_burst)
+        #: ticket -> session, while it is in its handshake (an eviction cancels it)
+        self._handshaking: dict[int, Session] = {}
+        #: which rejections of peers without a certificate are written (mbsec/admission.py)
+        self.rejections = RejectionLog(rate=settings.logging.rejections_per_second,
+                                       interval=settings.logging.rejection_interval,
+                                       now=time.monotonic())
+        self._rejections_changed = trio.Event()
         self._per_identity: Counter[str] = Counter()
         self._shutdown = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -202,6 +216,46 @@ class Proxy:
         self._per_identity[key] -= 1
         if self._per_identity[key] <= 0:
             del self._per_identity[key]
+
+    # -- rejections of peers without a certificate -------------------------------------------
+
+    def report_rejection(self, event: events.Event, source_ip: str | None) -> None:
+        """Write ``event`` (a rejection of an unauthenticated peer) if the rejection log lets
+        it through; otherwise it is counted in a ``rejections-suppressed`` summary."""
+        reason = str(event.fields.get("event.reason", ""))
+        if self.rejections.offer(source_prefix(source_ip), event.action, reason,
+                                 time.monotonic()):
+            events.emit(self.log, event)
+            self._rejections_changed.set()  # a new interval: the summary task re-arms
+        else:
+            self.metrics.inc("mbsec_rejections_suppressed_total", reason=reason)
+
+    def _write_summaries(self, summaries: list[Summary]) -> None:
+        mono = time.monotonic()
+        wall = dt.datetime.now(dt.UTC)
+
+        def at(t: float) -> dt.datetime:
+            return wall - dt.timedelta(seconds=mono - t)
+
+        for sm in summaries:
+            events.emit(self.log, events.rejections_suppressed(
+                sm.prefix, sm.action, sm.reason, sm.count, at(sm.start), at(sm.end),
+                sm.prefixes))
+
+    async def _rejection_summaries(self) -> None:
+        """Write each interval's summaries when it ends (and what is left at shutdown)."""
+        try:
+            while True:
+                self._rejections_changed = trio.Event()
+                deadline = self.rejections.next_deadline()
+                if deadline is None:
+                    await self._rejections_changed.wait()
+                    continue
+                with trio.move_on_after(max(0.0, deadline - time.monotonic())):
+                    await self._rejections_changed.wait()
+                self._write_summaries(self.rejections.due(time.monotonic()))
+        finally:
+            self._write_summaries(self.rejections.due(float("inf")))
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -335,6 +389,7 @@ class Proxy:
                     )
                 )
             root.start_soon(self._crl_watch)
+            root.start_soon(self._rejection_summaries)
             listeners: list[trio.SocketListener] = []
             if self._listen_sockets is not None:
                 listeners = [
@@ -401,16 +456,19 @@ class Proxy:
         except OSError:
             await trio.aclose_forcefully(stream)
             return
-        reason = None
-        if len(self.sessions) >= limits.max_connections:
-            reason = "too_many_connections"
-        elif self._per_source[source] >= limits.max_per_source:
-            reason = "too_many_connections_from_source"
-        if reason is not None:
-            self.metrics.inc("mbsec_connections_total", outcome=reason)
-            events.emit(self.log, events.connection_rejected(reason, source, int(peer[1])))
+        verdict = self.admission.admit(source, time.monotonic())
+        if not isinstance(verdict, Admitted):
+            self.metrics.inc("mbsec_connections_total", outcome=verdict.reason)
+            self.report_rejection(events.connection_rejected(verdict.reason, source,
+                                                             int(peer[1])), source)
             await trio.aclose_forcefully(stream)
             return
+        ticket = verdict.ticket
+        if verdict.victim is not None:
+            victim = self._handshaking.pop(verdict.victim, None)
+            if victim is not None:
+                victim.evict()
+            self.metrics.inc("mbsec_handshakes_evicted_total")
         self.metrics.inc("mbsec_connections_total", outcome="accepted")
         session = Session(
             stream,
@@ -424,12 +482,14 @@ class Proxy:
             identity_slots=self,
             allowed_requests=self.settings.logging.allowed_requests,
             data_plane=self.data_plane,
+            edge=_Edge(self, ticket, source),
         )
+        self._handshaking[ticket] = session
         self.sessions.add(session)
         if self._no_sessions.is_set():
             self._no_sessions = trio.Event()
-        self._per_source[source] += 1
         self.metrics.set("mbsec_connections_active", len(self.sessions))
+        self.metrics.set("mbsec_handshakes_active", self.admission.handshakes)
         try:
             await session.run()
         except Exception as exc:  # a bug in one session must never take the listener down
@@ -438,10 +498,32 @@ class Proxy:
             self.sessions.discard(session)
             if not self.sessions:
                 self._no_sessions.set()
-            self._per_source[source] -= 1
-            if self._per_source[source] <= 0:
-                del self._per_source[source]
+            self._handshaking.pop(ticket, None)
+            self.admission.closed(ticket)
             self.metrics.set("mbsec_connections_active", len(self.sessions))
+            self.metrics.set("mbsec_handshakes_active", self.admission.handshakes)
+
+
+class _Edge:
+    """One connection's link to the proxy's admission (:class:`mbsec.session.EdgeHooks`)."""
+
+    __slots__ = ("_proxy", "_source", "_ticket")
+
+    def __init__(self, proxy: Proxy, ticket: int, source: str) -> None:
+        self._proxy = proxy
+        self._ticket = ticket
+        self._source = source
+
+    def heard(self) -> None:
+        self._proxy.admission.heard(self._ticket)
+
+    def established(self) -> None:
+        self._proxy.admission.established(self._ticket)
+        self._proxy._handshaking.pop(self._ticket, None)
+        self._proxy.metrics.set("mbsec_handshakes_active", self._proxy.admission.handshakes)
+
+    def rejected(self, event: events.Event) -> None:
+        self._proxy.report_rejection(event, self._source)
 
 
 def _only_cancelled(exc: BaseException) -> bool:

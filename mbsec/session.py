@@ -54,6 +54,17 @@ class IdentitySlots(Protocol):
     def release_identity(self, key: str) -> None: ...
 
 
+class EdgeHooks(Protocol):
+    """What the proxy's admission (mbsec/admission.py) learns from a handshake, and where
+    the rejections of peers without a certificate go (aggregated, not written one by one)."""
+
+    def heard(self) -> None: ...  # the first byte arrived: not a silent connection
+
+    def established(self) -> None: ...  # the handshake succeeded: it leaves the handshakes
+
+    def rejected(self, event: events.Event) -> None: ...  # unauthenticated rejection
+
+
 class UnlimitedIdentities:
     def claim_identity(self, key: str) -> bool:
         return True
@@ -93,9 +104,11 @@ class _TappedStream(trio.abc.Stream):
     ``Stream`` methods. After the handshake the data plane takes the socket from the session's
     raw stream, not from this wrapper."""
 
-    def __init__(self, raw: trio.abc.Stream, tap: HandshakeTap) -> None:
+    def __init__(self, raw: trio.abc.Stream, tap: HandshakeTap,
+                 on_first_data: Callable[[], None] | None = None) -> None:
         self._raw = raw
         self._tap: HandshakeTap | None = tap
+        self._on_first_data = on_first_data
 
     def stop_tap(self) -> None:
         if self._tap is not None:
@@ -110,6 +123,9 @@ class _TappedStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self._raw.receive_some(max_bytes)
+        if data and self._on_first_data is not None:
+            first, self._on_first_data = self._on_first_data, None
+            first()
         tap = self._tap
         if tap is not None and data:
             tap.feed(data)
@@ -137,8 +153,13 @@ class Session:
         decision_state: Callable[[], ProxyState] | None = None,
         sink: Any = None,
         on_sink_failure: str = "refuse_writes",
+        edge: EdgeHooks | None = None,
     ) -> None:
         self._raw = stream
+        #: the proxy's admission; None: rejections are written one by one (tests, library use)
+        self._edge = edge
+        self._handshake_scope: trio.CancelScope | None = None
+        self._evicted = False
         self._state_fn = state  # handshake, CRL re-check, first principal
         #: requests: the proxy switches it together with the routes (default: ``state``)
         self._decision_state_fn = decision_state or state
@@ -181,6 +202,13 @@ class Session:
         if conn is not None:
             self._plane.call_threadsafe(lambda: conn.stop_reading(reason))
 
+    def evict(self) -> None:
+        """Admission needs this connection's handshake place (mbsec/admission.py): end the
+        handshake now (reason ``handshake_evicted``)."""
+        self._evicted = True
+        if self._handshake_scope is not None:
+            self._handshake_scope.cancel()
+
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(**events.connection_context(
             self.conn_id, self.peer_ip, self.peer_port, self.local_ip, self.local_port))
@@ -204,7 +232,8 @@ class Session:
         # What the client sends during the handshake is recorded (bounded): under TLS 1.2 its
         # Certificate message is in clear, so a rejection by OpenSSL can still name it.
         tap = HandshakeTap()
-        tapped = _TappedStream(self._raw, tap)
+        edge = self._edge
+        tapped = _TappedStream(self._raw, tap, edge.heard if edge is not None else None)
         transport: trio.abc.Stream = tapped
         ssl_stream = trio.SSLStream(transport, state.tls.context, server_side=True)
         self._ssl = ssl_stream
@@ -212,6 +241,9 @@ class Session:
         error: BaseException | None = None
         timed_out = False
         with trio.move_on_after(state.tls.handshake_timeout) as cs:
+            self._handshake_scope = cs
+            if self._evicted:
+                cs.cancel()
             try:
                 await ssl_stream.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -223,8 +255,13 @@ class Session:
         duration = time.monotonic() - t0
         tapped.stop_tap()
         self._handshake_done = not timed_out and error is None
+        self._handshake_scope = None
         if timed_out or error is not None:
-            if timed_out:
+            if self._evicted:
+                reason, detail = "handshake_evicted", (
+                    "every handshake place was taken: this one was the oldest silent one, or "
+                    "its source prefix held the most (limits.max_handshakes)")
+            elif timed_out:
                 reason, detail = "handshake_timeout", (
                     f"no complete handshake within {state.tls.handshake_timeout:g} s"
                 )
@@ -233,7 +270,8 @@ class Session:
             await self._flush_alert(ssl_stream)
             der = tap.client_certificate()  # TLS 1.2 only: 1.3 encrypts the Certificate
             self._reject(reason, detail, duration,
-                         presented_identity(der) if der is not None else None)
+                         presented_identity(der) if der is not None else None,
+                         authenticated=False)
             return False
         return self._accept_identity(ssl_stream, state, duration)
 
@@ -257,12 +295,18 @@ class Session:
 
     def _reject(
         self, reason: str, detail: str, duration: float, identity: PeerIdentity | None = None,
-        *, resumed: bool | None = None,
+        *, resumed: bool | None = None, authenticated: bool = True,
     ) -> None:
+        """``authenticated`` False: the peer proved nothing (OpenSSL refused it, it timed
+        out, sent no certificate): the event goes through the admission's rejection log,
+        which aggregates repeats; a verified certificate's rejection is always written."""
         self.close_reason = reason
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
-        events.emit(self._log,
-                    events.tls_handshake_rejected(reason, detail, duration, identity, resumed))
+        event = events.tls_handshake_rejected(reason, detail, duration, identity, resumed)
+        if not authenticated and self._edge is not None:
+            self._edge.rejected(event)
+        else:
+            events.emit(self._log, event)
 
     def _accept_identity(
         self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
@@ -275,7 +319,7 @@ class Session:
         der = ssl_stream.getpeercert(binary_form=True)
         if not der:
             self._reject("no_certificate", "the client sent no certificate", duration,
-                         resumed=resumed)
+                         resumed=resumed, authenticated=False)
             return False
         try:
             identity = parse_identity(der)
@@ -311,6 +355,8 @@ class Session:
             return False
         self._identity_key = key
         self.identity = identity
+        if self._edge is not None:
+            self._edge.established()
         # no peer address only happens on in-memory test streams: "unspecified" matches only
         # rules without a source restriction (or 0.0.0.0/0)
         principal = state.policy.principal(identity, self.peer_ip or "0.0.0.0")
