@@ -514,7 +514,7 @@ def modbus_framing_error(reason: str, detail: str) -> Event:
 CLOSE_REASONS = (
     "client_closed", "client_reset", "client_gone", "client_stalled", "idle_timeout",
     "server_shutdown", "certificate_revoked", "internal_error", "unknown",
-    *FRAMING_REASONS,
+    "renegotiation_refused", *FRAMING_REASONS,
 )
 
 _register(
