@@ -147,12 +147,20 @@ class Admission:
         self._next = 0
         self.handshakes = 0
         self.evictions = 0
+        self._evicted_open = 0  # evicted, socket not closed yet: not counted as a place
 
     # -- views -------------------------------------------------------------------------
 
     @property
     def connections(self) -> int:
+        """Connections not yet closed, evicted ones included."""
         return len(self._entries)
+
+    @property
+    def places(self) -> int:
+        """Places taken: connections, without the evicted ones about to close (their place
+        went to whoever evicted them)."""
+        return len(self._entries) - self._evicted_open
 
     def per_source(self, source: str) -> int:
         return self._per_source.get(source, 0)
@@ -181,7 +189,7 @@ class Admission:
         if not within_rate and self.under_pressure():
             return Refused("connection_rate_exceeded")
         victim: int | None = None
-        if self.handshakes >= self.max_handshakes or len(self._entries) >= self.max_connections:
+        if self.handshakes >= self.max_handshakes or self.places >= self.max_connections:
             if self.handshakes == 0:  # every place is an authenticated session's
                 return Refused("too_many_connections")
             victim = self._victim(prefix)
@@ -216,6 +224,7 @@ class Admission:
         entry = self._entries[ticket]
         self._leave_handshake(ticket, entry)
         entry.evicted = True
+        self._evicted_open += 1
         self.evictions += 1
 
     def _leave_handshake(self, ticket: int, entry: _Entry) -> None:
@@ -257,13 +266,13 @@ class Admission:
         if entry is None:
             return
         self._leave_handshake(ticket, entry)
+        if entry.evicted:
+            self._evicted_open -= 1
         n = self._per_source[entry.source] - 1
         if n:
             self._per_source[entry.source] = n
         else:
             del self._per_source[entry.source]
-        # the entries evicted but not yet closed still count toward max_connections until
-        # their socket is closed: a place is a file descriptor
 
 
 # -- rejection log -----------------------------------------------------------------------------
