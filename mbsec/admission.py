@@ -14,11 +14,14 @@ only one address, one plant network rarely spans more than one /24):
   deep), enforced only while at least half the handshake places are taken: like the kernel's
   SYN cookies it engages under pressure, so a busy legitimate host (a test rig, a historian
   opening short connections) is never throttled while the proxy has room;
-* when every handshake place is taken, a newcomer **evicts** instead of being refused: the
-  oldest handshake that has not sent a byte yet (a legitimate client sends its ClientHello at
-  once), else the oldest handshake of the prefix holding the most places, if that prefix holds
-  more than the newcomer's would. Only when neither exists is the newcomer refused. A silent
-  flood therefore recycles its own places, and a fresh address always gets its fair share.
+* when every handshake place is taken, a newcomer that has **spoken** (its ClientHello is
+  already there: a legitimate TLS client sends it right after connecting, so by the time a
+  loaded proxy accepts it, it has arrived) **evicts** instead of being refused: the oldest
+  handshake that has not sent a byte yet, else the oldest handshake of the prefix holding the
+  most places, if that prefix holds more than the newcomer's would. A silent newcomer never
+  evicts, so an evicted silent connection that reconnects at once is refused instead of
+  evicting the next one (no chain of evictions): a silent flood is refused cheaply, and a
+  fresh address that speaks gets in.
 
 :class:`RejectionLog` decides which rejection events of unauthenticated peers are written
 (anchors: the kernel's ``printk_ratelimit``, Suricata's ``threshold: type both, track by_src``):
@@ -53,6 +56,10 @@ def source_prefix(ip: str | None) -> str:
     its own key."""
     if ip is None:
         return "unknown"
+    if ip.count(".") == 3 and ":" not in ip:  # the common case, without ipaddress (per accept)
+        head, _, last = ip.rpartition(".")
+        if last.isdigit() and all(p.isdigit() for p in head.split(".")):
+            return head + ".0/24"
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -175,7 +182,13 @@ class Admission:
 
     # -- accept ------------------------------------------------------------------------
 
-    def admit(self, source: str, now: float) -> Admitted | Refused:
+    def full(self) -> bool:
+        """A silent newcomer would be refused now (every place or handshake place taken)."""
+        return self.handshakes >= self.max_handshakes or self.places >= self.max_connections
+
+    def admit(self, source: str, now: float, *, spoke: bool = True) -> Admitted | Refused:
+        """``spoke``: the connection's first bytes have arrived; only such a newcomer may
+        evict a handshake when every place is taken."""
         prefix = source_prefix(source)
         bucket = self._buckets.get(prefix)
         if bucket is None:
@@ -189,18 +202,19 @@ class Admission:
         if not within_rate and self.under_pressure():
             return Refused("connection_rate_exceeded")
         victim: int | None = None
-        if self.handshakes >= self.max_handshakes or self.places >= self.max_connections:
+        if self.full():
             if self.handshakes == 0:  # every place is an authenticated session's
                 return Refused("too_many_connections")
-            victim = self._victim(prefix)
+            victim = self._victim(prefix) if spoke else None
             if victim is None:
                 return Refused("too_many_handshakes" if self.handshakes >= self.max_handshakes
                                else "too_many_connections")
             self._evict(victim)
         ticket = self._next
         self._next += 1
-        self._entries[ticket] = _Entry(source, prefix, now)
-        self._silent[ticket] = None
+        self._entries[ticket] = _Entry(source, prefix, now, silent=not spoke)
+        if not spoke:
+            self._silent[ticket] = None
         self._by_prefix.setdefault(prefix, OrderedDict())[ticket] = None
         self._per_source[source] = self._per_source.get(source, 0) + 1
         self.handshakes += 1
@@ -354,12 +368,15 @@ class RejectionLog:
             starts.append(self._overflow.start)
         return min(starts) + self.interval if starts else None
 
-    def due(self, now: float) -> list[Summary]:
-        """Summaries of the intervals that ended by ``now``; their keys start afresh."""
+    def due(self, now: float, *, final: bool = False) -> list[Summary]:
+        """Summaries of the intervals that ended by ``now``; their keys start afresh.
+        ``final`` (the proxy stops): every interval ends now."""
         out: list[Summary] = []
         for key, state in list(self._keys.items()):
             end = state.start + self.interval
-            if end > now:
+            if final:
+                end = min(end, now)
+            elif end > now:
                 continue
             del self._keys[key]
             if state.suppressed:
@@ -374,7 +391,7 @@ class RejectionLog:
                     self._overflow.count += state.suppressed
                     self._overflow.prefixes.add(prefix)
         o = self._overflow
-        if o.count and o.start + self.interval <= now:
+        if o.count and (final or o.start + self.interval <= now):
             out.append(Summary(None, None, self.OVERFLOW, o.count, o.start, now,
                                len(o.prefixes)))
             self.written += 1

@@ -104,11 +104,9 @@ class _TappedStream(trio.abc.Stream):
     ``Stream`` methods. After the handshake the data plane takes the socket from the session's
     raw stream, not from this wrapper."""
 
-    def __init__(self, raw: trio.abc.Stream, tap: HandshakeTap,
-                 on_first_data: Callable[[], None] | None = None) -> None:
+    def __init__(self, raw: trio.abc.Stream, tap: HandshakeTap) -> None:
         self._raw = raw
         self._tap: HandshakeTap | None = tap
-        self._on_first_data = on_first_data
 
     def stop_tap(self) -> None:
         if self._tap is not None:
@@ -123,9 +121,6 @@ class _TappedStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self._raw.receive_some(max_bytes)
-        if data and self._on_first_data is not None:
-            first, self._on_first_data = self._on_first_data, None
-            first()
         tap = self._tap
         if tap is not None and data:
             tap.feed(data)
@@ -227,20 +222,52 @@ class Session:
 
     # -- handshake ----------------------------------------------------------------------
 
+    async def _first_byte(self, deadline: float) -> bool:
+        """Wait for the peer's first byte (its ClientHello) before building any TLS state: a
+        silent connection costs its socket and this wait, nothing more, and an eviction or
+        the deadline ends it cheaply (a silent flood churns through here many times a
+        second). False: evicted or timed out."""
+        sock = getattr(self._raw, "socket", None)
+        if sock is None:  # in-memory test streams
+            return True
+        with trio.move_on_at(deadline) as cs:
+            self._handshake_scope = cs
+            if self._evicted:
+                cs.cancel()
+            await trio.lowlevel.wait_readable(sock)
+        self._handshake_scope = None
+        if cs.cancelled_caught:
+            return False
+        if self._edge is not None:
+            self._edge.heard()
+        return True
+
+    def _not_completed(self, state: ProxyState) -> tuple[str, str]:
+        if self._evicted:
+            return "handshake_evicted", (
+                "every handshake place was taken: this one was the oldest silent one, or "
+                "its source prefix held the most (limits.max_handshakes)")
+        return "handshake_timeout", (
+            f"no complete handshake within {state.tls.handshake_timeout:g} s")
+
     async def _handshake(self) -> bool:
         state = self._state_fn()
+        t0 = time.monotonic()
+        deadline = trio.current_time() + state.tls.handshake_timeout
+        if not await self._first_byte(deadline):
+            self._reject(*self._not_completed(state), time.monotonic() - t0,
+                         authenticated=False)
+            return False
         # What the client sends during the handshake is recorded (bounded): under TLS 1.2 its
         # Certificate message is in clear, so a rejection by OpenSSL can still name it.
         tap = HandshakeTap()
-        edge = self._edge
-        tapped = _TappedStream(self._raw, tap, edge.heard if edge is not None else None)
+        tapped = _TappedStream(self._raw, tap)
         transport: trio.abc.Stream = tapped
         ssl_stream = trio.SSLStream(transport, state.tls.context, server_side=True)
         self._ssl = ssl_stream
-        t0 = time.monotonic()
         error: BaseException | None = None
         timed_out = False
-        with trio.move_on_after(state.tls.handshake_timeout) as cs:
+        with trio.move_on_at(deadline) as cs:
             self._handshake_scope = cs
             if self._evicted:
                 cs.cancel()
@@ -257,14 +284,8 @@ class Session:
         self._handshake_done = not timed_out and error is None
         self._handshake_scope = None
         if timed_out or error is not None:
-            if self._evicted:
-                reason, detail = "handshake_evicted", (
-                    "every handshake place was taken: this one was the oldest silent one, or "
-                    "its source prefix held the most (limits.max_handshakes)")
-            elif timed_out:
-                reason, detail = "handshake_timeout", (
-                    f"no complete handshake within {state.tls.handshake_timeout:g} s"
-                )
+            if timed_out:
+                reason, detail = self._not_completed(state)
             else:
                 reason, detail = handshake_failure_reason(error)
             await self._flush_alert(ssl_stream)

@@ -63,11 +63,12 @@ def adm(**kw: float) -> Admission:
 
 def test_a_silent_handshake_is_evicted_first_and_a_speaking_one_survives() -> None:
     a = adm()
-    t = [a.admit(f"10.0.{i}.1", float(i)) for i in range(4)]
+    t = [a.admit(f"10.0.{i}.1", float(i), spoke=False) for i in range(4)]
     assert all(isinstance(x, Admitted) for x in t)
     tickets = [x.ticket for x in t if isinstance(x, Admitted)]
     a.heard(tickets[0])  # the oldest sent its ClientHello
-    new = a.admit("10.9.9.9", 5.0)
+    assert a.admit("10.9.9.8", 5.0, spoke=False) == Refused("too_many_handshakes")  # no chain
+    new = a.admit("10.9.9.9", 5.0)  # its ClientHello is there: it may evict
     assert isinstance(new, Admitted) and new.victim == tickets[1]  # oldest *silent* one
     assert a.evicted(tickets[1]) and a.handshakes == 4
     a.closed(tickets[1])
@@ -99,7 +100,7 @@ def test_established_sessions_keep_their_reserved_room() -> None:
         x = a.admit(f"10.0.{i}.1", 0.0)
         assert isinstance(x, Admitted)
         a.established(x.ticket)
-    h1, h2 = a.admit("10.1.0.1", 0.0), a.admit("10.1.1.1", 0.0)
+    h1, h2 = a.admit("10.1.0.1", 0.0, spoke=False), a.admit("10.1.1.1", 0.0, spoke=False)
     assert isinstance(h1, Admitted) and isinstance(h2, Admitted)
     third = a.admit("10.1.2.1", 0.0)  # full: a silent handshake makes room, no session does
     assert isinstance(third, Admitted) and third.victim == h1.ticket
@@ -159,14 +160,14 @@ class AdmissionMachine(RuleBasedStateMachine):
     def tick(self, dt: float) -> None:
         self.now += dt
 
-    @rule(target=tickets, source=SOURCES)
-    def arrive(self, source: str) -> int:
+    @rule(target=tickets, source=SOURCES, spoke=st.booleans())
+    def arrive(self, source: str, spoke: bool) -> int:
         before = {t: dict(m) for t, m in self.model.items()}
         hs = self._live_handshakes()
         full = len(hs) >= self.a.max_handshakes or (
             len([m for m in self.model.values() if not m["evicted"]]) >= self.a.max_connections)
         per_source = sum(1 for m in self.model.values() if m["source"] == source)
-        out = self.a.admit(source, self.now)
+        out = self.a.admit(source, self.now, spoke=spoke)
         if isinstance(out, Refused):
             assert out.reason in REFUSAL_REASONS
             if out.reason == "too_many_connections_from_source":
@@ -176,11 +177,12 @@ class AdmissionMachine(RuleBasedStateMachine):
             else:
                 assert full
                 silent = [t for t in hs if before[t]["silent"]]
-                assert not silent  # a silent one would have been evicted
+                assert not spoke or not silent  # a speaking one would have evicted it
             return -1
         assert per_source < self.a.max_per_source
         if out.victim is not None:
             assert full, "evicted with room to spare"
+            assert spoke, "a silent newcomer evicted someone"
             v = before[out.victim]
             assert v["hs"] and not v["evicted"]
             silent = [t for t in hs if before[t]["silent"]]
@@ -195,7 +197,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             self.model[out.victim]["evicted"] = True
         else:
             assert not full
-        self.model[out.ticket] = {"source": source, "hs": True, "silent": True,
+        self.model[out.ticket] = {"source": source, "hs": True, "silent": not spoke,
                                   "evicted": False}
         return out.ticket
 
