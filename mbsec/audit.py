@@ -188,8 +188,11 @@ class SinkLogger:
     err = error
 
     def close(self) -> None:
+        """Close every sink; one that cannot flush its last bytes (a full disk) does not stop
+        the others closing, nor make the proxy's exit a traceback."""
         for s in self.sinks:
-            s.close()
+            with contextlib.suppress(Exception):
+                s.close()
 
 
 EventDict = MutableMapping[str, Any]
