@@ -243,12 +243,15 @@ class Session:
         return True
 
     def _not_completed(self, state: ProxyState) -> tuple[str, str]:
+        """The reason and detail of a handshake ended by admission or by its deadline."""
         if self._evicted:
-            return "handshake_evicted", (
-                "every handshake place was taken: this one was the oldest silent one, or "
-                "its source prefix held the most (limits.max_handshakes)")
-        return "handshake_timeout", (
-            f"no complete handshake within {state.tls.handshake_timeout:g} s")
+            detail = ("every handshake place was taken: this one was the oldest silent one, "
+                      "or its source prefix held the most (limits.max_handshakes)")
+            reason = "handshake_evicted"
+        else:
+            detail = f"no complete handshake within {state.tls.handshake_timeout:g} s"
+            reason = "handshake_timeout"
+        return reason, detail
 
     async def _handshake(self) -> bool:
         state = self._state_fn()

@@ -223,8 +223,12 @@ class Decisions:
         access = fwd.access
         decision = fwd.decision
         took = now - fwd.t0
-        if not delivered:
-            self.errors += 1
+        if not delivered and not (error is not None and error.reason == "client_gone"):
+            # (a withdrawn request, never sent, keeps its own event below)
+            if error is None:
+                self.allowed += 1  # the PLC executed it: allowed, only the reply was lost
+            else:
+                self.errors += 1
             self.metrics.inc("mbsec_requests_total", decision="unanswered", function=fname)
             events.emit(self.log, events.modbus_request_unanswered(
                 adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,

@@ -53,9 +53,11 @@ async def test_drain_deadline_before_the_reply_logs_no_reply(
     assert "modbus.exception_code" not in ev  # nothing was sent to the client
     closed = h.events("connection-closed")
     assert [e["event.reason"] for e in closed] == ["server_shutdown"]
-    # a reply within the session's close wait (1 s) is counted in the close line; a request
-    # still at the PLC when the proxy stops is logged after it (docs/events.md)
-    assert closed[0]["mbsec.errors"] == (1 if plc_outcome == "reply" else 0)
+    # a reply within the session's close wait (1 s) is counted in the close line (allowed:
+    # the PLC executed it); a request still at the PLC when the proxy stops is logged after
+    # the close line (docs/events.md)
+    assert closed[0]["mbsec.allowed"] == (2 if plc_outcome == "reply" else 1)
+    assert closed[0]["mbsec.errors"] == 0
     assert h.metrics.counter("mbsec_requests_total", decision="unanswered",
                              function="read_holding_registers").value == 1
 
