@@ -57,8 +57,8 @@ ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 #: at accept may wait this long for it before admission decides (when the proxy accepts at
 #: once, a legitimate client's first bytes may still be on their way); at most PROBATION_MAX
 #: wait at once, and a newcomer ends the oldest wait (a silent flood cannot starve it)
-PROBATION_S = 0.25
-PROBATION_MAX = 64
+PROBATION_S = 1.0
+PROBATION_MAX = 256
 #: a refused connection is held about this long (unread; spread over half to one and a half
 #: times it, so that a flood's reconnects do not arrive in waves) before its reset: a flood
 #: that reconnects at once then waits instead of cycling through accept, and a legitimate
