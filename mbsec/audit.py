@@ -129,7 +129,7 @@ class SinkLogger:
 
     A sink that raises (a full disk, a dead syslog socket) never reaches the caller: logging
     must not stop the proxy or close a connection. The failure raises an alarm instead (one
-    ``log-sink-failed`` line on stderr when a sink starts failing, and
+    ``log-sink-failed`` event on stderr and to the other sinks when a sink starts failing, and
     ``mbsec_log_sink_failures_total``), and :attr:`healthy` says whether the last event found a
     sink that took it: the request path applies ``logging.on_sink_failure`` while it does not.
     """
@@ -184,6 +184,15 @@ class SinkLogger:
             stream = self._alarm or sys.stderr
             stream.write(alarm + "\n")
             stream.flush()
+        # and to every sink that still works: the SIEM learns that one destination is blind
+        for i, other in enumerate(self.sinks):
+            if i != index and i not in self._failing:
+                with contextlib.suppress(Exception):
+                    if self._takes_event[i]:  # a formatting sink (RFC 5424, CEF) gets the event
+                        other.write_event(  # type: ignore[union-attr]
+                            "critical", alarm, _event_of(alarm))
+                    else:
+                        other.write("critical", alarm)  # type: ignore[union-attr]
 
     def debug(self, line: str, event: dict[str, Any] | None = None) -> None:
         self._emit("debug", line, event)
@@ -210,8 +219,11 @@ class SinkLogger:
     err = error
 
     def close(self) -> None:
+        """Close every sink; one that cannot flush its last bytes (a full disk) does not stop
+        the others closing, nor make the proxy's exit a traceback."""
         for s in self.sinks:
-            s.close()
+            with contextlib.suppress(Exception):
+                s.close()
 
 
 EventDict = MutableMapping[str, Any]

@@ -216,7 +216,7 @@ TLS_REJECT_REASONS = (
     "renegotiation_refused", "role_not_utf8string", "role_malformed", "role_empty",
     "role_invalid_utf8", "role_duplicated", "certificate_malformed",
     "too_many_connections_for_identity", "session_resumed", "client_rejected_server_ca",
-    "client_rejected_server_certificate", "tls_error",
+    "client_rejected_server_certificate", "tls_error", "handshake_evicted",
 )
 
 #: rejections that are security incidents, not mistakes: a revoked certificate is one its owner
@@ -294,7 +294,7 @@ MODBUS_REQUEST_REASONS = (
     "bad_address", "bad_file_reference",
     "no_route", "connect_failed", "backoff", "penalized",
     "timeout", "upstream_reset", "connection_lost", "tid_exhausted", "client_gone",
-    "response_too_large", "audit_unavailable",
+    "response_too_large", "audit_unavailable", "closed_before_reply",
     "writes_frozen", "link_flapping",
 )
 
@@ -308,11 +308,12 @@ _register(
             "modbus.read.quantity", "modbus.write.address", "modbus.write.quantity",
             "modbus.values", "mbsec.values_total", "mbsec.request_bytes",
             "modbus.exception_code", "mbsec.target", "mbsec.response_bytes",
-            "mbsec.max_response_bytes", "error.message"),
+            "mbsec.max_response_bytes", "error.message", "mbsec.plc_outcome"),
     reasons=MODBUS_REQUEST_REASONS,
     constructors=("modbus_request_allowed", "modbus_request_would_deny", "modbus_request_denied",
                   "modbus_request_invalid", "modbus_request_failed",
-                  "modbus_request_response_too_large", "modbus_request_audit_unavailable"),
+                  "modbus_request_response_too_large", "modbus_request_audit_unavailable",
+                  "modbus_request_unanswered"),
 )
 
 RESPONSE_TOO_LARGE_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)  # 04
@@ -476,6 +477,25 @@ def modbus_request_audit_unavailable(
     return Event("warning", "request denied", fields)
 
 
+def modbus_request_unanswered(
+    tid: int, unit_id: int, fc: int, access: Access | None, duration_s: float, rule_id: str,
+    close_reason: str, plc_outcome: str,
+) -> Event:
+    """Forwarded, but its connection closed before the reply could be sent (the drain
+    deadline, the client reset...): the client got nothing. ``close_reason``: the connection's;
+    ``plc_outcome``: what the PLC side gave (``reply``, or the failure's reason)."""
+    fields = _request(tid, unit_id, fc, access, duration_s)
+    fields["event.type"] = ["protocol", "error"]
+    fields["event.outcome"] = "failure"
+    fields["event.reason"] = "closed_before_reply"
+    fields["rule.id"] = rule_id
+    fields["modbus.decision"] = "allow"
+    fields["mbsec.plc_outcome"] = plc_outcome
+    fields["error.message"] = (f"the connection closed ({close_reason}) before the reply was "
+                               "sent: the client got no reply")
+    return Event("warning", "request got no reply: its connection closed", fields)
+
+
 # -- modbus-framing-error -------------------------------------------------------------------------
 
 FRAMING_REASONS = ("bad_protocol_id", "bad_length", "buffer_overflow", "empty_pdu",
@@ -508,7 +528,7 @@ def modbus_framing_error(reason: str, detail: str) -> Event:
 CLOSE_REASONS = (
     "client_closed", "client_reset", "client_gone", "client_stalled", "idle_timeout",
     "server_shutdown", "certificate_revoked", "internal_error", "unknown",
-    "dropped_by_operator",
+    "dropped_by_operator", "renegotiation_refused",
     *FRAMING_REASONS,
 )
 
@@ -552,7 +572,8 @@ _register(
     levels=("warning",),
     context=None,
     fields=(*_ENVELOPE, "event.reason", "source.ip", "source.port"),
-    reasons=("too_many_connections", "too_many_connections_from_source"),
+    reasons=("too_many_connections", "too_many_connections_from_source",
+             "too_many_handshakes", "connection_rate_exceeded"),
     constructors=("connection_rejected",),
 )
 
@@ -569,6 +590,50 @@ def connection_rejected(reason: str, source_ip: str, source_port: int) -> Event:
         "source.ip": source_ip,
         "source.port": source_port,
     })
+
+
+_register(
+    "rejections-suppressed",
+    levels=("warning",),
+    context=None,
+    fields=(*_ENVELOPE, "event.reason", "event.start", "event.end", "mbsec.source_prefix",
+            "mbsec.rejected_action", "mbsec.suppressed", "mbsec.source_prefixes"),
+    reasons=("too_many_connections", "too_many_connections_from_source",
+             "too_many_handshakes", "connection_rate_exceeded", *TLS_REJECT_REASONS,
+             "budget_exceeded"),
+    more_reasons=True,  # any tls-handshake reason OpenSSL names
+    constructors=("rejections_suppressed",),
+)
+
+
+def rejections_suppressed(
+    prefix: str | None, action: str | None, reason: str, count: int, start: dt.datetime,
+    end: dt.datetime, prefixes: int = 1,
+) -> Event:
+    """``count`` rejections of peers without a certificate that were not written (see
+    mbsec/admission.py's RejectionLog): of ``action`` with ``reason`` from ``prefix``, or,
+    for the global summary (``prefix`` None, ``reason`` ``budget_exceeded``), every one the
+    event budget refused, from ``prefixes`` distinct prefixes."""
+    fields: dict[str, Any] = {
+        "event.kind": "event",
+        "event.category": ["network"],
+        "event.type": ["connection", "denied"],
+        "event.action": "rejections-suppressed",
+        "event.outcome": "failure",
+        "event.reason": reason,
+        "event.start": start.isoformat(),
+        "event.end": end.isoformat(),
+        "mbsec.suppressed": count,
+    }
+    if prefix is not None:
+        fields["mbsec.source_prefix"] = prefix
+    if action is not None:
+        fields["mbsec.rejected_action"] = action
+    if prefix is None:
+        fields["mbsec.source_prefixes"] = prefixes
+    what = f"{count} rejections of {reason} from {prefix}" if prefix else (
+        f"{count} rejections from {prefixes} prefixes over the event budget")
+    return Event("warning", f"{what} not logged", fields)
 
 
 _register(
@@ -823,7 +888,8 @@ _register(
 
 def log_sink_failed(sink: str, exc: BaseException) -> Event:
     """A log sink raised (disk full, syslog gone); ``sink``: which one (its class name).
-    Written to stderr with :func:`fallback_line`, never through the sinks."""
+    Written to stderr with :func:`fallback_line` and to the sinks that still work, never
+    through the failing one."""
     return Event("critical", "log sink failed", {
         "event.kind": "alert",
         "event.category": ["process"],
@@ -1322,8 +1388,10 @@ __all__ = [
     "modbus_request_failed",
     "modbus_request_invalid",
     "modbus_request_response_too_large",
+    "modbus_request_unanswered",
     "modbus_request_would_deny",
     "peer_context",
+    "rejections_suppressed",
     "roles_context",
     "server_start",
     "server_stop",

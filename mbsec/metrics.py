@@ -74,6 +74,10 @@ HELP: dict[str, str] = {
     "mbsec_start_time_seconds": "When this proxy process started, Unix time",
     # operator control (mbsec ctl, automatic freeze)
     "mbsec_writes_frozen": "1 while writes to the target are frozen (kind manual or auto)",
+    "mbsec_handshakes_active": "Client connections still in their TLS handshake",
+    "mbsec_handshakes_evicted_total": "Handshakes ended to make room for a new connection",
+    "mbsec_rejections_suppressed_total": "Rejections of unauthenticated peers not logged one by "
+                                         "one (summed up in rejections-suppressed events)",
 }
 
 

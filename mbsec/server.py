@@ -9,14 +9,21 @@ and stop reading new requests, then give in-flight requests ``limits.drain_timeo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
 import errno
+import heapq
+import itertools
 import os
+import random
+import resource
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +35,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec import events
+from mbsec.admission import Admission, Admitted, RejectionLog, Summary, source_prefix
 from mbsec.audit import SinkLogger, null_logger
 from mbsec.expiry import tls_expiry
 from mbsec.flap import FlapRule
@@ -51,6 +59,19 @@ CRL_CHECK_INTERVAL = 3600.0
 RELOAD_APPLY_TIMEOUT = 2.0  # seconds a reload waits for the data plane to switch
 LIVENESS_INTERVAL = 1.0  # seconds between two questions to the data-plane thread (/healthz)
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: while every handshake place is taken, a connection whose ClientHello has not arrived yet
+#: at accept may wait this long for it before admission decides (when the proxy accepts at
+#: once, a legitimate client's first bytes may still be on their way); at most PROBATION_MAX
+#: wait at once, and a newcomer ends the oldest wait (a silent flood cannot starve it)
+PROBATION_S = 1.0
+PROBATION_MAX = 256
+#: a refused connection is held about this long (unread; spread over half to one and a half
+#: times it, so that a flood's reconnects do not arrive in waves) before its reset: a flood
+#: that reconnects at once then waits instead of cycling through accept, and a legitimate
+#: client's connection does not queue behind it; at most TARPIT_MAX held at once (fewer when
+#: the open-files limit is low), beyond that refused ones are reset at once
+TARPIT_S = 5.0
+TARPIT_MAX = 1024
 
 
 class StartupError(Exception):
@@ -218,7 +239,25 @@ class Proxy:
             metrics=self.metrics, worker=worker, targets=lambda: list(self.settings.upstreams))
         self.data_plane.attach_freeze(self.write_freeze)
         self.sessions: set[Session] = set()
-        self._per_source: Counter[str] = Counter()
+        #: connection and handshake places, per-prefix rate (mbsec/admission.py)
+        self.admission = Admission(
+            max_connections=settings.limits.max_connections,
+            max_handshakes=settings.limits.max_handshakes,
+            max_per_source=settings.limits.max_per_source,
+            prefix_rate=settings.limits.prefix_connection_rate,
+            prefix_burst=settings.limits.prefix_connection_burst)
+        #: ticket -> session, while it is in its handshake (an eviction cancels it)
+        self._handshaking: dict[int, Session] = {}
+        self._probation: collections.deque[trio.CancelScope] = collections.deque()
+        self._tarpit: list[tuple[float, int, trio.SocketStream]] = []  # a heap
+        self._tarpit_seq = itertools.count()
+        self._tarpit_max = _tarpit_size(settings.limits.max_connections)
+        self._tarpit_changed = trio.Event()
+        #: which rejections of peers without a certificate are written (mbsec/admission.py)
+        self.rejections = RejectionLog(rate=settings.logging.rejections_per_second,
+                                       interval=settings.logging.rejection_interval,
+                                       now=time.monotonic())
+        self._rejections_changed = trio.Event()
         self._per_identity: Counter[str] = Counter()
         self._shutdown = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -245,6 +284,46 @@ class Proxy:
         self._per_identity[key] -= 1
         if self._per_identity[key] <= 0:
             del self._per_identity[key]
+
+    # -- rejections of peers without a certificate -------------------------------------------
+
+    def report_rejection(self, event: events.Event, source_ip: str | None) -> None:
+        """Write ``event`` (a rejection of an unauthenticated peer) if the rejection log lets
+        it through; otherwise it is counted in a ``rejections-suppressed`` summary."""
+        reason = str(event.fields.get("event.reason", ""))
+        if self.rejections.offer(source_prefix(source_ip), event.action, reason,
+                                 time.monotonic()):
+            events.emit(self.log, event)
+            self._rejections_changed.set()  # a new interval: the summary task re-arms
+        else:
+            self.metrics.inc("mbsec_rejections_suppressed_total", reason=reason)
+
+    def _write_summaries(self, summaries: list[Summary]) -> None:
+        mono = time.monotonic()
+        wall = dt.datetime.now(dt.UTC)
+
+        def at(t: float) -> dt.datetime:
+            return wall - dt.timedelta(seconds=mono - t)
+
+        for sm in summaries:
+            events.emit(self.log, events.rejections_suppressed(
+                sm.prefix, sm.action, sm.reason, sm.count, at(sm.start), at(sm.end),
+                sm.prefixes))
+
+    async def _rejection_summaries(self) -> None:
+        """Write each interval's summaries when it ends (and what is left at shutdown)."""
+        try:
+            while True:
+                self._rejections_changed = trio.Event()
+                deadline = self.rejections.next_deadline()
+                if deadline is None:
+                    await self._rejections_changed.wait()
+                    continue
+                with trio.move_on_after(max(0.0, deadline - time.monotonic())):
+                    await self._rejections_changed.wait()
+                self._write_summaries(self.rejections.due(time.monotonic()))
+        finally:
+            self._write_summaries(self.rejections.due(time.monotonic(), final=True))
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -409,6 +488,8 @@ class Proxy:
             root.start_soon(self._crl_watch)
             root.start_soon(self._liveness)
             root.start_soon(self._freeze_watch)
+            root.start_soon(self._rejection_summaries)
+            root.start_soon(self._tarpit_closer)
             listeners: list[trio.SocketListener] = []
             if self._listen_sockets is not None:
                 listeners = [
@@ -464,27 +545,88 @@ class Proxy:
                     await trio.sleep(0.1)
                     continue
                 raise
-            conns.start_soon(self._connection, stream)
-
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        configure_accepted(stream)
-        limits = self.settings.limits
-        try:
-            peer = stream.socket.getpeername()
+            # the cheap part here, without a task: a flood is refused before any task,
+            # setsockopt or TLS state is spent on it
+            try:
+                peer = stream.socket.getpeername()
+            except OSError:
+                _abort(stream)
+                continue
             source = str(peer[0])
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
-        reason = None
-        if len(self.sessions) >= limits.max_connections:
-            reason = "too_many_connections"
-        elif self._per_source[source] >= limits.max_per_source:
-            reason = "too_many_connections_from_source"
-        if reason is not None:
-            self.metrics.inc("mbsec_connections_total", outcome=reason)
-            events.emit(self.log, events.connection_rejected(reason, source, int(peer[1])))
-            await trio.aclose_forcefully(stream)
-            return
+            spoke = _readable(stream.socket)
+            if not spoke and self.admission.full():
+                conns.start_soon(self._probation_then_connection, stream, source, peer)
+                continue
+            verdict = self._admit(stream, source, peer, spoke)
+            if verdict is not None:
+                conns.start_soon(self._connection, stream, source, verdict)
+
+    def _admit(self, stream: trio.SocketStream, source: str, peer: Any,
+               spoke: bool) -> Admitted | None:
+        verdict = self.admission.admit(source, time.monotonic(), spoke=spoke)
+        if isinstance(verdict, Admitted):
+            return verdict
+        self.metrics.inc("mbsec_connections_total", outcome=verdict.reason)
+        self.report_rejection(events.connection_rejected(verdict.reason, source, int(peer[1])),
+                              source)
+        if len(self._tarpit) < self._tarpit_max:
+            hold = TARPIT_S * (0.5 + random.random())
+            heapq.heappush(self._tarpit, (trio.current_time() + hold, next(self._tarpit_seq),
+                                          stream))
+            self._tarpit_changed.set()
+        else:
+            _abort(stream)
+        return None
+
+    async def _tarpit_closer(self) -> None:
+        """Reset the held refused connections once their time is up (all of them at the
+        end)."""
+        held = self._tarpit
+        try:
+            while True:
+                self._tarpit_changed = trio.Event()
+                if not held:
+                    await self._tarpit_changed.wait()
+                    continue
+                with trio.move_on_at(held[0][0]):
+                    await self._tarpit_changed.wait()  # an earlier deadline may come in
+                now = trio.current_time()
+                while held and held[0][0] <= now:
+                    _abort(heapq.heappop(held)[2])
+        finally:
+            while held:
+                _abort(held.pop()[2])
+
+    async def _probation_then_connection(self, stream: trio.SocketStream, source: str,
+                                         peer: Any) -> None:
+        """Every place is taken and this connection has not spoken yet: give its ClientHello
+        ``PROBATION_S`` to arrive (a silent newcomer never evicts anyone)."""
+        waiting = self._probation
+        if len(waiting) >= PROBATION_MAX:
+            waiting.popleft().cancel()  # the oldest has waited longest without a byte
+        spoke = False
+        with trio.move_on_after(PROBATION_S) as scope:
+            waiting.append(scope)
+            try:
+                await trio.lowlevel.wait_readable(stream.socket)
+                spoke = True
+            finally:
+                with contextlib.suppress(ValueError):
+                    waiting.remove(scope)
+        verdict = self._admit(stream, source, peer, spoke)
+        if verdict is not None:
+            await self._connection(stream, source, verdict)
+
+    async def _connection(self, stream: trio.SocketStream, source: str,
+                          verdict: Admitted) -> None:
+        limits = self.settings.limits
+        configure_accepted(stream)
+        ticket = verdict.ticket
+        if verdict.victim is not None:
+            victim = self._handshaking.pop(verdict.victim, None)
+            if victim is not None:
+                victim.evict()
+            self.metrics.inc("mbsec_handshakes_evicted_total")
         self.metrics.inc("mbsec_connections_total", outcome="accepted")
         session = Session(
             stream,
@@ -498,12 +640,14 @@ class Proxy:
             identity_slots=self,
             allowed_requests=self.settings.logging.allowed_requests,
             data_plane=self.data_plane,
+            edge=_Edge(self, ticket, source),
         )
+        self._handshaking[ticket] = session
         self.sessions.add(session)
         if self._no_sessions.is_set():
             self._no_sessions = trio.Event()
-        self._per_source[source] += 1
         self.metrics.set("mbsec_connections_active", len(self.sessions))
+        self.metrics.set("mbsec_handshakes_active", self.admission.handshakes)
         try:
             await session.run()
         except Exception as exc:  # a bug in one session must never take the listener down
@@ -512,10 +656,64 @@ class Proxy:
             self.sessions.discard(session)
             if not self.sessions:
                 self._no_sessions.set()
-            self._per_source[source] -= 1
-            if self._per_source[source] <= 0:
-                del self._per_source[source]
+            self._handshaking.pop(ticket, None)
+            self.admission.closed(ticket)
             self.metrics.set("mbsec_connections_active", len(self.sessions))
+            self.metrics.set("mbsec_handshakes_active", self.admission.handshakes)
+
+
+class _Edge:
+    """One connection's link to the proxy's admission (:class:`mbsec.session.EdgeHooks`)."""
+
+    __slots__ = ("_proxy", "_source", "_ticket")
+
+    def __init__(self, proxy: Proxy, ticket: int, source: str) -> None:
+        self._proxy = proxy
+        self._ticket = ticket
+        self._source = source
+
+    def heard(self) -> None:
+        self._proxy.admission.heard(self._ticket)
+
+    def established(self) -> None:
+        self._proxy.admission.established(self._ticket)
+        self._proxy._handshaking.pop(self._ticket, None)
+        self._proxy.metrics.set("mbsec_handshakes_active", self._proxy.admission.handshakes)
+
+    def rejected(self, event: events.Event) -> None:
+        self._proxy.report_rejection(event, self._source)
+
+
+def _tarpit_size(max_connections: int) -> int:
+    """TARPIT_MAX, or what the open-files limit leaves beside ``max_connections``, PLC links
+    and the process's own files (systemd's default soft limit is 1024)."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 0
+    if soft == resource.RLIM_INFINITY:
+        return TARPIT_MAX
+    return max(0, min(TARPIT_MAX, soft - max_connections - PROBATION_MAX - 256))
+
+
+def _abort(stream: trio.SocketStream) -> None:
+    """Close a refused connection at once with a reset (SO_LINGER 0): no FIN exchange and no
+    TIME_WAIT state kept for a peer that is being refused, many times a second in a flood."""
+    sock = stream.socket
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _readable(sock: Any) -> bool:
+    """Bytes (or an EOF) are waiting on the socket, without waiting (poll, not select: file
+    descriptors above 1023 are common under a flood)."""
+    p = select.poll()
+    try:
+        p.register(sock.fileno(), select.POLLIN)
+        return bool(p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _only_cancelled(exc: BaseException) -> bool:

@@ -54,6 +54,17 @@ class IdentitySlots(Protocol):
     def release_identity(self, key: str) -> None: ...
 
 
+class EdgeHooks(Protocol):
+    """What the proxy's admission (mbsec/admission.py) learns from a handshake, and where
+    the rejections of peers without a certificate go (aggregated, not written one by one)."""
+
+    def heard(self) -> None: ...  # the first byte arrived: not a silent connection
+
+    def established(self) -> None: ...  # the handshake succeeded: it leaves the handshakes
+
+    def rejected(self, event: events.Event) -> None: ...  # unauthenticated rejection
+
+
 class UnlimitedIdentities:
     def claim_identity(self, key: str) -> bool:
         return True
@@ -137,8 +148,13 @@ class Session:
         decision_state: Callable[[], ProxyState] | None = None,
         sink: Any = None,
         on_sink_failure: str = "refuse_writes",
+        edge: EdgeHooks | None = None,
     ) -> None:
         self._raw = stream
+        #: the proxy's admission; None: rejections are written one by one (tests, library use)
+        self._edge = edge
+        self._handshake_scope: trio.CancelScope | None = None
+        self._evicted = False
         self._state_fn = state  # handshake, CRL re-check, first principal
         #: requests: the proxy switches it together with the routes (default: ``state``)
         self._decision_state_fn = decision_state or state
@@ -181,6 +197,13 @@ class Session:
         if conn is not None:
             self._plane.call_threadsafe(lambda: conn.stop_reading(reason))
 
+    def evict(self) -> None:
+        """Admission needs this connection's handshake place (mbsec/admission.py): end the
+        handshake now (reason ``handshake_evicted``)."""
+        self._evicted = True
+        if self._handshake_scope is not None:
+            self._handshake_scope.cancel()
+
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(**events.connection_context(
             self.conn_id, self.peer_ip, self.peer_port, self.local_ip, self.local_port))
@@ -199,8 +222,45 @@ class Session:
 
     # -- handshake ----------------------------------------------------------------------
 
+    async def _first_byte(self, deadline: float) -> bool:
+        """Wait for the peer's first byte (its ClientHello) before building any TLS state: a
+        silent connection costs its socket and this wait, nothing more, and an eviction or
+        the deadline ends it cheaply (a silent flood churns through here many times a
+        second). False: evicted or timed out."""
+        sock = getattr(self._raw, "socket", None)
+        if sock is None:  # in-memory test streams
+            return True
+        with trio.move_on_at(deadline) as cs:
+            self._handshake_scope = cs
+            if self._evicted:
+                cs.cancel()
+            await trio.lowlevel.wait_readable(sock)
+        self._handshake_scope = None
+        if cs.cancelled_caught:
+            return False
+        if self._edge is not None:
+            self._edge.heard()
+        return True
+
+    def _not_completed(self, state: ProxyState) -> tuple[str, str]:
+        """The reason and detail of a handshake ended by admission or by its deadline."""
+        if self._evicted:
+            detail = ("every handshake place was taken: this one was the oldest silent one, "
+                      "or its source prefix held the most (limits.max_handshakes)")
+            reason = "handshake_evicted"
+        else:
+            detail = f"no complete handshake within {state.tls.handshake_timeout:g} s"
+            reason = "handshake_timeout"
+        return reason, detail
+
     async def _handshake(self) -> bool:
         state = self._state_fn()
+        t0 = time.monotonic()
+        deadline = trio.current_time() + state.tls.handshake_timeout
+        if not await self._first_byte(deadline):
+            self._reject(*self._not_completed(state), time.monotonic() - t0,
+                         authenticated=False)
+            return False
         # What the client sends during the handshake is recorded (bounded): under TLS 1.2 its
         # Certificate message is in clear, so a rejection by OpenSSL can still name it.
         tap = HandshakeTap()
@@ -208,10 +268,12 @@ class Session:
         transport: trio.abc.Stream = tapped
         ssl_stream = trio.SSLStream(transport, state.tls.context, server_side=True)
         self._ssl = ssl_stream
-        t0 = time.monotonic()
         error: BaseException | None = None
         timed_out = False
-        with trio.move_on_after(state.tls.handshake_timeout) as cs:
+        with trio.move_on_at(deadline) as cs:
+            self._handshake_scope = cs
+            if self._evicted:
+                cs.cancel()
             try:
                 await ssl_stream.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -223,17 +285,17 @@ class Session:
         duration = time.monotonic() - t0
         tapped.stop_tap()
         self._handshake_done = not timed_out and error is None
+        self._handshake_scope = None
         if timed_out or error is not None:
             if timed_out:
-                reason, detail = "handshake_timeout", (
-                    f"no complete handshake within {state.tls.handshake_timeout:g} s"
-                )
+                reason, detail = self._not_completed(state)
             else:
                 reason, detail = handshake_failure_reason(error)
             await self._flush_alert(ssl_stream)
             der = tap.client_certificate()  # TLS 1.2 only: 1.3 encrypts the Certificate
             self._reject(reason, detail, duration,
-                         presented_identity(der) if der is not None else None)
+                         presented_identity(der) if der is not None else None,
+                         authenticated=False)
             return False
         return self._accept_identity(ssl_stream, state, duration)
 
@@ -257,14 +319,20 @@ class Session:
 
     def _reject(
         self, reason: str, detail: str, duration: float, identity: PeerIdentity | None = None,
-        *, resumed: bool | None = None,
+        *, resumed: bool | None = None, authenticated: bool = True,
     ) -> None:
+        """``authenticated`` False: the peer proved nothing (OpenSSL refused it, it timed
+        out, sent no certificate): the event goes through the admission's rejection log,
+        which aggregates repeats; a verified certificate's rejection is always written."""
         self.close_reason = reason
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
         if reason in events.INCIDENT_REASONS:  # a revoked certificate tried to get in
             self._metrics.inc("mbsec_revoked_certificate_seen_total", stage="handshake")
-        events.emit(self._log,
-                    events.tls_handshake_rejected(reason, detail, duration, identity, resumed))
+        event = events.tls_handshake_rejected(reason, detail, duration, identity, resumed)
+        if not authenticated and self._edge is not None:
+            self._edge.rejected(event)
+        else:
+            events.emit(self._log, event)
 
     def _accept_identity(
         self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
@@ -277,7 +345,7 @@ class Session:
         der = ssl_stream.getpeercert(binary_form=True)
         if not der:
             self._reject("no_certificate", "the client sent no certificate", duration,
-                         resumed=resumed)
+                         resumed=resumed, authenticated=False)
             return False
         try:
             identity = parse_identity(der)
@@ -313,6 +381,8 @@ class Session:
             return False
         self._identity_key = key
         self.identity = identity
+        if self._edge is not None:
+            self._edge.established()
         # no peer address only happens on in-memory test streams: "unspecified" matches only
         # rules without a source restriction (or 0.0.0.0/0)
         principal = state.policy.principal(identity, self.peer_ip or "0.0.0.0")

@@ -169,6 +169,25 @@ class LimitsSettings(_Model):
     drain_timeout: float = Field(default=10.0, ge=0)
     #: a request must be complete this long after its first byte (a trickling client is closed)
     request_complete_timeout: float = Field(default=5.0, gt=0)
+    #: connections still in their TLS handshake (below max_connections: the rest is reserved
+    #: for authenticated sessions); docs/config.md, "Handshake admission"
+    max_handshakes: int = Field(default=128, ge=1)
+    #: new connections per second per source prefix (IPv4 /24, IPv6 /64), and the bucket
+    #: depth; enforced while at least half of max_handshakes are taken
+    prefix_connection_rate: float = Field(default=50.0, gt=0)
+    prefix_connection_burst: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _handshakes_below_connections(self) -> LimitsSettings:
+        if self.max_handshakes >= self.max_connections:
+            if "max_handshakes" in self.model_fields_set:
+                raise ValueError(
+                    f"max_handshakes ({self.max_handshakes}) must be below max_connections "
+                    f"({self.max_connections}): the difference is reserved for authenticated "
+                    "sessions")
+            # the default, with a small max_connections: half of it
+            object.__setattr__(self, "max_handshakes", max(1, self.max_connections // 2))
+        return self
 
 
 class SyslogSettings(_Model):
@@ -272,6 +291,10 @@ class LoggingSettings(_Model):
     allowed_requests: Literal["off", "debug", "info"] = "debug"
     #: what a forwarded request gets while no sink can take events (docs/config.md)
     on_sink_failure: Literal["refuse_writes", "refuse", "serve"] = "refuse_writes"
+    #: budget of rejection events of peers without a certificate (first events and
+    #: summaries); per prefix and reason one event, then one summary per interval
+    rejections_per_second: float = Field(default=5.0, gt=0, le=1000)
+    rejection_interval: float = Field(default=10.0, gt=0, le=3600)
     stdout: bool = True
     file: Path | None = None
     syslog: SyslogSettings | None = None

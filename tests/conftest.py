@@ -407,7 +407,10 @@ async def start_proxy(
             "policy": str(policy_path),
             "upstreams": {"plc": up},
             "limits": limits or {},
-            "logging": {"stdout": False, "allowed_requests": allowed_requests},
+            # every rejection written: tests of other things count them one by one (tests of
+            # the rejection log set their own budget and interval)
+            "logging": {"stdout": False, "allowed_requests": allowed_requests,
+                        "rejections_per_second": 1000, "rejection_interval": 1e-6},
             "data_plane": data_plane,
         }
         tree.update(settings or {})

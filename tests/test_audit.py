@@ -181,3 +181,38 @@ async def test_metrics_endpoint(nursery: trio.Nursery) -> None:
     healthy[0] = False
     assert (await http_get(port, "/healthz"))[0] == "HTTP/1.1 503 Service Unavailable"
     assert (await http_get(port, "/nope"))[0] == "HTTP/1.1 404 Not Found"
+
+
+def test_a_failing_sink_is_an_alarm_to_the_other_sinks_and_a_metric_never_an_exception(
+) -> None:
+    """A sink that raises (a full disk) costs one ``log-sink-failed`` event, on stderr and to
+    every sink that still works, plus a count per lost line; logging goes on and the caller
+    never sees the error; the failing sink's close cannot raise either."""
+    from mbsec.audit import SinkLogger
+
+    class FullDisk(ListSink):
+        def write(self, level: str, line: str) -> None:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    good = ListSink()
+    stderr = io.StringIO()
+    metrics = Metrics()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[FullDisk(), good])
+    inner = log._logger  # type: ignore[attr-defined]
+    assert isinstance(inner, SinkLogger)
+    inner.metrics = metrics
+    inner._alarm = stderr
+    log.warning("first", **{"event.action": "x"})
+    log.warning("second", **{"event.action": "x"})
+    actions = [e["event"]["action"] for e in good.events()]
+    assert actions == ["log-sink-failed", "x", "x"]  # the alarm once, then the lines
+    alarm = good.events()[0]
+    assert alarm["mbsec"]["sink"] == "FullDisk" and alarm["log"]["level"] == "critical"
+    assert "No space left on device" in alarm["error"]["message"]
+    assert stderr.getvalue().count("log-sink-failed") == 1
+    assert metrics.counter("mbsec_log_sink_failures_total", sink="FullDisk").value == 2
+    assert inner.healthy  # another sink took the lines
+    inner.close()  # the full disk's close raises: swallowed

@@ -49,7 +49,8 @@ class Decider(Protocol):
     def decide(self, adu: Adu, now: float) -> bytes | Any | None: ...
 
     def complete(self, adu: Adu, fwd: Any, reply: UpstreamReply | None,
-                 error: UpstreamError | None, now: float) -> bytes: ...
+                 error: UpstreamError | None, now: float, delivered: bool = True,
+                 close_reason: str = "") -> bytes: ...
 
     def framing_error(self, exc: RemoteProtocolError) -> None: ...
 
@@ -209,10 +210,13 @@ class ClientConn:
     def finished(self, ex: Exchange, now: float) -> None:
         """A forwarded request has its outcome (from the router's ``done`` queue)."""
         self.inflight -= 1
-        pdu = self.decider.complete(ex.adu, ex.fwd, ex.reply, ex.error, now)
-        if self.closing:  # nobody takes the reply, but what reached the PLC is audited
+        if self.closing:  # nobody takes the reply, but what reached the PLC is audited,
+            # and its event says the client got nothing (the drain deadline, a reset...)
+            self.decider.complete(ex.adu, ex.fwd, ex.reply, ex.error, now, False,
+                                  self.close_reason)
             self._maybe_release()
             return
+        pdu = self.decider.complete(ex.adu, ex.fwd, ex.reply, ex.error, now)
         self._reply(ex.adu, pdu, ex.fwd.t0, now)
         if self.reading:
             self.pump(now)

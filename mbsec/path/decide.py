@@ -232,10 +232,11 @@ class Decisions:
 
     def complete(
         self, adu: Adu, fwd: Forward, reply: UpstreamReply | None, error: UpstreamError | None,
-        now: float,
+        now: float, delivered: bool = True, close_reason: str = "",
     ) -> bytes:
         """Everything after the PLC: map a failure, check the reply against the rule's limits,
-        log; returns the PDU for the client."""
+        log; returns the PDU for the client. ``delivered`` False: the connection closed
+        (``close_reason``) before the reply could be sent, and the event says so."""
         self.now = now
         fwd.limiter.release(fwd.principal)
         fc = adu.pdu[0]
@@ -243,6 +244,17 @@ class Decisions:
         access = fwd.access
         decision = fwd.decision
         took = now - fwd.t0
+        if not delivered and not (error is not None and error.reason == "client_gone"):
+            # (a withdrawn request, never sent, keeps its own event below)
+            if error is None:
+                self.allowed += 1  # the PLC executed it: allowed, only the reply was lost
+            else:
+                self.errors += 1
+            self.metrics.inc("mbsec_requests_total", decision="unanswered", function=fname)
+            events.emit(self.log, events.modbus_request_unanswered(
+                adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                close_reason or "unknown", error.reason if error is not None else "reply"))
+            return b""
         if error is not None or reply is None:
             assert error is not None
             self.errors += 1

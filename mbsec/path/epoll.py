@@ -352,6 +352,11 @@ class ClientIO:
         self.closed = False  # no more socket I/O (unregistered)
         self._handed_back = False
         self.broken = False
+        # TLS 1.2 has no message a client may send after the handshake but a renegotiating
+        # ClientHello: OpenSSL writing while it reads (its no_renegotiation alert) means it
+        # refused one, and a connection that then breaks closes for that reason
+        self._tls12 = obj.version() == "TLSv1.2"
+        self._refused_renegotiation = False
 
     def start(self) -> None:
         self._mask = _IN
@@ -383,7 +388,7 @@ class ClientIO:
             except BlockingIOError:
                 return
             except OSError:
-                conn.receive_eof("client_reset", now, broken=True)
+                conn.receive_eof(self._broken_reason(), now, broken=True)
                 return
             conn.raw_received(now)
             if raw:
@@ -415,17 +420,26 @@ class ClientIO:
                 drained = True
                 break
             except ssl.SSLError:
-                conn.receive_eof("client_reset", now, broken=True)
+                conn.receive_eof(self._broken_reason(), now, broken=True)
                 return
             if not data:
                 conn.receive_eof("client_closed", now)
                 break
             conn.receive(data, now)
         if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer, in order with replies
+            if self._tls12:
+                self._refused_renegotiation = True
             self._out += self._outgoing.read()
             conn.mark_dirty()
         if drained:  # what is left in the BIO is part of a record (not held back by us)
             conn.settled(incoming.pending > 0, now)
+
+    def _broken_reason(self) -> str:
+        """Why the client's stream broke: after a refused renegotiation (the client aborts
+        on the no_renegotiation alert) that is the cause, else a reset."""
+        if self._refused_renegotiation or (self._tls12 and self._outgoing.pending):
+            return "renegotiation_refused"
+        return "client_reset"
 
     def flush(self, now: float) -> None:
         """Encrypt the replies (one record each), write what the kernel takes, report."""

@@ -81,7 +81,8 @@ class Decider:
             return exception_pdu(3, 1)
         return Fwd(request, now)
 
-    def complete(self, a: Adu, fwd: Any, reply: Any, error: Any, now: float) -> bytes:
+    def complete(self, a: Adu, fwd: Any, reply: Any, error: Any, now: float,
+                 delivered: bool = True, close_reason: str = "") -> bytes:
         self._note(a, "reply" if reply is not None else error.reason)
         if a.transaction_id == self.raise_in_complete:
             raise RuntimeError("a bug while completing")

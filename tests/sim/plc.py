@@ -195,7 +195,8 @@ class SimDecider:
         self.client.world.started[self.client.requests[adu.transaction_id]] = now
         return Fwd(request, now)
 
-    def complete(self, adu: Any, fwd: Fwd, reply: Any, error: Any, now: float) -> bytes:
+    def complete(self, adu: Any, fwd: Fwd, reply: Any, error: Any, now: float,
+                 delivered: bool = True, close_reason: str = "") -> bytes:
         if reply is not None:
             return bytes(reply.pdu)
         req = self.client.requests.get(adu.transaction_id)

@@ -1,0 +1,333 @@
+"""mbsec/admission.py without sockets: source prefixes, handshake places (caps, eviction, the
+per-prefix rate under pressure) and the rejection log (first event, summaries, the global
+budget), by examples and by hypothesis state machines on a simulated clock."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mbsec.admission import (
+    REFUSAL_REASONS,
+    Admission,
+    Admitted,
+    Refused,
+    RejectionLog,
+    Summary,
+    TokenBucket,
+    source_prefix,
+)
+
+SIM = settings(max_examples=80, stateful_step_count=50, deadline=None, derandomize=True,
+               phases=[Phase.explicit, Phase.generate, Phase.target],
+               database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- prefixes and buckets ------------------------------------------------------------------------
+
+
+def test_source_prefix_is_the_24_or_the_64() -> None:
+    assert source_prefix("203.0.113.77") == "203.0.113.0/24"
+    assert source_prefix("::ffff:203.0.113.77") == "203.0.113.0/24"  # mapped: the IPv4 /24
+    assert source_prefix("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert source_prefix("fe80::1%eth0") == "fe80::/64"
+    assert source_prefix("not an address") == "not an address"
+    assert source_prefix(None) == "unknown"
+
+
+def test_token_bucket_starts_full_and_refills_at_its_rate() -> None:
+    b = TokenBucket(2.0, 3, now=0.0)
+    assert [b.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not b.take(0.4)  # 0.8 tokens
+    assert b.take(0.5)
+    assert b.full(100.0) and b.tokens == 3
+
+
+# -- admission, by example -----------------------------------------------------------------------
+
+
+def adm(**kw: float) -> Admission:
+    base = {"max_connections": 10, "max_handshakes": 4, "max_per_source": 5,
+            "prefix_rate": 1.0, "prefix_burst": 100}
+    base.update(kw)
+    return Admission(**base)  # type: ignore[arg-type]
+
+
+def test_a_silent_handshake_is_evicted_first_and_a_speaking_one_survives() -> None:
+    a = adm()
+    t = [a.admit(f"10.0.{i}.1", float(i), spoke=False) for i in range(4)]
+    assert all(isinstance(x, Admitted) for x in t)
+    tickets = [x.ticket for x in t if isinstance(x, Admitted)]
+    a.heard(tickets[0])  # the oldest sent its ClientHello
+    assert a.admit("10.9.9.8", 5.0, spoke=False) == Refused("too_many_handshakes")  # no chain
+    new = a.admit("10.9.9.9", 5.0)  # its ClientHello is there: it may evict
+    assert isinstance(new, Admitted) and new.victim == tickets[1]  # oldest *silent* one
+    assert a.evicted(tickets[1]) and a.handshakes == 4
+    a.closed(tickets[1])
+    assert a.connections == 4
+
+
+def test_without_silent_ones_the_greediest_prefix_pays_or_the_newcomer_is_refused() -> None:
+    a = adm()
+    greedy = [a.admit("10.0.0.1", 0.0), a.admit("10.0.0.2", 0.0), a.admit("10.0.0.3", 0.0)]
+    other = a.admit("10.0.1.1", 0.0)
+    for x in [*greedy, other]:
+        assert isinstance(x, Admitted)
+        a.heard(x.ticket)
+    fresh = a.admit("10.0.2.1", 1.0)  # the /24 holding 3 loses its oldest
+    assert isinstance(fresh, Admitted) and fresh.victim == greedy[0].ticket  # type: ignore[union-attr]
+    a.heard(fresh.ticket)
+    # now 2 (greedy), 1, 1: a newcomer from 10.0.2.x would hold 2, no more than the greedy
+    # /24: refused; one from a fourth /24 would hold 1 < 2: the greedy /24 pays again
+    assert a.admit("10.0.2.2", 1.0) == Refused("too_many_handshakes")
+    again = a.admit("10.0.3.1", 1.0)
+    assert isinstance(again, Admitted) and again.victim == greedy[1].ticket  # type: ignore[union-attr]
+    a.heard(again.ticket)
+    assert a.admit("10.0.3.2", 1.0) == Refused("too_many_handshakes")  # every /24 holds 1
+
+
+def test_established_sessions_keep_their_reserved_room() -> None:
+    a = adm(max_connections=6, max_handshakes=2)
+    for i in range(4):  # four authenticated sessions
+        x = a.admit(f"10.0.{i}.1", 0.0)
+        assert isinstance(x, Admitted)
+        a.established(x.ticket)
+    h1, h2 = a.admit("10.1.0.1", 0.0, spoke=False), a.admit("10.1.1.1", 0.0, spoke=False)
+    assert isinstance(h1, Admitted) and isinstance(h2, Admitted)
+    third = a.admit("10.1.2.1", 0.0)  # full: a silent handshake makes room, no session does
+    assert isinstance(third, Admitted) and third.victim == h1.ticket
+    a.closed(h1.ticket)
+    a.established(h2.ticket)
+    a.established(third.ticket)  # 6 sessions, no handshake left to evict
+    assert a.admit("10.1.3.1", 0.0) == Refused("too_many_connections")
+
+
+def test_per_source_cap_and_the_prefix_rate_only_under_pressure() -> None:
+    a = adm(max_handshakes=4, max_per_source=2, prefix_rate=1.0, prefix_burst=2)
+    x, y = a.admit("10.0.0.1", 0.0), a.admit("10.0.0.1", 0.0)
+    assert a.admit("10.0.0.1", 0.0) == Refused("too_many_connections_from_source")
+    for z in (x, y):
+        assert isinstance(z, Admitted)
+        a.established(z.ticket)  # no handshake in progress: no pressure
+    ok = a.admit("10.0.0.2", 0.0)  # the /24's bucket is empty, but there is room: admitted
+    assert isinstance(ok, Admitted)
+    a.admit("10.0.5.1", 0.0)  # two handshakes of four: under pressure now
+    assert a.under_pressure()
+    assert a.admit("10.0.0.3", 0.0) == Refused("connection_rate_exceeded")
+    assert isinstance(a.admit("10.0.0.3", 1.5), Admitted)  # refilled
+
+
+def test_a_plant_behind_one_address_reconnects_at_once() -> None:
+    """50 masters behind one SCADA host, all at once, with the defaults' shape (burst 100)."""
+    a = Admission(max_connections=512, max_handshakes=128, max_per_source=64,
+                  prefix_rate=50.0, prefix_burst=100)
+    got = [a.admit("10.20.0.5", 0.0) for _ in range(50)]
+    assert all(isinstance(x, Admitted) and x.victim is None for x in got)
+
+
+# -- admission, generated schedules ----------------------------------------------------------------
+
+SOURCES = st.sampled_from([f"10.{p}.0.{h}" for p in range(4) for h in range(1, 4)] +
+                          ["2001:db8::1", "2001:db8::2", "2001:db8:0:1::1"])
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    """Connections arrive, speak, finish or fail their handshakes and close, on a simulated
+    clock; after every step the places add up and stay within every cap, and every eviction
+    followed the rule."""
+
+    tickets = Bundle("tickets")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.a = Admission(max_connections=12, max_handshakes=5, max_per_source=4,
+                           prefix_rate=2.0, prefix_burst=3)
+        self.model: dict[int, dict[str, object]] = {}  # ticket -> source, hs, silent, evicted
+
+    def _live_handshakes(self) -> list[int]:
+        return [t for t, m in self.model.items() if m["hs"] and not m["evicted"]]
+
+    @rule(dt=st.floats(0, 2))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(target=tickets, source=SOURCES, spoke=st.booleans())
+    def arrive(self, source: str, spoke: bool) -> int:
+        before = {t: dict(m) for t, m in self.model.items()}
+        hs = self._live_handshakes()
+        full = len(hs) >= self.a.max_handshakes or (
+            len([m for m in self.model.values() if not m["evicted"]]) >= self.a.max_connections)
+        per_source = sum(1 for m in self.model.values() if m["source"] == source)
+        out = self.a.admit(source, self.now, spoke=spoke)
+        if isinstance(out, Refused):
+            assert out.reason in REFUSAL_REASONS
+            if out.reason == "too_many_connections_from_source":
+                assert per_source >= self.a.max_per_source
+            elif out.reason == "connection_rate_exceeded":
+                assert 2 * len(hs) >= self.a.max_handshakes  # only under pressure
+            else:
+                assert full
+                silent = [t for t in hs if before[t]["silent"]]
+                assert not spoke or not silent  # a speaking one would have evicted it
+            return -1
+        assert per_source < self.a.max_per_source
+        if out.victim is not None:
+            assert full, "evicted with room to spare"
+            assert spoke, "a silent newcomer evicted someone"
+            v = before[out.victim]
+            assert v["hs"] and not v["evicted"]
+            silent = [t for t in hs if before[t]["silent"]]
+            if silent:
+                assert out.victim == min(silent)  # the oldest silent one
+            else:
+                mine = sum(1 for t in hs if source_prefix(str(before[t]["source"]))
+                           == source_prefix(source))
+                theirs = sum(1 for t in hs if source_prefix(str(before[t]["source"]))
+                             == source_prefix(str(v["source"])))
+                assert theirs > mine + 1, "evicted from a prefix holding no more than ours"
+            self.model[out.victim]["evicted"] = True
+        else:
+            assert not full
+        self.model[out.ticket] = {"source": source, "hs": True, "silent": not spoke,
+                                  "evicted": False}
+        return out.ticket
+
+    @rule(t=tickets)
+    def speak(self, t: int) -> None:
+        if t in self.model:
+            self.a.heard(t)
+            self.model[t]["silent"] = False
+
+    @rule(t=tickets)
+    def handshake_done(self, t: int) -> None:
+        m = self.model.get(t)
+        if m is not None and not m["evicted"]:
+            self.a.established(t)
+            m["hs"] = False
+
+    @precondition(lambda self: bool(self.model))
+    @rule(t=consumes(tickets))
+    def close(self, t: int) -> None:
+        self.a.closed(t)
+        self.model.pop(t, None)
+
+    @invariant()
+    def places_add_up(self) -> None:
+        a = self.a
+        live_hs = self._live_handshakes()
+        assert a.handshakes == len(live_hs) <= a.max_handshakes
+        assert a.connections == len(self.model)
+        live = [m for m in self.model.values() if not m["evicted"]]
+        assert len(live) == a.places <= a.max_connections
+        for src in {str(m["source"]) for m in self.model.values()}:
+            n = sum(1 for m in self.model.values() if m["source"] == src)
+            assert a.per_source(src) == n <= a.max_per_source
+        for t, m in self.model.items():
+            assert a.evicted(t) == m["evicted"]
+
+
+TestAdmissionMachine = AdmissionMachine.TestCase
+TestAdmissionMachine.settings = SIM
+
+
+# -- rejection log -------------------------------------------------------------------------------
+
+
+def test_first_event_then_one_summary_per_prefix_and_reason() -> None:
+    log = RejectionLog(rate=5.0, interval=10.0, now=0.0)
+    assert log.offer("10.0.0.0/24", "tls-handshake", "handshake_timeout", 0.0)
+    assert not any(log.offer("10.0.0.0/24", "tls-handshake", "handshake_timeout", 0.1 * i)
+                   for i in range(1, 50))
+    assert log.offer("10.0.0.0/24", "tls-handshake", "not_tls", 1.0)  # another reason
+    assert log.next_deadline() == 10.0
+    assert log.due(9.9) == []
+    assert log.due(10.0) == [Summary("10.0.0.0/24", "tls-handshake", "handshake_timeout", 49,
+                                     0.0, 10.0)]
+    assert log.next_deadline() == 11.0  # not_tls's interval; nothing suppressed: no summary
+    assert log.due(11.0) == [] and log.next_deadline() is None
+    assert log.offer("10.0.0.0/24", "tls-handshake", "handshake_timeout", 12.0)  # afresh
+
+
+def test_the_budget_bounds_what_many_prefixes_write() -> None:
+    log = RejectionLog(rate=2.0, interval=5.0, now=0.0)
+    written = [log.offer(f"10.{i // 256}.{i % 256}.0/24", "connection-rejected",
+                         "too_many_handshakes", i / 1e6) for i in range(1000)]
+    assert sum(written) == 2  # the bucket's two tokens
+    summaries = log.due(6.0)
+    assert summaries[-1].prefix is None and summaries[-1].reason == "budget_exceeded"
+    assert summaries[-1].count == 998 and summaries[-1].prefixes == 998
+
+
+class RejectionLogMachine(RuleBasedStateMachine):
+    """Rejections from many prefixes on a simulated clock: every one is written or counted
+    in exactly one summary, and what is written never exceeds the budget (the rate times the
+    time, plus the bucket, plus one global summary per interval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate, self.interval = 3.0, 4.0
+        self.log = RejectionLog(rate=self.rate, interval=self.interval, now=0.0)
+        self.now = 0.0
+        self.offered = 0
+        self.firsts = 0
+        self.summarized = 0
+        self.summaries = 0
+        self.globals = 0
+        self.last_global = -1e9
+
+    @rule(dt=st.floats(0, 3))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self._due()
+
+    @rule(p=st.integers(0, 30), reason=st.sampled_from(["not_tls", "handshake_timeout",
+                                                        "too_many_handshakes"]),
+          n=st.integers(1, 40))
+    def flood(self, p: int, reason: str, n: int) -> None:
+        for _ in range(n):
+            self.offered += 1
+            if self.log.offer(f"10.0.{p}.0/24", "tls-handshake", reason, self.now):
+                self.firsts += 1
+
+    def _due(self) -> None:
+        deadline = self.log.next_deadline()
+        if deadline is not None and deadline > self.now:
+            assert self.log.due(self.now) == []  # nothing before its deadline
+        for s in self.log.due(self.now):
+            assert s.count > 0 and s.end <= self.now
+            self.summarized += s.count
+            if s.prefix is None:
+                assert s.start + self.interval <= self.now
+                assert self.now - self.last_global >= self.interval or self.last_global < 0
+                self.last_global = self.now
+                self.globals += 1
+            else:
+                assert abs(s.end - s.start - self.interval) < 1e-9
+                self.summaries += 1
+
+    @invariant()
+    def nothing_lost_and_the_budget_holds(self) -> None:
+        pending = sum(k.suppressed for k in self.log._keys.values()) + self.log._overflow.count
+        assert self.firsts + self.summarized + pending == self.offered
+        assert self.firsts + self.summaries <= self.rate * self.now + max(1.0, self.rate) + 1e-6
+        assert self.globals <= self.now / self.interval + 1
+
+    def teardown(self) -> None:
+        self.now += 2 * self.interval
+        self._due()
+        self.now += 2 * self.interval
+        self._due()
+        assert self.firsts + self.summarized == self.offered  # all accounted for at the end
+
+
+TestRejectionLogMachine = RejectionLogMachine.TestCase
+TestRejectionLogMachine.settings = SIM
