@@ -28,6 +28,7 @@ from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
 from mbsec.tls import handshake_failure_reason
 from mbsec.tls_sniff import HandshakeTap, presented_identity
+from mbsec.tls_stream import ServerTlsStream
 
 if TYPE_CHECKING:
     from mbsec.path.client import ClientConn
@@ -63,7 +64,7 @@ class UnlimitedIdentities:
 
 
 def take_tls_state(
-    ssl_stream: trio.SSLStream[Any],
+    ssl_stream: trio.SSLStream[Any] | ServerTlsStream,
 ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
     """The ``SSLStream``'s own ``SSLObject`` and memory BIOs, and the TLS 1.3 tickets it held
     back after the handshake (the private access itself is in :mod:`mbsec.trio_private`)."""
@@ -156,7 +157,7 @@ class Session:
         self.decisions: Decisions | None = None
         self.conn_id = next(_conn_ids)
         (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
-        self._ssl: trio.SSLStream[trio.abc.Stream] | None = None
+        self._ssl: ServerTlsStream | None = None
         self._handshake_done = False
         self._identity_key: str | None = None
         self._stop = False
@@ -206,7 +207,7 @@ class Session:
         tap = HandshakeTap()
         tapped = _TappedStream(self._raw, tap)
         transport: trio.abc.Stream = tapped
-        ssl_stream = trio.SSLStream(transport, state.tls.context, server_side=True)
+        ssl_stream = ServerTlsStream(transport, state.tls.context)  # the handshake loop only
         self._ssl = ssl_stream
         t0 = time.monotonic()
         error: BaseException | None = None
@@ -237,7 +238,7 @@ class Session:
             return False
         return self._accept_identity(ssl_stream, state, duration)
 
-    async def _flush_alert(self, ssl_stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    async def _flush_alert(self, ssl_stream: ServerTlsStream) -> None:
         """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
 
         trio's ``_retry`` raises on SSLError before it reads the BIO, so without this the
@@ -265,7 +266,7 @@ class Session:
                     events.tls_handshake_rejected(reason, detail, duration, identity, resumed))
 
     def _accept_identity(
-        self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
+        self, ssl_stream: ServerTlsStream, state: ProxyState, duration: float
     ) -> bool:
         # OpenSSL verifies nothing on a resumed handshake (not the chain's CAs, not the CRLs'
         # freshness), so the session cache is off (tls.disable_session_cache) and a resumed

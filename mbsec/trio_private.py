@@ -35,6 +35,8 @@ from typing import Any
 
 import trio
 
+from mbsec.tls_stream import ServerTlsStream
+
 __all__ = ["TrioInternalsChanged", "check_trio_internals", "pending_alert", "take_tls_state"]
 
 # (attribute, accepted types) on a fresh SSLStream, before any handshake.
@@ -59,7 +61,7 @@ def _changed(what: str) -> TrioInternalsChanged:
 
 
 def take_tls_state(
-    ssl_stream: trio.SSLStream[Any],
+    ssl_stream: trio.SSLStream[Any] | ServerTlsStream,
 ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
     """The ``SSLStream``'s own ``SSLObject`` and memory BIOs, and the TLS 1.3 session tickets
     trio held back after the handshake (taken: the caller sends them before anything else).
@@ -86,7 +88,7 @@ def take_tls_state(
     return obj, incoming, outgoing, bytes(delayed or b"")
 
 
-def pending_alert(ssl_stream: trio.SSLStream[Any]) -> bytes:
+def pending_alert(ssl_stream: trio.SSLStream[Any] | ServerTlsStream) -> bytes:
     """The bytes OpenSSL left in the outgoing BIO when the handshake failed: the fatal alert
     trio did not send (see the module docstring). Empty when there is none.
 
