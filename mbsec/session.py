@@ -22,7 +22,7 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec import events, trio_private
-from mbsec.identity import IdentityError, PeerIdentity, parse_identity
+from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
 from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
@@ -279,7 +279,7 @@ class Session:
                          resumed=resumed)
             return False
         try:
-            identity = parse_identity(der)
+            identity = parse_verified_identity(der)
         except IdentityError as exc:  # the plain fields, without the role, still name it
             self._reject(exc.reason, exc.message, duration, presented_identity(der),
                          resumed=resumed)
