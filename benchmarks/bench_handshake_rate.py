@@ -250,6 +250,91 @@ def report(runs: list[Run], targets: list[str], reps: int) -> str:
     return "\n".join(lines)
 
 
+# -- OpenSSL's share, in memory ------------------------------------------------------------
+
+
+def openssl_only(n: int, runs: int) -> str:
+    """Server CPU of a full TLS 1.2 mutual handshake inside OpenSSL alone (memory BIOs, no
+    sockets, no trio, the client's work excluded), with mbsec's own server context
+    (:func:`mbsec.tls.build_material`) and certificates from mbsec-pki, per key type, with
+    and without an issuing intermediate and a CRL: the floor a handshake costs any proxy
+    using this OpenSSL, and what the key type and the CRL check add to it."""
+    import ssl
+
+    from mbsec.pki.ca import CertificateAuthority
+    from mbsec.settings import TlsSettings
+    from mbsec.tls import build_material
+
+    lines = [f"{'key type':<10} {'intermediate':<12} {'CRL':<4} {'server CPU us/hs':>16} "
+             f"{'min':>6} {'max':>6}"]
+    with tempfile.TemporaryDirectory(prefix="mbsec-bench-ossl-") as tmp:
+        for key_type in ("ec-p256", "rsa-2048"):
+            for inter in (False, True):
+                d = Path(tmp) / f"{key_type}-{inter}"
+                ca = CertificateAuthority.init(d / "ca", common_name=f"Bench {key_type}",
+                                               key_type=key_type, intermediate=inter)
+                server = ca.issue("server", "mbsec-bench", dns=("localhost",),
+                                  out_dir=d / "certs", name="server")
+                client = ca.issue("client", "op-1", role="operator", out_dir=d / "certs",
+                                  name="client")
+                crl = ca.write_crl(d / "crl.pem")
+                cctx = ssl.create_default_context(cafile=str(ca.trust_bundle))
+                cctx.maximum_version = ssl.TLSVersion.TLSv1_2
+                cctx.load_cert_chain(str(client.chain), str(client.key))
+                for with_crl in (False, True):
+                    sctx = build_material(TlsSettings(
+                        cert=server.chain, key=server.key, client_ca=ca.trust_bundle,
+                        crl=[crl] if with_crl else [])).context
+                    per: list[float] = []
+                    for _ in range(runs):
+                        spent = 0.0
+                        for _ in range(n):
+                            spent += _memory_handshake(sctx, cctx)
+                        per.append(1e6 * spent / n)
+                    lines.append(f"{key_type:<10} {'yes' if inter else 'no':<12} "
+                                 f"{'yes' if with_crl else 'no':<4} "
+                                 f"{statistics.median(per):16.0f} {min(per):6.0f} "
+                                 f"{max(per):6.0f}")
+    return "\n".join(lines)
+
+
+def _memory_handshake(sctx: Any, cctx: Any) -> float:
+    """One handshake over memory BIOs; returns the server's thread CPU seconds."""
+    import ssl
+
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    spent = 0.0
+    clock = time.thread_time
+    t0 = clock()
+    server = sctx.wrap_bio(s_in, s_out, server_side=True)
+    spent += clock() - t0
+    client = cctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    c_done = s_done = False
+    for _ in range(10):
+        if not c_done:
+            try:
+                client.do_handshake()
+                c_done = True
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        t0 = clock()
+        if not s_done:
+            try:
+                server.do_handshake()
+                s_done = True
+            except ssl.SSLWantReadError:
+                pass
+        out = s_out.read()
+        spent += clock() - t0
+        c_in.write(out)
+        if c_done and s_done:
+            if server.getpeercert(binary_form=True) is None:
+                raise SystemExit("in-memory handshake: no client certificate")
+            return spent
+    raise SystemExit("in-memory handshake did not complete")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", type=Path, default=KIT, help="the bench kit (shared/bench)")
@@ -265,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable, help="the interpreter running mbsec")
     p.add_argument("--workdir", type=Path, help="keep certs, configs and logs here")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing packages")
+    p.add_argument("--openssl-only", action="store_true",
+                   help="only OpenSSL's server CPU per handshake in memory, per key type")
     args = p.parse_args(argv)
+    if args.openssl_only:
+        print(f"box: {box()}; load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(openssl_only(300, 5))
+        return 0
     all_mbsec = {"mbsec": 1, "mbsec-workers": args.workers, **({"mbsec-crl": 1} if args.crl
                                                                else {})}
     targets = ([t.strip() for t in args.targets.split(",") if t.strip()] if args.targets

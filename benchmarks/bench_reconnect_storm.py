@@ -10,8 +10,9 @@ processes, default 2, each a non-blocking ``selectors`` loop over ``ssl.SSLSocke
 client side costs OpenSSL's work and little Python). Each client: TCP connect, a full
 mutual-TLS handshake with the kit's client certificate (TLS 1.2 by default, ``--tls 1.3``),
 one FC03 read of 10 registers of unit 1, the reply checked against mbplc's pattern, close.
-A client whose attempt fails (refused, reset, handshake error, 5 s without progress) tries
-again after 100 ms, as a master would, until ``--deadline``.
+A client whose attempt fails (refused, reset, handshake error, ``--attempt-timeout`` seconds
+without progress, default 5) closes it and tries again after 100 ms, as a master would, until
+``--deadline``; the failed attempts are counted by cause.
 
 Printed per target and repetition: the time from the first ``connect`` until the last client
 has its checked reply (``all served``), the 50th/90th/99th percentile of the clients' own
@@ -55,7 +56,6 @@ from bench_proxy import ensure_packages, run, say
 
 QTY = 10
 UNIT = 1
-STALL_S = 5.0
 RETRY_S = 0.1
 
 
@@ -86,7 +86,7 @@ class Client:
 
 
 def client_process(port: int, ctx_args: tuple[str, str, str, str], sources: list[str],
-                   indexes: list[int], start_at: float, deadline_s: float,
+                   indexes: list[int], start_at: float, deadline_s: float, stall_s: float,
                    out: Any) -> None:
     """Run the clients ``indexes`` (``indexes[i]`` from ``sources[i % len]``) and put
     ``(index, done_at | None, failures, last_error)`` for each, then this process's CPU."""
@@ -196,7 +196,7 @@ def client_process(port: int, ctx_args: tuple[str, str, str, str], sources: list
         for c in clients:
             if c.state == "idle" and now >= c.retry_at:
                 start(c, now)
-            elif c.state not in ("idle", "done") and now - c.progress_at > STALL_S:
+            elif c.state not in ("idle", "done") and now - c.progress_at > stall_s:
                 fail(c, "no progress", now)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     for c in clients:
@@ -235,7 +235,7 @@ def storm(stack: Any, port: int, target: str, rep: int, args: argparse.Namespace
         idx = list(range(p, args.clients, args.procs))
         procs.append(mp.get_context("fork").Process(
             target=client_process, args=(port, ctx_args, sources, idx, start_at,
-                                         args.deadline, q)))
+                                         args.deadline, args.attempt_timeout, q)))
     for pr in procs:
         pr.start()
     time.sleep(max(0.0, start_at - time.monotonic()))
@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=2, help="client processes")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--deadline", type=float, default=60.0, help="seconds a storm may take")
+    p.add_argument("--attempt-timeout", type=float, default=5.0,
+                   help="seconds without progress before a client gives an attempt up")
     p.add_argument("--tls", choices=("1.2", "1.3"), default="1.2")
     p.add_argument("--workers", type=int, default=2, help="workers of mbsec-workers")
     p.add_argument("--keyalg", choices=("ec", "rsa"), default="ec")
