@@ -108,7 +108,8 @@ def write_crl(certs: Path) -> Path:
 def handshake_stack(args: argparse.Namespace, work: Path,
                     mbsec_targets: dict[str, int]) -> Iterator[tuple[Stack, dict[str, int]]]:
     """mbplc, stunnel, haproxy and one ``mbsec serve`` per entry of ``mbsec_targets``
-    (name -> workers; a name ending in ``-crl`` gets the CRL)."""
+    (name -> workers; a name ending in ``-crl`` gets the CRL; ``mbsec@NAME`` imports mbsec
+    from the ``--compare NAME=PATH`` tree)."""
     kit: Path = args.kit
     ports = {name: free_port() for name in ("direct", *PEERS, *mbsec_targets)}
     peers_env = dict(os.environ, RUNDIR=str(work / "peers"),
@@ -135,9 +136,13 @@ def handshake_stack(args: argparse.Namespace, work: Path,
                     f'client_ca = "certs/ca.crt"\ncrl = ["{crl.relative_to(work)}"]\n')
                 cfg.write_text(text)
             say(f"starting {name} ({workers} worker(s)) on 127.0.0.1:{ports[name]}")
+            env = dict(os.environ)
+            if "@" in name:
+                env["PYTHONPATH"] = str(getattr(args, "compare_paths", {})[name])
             stack.procs[name] = subprocess.Popen(
                 [args.python, "-m", "mbsec.cli", "serve", "--config", str(cfg)],
-                stdout=(work / f"{name}.out").open("w"), stderr=subprocess.STDOUT, cwd=work)
+                stdout=(work / f"{name}.out").open("w"), stderr=subprocess.STDOUT, cwd=work,
+                env=env)
             wait_listening(ports[name], stack.procs[name], name, 30)
             stack.compiled[name] = data_plane_compiled(work / f"{name}.log",
                                                        stack.procs[name], 10)
@@ -247,6 +252,10 @@ def report(runs: list[Run], targets: list[str], reps: int) -> str:
                        ("mbsec", "haproxy", "cpu"), ("mbsec-crl", "mbsec", "cpu")):
         if a in targets and b in targets:
             lines.append(ratio_line(runs, reps, a, b, what))
+    for other in (t for t in targets if t.startswith("mbsec@")):
+        if "mbsec" in targets:
+            lines.append(ratio_line(runs, reps, "mbsec", other, "rate"))
+            lines.append(ratio_line(runs, reps, "mbsec", other, "cpu"))
     return "\n".join(lines)
 
 
@@ -350,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable, help="the interpreter running mbsec")
     p.add_argument("--workdir", type=Path, help="keep certs, configs and logs here")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing packages")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                   help="also mbsec@NAME: one process importing mbsec from PATH (a source tree, "
+                   "e.g. the code before a change), paired with mbsec; repeatable")
     p.add_argument("--openssl-only", action="store_true",
                    help="only OpenSSL's server CPU per handshake in memory, per key type")
     args = p.parse_args(argv)
@@ -359,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     all_mbsec = {"mbsec": 1, "mbsec-workers": args.workers, **({"mbsec-crl": 1} if args.crl
                                                                else {})}
+    args.compare_paths = {}
+    for spec in args.compare:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path, "mbsec").is_dir():
+            p.error(f"--compare {spec}: want NAME=PATH with PATH/mbsec a source tree")
+        args.compare_paths[f"mbsec@{name}"] = Path(path).resolve()
+        all_mbsec[f"mbsec@{name}"] = 1
     targets = ([t.strip() for t in args.targets.split(",") if t.strip()] if args.targets
                else [*PEERS, *all_mbsec])
     unknown = [t for t in targets if t not in (*PEERS, *all_mbsec)]
