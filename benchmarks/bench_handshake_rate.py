@@ -30,8 +30,12 @@ Everything it starts is stopped by pid on exit; ports are picked free on 127.0.0
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_handshake_rate.py --keyalg rsa --crl
 
 ``mbsec`` runs as ``--python -m mbsec.cli serve`` (default: this interpreter), so it imports
-what that interpreter imports (with PYTHONPATH set: this checkout). Figures and the profile
-behind them: benchmarks/README.md, "Handshake rate".
+what that interpreter imports (with PYTHONPATH set: this checkout). ``--compare NAME=PATH``
+adds ``mbsec@NAME``, one process importing mbsec from the source tree PATH (say the code
+before a change, ``git archive BASE mbsec | tar -x -C PATH``), paired with ``mbsec`` per
+repetition. ``--openssl-only`` measures only OpenSSL's server CPU per handshake in memory
+(mbsec's own context, mbsec-pki certificates, per key type, with and without an intermediate
+and a CRL). Figures and the profile behind them: benchmarks/README.md, "Handshake rate".
 """
 
 from __future__ import annotations

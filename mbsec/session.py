@@ -2,7 +2,8 @@
 
 The session owns every failure of its handshake and maps library errors at this boundary: a
 failed handshake becomes an event with a reason slug (and the fatal alert is flushed to the
-client, which trio's ``SSLStream`` does not do by itself). After the handshake the connection
+client: the handshake loop, :mod:`mbsec.tls_stream`, leaves it in the BIO as trio's
+``SSLStream`` does). After the handshake the connection
 goes to the data plane (:mod:`mbsec.path`): the request path's core decides, the epoll driver
 moves the bytes, and the session gets the connection back to close it and write its close line.
 """

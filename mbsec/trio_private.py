@@ -20,6 +20,9 @@ The attributes (as of trio 0.25 .. 0.35, all set in ``SSLStream.__init__``):
     ``SSLObject`` afterwards must send them first, in order, so :func:`take_tls_state` takes
     them (and clears the attribute so they cannot go out twice).
 
+The handshake itself runs in :class:`mbsec.tls_stream.ServerTlsStream`, which keeps these
+attributes under the same names and types, so both functions below work on either stream.
+
 ``_outgoing`` after a failed handshake
     OpenSSL writes the fatal alert (``certificate_required``, ``unknown_ca``, ...) into the
     outgoing BIO and then raises; trio's ``_retry`` re-raises the ``SSLError`` before it sends
