@@ -4,6 +4,7 @@ state the data plane takes, the alert left unsent on failure, EOF, close_notify)
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -96,7 +97,5 @@ async def test_end_of_stream_mid_handshake_is_client_closed(pki: Pki) -> None:
 
 
 async def _ignore_broken(fn: Any) -> None:
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await fn()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
