@@ -242,7 +242,8 @@ class Session:
     async def _flush_alert(self, ssl_stream: ServerTlsStream) -> None:
         """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
 
-        trio's ``_retry`` raises on SSLError before it reads the BIO, so without this the
+        The handshake loop (like trio's ``_retry``) raises on SSLError before it reads the
+        BIO, so without this the
         client never learns why (R-44): it sees a bare TCP close instead of e.g.
         ``certificate_required`` or ``unknown_ca``.
         """
