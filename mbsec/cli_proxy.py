@@ -10,6 +10,7 @@ Under systemd (``$NOTIFY_SOCKET``) it speaks the notify protocol, watchdog inclu
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import socket
 import sys
@@ -217,6 +218,10 @@ def serve_main(argv: list[str]) -> int:
                     notifier, PlaneProbe(proxy.data_plane).answers, serving_status=status))
 
     try:
+        # everything built so far (modules, settings, policy, contexts) lives until exit: out of
+        # the collector's way, so the collections that per-connection garbage triggers do not
+        # walk it again each time (a measurable share of a handshake's CPU)
+        gc.freeze()
         trio.run(run)
     except (OSError, BaseExceptionGroup) as exc:
         oserr = _first_oserror(exc)

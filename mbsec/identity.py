@@ -198,3 +198,27 @@ def parse_identity(der: bytes) -> PeerIdentity:
         raise IdentityError(f"certificate cannot be parsed: {exc}",
                             reason="certificate_malformed") from None
     return identity_from_certificate(cert)
+
+
+# --- verified peers: one parse per certificate, not per connection ---------------------------
+
+#: certificates whose identity is kept; the oldest goes first when full
+VERIFIED_CACHE_SIZE = 1024
+_verified: dict[bytes, PeerIdentity] = {}
+
+
+def parse_verified_identity(der: bytes) -> PeerIdentity:
+    """:func:`parse_identity` for a certificate OpenSSL has just verified, remembering the
+    result per DER certificate: a plant's masters reconnect with the same certificates, and
+    the parse (names, SANs, fingerprint, role) is a measurable share of a handshake's Python
+    work. Safe because the identity is a pure function of the DER bytes and nothing that can
+    change over time is cached: revocation and expiry are checked by the caller on every
+    connection. Only verified certificates enter (never what a rejected peer presented), and
+    a certificate that fails to parse is never cached, so it fails the same way each time."""
+    identity = _verified.get(der)
+    if identity is None:
+        identity = parse_identity(der)
+        if len(_verified) >= VERIFIED_CACHE_SIZE:
+            del _verified[next(iter(_verified))]
+        _verified[der] = identity
+    return identity

@@ -2,7 +2,8 @@
 
 The session owns every failure of its handshake and maps library errors at this boundary: a
 failed handshake becomes an event with a reason slug (and the fatal alert is flushed to the
-client, which trio's ``SSLStream`` does not do by itself). After the handshake the connection
+client: the handshake loop, :mod:`mbsec.tls_stream`, leaves it in the BIO as trio's
+``SSLStream`` does). After the handshake the connection
 goes to the data plane (:mod:`mbsec.path`): the request path's core decides, the epoll driver
 moves the bytes, and the session gets the connection back to close it and write its close line.
 """
@@ -22,12 +23,13 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec import events, trio_private
-from mbsec.identity import IdentityError, PeerIdentity, parse_identity
+from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
 from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
 from mbsec.tls import handshake_failure_reason
 from mbsec.tls_sniff import HandshakeTap, presented_identity
+from mbsec.tls_stream import ServerTlsStream
 
 if TYPE_CHECKING:
     from mbsec.path.client import ClientConn
@@ -74,7 +76,7 @@ class UnlimitedIdentities:
 
 
 def take_tls_state(
-    ssl_stream: trio.SSLStream[Any],
+    ssl_stream: trio.SSLStream[Any] | ServerTlsStream,
 ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
     """The ``SSLStream``'s own ``SSLObject`` and memory BIOs, and the TLS 1.3 tickets it held
     back after the handshake (the private access itself is in :mod:`mbsec.trio_private`)."""
@@ -172,7 +174,7 @@ class Session:
         self.decisions: Decisions | None = None
         self.conn_id = next(_conn_ids)
         (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
-        self._ssl: trio.SSLStream[trio.abc.Stream] | None = None
+        self._ssl: ServerTlsStream | None = None
         self._handshake_done = False
         self._identity_key: str | None = None
         self._stop = False
@@ -266,7 +268,7 @@ class Session:
         tap = HandshakeTap()
         tapped = _TappedStream(self._raw, tap)
         transport: trio.abc.Stream = tapped
-        ssl_stream = trio.SSLStream(transport, state.tls.context, server_side=True)
+        ssl_stream = ServerTlsStream(transport, state.tls.context)  # the handshake loop only
         self._ssl = ssl_stream
         error: BaseException | None = None
         timed_out = False
@@ -299,10 +301,11 @@ class Session:
             return False
         return self._accept_identity(ssl_stream, state, duration)
 
-    async def _flush_alert(self, ssl_stream: trio.SSLStream[trio.abc.Stream]) -> None:
+    async def _flush_alert(self, ssl_stream: ServerTlsStream) -> None:
         """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
 
-        trio's ``_retry`` raises on SSLError before it reads the BIO, so without this the
+        The handshake loop (like trio's ``_retry``) raises on SSLError before it reads the
+        BIO, so without this the
         client never learns why (R-44): it sees a bare TCP close instead of e.g.
         ``certificate_required`` or ``unknown_ca``.
         """
@@ -335,7 +338,7 @@ class Session:
             events.emit(self._log, event)
 
     def _accept_identity(
-        self, ssl_stream: trio.SSLStream[trio.abc.Stream], state: ProxyState, duration: float
+        self, ssl_stream: ServerTlsStream, state: ProxyState, duration: float
     ) -> bool:
         # OpenSSL verifies nothing on a resumed handshake (not the chain's CAs, not the CRLs'
         # freshness), so the session cache is off (tls.disable_session_cache) and a resumed
@@ -348,7 +351,7 @@ class Session:
                          resumed=resumed, authenticated=False)
             return False
         try:
-            identity = parse_identity(der)
+            identity = parse_verified_identity(der)
         except IdentityError as exc:  # the plain fields, without the role, still name it
             self._reject(exc.reason, exc.message, duration, presented_identity(der),
                          resumed=resumed)

@@ -20,6 +20,9 @@ The attributes (as of trio 0.25 .. 0.35, all set in ``SSLStream.__init__``):
     ``SSLObject`` afterwards must send them first, in order, so :func:`take_tls_state` takes
     them (and clears the attribute so they cannot go out twice).
 
+The handshake itself runs in :class:`mbsec.tls_stream.ServerTlsStream`, which keeps these
+attributes under the same names and types, so both functions below work on either stream.
+
 ``_outgoing`` after a failed handshake
     OpenSSL writes the fatal alert (``certificate_required``, ``unknown_ca``, ...) into the
     outgoing BIO and then raises; trio's ``_retry`` re-raises the ``SSLError`` before it sends
@@ -34,6 +37,8 @@ import ssl
 from typing import Any
 
 import trio
+
+from mbsec.tls_stream import ServerTlsStream
 
 __all__ = ["TrioInternalsChanged", "check_trio_internals", "pending_alert", "take_tls_state"]
 
@@ -59,7 +64,7 @@ def _changed(what: str) -> TrioInternalsChanged:
 
 
 def take_tls_state(
-    ssl_stream: trio.SSLStream[Any],
+    ssl_stream: trio.SSLStream[Any] | ServerTlsStream,
 ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
     """The ``SSLStream``'s own ``SSLObject`` and memory BIOs, and the TLS 1.3 session tickets
     trio held back after the handshake (taken: the caller sends them before anything else).
@@ -86,7 +91,7 @@ def take_tls_state(
     return obj, incoming, outgoing, bytes(delayed or b"")
 
 
-def pending_alert(ssl_stream: trio.SSLStream[Any]) -> bytes:
+def pending_alert(ssl_stream: trio.SSLStream[Any] | ServerTlsStream) -> bytes:
     """The bytes OpenSSL left in the outgoing BIO when the handshake failed: the fatal alert
     trio did not send (see the module docstring). Empty when there is none.
 
