@@ -194,7 +194,7 @@ def parse_identity(der: bytes) -> PeerIdentity:
     """
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (fuzzed)
         raise IdentityError(f"certificate cannot be parsed: {exc}",
                             reason="certificate_malformed") from None
     return identity_from_certificate(cert)

@@ -181,6 +181,15 @@ def test_truncated_certificate() -> None:
         assert reason_of(der[:cut]) == "certificate_malformed"
 
 
+def test_unknown_x509_version_is_malformed() -> None:
+    """cryptography raises InvalidVersion, not a ValueError, for a version field outside v1..v3
+    (found by fuzz/targets.py fuzz_certificate): it must still be an IdentityError."""
+    der = bytearray(make_cert())
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # [0] EXPLICIT INTEGER 2 (v3)
+    der[at + 4] = 0x3B
+    assert reason_of(bytes(der)) == "certificate_malformed"
+
+
 # --- a certificate made by the real openssl ----------------------------------------------------
 
 @needs_openssl
