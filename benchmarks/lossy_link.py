@@ -29,6 +29,7 @@ forward ...`` is the forwarder process itself (started by :class:`LossyLink`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import random
@@ -260,20 +261,16 @@ def forward(tun: str, local: str, remote: str, loss: float, seed: int, stats: Pa
                         dropped += 1
                         continue
                     forwarded += 1
-                    try:
+                    with contextlib.suppress(OSError):  # a full socket buffer is loss too
                         udp.sendto(pkt, (remote, PORT))
-                    except OSError:
-                        pass  # a full socket buffer is loss too
             else:
                 while True:
                     try:
                         pkt = udp.recv(65535)
                     except BlockingIOError:
                         break
-                    try:
+                    with contextlib.suppress(OSError):
                         os.write(fd, pkt)
-                    except OSError:
-                        pass
         now = time.monotonic()
         if (not ready or now - written > 0.05) and (forwarded, dropped) != last:
             last = (forwarded, dropped)

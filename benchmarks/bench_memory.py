@@ -1,0 +1,313 @@
+"""mbsec's memory: idle authenticated sessions, and rejected connections (issue 10, item 4).
+Not run in CI.
+
+``sessions``: ``--sessions`` (default 10,000) mutual-TLS clients connect to one ``mbsec serve``
+(limits raised to fit, ``idle_timeout`` one hour), each sends one FC03 request (so the session
+is in the data plane, not only handshaken) and then stays idle. The proxy's RSS (``VmRSS``) is
+sampled at checkpoints, after all sessions are up, and again after they all closed. The clients
+run in ``--client-procs`` processes (the open file limit is raised to the hard limit first).
+
+``rejections``: for ``--seconds`` (default 180) ``--client-procs`` processes open TCP
+connections that are refused: alternately garbage instead of a ClientHello, and a TLS client
+without a certificate. Each waits for mbsec to close, then resets (SO_LINGER 0: no TIME_WAIT on
+the client side). RSS is sampled every ``--sample`` rejections; printed: the start, the end, the
+growth per 100,000 rejections over the second half (the steady state), and the extrapolation to
+a million.
+
+``--tracemalloc N``: run mbsec under ``tracemalloc`` (N frames) and write its top allocation
+sites (by size and by count) before and after each phase into the work directory (SIGUSR2 to
+the proxy dumps them). Slower and bigger: only to find where memory goes.
+
+    .venv/bin/python benchmarks/bench_memory.py sessions                  # ~2-4 minutes
+    .venv/bin/python benchmarks/bench_memory.py rejections --seconds 300
+    .venv/bin/python benchmarks/bench_memory.py sessions --sessions 2000 --tracemalloc 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import os
+import resource
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mbsec_stack import (
+    KIT,
+    Pki,
+    fc03,
+    free_port,
+    make_pki,
+    mbsec_serve,
+    rss_kib,
+    write_config,
+)
+
+TRACED = """\
+import signal, sys, tracemalloc
+tracemalloc.start({frames})
+out = {out!r}
+n = [0]
+def dump(*_):
+    n[0] += 1
+    snap = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)])
+    with open(f"{{out}}/tracemalloc-{{n[0]}}.txt", "w") as fh:
+        for key in ("traceback", "lineno"):
+            stats = snap.statistics(key)
+            fh.write(f"== top by size, grouped by {{key}}\\n")
+            for s in stats[:25]:
+                fh.write(f"{{s.size / 1024:10.1f}} KiB {{s.count:8d}} blocks\\n")
+                for line in s.traceback.format()[-{frames}:]:
+                    fh.write(f"      {{line}}\\n")
+signal.signal(signal.SIGUSR2, dump)
+from mbsec.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def raise_nofile() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def dump_tracemalloc(pid: int, work: Path, enabled: bool) -> None:
+    if not enabled:
+        return
+    before = set(work.glob("tracemalloc-*.txt"))
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 120
+    while set(work.glob("tracemalloc-*.txt")) == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+def _hold_sessions(port: int, pki: Pki, n: int, up: Any, release: Any, failed: Any) -> None:
+    """One client process: open ``n`` sessions, one request each, hold them until released."""
+    raise_nofile()
+    ctx = pki.client_ctx()
+    socks = []
+    for i in range(n):
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(fc03(i, 0, 1))
+            reply = s.recv(64)
+            if len(reply) < 9 or reply[7] != 3:
+                failed.value += 1
+            socks.append(s)
+        except OSError:
+            failed.value += 1
+        with up.get_lock():
+            up.value += 1
+    release.wait()
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+def bench_sessions(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int) -> int:
+    n = args.sessions
+    cfg, port = write_config(
+        work, pki, "127.0.0.1", plc_port,
+        limits=f"max_connections = {n + 100}\nmax_per_identity = {n + 100}\n"
+               f"max_per_source = {n + 100}\nidle_timeout = 3600",
+        upstream_extra="pool_size = 2")
+    pre = ([sys.executable, "-c", TRACED.format(frames=args.tracemalloc, out=str(work))]
+           if args.tracemalloc else None)
+    server = _traced_serve(pre, cfg, port) if pre else mbsec_serve(cfg, port)
+    with server as proc:
+        time.sleep(1)
+        start = rss_kib(proc.pid)
+        print(f"mbsec pid {proc.pid}: RSS at start {start / 1024:.1f} MiB", flush=True)
+        dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
+        up = mp.Value("i", 0)
+        failed = mp.Value("i", 0)
+        release = mp.Event()
+        per = [n // args.client_procs + (1 if i < n % args.client_procs else 0)
+               for i in range(args.client_procs)]
+        procs = [mp.Process(target=_hold_sessions, args=(port, pki, k, up, release, failed))
+                 for k in per]
+        t0 = time.monotonic()
+        for p in procs:
+            p.start()
+        marks = sorted({m for m in (1000, 2000, 5000, n) if m <= n})
+        samples: list[tuple[int, int, float]] = []
+        while marks:
+            if up.value >= marks[0]:
+                samples.append((up.value, rss_kib(proc.pid), time.monotonic() - t0))
+                print(f"  {up.value} sessions ({failed.value} failed): RSS "
+                      f"{samples[-1][1] / 1024:.1f} MiB, {samples[-1][2]:.0f} s", flush=True)
+                marks.pop(0)
+            elif not any(p.is_alive() for p in procs):
+                break
+            time.sleep(0.2)
+        time.sleep(3)
+        full = rss_kib(proc.pid)
+        dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
+        release.set()
+        for p in procs:
+            p.join()
+        time.sleep(5)
+        after = rss_kib(proc.pid)
+        dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
+    per_session = (full - start) / max(1, up.value - failed.value)
+    print(f"\n| sessions | failed | RSS start MiB | RSS with all open MiB | per session KiB "
+          f"| RSS after they closed MiB | time to open s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
+          f"| {up.value} | {failed.value} | {start / 1024:.1f} | {full / 1024:.1f} | "
+          f"{per_session:.1f} | {after / 1024:.1f} | {samples[-1][2] if samples else 0:.0f} |")
+    ok = failed.value == 0 and full < 1024 * 1024
+    print(f"\n{n} sessions under 1 GiB RSS: {'yes' if ok else 'NO'}")
+    return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _traced_serve(pre: list[str], cfg: Path, port: int) -> Any:
+    from mbsec_stack import wait_listening
+
+    proc = subprocess.Popen([*pre, "serve", "--config", str(cfg)], cwd=cfg.parent)
+    try:
+        wait_listening(port, proc, timeout=60)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- rejections ------------------------------------------------------------------------------
+
+
+def _reject_loop(port: int, ca: str, until: float, count: Any, index: int) -> None:
+    raise_nofile()
+    ctx = ssl.create_default_context(cafile=ca)  # no client certificate
+    linger = struct.pack("ii", 1, 0)
+    i = 0
+    while time.monotonic() < until:
+        i += 1
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.settimeout(15)
+        try:
+            s.connect(("127.0.0.1", port))
+            if i % 2:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    while s.recv(4096):
+                        pass
+            else:
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    t = ctx.wrap_socket(s, server_hostname="localhost")
+                    t.sendall(fc03(1, 0, 1))
+                    while t.recv(4096):
+                        pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+        with count.get_lock():
+            count.value += 1
+
+
+def bench_rejections(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int) -> int:
+    cfg, port = write_config(work, pki, "127.0.0.1", plc_port,
+                             limits="max_connections = 512\nmax_per_source = 64",
+                             log_file="/dev/null")
+    count = mp.Value("l", 0)
+    with mbsec_serve(cfg, port) as proc:
+        time.sleep(1)
+        start = rss_kib(proc.pid)
+        until = time.monotonic() + args.seconds
+        procs = [mp.Process(target=_reject_loop,
+                            args=(port, str(pki.ca.trust_bundle), until, count, i))
+                 for i in range(args.client_procs)]
+        t0 = time.monotonic()
+        for p in procs:
+            p.start()
+        samples = [(0, start, 0.0)]
+        nxt = args.sample
+        while any(p.is_alive() for p in procs):
+            if count.value >= nxt:
+                samples.append((count.value, rss_kib(proc.pid), time.monotonic() - t0))
+                c, r, t = samples[-1]
+                print(f"  {c} rejected, {c / t:.0f}/s: RSS {r / 1024:.1f} MiB", flush=True)
+                nxt += args.sample
+            time.sleep(0.2)
+        for p in procs:
+            p.join()
+        time.sleep(3)
+        end = rss_kib(proc.pid)
+        samples.append((count.value, end, time.monotonic() - t0))
+        alive = proc.poll() is None
+    total = count.value
+    half = [s for s in samples if s[0] >= total / 2]
+    slope = ((half[-1][1] - half[0][1]) / max(1, half[-1][0] - half[0][0]) * 100_000
+             if len(half) >= 2 else float("nan"))
+    print(f"\n| rejected | rate /s | RSS start MiB | RSS peak MiB | RSS end MiB | growth "
+          f"per 100k, 2nd half, KiB | extrapolated to 1M, MiB over start |\n"
+          f"|---:|---:|---:|---:|---:|---:|---:|\n"
+          f"| {total} | {total / samples[-1][2]:.0f} | {start / 1024:.1f} | "
+          f"{max(s[1] for s in samples) / 1024:.1f} | {end / 1024:.1f} | {slope:.0f} | "
+          f"{(end - start + slope * max(0, 1_000_000 - total) / 100_000) / 1024:.1f} |")
+    print(f"mbsec still running: {alive}")
+    return 0 if alive else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("phase", choices=["sessions", "rejections"])
+    p.add_argument("--sessions", type=int, default=10_000)
+    p.add_argument("--seconds", type=float, default=180)
+    p.add_argument("--sample", type=int, default=20_000)
+    p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--kit", type=Path, default=KIT)
+    p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES")
+    args = p.parse_args(argv)
+    hard = raise_nofile()
+    if args.phase == "sessions" and hard < args.sessions + 200:
+        sys.exit(f"the open file hard limit is {hard}: too low for {args.sessions} sessions")
+    if not (args.kit / "mbplc").exists():
+        sys.exit(f"{args.kit}/mbplc not built: make -C {args.kit}")
+    with tempfile.TemporaryDirectory(prefix="fl-mem-") as tmp:
+        work = Path(tmp)
+        pki = make_pki(work)
+        plc_port = free_port()
+        plc = subprocess.Popen([str(args.kit / "mbplc"), "--port", str(plc_port), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if args.phase == "sessions":
+                rc = bench_sessions(args, work, pki, plc_port)
+            else:
+                rc = bench_rejections(args, work, pki, plc_port)
+            if args.tracemalloc:
+                keep = Path(f"/tmp/fl-mem-tracemalloc-{os.getpid()}")
+                keep.mkdir()
+                for f in work.glob("tracemalloc-*.txt"):
+                    f.rename(keep / f.name)
+                print(f"tracemalloc dumps in {keep}")
+        finally:
+            plc.terminate()
+            plc.wait()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
