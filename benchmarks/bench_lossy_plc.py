@@ -18,11 +18,13 @@ dropped.
 
     .venv/bin/python benchmarks/bench_lossy_plc.py                       # ~4 minutes
     .venv/bin/python benchmarks/bench_lossy_plc.py --duration 10 --configs 0.05:20:20
+    .venv/bin/python benchmarks/bench_lossy_plc.py --dead-link    # TCP_USER_TIMEOUT, ~2 min
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import socket
 import statistics
 import struct
@@ -173,6 +175,39 @@ def run_one(cfg: Config, target: str, args: argparse.Namespace, pki: Pki,
         return results, link.counters()
 
 
+def dead_link(args: argparse.Namespace) -> None:
+    """How long until a socket with a request in flight learns that its PLC is gone: the
+    kernel's default (``tcp_retries2`` = 15, about 15 minutes) against ``TCP_USER_TIMEOUT``."""
+    print("\n| PLC link cut with a request in flight | error after s | error |\n|---|---:|---|")
+    for user_timeout, rto in ((None, None), (2000, None), (2000, 20), (None, 20)):
+        with LossyLink(loss=0.0) as link:
+            link.spawn([str(args.kit / "mbplc"), "--bind", link.plc_ip, "--port",
+                        str(PLC_PORT), "--quiet"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+            link.set_rto_min(rto)
+            time.sleep(0.3)
+            s = socket.create_connection((link.plc_ip, PLC_PORT), timeout=5)
+            if user_timeout is not None:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout)
+            s.sendall(fc03(1, 0, 1))
+            _recv_exact(s, 11)
+            link.cut()
+            s.settimeout(args.dead_wait)
+            t0 = time.monotonic()
+            s.sendall(fc03(2, 0, 1))
+            try:
+                s.recv(100)
+                err = "a reply?"
+            except OSError as exc:  # ETIMEDOUT is a TimeoutError too: told apart by errno
+                err = (f"{errno.errorcode[exc.errno]} ({exc.strerror})" if exc.errno
+                       else f"none within {args.dead_wait:g} s")
+            took = time.monotonic() - t0
+            s.close()
+        label = (f"TCP_USER_TIMEOUT {user_timeout or 'unset'} ms, rto_min "
+                 f"{f'{rto}ms' if rto else 'default'}")
+        print(f"| {label} | {took:.1f} | {err} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", type=Path, default=KIT, help="the bench kit with mbplc built")
@@ -183,9 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="mbsec,direct")
     p.add_argument("--configs", default="0,0.01,0.05,0.05:20:-,0.05:20:20",
                    help="LOSS[:RTO_MIN_PROXY_MS[:RTO_MIN_PLC_MS]],... ('-': kernel default)")
+    p.add_argument("--dead-link", action="store_true",
+                   help="only measure how long a cut PLC link takes to be noticed")
+    p.add_argument("--dead-wait", type=float, default=30.0)
     args = p.parse_args(argv)
     if not (args.kit / "mbplc").exists():
         sys.exit(f"{args.kit}/mbplc not built: make -C {args.kit}")
+    if args.dead_link:
+        dead_link(args)
+        return 0
     configs = [parse_config(c) for c in args.configs.split(",")]
     rows = []
     failed = 0

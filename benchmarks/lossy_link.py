@@ -20,6 +20,7 @@ Use it from a benchmark or a test (root needed: namespaces, TUN, veth)::
         plc = link.spawn(["mbplc", "--bind", link.plc_ip, "--port", "502"])
         ...  # connect to (link.plc_ip, 502) from the host
         print(link.counters())  # packets forwarded / dropped each way
+        link.cut()              # every packet dropped from now on (again: restored)
 
 Everything is named ``fl-...-K`` (K picked so that no existing address collides) and torn down
 by name and pid on the way out, also after an error. ``python benchmarks/lossy_link.py
@@ -184,6 +185,13 @@ class LossyLink:
             _ip("-n", self.ns, "route", "replace", self.host_ip, "dev", t1, "src", self.plc_ip,
                 *extra)
 
+    def cut(self) -> None:
+        """Cut the link both ways (every packet dropped) or, called again, restore it: the
+        PLC vanished, as a pulled cable or a dead switch port looks to TCP."""
+        for p in self._forwarders:
+            p.send_signal(signal.SIGUSR1)
+        time.sleep(0.05)
+
     def counters(self) -> dict[str, int]:
         """Packets forwarded and dropped each way so far (the forwarders write them when idle
         for 50 ms, or every 50 ms under load: this waits that long)."""
@@ -237,8 +245,15 @@ def forward(tun: str, local: str, remote: str, loss: float, seed: int, stats: Pa
         nonlocal running
         running = False
 
+    cut = False
+
+    def toggle_cut(*_: object) -> None:
+        nonlocal cut
+        cut = not cut
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, toggle_cut)
     stats.write_text("0 0\n")
     written = time.monotonic()
     last = (0, 0)
@@ -257,7 +272,7 @@ def forward(tun: str, local: str, remote: str, loss: float, seed: int, stats: Pa
                         pkt = os.read(fd, 65535)
                     except BlockingIOError:
                         break
-                    if rng.random() < loss:
+                    if cut or rng.random() < loss:
                         dropped += 1
                         continue
                     forwarded += 1
