@@ -190,6 +190,15 @@ def test_unknown_x509_version_is_malformed() -> None:
     assert reason_of(bytes(der)) == "certificate_malformed"
 
 
+def test_a_name_attribute_of_a_refused_type_is_malformed() -> None:
+    """cryptography raises TypeError when it builds a Name holding a BIT STRING attribute
+    other than x500UniqueIdentifier (found by fuzz_certificate): still an IdentityError."""
+    der = bytearray(make_cert())
+    at = der.index(b"\x0c\x07Test CA")  # the issuer CN, a UTF8String
+    der[at], der[at + 2] = 0x03, 0x00  # now a BIT STRING with 0 unused bits
+    assert reason_of(bytes(der)) == "certificate_malformed"
+
+
 # --- a certificate made by the real openssl ----------------------------------------------------
 
 @needs_openssl
