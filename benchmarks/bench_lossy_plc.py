@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import socket
 import statistics
 import struct
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only measure how long a cut PLC link takes to be noticed")
     p.add_argument("--dead-wait", type=float, default=30.0)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what we started on kill
     if not (args.kit / "mbplc").exists():
         sys.exit(f"{args.kit}/mbplc not built: make -C {args.kit}")
     if args.dead_link:

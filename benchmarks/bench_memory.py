@@ -55,15 +55,26 @@ from mbsec_stack import (
 )
 
 TRACED = """\
-import signal, sys, tracemalloc
+import os, signal, sys, tracemalloc
 tracemalloc.start({frames})
 out = {out!r}
 n = [0]
+prev = []
 def dump(*_):
     n[0] += 1
     snap = tracemalloc.take_snapshot().filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__)])
-    with open(f"{{out}}/tracemalloc-{{n[0]}}.txt", "w") as fh:
+    tmp = f"{{out}}/.tracemalloc-{{n[0]}}.tmp"
+    with open(tmp, "w") as fh:
+        cur, peak = tracemalloc.get_traced_memory()
+        fh.write(f"traced by Python: {{cur / 1048576:.1f}} MiB now, ")
+        fh.write(f"{{peak / 1048576:.1f}} MiB peak\\n")
+        if prev:
+            fh.write("== growth since the previous dump, by line\\n")
+            for d in snap.compare_to(prev[0], "lineno")[:25]:
+                fh.write(f"  {{d.size_diff / 1024:+10.1f}} KiB {{d.count_diff:+8d}} blocks  ")
+                fh.write(f"{{d.traceback.format()[-1].strip()}}\\n")
+        prev[:] = [snap]
         for key in ("traceback", "lineno"):
             stats = snap.statistics(key)
             fh.write(f"== top by size, grouped by {{key}}\\n")
@@ -71,6 +82,7 @@ def dump(*_):
                 fh.write(f"{{s.size / 1024:10.1f}} KiB {{s.count:8d}} blocks\\n")
                 for line in s.traceback.format()[-{frames}:]:
                     fh.write(f"      {{line}}\\n")
+    os.rename(tmp, f"{{out}}/tracemalloc-{{n[0]}}.txt")
 signal.signal(signal.SIGUSR2, dump)
 from mbsec.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -88,10 +100,9 @@ def dump_tracemalloc(pid: int, work: Path, enabled: bool) -> None:
         return
     before = set(work.glob("tracemalloc-*.txt"))
     os.kill(pid, signal.SIGUSR2)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while set(work.glob("tracemalloc-*.txt")) == before and time.monotonic() < deadline:
         time.sleep(0.5)
-    time.sleep(1)
 
 
 # -- sessions --------------------------------------------------------------------------------
@@ -182,7 +193,7 @@ def _traced_serve(pre: list[str], cfg: Path, port: int) -> Any:
 
     proc = subprocess.Popen([*pre, "serve", "--config", str(cfg)], cwd=cfg.parent)
     try:
-        wait_listening(port, proc, timeout=60)
+        wait_listening(port, proc, timeout=300)  # imports under tracemalloc are slow
         yield proc
     finally:
         proc.terminate()
@@ -281,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kit", type=Path, default=KIT)
     p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what we started on kill
     hard = raise_nofile()
     if args.phase == "sessions" and hard < args.sessions + 200:
         sys.exit(f"the open file hard limit is {hard}: too low for {args.sessions} sessions")

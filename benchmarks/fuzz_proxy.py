@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import random
+import signal
 import socket
 import ssl
 import struct
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuzzers", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what we started on kill
     plc = StrictPlc()
     with tempfile.TemporaryDirectory(prefix="fl-fuzzproxy-") as tmp:
         work = Path(tmp)
