@@ -8,9 +8,10 @@ sampled at checkpoints, after all sessions are up, and again after they all clos
 run in ``--client-procs`` processes (the open file limit is raised to the hard limit first).
 
 ``rejections``: for ``--seconds`` (default 180) ``--client-procs`` processes open TCP
-connections that are refused: alternately garbage instead of a ClientHello, and a TLS client
-without a certificate. Each waits for mbsec to close, then resets (SO_LINGER 0: no TIME_WAIT on
-the client side). RSS is sampled every ``--sample`` rejections; printed: the start, the end, the
+connections that are refused: one process makes TLS clients without a certificate, one at a
+time; the others keep 48 connections each open at once that send garbage instead of a
+ClientHello (``max_per_source = 32``, so many are refused by the limits before any TLS).
+Each waits for mbsec to close, then resets (SO_LINGER 0: no TIME_WAIT on the client side). RSS is sampled every ``--sample`` rejections; printed: the start, the end, the
 growth per 100,000 rejections over the second half (the steady state), and the extrapolation to
 a million.
 
@@ -30,6 +31,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import resource
+import selectors
 import signal
 import socket
 import ssl
@@ -53,6 +55,9 @@ from mbsec_stack import (
     rss_kib,
     write_config,
 )
+
+#: garbage connections each rejection process keeps open at once
+CONCURRENCY = 48
 
 TRACED = """\
 import os, signal, sys, tracemalloc
@@ -93,6 +98,10 @@ def raise_nofile() -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def dump_tracemalloc(pid: int, work: Path, enabled: bool) -> None:
@@ -145,6 +154,7 @@ def bench_sessions(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int
     with server as proc:
         time.sleep(1)
         start = rss_kib(proc.pid)
+        start_fds = fd_count(proc.pid)
         print(f"mbsec pid {proc.pid}: RSS at start {start / 1024:.1f} MiB", flush=True)
         dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
         up = mp.Value("i", 0)
@@ -174,8 +184,16 @@ def bench_sessions(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int
         release.set()
         for p in procs:
             p.join()
+        # closing thousands of sessions takes a while: wait until the proxy holds no more
+        # descriptors than at the start (give or take its PLC links), then a little more
+        deadline = time.monotonic() + 300
+        while fd_count(proc.pid) > start_fds + 8 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        closed_after = time.monotonic() - t0 - samples[-1][2] if samples else 0.0
         time.sleep(5)
         after = rss_kib(proc.pid)
+        print(f"  all closed {closed_after:.0f} s after the last opened "
+              f"({fd_count(proc.pid)} descriptors): RSS {after / 1024:.1f} MiB", flush=True)
         dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
     per_session = (full - start) / max(1, up.value - failed.value)
     print(f"\n| sessions | failed | RSS start MiB | RSS with all open MiB | per session KiB "
@@ -208,39 +226,74 @@ def _traced_serve(pre: list[str], cfg: Path, port: int) -> Any:
 
 
 def _reject_loop(port: int, ca: str, until: float, count: Any, index: int) -> None:
+    """Process 0: TLS clients without a certificate, one at a time (a full handshake each).
+    The others: ``CONCURRENCY`` non-blocking connections at once that send garbage instead of a
+    ClientHello; beyond ``max_per_source`` they are refused by the limits. Each waits for
+    mbsec to close, then resets (SO_LINGER 0)."""
     raise_nofile()
-    ctx = ssl.create_default_context(cafile=ca)  # no client certificate
     linger = struct.pack("ii", 1, 0)
-    i = 0
-    while time.monotonic() < until:
-        i += 1
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        s.settimeout(15)
-        try:
-            s.connect(("127.0.0.1", port))
-            if i % 2:
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                with contextlib.suppress(OSError):
-                    while s.recv(4096):
-                        pass
-            else:
-                with contextlib.suppress(OSError, ssl.SSLError):
-                    t = ctx.wrap_socket(s, server_hostname="localhost")
-                    t.sendall(fc03(1, 0, 1))
-                    while t.recv(4096):
-                        pass
-        except OSError:
-            pass
-        finally:
+    if index == 0:
+        ctx = ssl.create_default_context(cafile=ca)  # no client certificate
+        while time.monotonic() < until:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            s.settimeout(15)
+            with contextlib.suppress(OSError, ssl.SSLError):
+                s.connect(("127.0.0.1", port))
+                t = ctx.wrap_socket(s, server_hostname="localhost")
+                t.sendall(fc03(1, 0, 1))
+                while t.recv(4096):
+                    pass
             s.close()
-        with count.get_lock():
-            count.value += 1
+            with count.get_lock():
+                count.value += 1
+        return
+    sel = selectors.DefaultSelector()
+
+    def open_one() -> None:
+        s = socket.socket()
+        s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        sel.register(s, selectors.EVENT_WRITE, [False, time.monotonic()])
+
+    for _ in range(CONCURRENCY):
+        open_one()
+    done = 0
+    while time.monotonic() < until or sel.get_map():
+        for key, _ in sel.select(0.5):
+            s, state = key.fileobj, key.data
+            assert isinstance(s, socket.socket)
+            finished = False
+            if not state[0]:  # connected (or failed): send the garbage, then wait for the close
+                try:
+                    s.send(b"GET / HTTP/1.0\r\n\r\n")
+                    state[0] = True
+                    sel.modify(s, selectors.EVENT_READ, state)
+                except OSError:
+                    finished = True
+            else:
+                try:
+                    finished = not s.recv(4096)
+                except OSError:
+                    finished = True
+            if finished or time.monotonic() - state[1] > 30:
+                sel.unregister(s)
+                s.close()
+                done += 1
+                if done % 64 == 0:
+                    with count.get_lock():
+                        count.value += 64
+                if time.monotonic() < until:
+                    open_one()
+    with count.get_lock():
+        count.value += done % 64
 
 
 def bench_rejections(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int) -> int:
     cfg, port = write_config(work, pki, "127.0.0.1", plc_port,
-                             limits="max_connections = 512\nmax_per_source = 64",
+                             limits="max_connections = 512\nmax_per_source = 32",
                              log_file="/dev/null")
     count = mp.Value("l", 0)
     with mbsec_serve(cfg, port) as proc:
