@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from lossy_link import LossyLink, tcp_rto_us, tcp_total_retrans  # noqa: E402
+from lossy_link import LossyLink, tcp_rto_us, tcp_total_retrans
 
 pytestmark = pytest.mark.slow
 
