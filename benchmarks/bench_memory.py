@@ -4,24 +4,26 @@ Not run in CI.
 ``sessions``: ``--sessions`` (default 10,000) mutual-TLS clients connect to one ``mbsec serve``
 (limits raised to fit, ``idle_timeout`` one hour), each sends one FC03 request (so the session
 is in the data plane, not only handshaken) and then stays idle. The proxy's RSS (``VmRSS``) is
-sampled at checkpoints, after all sessions are up, and again after they all closed. The clients
+sampled at checkpoints, after all sessions are up, and again after they all closed;
+``--rounds N`` does that N times in the same proxy (memory reused, or leaked?). The clients
 run in ``--client-procs`` processes (the open file limit is raised to the hard limit first).
 
 ``rejections``: for ``--seconds`` (default 180) ``--client-procs`` processes open TCP
 connections that are refused: one process makes TLS clients without a certificate, one at a
 time; the others keep 48 connections each open at once that send garbage instead of a
 ClientHello (``max_per_source = 32``, so many are refused by the limits before any TLS).
-Each waits for mbsec to close, then resets (SO_LINGER 0: no TIME_WAIT on the client side). RSS is sampled every ``--sample`` rejections; printed: the start, the end, the
-growth per 100,000 rejections over the second half (the steady state), and the extrapolation to
-a million.
+Each waits for mbsec to close, then resets (SO_LINGER 0: no TIME_WAIT on the client side).
+RSS is sampled every ``--sample`` rejections; printed: the start, the end, the growth per
+100,000 rejections over the second half (the steady state), and the extrapolation to a million.
 
 ``--tracemalloc N``: run mbsec under ``tracemalloc`` (N frames) and write its top allocation
 sites (by size and by count) before and after each phase into the work directory (SIGUSR2 to
 the proxy dumps them). Slower and bigger: only to find where memory goes.
 
-    .venv/bin/python benchmarks/bench_memory.py sessions                  # ~2-4 minutes
+    .venv/bin/python benchmarks/bench_memory.py sessions                  # ~4-5 minutes
     .venv/bin/python benchmarks/bench_memory.py rejections --seconds 300
-    .venv/bin/python benchmarks/bench_memory.py sessions --sessions 2000 --tracemalloc 8
+    .venv/bin/python benchmarks/bench_memory.py sessions --sessions 5000 --rounds 3
+    .venv/bin/python benchmarks/bench_memory.py sessions --sessions 1000 --tracemalloc 4
 """
 
 from __future__ import annotations
@@ -141,6 +143,53 @@ def _hold_sessions(port: int, pki: Pki, n: int, up: Any, release: Any, failed: A
             s.close()
 
 
+def _session_round(args: argparse.Namespace, port: int, pki: Pki, pid: int, start_fds: int,
+                   work: Path) -> tuple[int, int, int, int, float]:
+    """Open ``--sessions`` sessions, sample, close them all: (opened, failed, RSS with all
+    open, RSS after all closed, seconds to open)."""
+    n = args.sessions
+    up = mp.Value("i", 0)
+    failed = mp.Value("i", 0)
+    release = mp.Event()
+    per = [n // args.client_procs + (1 if i < n % args.client_procs else 0)
+           for i in range(args.client_procs)]
+    procs = [mp.Process(target=_hold_sessions, args=(port, pki, k, up, release, failed))
+             for k in per]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    marks = sorted({m for m in (1000, 2000, 5000, n) if m <= n})
+    t_open = 0.0
+    while marks:
+        if up.value >= marks[0]:
+            t_open = time.monotonic() - t0
+            print(f"  {up.value} sessions ({failed.value} failed): RSS "
+                  f"{rss_kib(pid) / 1024:.1f} MiB, {t_open:.0f} s", flush=True)
+            marks.pop(0)
+        elif not any(p.is_alive() for p in procs):
+            break
+        time.sleep(0.2)
+    time.sleep(3)
+    full = rss_kib(pid)
+    dump_tracemalloc(pid, work, bool(args.tracemalloc))
+    release.set()
+    for p in procs:
+        p.join()
+    # closing thousands of sessions takes a while: wait until the proxy holds no more
+    # descriptors than at the start (give or take its PLC links), then a little more
+    t1 = time.monotonic()
+    deadline = t1 + 300
+    while fd_count(pid) > start_fds + 8 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    closed_after = time.monotonic() - t1
+    time.sleep(5)
+    after = rss_kib(pid)
+    print(f"  all closed {closed_after:.0f} s after the clients let go ({fd_count(pid)} "
+          f"descriptors): RSS {after / 1024:.1f} MiB", flush=True)
+    dump_tracemalloc(pid, work, bool(args.tracemalloc))
+    return up.value, failed.value, full, after, t_open
+
+
 def bench_sessions(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int) -> int:
     n = args.sessions
     cfg, port = write_config(
@@ -151,56 +200,24 @@ def bench_sessions(args: argparse.Namespace, work: Path, pki: Pki, plc_port: int
     pre = ([sys.executable, "-c", TRACED.format(frames=args.tracemalloc, out=str(work))]
            if args.tracemalloc else None)
     server = _traced_serve(pre, cfg, port) if pre else mbsec_serve(cfg, port)
+    rows = []
     with server as proc:
         time.sleep(1)
         start = rss_kib(proc.pid)
         start_fds = fd_count(proc.pid)
         print(f"mbsec pid {proc.pid}: RSS at start {start / 1024:.1f} MiB", flush=True)
         dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
-        up = mp.Value("i", 0)
-        failed = mp.Value("i", 0)
-        release = mp.Event()
-        per = [n // args.client_procs + (1 if i < n % args.client_procs else 0)
-               for i in range(args.client_procs)]
-        procs = [mp.Process(target=_hold_sessions, args=(port, pki, k, up, release, failed))
-                 for k in per]
-        t0 = time.monotonic()
-        for p in procs:
-            p.start()
-        marks = sorted({m for m in (1000, 2000, 5000, n) if m <= n})
-        samples: list[tuple[int, int, float]] = []
-        while marks:
-            if up.value >= marks[0]:
-                samples.append((up.value, rss_kib(proc.pid), time.monotonic() - t0))
-                print(f"  {up.value} sessions ({failed.value} failed): RSS "
-                      f"{samples[-1][1] / 1024:.1f} MiB, {samples[-1][2]:.0f} s", flush=True)
-                marks.pop(0)
-            elif not any(p.is_alive() for p in procs):
-                break
-            time.sleep(0.2)
-        time.sleep(3)
-        full = rss_kib(proc.pid)
-        dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
-        release.set()
-        for p in procs:
-            p.join()
-        # closing thousands of sessions takes a while: wait until the proxy holds no more
-        # descriptors than at the start (give or take its PLC links), then a little more
-        deadline = time.monotonic() + 300
-        while fd_count(proc.pid) > start_fds + 8 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        closed_after = time.monotonic() - t0 - samples[-1][2] if samples else 0.0
-        time.sleep(5)
-        after = rss_kib(proc.pid)
-        print(f"  all closed {closed_after:.0f} s after the last opened "
-              f"({fd_count(proc.pid)} descriptors): RSS {after / 1024:.1f} MiB", flush=True)
-        dump_tracemalloc(proc.pid, work, bool(args.tracemalloc))
-    per_session = (full - start) / max(1, up.value - failed.value)
-    print(f"\n| sessions | failed | RSS start MiB | RSS with all open MiB | per session KiB "
-          f"| RSS after they closed MiB | time to open s |\n|---:|---:|---:|---:|---:|---:|---:|\n"
-          f"| {up.value} | {failed.value} | {start / 1024:.1f} | {full / 1024:.1f} | "
-          f"{per_session:.1f} | {after / 1024:.1f} | {samples[-1][2] if samples else 0:.0f} |")
-    ok = failed.value == 0 and full < 1024 * 1024
+        for r in range(args.rounds):
+            print(f"round {r + 1}", flush=True)
+            rows.append(_session_round(args, port, pki, proc.pid, start_fds, work))
+    print("\n| round | sessions | failed | RSS start MiB | RSS with all open MiB | per session "
+          "KiB | RSS after they closed MiB | time to open s |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r, (opened, failed, full, after, t_open) in enumerate(rows, 1):
+        per_session = (full - start) / max(1, opened - failed)
+        print(f"| {r} | {opened} | {failed} | {start / 1024:.1f} | {full / 1024:.1f} | "
+              f"{per_session:.1f} | {after / 1024:.1f} | {t_open:.0f} |")
+    ok = all(failed == 0 and full < 1024 * 1024 for _, failed, full, _, _ in rows)
     print(f"\n{n} sessions under 1 GiB RSS: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("phase", choices=["sessions", "rejections"])
     p.add_argument("--sessions", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="open and close the sessions this many times in one proxy (reuse or leak)")
     p.add_argument("--seconds", type=float, default=180)
     p.add_argument("--sample", type=int, default=20_000)
     p.add_argument("--client-procs", type=int, default=4)
