@@ -62,18 +62,23 @@ from mbsec_stack import (
 CONCURRENCY = 48
 
 TRACED = """\
-import os, signal, sys, tracemalloc
+import gc, os, signal, sys, tracemalloc
 tracemalloc.start({frames})
 out = {out!r}
 n = [0]
 prev = []
 def dump(*_):
     n[0] += 1
+    before = tracemalloc.get_traced_memory()[0]
+    unreachable = gc.collect()  # what is only garbage in cycles is not memory in use
+    after_gc = tracemalloc.get_traced_memory()[0]
     snap = tracemalloc.take_snapshot().filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__)])
     tmp = f"{{out}}/.tracemalloc-{{n[0]}}.tmp"
     with open(tmp, "w") as fh:
         cur, peak = tracemalloc.get_traced_memory()
+        fh.write(f"gc.collect(): {{unreachable}} unreachable objects, traced "
+                 f"{{before / 1048576:.1f}} -> {{after_gc / 1048576:.1f}} MiB\\n")
         fh.write(f"traced by Python: {{cur / 1048576:.1f}} MiB now, ")
         fh.write(f"{{peak / 1048576:.1f}} MiB peak\\n")
         if prev:
