@@ -35,11 +35,13 @@ import fcntl
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +98,7 @@ class LossyLink:
         self._forwarders: list[subprocess.Popen[bytes]] = []
         self._spawned: list[subprocess.Popen[Any]] = []
         self._stats: list[Path] = []
+        self._own_work: Path | None = None
 
     # names, once ``k`` is chosen
     @property
@@ -144,7 +147,9 @@ class LossyLink:
             _ip(*pre, "link", "set", tun, "mtu", str(MTU))
             _ip(*pre, "addr", "add", local, "peer", peer, "dev", tun)
             _ip(*pre, "link", "set", tun, "up")
-        work = self.work or Path(f"/tmp/fl-link-{k}-{os.getpid()}")
+        if self.work is None:  # ours: removed on close
+            self._own_work = Path(tempfile.mkdtemp(prefix=f"fl-link-{k}-"))
+        work = self.work or self._own_work
         work.mkdir(parents=True, exist_ok=True)
         me = [sys.executable, str(Path(__file__).resolve()), "forward"]
         for netns, tun, local, remote, loss, seed in (
@@ -219,6 +224,8 @@ class LossyLink:
         _ip("netns", "del", self.ns, check=False)  # takes fl-t1 and the veth peer with it
         _ip("link", "del", v0, check=False)
         _ip("tuntap", "del", "dev", t0, "mode", "tun", check=False)
+        if self._own_work is not None:
+            shutil.rmtree(self._own_work, ignore_errors=True)
 
 
 # -- the forwarder process -------------------------------------------------------------------
