@@ -253,11 +253,13 @@ def fuzz_policy(data: bytes) -> None:
     policy.evaluate(principal, 1, _ACCESS)
 
 
-_SETTINGS_DIR = Path(tempfile.mkdtemp(prefix="fuzz-loss-settings-"))
+_SETTINGS_DIR: list[Path] = []  # one temporary directory per process, made on first use
 
 
 def fuzz_settings(data: bytes) -> None:
-    path = _SETTINGS_DIR / "mbsec.toml"
+    if not _SETTINGS_DIR:
+        _SETTINGS_DIR.append(Path(tempfile.mkdtemp(prefix="mbsec-fuzz-settings-")))
+    path = _SETTINGS_DIR[0] / "mbsec.toml"
     path.write_bytes(data)
     try:
         load_settings(path)
