@@ -70,7 +70,15 @@ prev = []
 def dump(*_):
     n[0] += 1
     before = tracemalloc.get_traced_memory()[0]
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep the cyclic garbage to name its types
     unreachable = gc.collect()  # what is only garbage in cycles is not memory in use
+    kinds = {{}}
+    for o in gc.garbage:
+        k = type(o).__module__ + "." + type(o).__qualname__
+        kinds[k] = kinds.get(k, 0) + 1
+    gc.garbage.clear()
+    gc.set_debug(0)
+    gc.collect()
     after_gc = tracemalloc.get_traced_memory()[0]
     snap = tracemalloc.take_snapshot().filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__)])
@@ -79,6 +87,8 @@ def dump(*_):
         cur, peak = tracemalloc.get_traced_memory()
         fh.write(f"gc.collect(): {{unreachable}} unreachable objects, traced "
                  f"{{before / 1048576:.1f}} -> {{after_gc / 1048576:.1f}} MiB\\n")
+        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:40]:
+            fh.write(f"  cyclic garbage: {{v:8d}} {{k}}\\n")
         fh.write(f"traced by Python: {{cur / 1048576:.1f}} MiB now, ")
         fh.write(f"{{peak / 1048576:.1f}} MiB peak\\n")
         if prev:
