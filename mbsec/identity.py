@@ -180,7 +180,9 @@ def identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
             not_after=cert.not_valid_after_utc,
             role=role,
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
+        # cryptography parses names lazily and raises TypeError for an attribute type it
+        # refuses (a BIT STRING that is not x500UniqueIdentifier; found by fuzzing)
         raise IdentityError(f"certificate cannot be parsed: {exc}",
                             reason="certificate_malformed") from None
 
@@ -194,7 +196,7 @@ def parse_identity(der: bytes) -> PeerIdentity:
     """
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (fuzzed)
         raise IdentityError(f"certificate cannot be parsed: {exc}",
                             reason="certificate_malformed") from None
     return identity_from_certificate(cert)

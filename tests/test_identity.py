@@ -181,6 +181,24 @@ def test_truncated_certificate() -> None:
         assert reason_of(der[:cut]) == "certificate_malformed"
 
 
+def test_unknown_x509_version_is_malformed() -> None:
+    """cryptography raises InvalidVersion, not a ValueError, for a version field outside v1..v3
+    (found by fuzz/targets.py fuzz_certificate): it must still be an IdentityError."""
+    der = bytearray(make_cert())
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # [0] EXPLICIT INTEGER 2 (v3)
+    der[at + 4] = 0x3B
+    assert reason_of(bytes(der)) == "certificate_malformed"
+
+
+def test_a_name_attribute_of_a_refused_type_is_malformed() -> None:
+    """cryptography raises TypeError when it builds a Name holding a BIT STRING attribute
+    other than x500UniqueIdentifier (found by fuzz_certificate): still an IdentityError."""
+    der = bytearray(make_cert())
+    at = der.index(b"\x0c\x07Test CA")  # the issuer CN, a UTF8String
+    der[at], der[at + 2] = 0x03, 0x00  # now a BIT STRING with 0 unused bits
+    assert reason_of(bytes(der)) == "certificate_malformed"
+
+
 # --- a certificate made by the real openssl ----------------------------------------------------
 
 @needs_openssl
