@@ -93,6 +93,10 @@ class DataPlane:
         self._worker: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._stopped = False
+        #: the logger's sinks (audit.SinkLogger): the allowed-request lines logged on this
+        #: thread are written in one batch per pass, before the replies of that pass leave
+        sink = getattr(log, "_logger", None)
+        self._log_sink: Any = sink if hasattr(sink, "flush_deferred") else None
 
     # -- trio side --------------------------------------------------------------------------
 
@@ -156,12 +160,19 @@ class DataPlane:
     # -- loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        sink = self._log_sink
+        if sink is not None:
+            sink.defer_writes = True
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
             self.bug(exc, fatal=True)
             if self._on_fatal is not None:
                 self._on_fatal()
+        finally:
+            if sink is not None:  # nothing logged on this thread stays in memory
+                sink.defer_writes = False
+                sink.flush_deferred()
 
     def _loop(self) -> None:
         ep = self._ep
@@ -215,6 +226,9 @@ class DataPlane:
                     self.contain(call, exc)
             if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
+            sink = self._log_sink
+            if sink is not None and sink.pending:
+                sink.flush_deferred()
 
     def drain(self, now: float) -> None:
         """Carry out what the core asked for, until it asks nothing more."""
@@ -256,6 +270,9 @@ class DataPlane:
                         io3.write()
                 except Exception as exc:
                     self.contain(None, exc, link)
+            sink = self._log_sink
+            if sink is not None and sink.pending:
+                sink.flush_deferred()  # the lines of the replies below are written first
             while clients:
                 conn: ClientConn = clients.pop()
                 try:
