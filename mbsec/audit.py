@@ -17,6 +17,8 @@ cannot go above ``warning``.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import json
 import logging
 import logging.handlers
@@ -55,31 +57,87 @@ class EventSink(Protocol):
     def close(self) -> None: ...
 
 
-class StreamSink:
-    """stdout (or any text stream): one line, flushed, so a pipe to a shipper sees it at once."""
+class _Deferring:
+    """Lines written later, in one batch: the data plane logs each allowed request with
+    :meth:`write_deferred` and calls :meth:`flush_deferred` once per loop pass, before the
+    replies of that pass leave (mbsec/path/epoll.py), so a pass costs one write instead of
+    one per line. Each write carries whole lines only (a reader never sees half a line from
+    us, and processes appending to one file do not interleave within a line); more than
+    :attr:`MAX_PENDING` bytes are written at once; :meth:`close` writes what is left."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._stream = stream
+    MAX_PENDING = 65536
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+
+    def _write_out(self, text: str) -> None:
+        raise NotImplementedError
 
     def write(self, level: str, line: str) -> None:
+        self._write_out(line + "\n")
+
+    def write_deferred(self, line: str) -> None:
+        with self._pending_lock:
+            self._pending.append(line)
+            self._pending_bytes += len(line) + 1
+            full = self._pending_bytes >= self.MAX_PENDING
+        if full:
+            self.flush_deferred()
+
+    def flush_deferred(self) -> int:
+        """Write the lines kept so far; returns how many (they are dropped if it raises)."""
+        with self._pending_lock:
+            lines = self._pending
+            if not lines:
+                return 0
+            self._pending = []
+            self._pending_bytes = 0
+        lines.append("")
+        self._write_out("\n".join(lines))
+        return len(lines) - 1
+
+
+class StreamSink(_Deferring):
+    """stdout (or any text stream): one line, flushed, so a pipe to a shipper sees it at once
+    (deferred lines: once per data-plane pass)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def _write_out(self, text: str) -> None:
         stream = self._stream or sys.stdout
-        stream.write(line + "\n")
+        stream.write(text)
         stream.flush()
 
     def close(self) -> None:
-        pass
+        self.flush_deferred()
 
 
-class FileSink:
+class FileSink(_Deferring):
+    """Appends to a file with one ``write(2)`` per line (or per batch of deferred lines), no
+    user-space buffer in between: what was written is in the kernel at once."""
+
     def __init__(self, path: Path) -> None:
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("a", encoding="utf-8", buffering=1)
+        self._fh = path.open("ab", buffering=0)
 
-    def write(self, level: str, line: str) -> None:
-        self._fh.write(line + "\n")
+    def _write_out(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            n = self._fh.write(data)
+            if not n:  # a regular file takes something or raises (ENOSPC)
+                raise OSError(errno.EIO, f"short write to {self._fh.name}")
+            data = data[n:]
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self.flush_deferred()
+        finally:
+            self._fh.close()
 
 
 class SyslogSink:
@@ -141,14 +199,25 @@ class SinkLogger:
         #: lets through
         self.levels = list(levels) if levels is not None else [0] * len(self.sinks)
         self._takes_event = [hasattr(s, "write_event") for s in self.sinks]
+        self._defers = [hasattr(s, "write_deferred") for s in self.sinks]
+        #: set by the data plane while it runs (it calls :meth:`flush_deferred` each pass):
+        #: :meth:`emit` with ``defer`` then leaves lines to that flush
+        self.defer_writes = False
+        #: lines wait for :meth:`flush_deferred`
+        self.pending = False
+        self._pending_took = False  # a sink that does not defer took the last deferred line
+        #: the processors before the JSON renderer, for mbsec.audit_fast (None: the console
+        #: format, which it does not render)
+        self.head: list[Callable[[Any, str, EventDict], Any]] | None = None
         self.healthy = True
         self.failures = 0
         self._failing: set[int] = set()  # indexes of sinks whose last write raised
         self._alarm = alarm
         self.metrics: Any = None  # set by the proxy: counts failures
 
-    def _emit(self, level: str, line: str, event: dict[str, Any] | None = None) -> None:
-        took = wanted = False
+    def _emit(self, level: str, line: str, event: dict[str, Any] | None = None,
+              defer: bool = False) -> None:
+        took = wanted = deferred = False
         number = _LEVELS.get(level, 20)
         for i, s in enumerate(self.sinks):
             if number < self.levels[i]:
@@ -158,6 +227,10 @@ class SinkLogger:
                 if self._takes_event[i]:
                     s.write_event(level, line, event if event is not None  # type: ignore[union-attr]
                                   else _event_of(line))
+                elif defer and self._defers[i]:
+                    s.write_deferred(line)  # type: ignore[union-attr]
+                    deferred = True
+                    continue  # taken or not: flush_deferred says
                 else:
                     s.write(level, line)  # type: ignore[union-attr]
             except Exception as exc:
@@ -166,8 +239,42 @@ class SinkLogger:
                 took = True
                 if self._failing:
                     self._failing.discard(i)
+        if deferred:
+            self.pending = True
+            self._pending_took = took
+            if not took:
+                return  # healthy: what the flush of this line will say
         self.healthy = took or not wanted  # no sink wanted it: nothing was lost
 
+    def emit(self, level: str, line: str, event: dict[str, Any] | None = None,
+             defer: bool = False) -> None:
+        """Write a rendered line (and its nested event, for the sinks that format it); with
+        ``defer``, a sink that can keeps it until :meth:`flush_deferred`."""
+        self._emit(level, line, event, defer)
+
+    def flush_deferred(self) -> None:
+        """Write the deferred lines (the data plane, once per pass). A sink that fails here
+        raises the alarm like a failed write, and the logger is unhealthy when no sink
+        took the last deferred line."""
+        self.pending = False
+        took = failed = False
+        for i, s in enumerate(self.sinks):
+            if not self._defers[i]:
+                continue
+            try:
+                written = s.flush_deferred()  # type: ignore[union-attr]
+            except Exception as exc:
+                failed = True
+                self._sink_failed(i, s, exc)
+            else:
+                if written:
+                    took = True
+                    if self._failing:
+                        self._failing.discard(i)
+        if took or self._pending_took:
+            self.healthy = True
+        elif failed:
+            self.healthy = False
     def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception) -> None:
         self.failures += 1
         name = str(getattr(sink, "name", None) or type(sink).__name__)
@@ -219,6 +326,16 @@ EventDict = MutableMapping[str, Any]
 
 def _add_level(_: Any, method: str, ev: EventDict) -> EventDict:
     ev["log.level"] = "warning" if method == "warn" else method
+    return ev
+
+
+def utc_stamp() -> str:
+    """``@timestamp``: ISO 8601 in UTC with a ``Z`` (microseconds unless they are 0)."""
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _add_timestamp(_: Any, __: str, ev: EventDict) -> EventDict:
+    ev["@timestamp"] = utc_stamp()
     return ev
 
 
@@ -316,14 +433,17 @@ def make_logger(
     processors: list[Callable[[Any, str, EventDict], Any]] = [
         structlog.contextvars.merge_contextvars,
         _add_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="@timestamp"),
+        _add_timestamp,
         _add_ecs,
         structlog.processors.EventRenamer("message"),
         *tail,
     ]
     wrapper = structlog.make_filtering_bound_logger(min(levels, default=_LEVELS[settings.level]))
+    sink_logger = SinkLogger(sinks, levels=levels)
+    if settings.format != "console":
+        sink_logger.head = processors[:-2]  # mbsec.audit_fast renders what _nest + _json do
     logger: FilteringBoundLogger = structlog.wrap_logger(
-        SinkLogger(sinks, levels=levels),
+        sink_logger,
         processors=processors,
         wrapper_class=wrapper,
         cache_logger_on_first_use=False,
@@ -355,6 +475,9 @@ class _Named:
     def __init__(self, inner: Sink, name: str) -> None:
         self.inner = inner
         self.name = name
+        if isinstance(inner, _Deferring) and not hasattr(self, "write_event"):
+            self.write_deferred = inner.write_deferred
+            self.flush_deferred = inner.flush_deferred
 
     def write(self, level: str, line: str) -> None:
         self.inner.write(level, line)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mbsec import events
+from mbsec.audit_fast import event_writer
 from mbsec.metrics import counter
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import Action, RemoteProtocolError
@@ -107,6 +108,8 @@ class Decisions:
         self.allowed_level = allowed_requests
         self.log: Any = log
         self.log_allowed: Callable[..., Any] | None = None
+        #: the same event rendered from this connection's template (mbsec.audit_fast)
+        self.write_allowed: Callable[[str, dict[str, Any]], None] | None = None
         self.set_log(log)
         self._allowed_cells: dict[str, Any] = {}
         #: (unit id, request PDU) -> (request, access, decision) for requests that write
@@ -130,6 +133,8 @@ class Decisions:
             self.log_allowed = log.info
         elif self.allowed_level == "debug" and log.is_enabled_for(10):
             self.log_allowed = log.debug
+        self.write_allowed = (event_writer(log, self.allowed_level)
+                              if self.log_allowed is not None else None)
 
     def _rebind_principal(self, state: ProxyState) -> None:
         self._principal = state.policy.principal(self.identity, self.peer_ip)
@@ -249,7 +254,11 @@ class Decisions:
             ev = events.modbus_request_allowed(
                 adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
                 decision.outcome, reply.target, getattr(reply.response, "exception_code", None))
-            log_allowed(ev.message, **ev.fields)
+            write = self.write_allowed
+            if write is not None:
+                write(ev.message, ev.fields)
+            else:
+                log_allowed(ev.message, **ev.fields)
         return reply.pdu
 
     def _deny(self, event: events.Event, fc: int, code: int, decision: str) -> bytes:
