@@ -206,6 +206,7 @@ class SinkLogger:
         #: lines wait for :meth:`flush_deferred`
         self.pending = False
         self._pending_took = False  # a sink that does not defer took the last deferred line
+        self._deferred = [0] * len(self.sinks)  # lines each sink keeps for the flush
         #: the processors before the JSON renderer, for mbsec.audit_fast (None: the console
         #: format, which it does not render)
         self.head: list[Callable[[Any, str, EventDict], Any]] | None = None
@@ -228,13 +229,17 @@ class SinkLogger:
                     s.write_event(level, line, event if event is not None  # type: ignore[union-attr]
                                   else _event_of(line))
                 elif defer and self._defers[i]:
+                    self._deferred[i] += 1
                     s.write_deferred(line)  # type: ignore[union-attr]
                     deferred = True
                     continue  # taken or not: flush_deferred says
                 else:
                     s.write(level, line)  # type: ignore[union-attr]
             except Exception as exc:
-                self._sink_failed(i, s, exc)
+                lost = self._deferred[i] if defer and self._defers[i] else 1
+                if defer and self._defers[i]:  # a full batch, written at once, failed
+                    self._deferred[i] = 0
+                self._sink_failed(i, s, exc, lost)
             else:
                 took = True
                 if self._failing:
@@ -261,11 +266,12 @@ class SinkLogger:
         for i, s in enumerate(self.sinks):
             if not self._defers[i]:
                 continue
+            lost, self._deferred[i] = self._deferred[i], 0
             try:
                 written = s.flush_deferred()  # type: ignore[union-attr]
             except Exception as exc:
                 failed = True
-                self._sink_failed(i, s, exc)
+                self._sink_failed(i, s, exc, lost)
             else:
                 if written:
                     took = True
@@ -275,12 +281,13 @@ class SinkLogger:
             self.healthy = True
         elif failed:
             self.healthy = False
-    def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception) -> None:
-        self.failures += 1
+    def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception,
+                     lines: int = 1) -> None:
+        self.failures += lines
         name = str(getattr(sink, "name", None) or type(sink).__name__)
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.inc("mbsec_log_sink_failures_total", sink=name)
+                self.metrics.inc("mbsec_log_sink_failures_total", lines, sink=name)
         if index in self._failing:
             return  # alarmed once per failure period, not per line
         self._failing.add(index)
