@@ -6,7 +6,11 @@ The structlog message becomes ECS ``message``. The logger is built per proxy ins
 injected (no global ``structlog.configure``), so tests can run several proxies and capture lines.
 
 Only synchronous methods are used: structlog's ``a*`` methods run in asyncio's executor and must
-never be called under trio. Sinks write synchronously; a line is small. The sinks of
+never be called under trio. Sinks write synchronously; a line is small. The one event that can
+come once per request (an allowed request, ``allowed_requests = "info"``) skips the chain:
+mbsec/audit_fast.py renders the same line from a per-connection template, and while a data
+plane runs, the file and stdout sinks keep such lines until the end of its loop pass
+(:meth:`SinkLogger.flush_deferred`, before the pass's replies leave). The sinks of
 ``[[logging.sinks]]`` get the nested event with its line (the last processor passes both) and
 format it themselves; a remote one only spools it here and formats and sends on its own thread
 (mbsec/sink_remote.py).

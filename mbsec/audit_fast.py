@@ -32,7 +32,7 @@ from typing import Any
 from mbsec.audit import _LEVELS, SinkLogger, nest_dotted, utc_stamp
 
 #: the C encoder of json.dumps(ensure_ascii=True) for one string, quotes included
-_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _STRUCTLOG_PREFIX = "structlog_"
 #: event shapes remembered per connection (the allowed event has a handful: with or
 #: without values, an exception code, FC23's two ranges)
@@ -65,15 +65,15 @@ _MESSAGE = "\x00message"
 
 
 class _Template:
-    """``head``, then for each slot its value's JSON and the literal text after it;
-    ``hidden``: the fields whose value a later key replaced (unless it is a dict, which that
-    key would have been nested into)."""
+    """``fmt % (JSON of each slot's value, in the order of keys)`` is the line; ``hidden``:
+    the fields whose value a later key replaced (unless it is a dict, which that key would
+    have been nested into)."""
 
-    __slots__ = ("head", "hidden", "slots")
+    __slots__ = ("fmt", "hidden", "keys")
 
-    def __init__(self, head: str, slots: list[tuple[str, str]]) -> None:
-        self.head = head
-        self.slots = slots
+    def __init__(self, fmt: str, keys: list[str]) -> None:
+        self.fmt = fmt
+        self.keys = keys
         self.hidden: tuple[str, ...] = ()
 
 
@@ -93,9 +93,14 @@ def _compile(nested: Mapping[str, Any]) -> _Template | None:
             literal(("" if first else ",") + _encode_str(key) + ":")
             first = False
             if isinstance(value, _Slot):
+                stamp = value.key is _STAMP  # a string of its own: the quotes are literal
+                if stamp:
+                    literal('"')
                 parts.append("".join(text))
                 text.clear()
                 parts.append(value.key)
+                if stamp:
+                    literal('"')
             elif type(value) is dict:
                 # nest_dotted's own objects are plain dicts built from placeholders; a dict
                 # value bound in the context is refused before we get here
@@ -109,8 +114,8 @@ def _compile(nested: Mapping[str, Any]) -> _Template | None:
     if not node(nested):
         return None
     parts.append("".join(text))
-    slots = [(parts[i], parts[i + 1]) for i in range(1, len(parts), 2)]
-    return _Template(parts[0], slots)
+    fmt = "%s".join(part.replace("%", "%%") for part in parts[0::2])
+    return _Template(fmt, parts[1::2])
 
 
 def _encode_list(items: list[Any]) -> str | None:
@@ -181,7 +186,7 @@ class EventWriter:
         ev["@timestamp"] = _Slot(_STAMP)  # stamped per event below
         tpl = _compile(nest_dotted(ev))
         if tpl is not None:
-            shown = {key for key, _ in tpl.slots}
+            shown = set(tpl.keys)
             tpl.hidden = tuple(key for key in shape if key not in shown)
         if len(self._templates) < MAX_SHAPES:
             self._templates[shape] = tpl
@@ -203,13 +208,13 @@ class EventWriter:
                 self._fallback(message, **fields)
                 return
         native = True
-        out = [tpl.head]
+        out: list[str] = []
         append = out.append
-        for key, after in tpl.slots:
+        for key in tpl.keys:
             if key is _STAMP:
-                append('"' + utc_stamp() + '"')  # digits, '-', ':', '.', 'T', 'Z': no escapes
+                append(utc_stamp())  # digits, '-', ':', '.', 'T', 'Z': nothing to escape
             else:
-                value = message if key is _MESSAGE else fields[key]
+                value: Any = message if key is _MESSAGE else fields[key]
                 t = type(value)
                 if t is str:
                     append(_encode_str(value))
@@ -226,11 +231,10 @@ class EventWriter:
                         encoded = dumps(value)
                         native = False
                     append(encoded)
-            append(after)
-        line = "".join(out)
+        line = tpl.fmt % tuple(out)
         event: dict[str, Any] | None = None
         if self._needs_event:
-            if not (native and self._context_native):  # the sink must get the reference's objects, not their text
+            if not (native and self._context_native):  # the sink gets the reference's objects
                 self._fallback(message, **fields)
                 return
             event = json.loads(line)
