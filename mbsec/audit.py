@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
 import json
 import logging
 import logging.handlers
@@ -62,19 +63,27 @@ class EventSink(Protocol):
 
 
 class _Deferring:
-    """Lines written later, in one batch: the data plane logs each allowed request with
-    :meth:`write_deferred` and calls :meth:`flush_deferred` once per loop pass, before the
-    replies of that pass leave (mbsec/path/epoll.py), so a pass costs one write instead of
-    one per line. Each write carries whole lines only (a reader never sees half a line from
-    us, and processes appending to one file do not interleave within a line); more than
-    :attr:`MAX_PENDING` bytes are written at once; :meth:`close` writes what is left."""
+    """Lines written later, in batches, by a writer thread of the sink: the data plane logs
+    each allowed request with :meth:`write_deferred`, which only appends it to a list; the
+    writer wakes when the list stops being empty, lets lines gather for :attr:`INTERVAL`
+    and writes them with one write. So the data-plane thread neither makes a system call per
+    line nor waits for a slow disk. Each write carries whole lines only (a reader never sees
+    half a line from us, and processes appending to one file do not interleave within a
+    line); from :attr:`MAX_PENDING` bytes on, the caller writes at once; :meth:`close`
+    writes what is left. ``report(written, error, lost)`` hears how each batch went."""
 
     MAX_PENDING = 65536
+    #: how long a line may wait in memory for the lines after it (a crash loses at most that)
+    INTERVAL = 0.005
 
     def __init__(self) -> None:
         self._pending: list[str] = []
         self._pending_bytes = 0
-        self._pending_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._stopping = threading.Event()  # ends the writer's wait at once
+        self.report: Callable[[int, Exception | None, int], None] | None = None
 
     def _write_out(self, text: str) -> None:
         raise NotImplementedError
@@ -83,24 +92,72 @@ class _Deferring:
         self._write_out(line + "\n")
 
     def write_deferred(self, line: str) -> None:
-        with self._pending_lock:
-            self._pending.append(line)
-            self._pending_bytes += len(line) + 1
-            full = self._pending_bytes >= self.MAX_PENDING
-        if full:
-            self.flush_deferred()
+        with self._cond:
+            if self._closing:  # a late line (a data plane that outlived the logger)
+                full = True
+            else:
+                self._pending.append(line)
+                self._pending_bytes += len(line) + 1
+                full = self._pending_bytes >= self.MAX_PENDING
+                if len(self._pending) == 1:
+                    if self._writer is None:
+                        self._writer = threading.Thread(
+                            target=self._run_writer, name="mbsec-log-writer", daemon=True)
+                        self._writer.start()
+                    self._cond.notify()
+        if self._closing:
+            self.write("info", line)
+        elif full:
+            self._flush_reporting()
 
-    def flush_deferred(self) -> int:
-        """Write the lines kept so far; returns how many (they are dropped if it raises)."""
-        with self._pending_lock:
+    def _run_writer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return  # close() writes what is left
+            self._stopping.wait(self.INTERVAL)  # the lines of the next few ms join this write
+            self._flush_reporting()
+
+    def _take(self) -> list[str]:
+        with self._cond:
             lines = self._pending
-            if not lines:
-                return 0
             self._pending = []
             self._pending_bytes = 0
+            return lines
+
+    def _flush_reporting(self) -> None:
+        lines = self._take()
+        if not lines:
+            return
+        try:
+            lines.append("")
+            self._write_out("\n".join(lines))
+        except Exception as exc:
+            if self.report is not None:
+                self.report(0, exc, len(lines) - 1)
+        else:
+            if self.report is not None:
+                self.report(len(lines) - 1, None, 0)
+
+    def flush_deferred(self) -> int:
+        """Write the lines kept so far, now; returns how many (dropped if it raises)."""
+        lines = self._take()
+        if not lines:
+            return 0
         lines.append("")
         self._write_out("\n".join(lines))
         return len(lines) - 1
+
+    def _stop_writer(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            writer = self._writer
+        self._stopping.set()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout=5.0)
 
 
 class StreamSink(_Deferring):
@@ -117,6 +174,7 @@ class StreamSink(_Deferring):
         stream.flush()
 
     def close(self) -> None:
+        self._stop_writer()
         self.flush_deferred()
 
 
@@ -138,6 +196,7 @@ class FileSink(_Deferring):
             data = data[n:]
 
     def close(self) -> None:
+        self._stop_writer()
         try:
             self.flush_deferred()
         finally:
@@ -210,7 +269,9 @@ class SinkLogger:
         #: lines wait for :meth:`flush_deferred`
         self.pending = False
         self._pending_took = False  # a sink that does not defer took the last deferred line
-        self._deferred = [0] * len(self.sinks)  # lines each sink keeps for the flush
+        for i, s in enumerate(self.sinks):
+            if self._defers[i]:
+                s.report = functools.partial(self._deferred_written, i)  # type: ignore[union-attr]
         #: the processors before the JSON renderer, for mbsec.audit_fast (None: the console
         #: format, which it does not render)
         self.head: list[Callable[[Any, str, EventDict], Any]] | None = None
@@ -233,17 +294,13 @@ class SinkLogger:
                     s.write_event(level, line, event if event is not None  # type: ignore[union-attr]
                                   else _event_of(line))
                 elif defer and self._defers[i]:
-                    self._deferred[i] += 1
                     s.write_deferred(line)  # type: ignore[union-attr]
                     deferred = True
-                    continue  # taken or not: flush_deferred says
+                    continue  # taken or not: its writer reports (_deferred_written)
                 else:
                     s.write(level, line)  # type: ignore[union-attr]
             except Exception as exc:
-                lost = self._deferred[i] if defer and self._defers[i] else 1
-                if defer and self._defers[i]:  # a full batch, written at once, failed
-                    self._deferred[i] = 0
-                self._sink_failed(i, s, exc, lost)
+                self._sink_failed(i, s, exc)
             else:
                 took = True
                 if self._failing:
@@ -261,30 +318,28 @@ class SinkLogger:
         ``defer``, a sink that can keeps it until :meth:`flush_deferred`."""
         self._emit(level, line, event, defer)
 
-    def flush_deferred(self) -> None:
-        """Write the deferred lines (the data plane, once per pass). A sink that fails here
-        raises the alarm like a failed write, and the logger is unhealthy when no sink
-        took the last deferred line."""
+    def flush_deferred(self, wait: bool = False) -> None:
+        """The data plane, once per loop pass: the deferred lines are on their way (each
+        sink's writer thread writes them within ``INTERVAL``); ``wait``: write them now."""
         self.pending = False
-        took = failed = False
-        for i, s in enumerate(self.sinks):
-            if not self._defers[i]:
-                continue
-            lost, self._deferred[i] = self._deferred[i], 0
-            try:
-                written = s.flush_deferred()  # type: ignore[union-attr]
-            except Exception as exc:
-                failed = True
-                self._sink_failed(i, s, exc, lost)
-            else:
-                if written:
-                    took = True
-                    if self._failing:
-                        self._failing.discard(i)
-        if took or self._pending_took:
+        if wait:
+            for s in self.sinks:
+                if hasattr(s, "write_deferred"):
+                    s._flush_reporting()  # type: ignore[union-attr]
+
+    def _deferred_written(self, index: int, written: int, exc: Exception | None,
+                          lost: int) -> None:
+        """A sink wrote a batch of deferred lines (in its writer thread), or failed to: the
+        alarm, and the health the request path reads (``on_sink_failure``)."""
+        if exc is not None:
+            self._sink_failed(index, self.sinks[index], exc, lost)
+            if not self._pending_took:
+                self.healthy = False
+        elif written:
+            if self._failing:
+                self._failing.discard(index)
             self.healthy = True
-        elif failed:
-            self.healthy = False
+
     def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception,
                      lines: int = 1) -> None:
         self.failures += lines
@@ -489,6 +544,15 @@ class _Named:
         if isinstance(inner, _Deferring) and not hasattr(self, "write_event"):
             self.write_deferred = inner.write_deferred
             self.flush_deferred = inner.flush_deferred
+            self._flush_reporting = inner._flush_reporting
+
+    @property
+    def report(self) -> Callable[[int, Exception | None, int], None] | None:
+        return getattr(self.inner, "report", None)
+
+    @report.setter
+    def report(self, value: Callable[[int, Exception | None, int], None] | None) -> None:
+        self.inner.report = value  # type: ignore[attr-defined]
 
     def write(self, level: str, line: str) -> None:
         self.inner.write(level, line)

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -229,24 +230,47 @@ def test_shapes_are_remembered_up_to_a_bound() -> None:
 # -- deferred writes ----------------------------------------------------------------------------
 
 
-def test_file_sink_defers_whole_lines_until_the_flush(tmp_path: Path) -> None:
+def wait_for(cond: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "not written in time"
+        time.sleep(0.005)
+
+
+def test_file_sink_writer_thread_writes_deferred_lines_in_whole_batches(tmp_path: Path) -> None:
     path = tmp_path / "a" / "events.log"
     sink = FileSink(path)
     sink.write("info", "now")
-    sink.write_deferred("one")
-    sink.write_deferred("two")
-    assert path.read_text() == "now\n"  # the deferred ones wait for the pass to end
-    assert sink.flush_deferred() == 2
-    assert sink.flush_deferred() == 0
-    assert path.read_text() == "now\none\ntwo\n"
-    sink.write_deferred("three")
-    sink.close()  # shutdown writes what is left
-    assert path.read_text() == "now\none\ntwo\nthree\n"
+    for i in range(50):
+        sink.write_deferred(f"line-{i}")
+    wait_for(lambda: path.read_text().count("\n") == 51)  # nobody flushed: its writer did
+    assert path.read_text() == "now\n" + "".join(f"line-{i}\n" for i in range(50))
+    sink.close()
 
 
-def test_a_large_batch_is_written_without_waiting_for_the_flush(tmp_path: Path) -> None:
+def test_deferred_lines_wait_for_the_interval_and_close_writes_them(tmp_path: Path) -> None:
     path = tmp_path / "events.log"
     sink = FileSink(path)
+    sink.INTERVAL = 60.0  # the writer holds them
+    sink.write_deferred("one")
+    sink.write_deferred("two")
+    time.sleep(0.05)
+    assert path.read_text() == ""
+    assert sink.flush_deferred() == 2  # now, in this thread
+    assert sink.flush_deferred() == 0
+    assert path.read_text() == "one\ntwo\n"
+    sink.write_deferred("three")
+    t0 = time.monotonic()
+    sink.close()  # shutdown writes what is left, without waiting out the interval
+    assert time.monotonic() - t0 < 5.0
+    assert path.read_text() == "one\ntwo\nthree\n"
+    assert sink._writer is not None and not sink._writer.is_alive()
+
+
+def test_a_large_batch_is_written_by_the_caller_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    sink = FileSink(path)
+    sink.INTERVAL = 60.0
     line = "x" * 999
     n = FileSink.MAX_PENDING // 1000
     for _ in range(n + 1):
@@ -260,17 +284,19 @@ def test_stream_sink_defers_too() -> None:
 
     out = io.StringIO()
     sink = StreamSink(out)
+    sink.INTERVAL = 60.0
     sink.write_deferred("a")
     assert out.getvalue() == ""
     sink.close()
     assert out.getvalue() == "a\n"
 
 
-def test_the_logger_defers_only_while_a_data_plane_flushes(tmp_path: Path) -> None:
+def test_the_logger_defers_only_while_a_data_plane_runs(tmp_path: Path) -> None:
     path = tmp_path / "events.log"
     log = make_logger(LoggingSettings(stdout=False, file=path))
     inner = log._logger  # type: ignore[attr-defined]
     assert isinstance(inner, SinkLogger)
+    inner.sinks[0].INTERVAL = 60.0
     writer = audit_fast.event_writer(log, "info")
     assert writer is not None
     in_fresh_context(writer, "first", {})
@@ -280,7 +306,7 @@ def test_the_logger_defers_only_while_a_data_plane_flushes(tmp_path: Path) -> No
     in_fresh_context(writer, "third", {})
     assert inner.pending and len(path.read_text().splitlines()) == 1
     log.warning("a denial")  # other events are not deferred
-    inner.flush_deferred()
+    inner.flush_deferred(wait=True)
     assert not inner.pending
     got = [json.loads(x)["message"] for x in path.read_text().splitlines()]
     assert got == ["first", "a denial", "second", "third"]
@@ -288,48 +314,70 @@ def test_the_logger_defers_only_while_a_data_plane_flushes(tmp_path: Path) -> No
     audit.close_logger(log)
 
 
-def test_a_failing_flush_raises_the_alarm_and_makes_the_logger_unhealthy() -> None:
+def test_a_failing_batch_raises_the_alarm_and_makes_the_logger_unhealthy() -> None:
     """/dev/full: every write fails with ENOSPC, a full disk."""
     import io
 
     alarm = io.StringIO()
     full = FileSink(Path("/dev/full"))
+    full.INTERVAL = 60.0
     inner = SinkLogger([full], alarm=alarm)
-    inner.defer_writes = True
     inner.emit("info", "lost", None, defer=True)
-    assert inner.healthy and inner.pending  # not known before the flush
-    inner.flush_deferred()
+    assert inner.healthy and inner.pending  # not known before it is written
+    inner.flush_deferred(wait=True)
     assert not inner.healthy
     assert inner.failures == 1
     assert "log-sink-failed" in alarm.getvalue()
     for _ in range(3):
         inner.emit("info", "lost too", None, defer=True)
-    inner.flush_deferred()  # each lost line is counted, the alarm is raised once
+    inner.flush_deferred(wait=True)  # each lost line is counted, the alarm is raised once
     assert inner.failures == 4 and alarm.getvalue().count("log-sink-failed") == 1
     inner.close()
 
 
-def test_a_failing_flush_is_not_unhealthy_when_another_sink_took_the_line() -> None:
-    other = ListSink()
-    inner = SinkLogger([FileSink(Path("/dev/full")), other], alarm=__import__("io").StringIO())
+def test_the_writer_thread_reports_a_failure_and_the_recovery(tmp_path: Path) -> None:
+    import io
+
+    sink = FileSink(tmp_path / "events.log")
+    inner = SinkLogger([sink], alarm=io.StringIO())
+    real = sink._write_out
+    broken = [True]
+
+    def write_out(text: str) -> None:
+        if broken[0]:
+            raise OSError(28, "No space left on device")
+        real(text)
+
+    sink._write_out = write_out  # type: ignore[method-assign]
+    inner.emit("info", "lost", None, defer=True)
+    wait_for(lambda: not inner.healthy)
+    broken[0] = False
     inner.emit("info", "kept", None, defer=True)
-    inner.flush_deferred()
+    wait_for(lambda: inner.healthy)
+    assert (tmp_path / "events.log").read_text() == "kept\n"
+    inner.close()
+
+
+def test_a_failing_batch_is_not_unhealthy_when_another_sink_took_the_line() -> None:
+    other = ListSink()
+    full = FileSink(Path("/dev/full"))
+    full.INTERVAL = 60.0
+    inner = SinkLogger([full, other], alarm=__import__("io").StringIO())
+    inner.emit("info", "kept", None, defer=True)
+    inner.flush_deferred(wait=True)
     assert inner.healthy and other.lines == ["kept"]
     inner.close()
 
 
-def test_the_flush_comes_from_another_thread_than_other_writes(tmp_path: Path) -> None:
-    """The data-plane thread defers and flushes while the control plane writes its own lines:
-    every line arrives whole."""
+def test_deferred_and_direct_writes_from_two_threads_keep_lines_whole(tmp_path: Path) -> None:
+    """The data-plane thread defers while the control plane writes its own lines: every line
+    arrives whole, once."""
     path = tmp_path / "events.log"
     sink = FileSink(path)
 
     def plane() -> None:
         for i in range(2000):
             sink.write_deferred(f"deferred-{i}")
-            if i % 7 == 0:
-                sink.flush_deferred()
-        sink.flush_deferred()
 
     t = threading.Thread(target=plane)
     t.start()
