@@ -89,7 +89,22 @@ class _Deferring:
         raise NotImplementedError
 
     def write(self, level: str, line: str) -> None:
-        self._write_out(line + "\n")
+        """A line written now; the deferred ones before it go first, in the same write (the
+        file keeps the order of events: a connection's last requests before its close line,
+        everything before ``server-stopped``)."""
+        lines = self._take()
+        if not lines:
+            self._write_out(line + "\n")
+            return
+        lines += (line, "")
+        try:
+            self._write_out("\n".join(lines))
+        except Exception as exc:
+            if self.report is not None:
+                self.report(0, exc, len(lines) - 2)
+            raise
+        if self.report is not None:
+            self.report(len(lines) - 2, None, 0)
 
     def write_deferred(self, line: str) -> None:
         with self._cond:
@@ -320,9 +335,10 @@ class SinkLogger:
 
     def flush_deferred(self, wait: bool = False) -> None:
         """The data plane, once per loop pass: the deferred lines are on their way (each
-        sink's writer thread writes them within ``INTERVAL``); ``wait``: write them now."""
+        sink's writer thread writes them within ``INTERVAL``); ``wait``, or a data plane
+        that has stopped (``defer_writes`` False): write them now, in this thread."""
         self.pending = False
-        if wait:
+        if wait or not self.defer_writes:  # the data plane has stopped: nothing waits
             for s in self.sinks:
                 if hasattr(s, "write_deferred"):
                     s._flush_reporting()  # type: ignore[union-attr]

@@ -27,9 +27,13 @@ from __future__ import annotations
 import contextvars
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mbsec import events
 from mbsec.audit import _LEVELS, SinkLogger, nest_dotted, utc_stamp
+
+if TYPE_CHECKING:
+    from mbsec.modbus.access import Access
 
 #: the C encoder of json.dumps(ensure_ascii=True) for one string, quotes included
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
@@ -59,6 +63,9 @@ class _Slot:
         self.key = key
 
 
+#: the fields of an allowed request that change from one request to the next
+_TID = "modbus.transaction_id"
+_DURATION = "event.duration"
 #: the slots that are not fields (no field can be named like these)
 _STAMP = "\x00timestamp"
 _MESSAGE = "\x00message"
@@ -69,12 +76,20 @@ class _Template:
     the fields whose value a later key replaced (unless it is a dict, which that key would
     have been nested into)."""
 
-    __slots__ = ("fmt", "hidden", "keys")
+    __slots__ = ("fmt", "hidden", "keys", "literals")
 
-    def __init__(self, fmt: str, keys: list[str]) -> None:
-        self.fmt = fmt
+    def __init__(self, literals: list[str], keys: list[str]) -> None:
+        self.literals = [part.replace("%", "%%") for part in literals]
+        self.fmt = "%s".join(self.literals)
         self.keys = keys
         self.hidden: tuple[str, ...] = ()
+
+    def named(self, names: Mapping[str, str]) -> str:
+        """The format with ``%(name)s`` for each slot (``names``: slot key -> name)."""
+        out = [self.literals[0]]
+        for key, literal in zip(self.keys, self.literals[1:], strict=True):
+            out.append(f"%({names[key]})s{literal}")
+        return "".join(out)
 
 
 def _compile(nested: Mapping[str, Any]) -> _Template | None:
@@ -114,8 +129,7 @@ def _compile(nested: Mapping[str, Any]) -> _Template | None:
     if not node(nested):
         return None
     parts.append("".join(text))
-    fmt = "%s".join(part.replace("%", "%%") for part in parts[0::2])
-    return _Template(fmt, parts[1::2])
+    return _Template(parts[0::2], parts[1::2])
 
 
 def _encode_list(items: list[Any]) -> str | None:
@@ -167,6 +181,8 @@ class EventWriter:
         #: the processors before nest+json (contextvars, level, timestamp, ECS, message)
         self._processors = processors
         self._templates: dict[tuple[str, ...], _Template | None] = {}
+        #: allowed(): (unit, fc, access, rule, decision, target, exception) -> format
+        self._allowed: dict[tuple[Any, ...], str] = {}
         number = _LEVELS[level]
         #: some sink formats the event itself: it gets the nested event (parsed back)
         self._needs_event = any(
@@ -178,19 +194,63 @@ class EventWriter:
 
     def _template(self, shape: tuple[str, ...]) -> _Template | None:
         """The reference chain run once on placeholders for this shape of event."""
-        ev: Any = dict(self._context)
-        ev.update({key: _Slot(key) for key in shape})
-        ev["event"] = _Slot(_MESSAGE)
-        for proc in self._processors:
-            ev = proc(self._sink, self._level, ev)
-        ev["@timestamp"] = _Slot(_STAMP)  # stamped per event below
-        tpl = _compile(nest_dotted(ev))
+        tpl = self._compile_event(_Slot(_MESSAGE), {key: _Slot(key) for key in shape})
         if tpl is not None:
             shown = set(tpl.keys)
             tpl.hidden = tuple(key for key in shape if key not in shown)
         if len(self._templates) < MAX_SHAPES:
             self._templates[shape] = tpl
         return tpl
+
+    def _compile_event(self, message: Any, fields: dict[str, Any]) -> _Template | None:
+        """The reference chain (the logger's processors, nest_dotted) run once; what is not
+        a placeholder becomes literal JSON."""
+        ev: Any = dict(self._context)
+        ev.update(fields)
+        ev["event"] = message
+        for proc in self._processors:
+            ev = proc(self._sink, self._level, ev)
+        ev["@timestamp"] = _Slot(_STAMP)  # stamped per event
+        return _compile(nest_dotted(ev))
+
+    def allowed(self, tid: int, unit_id: int, fc: int, access: Access | None,
+                duration_s: float, rule_id: str, decision: str, target: str,
+                exception_code: int | None = None) -> None:
+        """``events.modbus_request_allowed(...)`` written at this writer's level: the
+        hot event, from a template per connection and request kind in which everything but
+        the clock, the transaction id and the duration is literal text (a polling HMI asks
+        the same few requests all day: :class:`mbsec.path.decide.Decisions` hands the same
+        ``access`` object for a repeated request)."""
+        key = (unit_id, fc, access, rule_id, decision, target, exception_code)
+        fmt = self._allowed.get(key)
+        if fmt is None and len(self._allowed) < MAX_SHAPES * 2:
+            fmt = self._allowed[key] = self._allowed_format(*key)
+        if fmt and type(tid) is int and not _contextvars_bound():
+            sink = self._sink
+            line = fmt % {"s": utc_stamp(), "t": tid, "d": int(duration_s * 1e9)}
+            sink.emit(self._level, line, None, sink.defer_writes)
+            return
+        ev = events.modbus_request_allowed(tid, unit_id, fc, access, duration_s, rule_id,
+                                           decision, target, exception_code)
+        self(ev.message, ev.fields)
+
+    def _allowed_format(self, unit_id: int, fc: int, access: Access | None, rule_id: str,
+                        decision: str, target: str, exception_code: int | None) -> str:
+        """The format of one kind of allowed request ('' when it cannot be one: a sink
+        that needs the event as objects, a value the template cannot stand for)."""
+        if self._needs_event:
+            return ""
+        ev = events.modbus_request_allowed(0, unit_id, fc, access, 0.0, rule_id, decision,
+                                           target, exception_code)
+        fields: dict[str, Any] = dict(ev.fields)
+        if any(isinstance(v, dict) for v in fields.values()):
+            return ""
+        fields[_TID] = _Slot(_TID)
+        fields[_DURATION] = _Slot(_DURATION)
+        tpl = self._compile_event(ev.message, fields)
+        if tpl is None or sorted(tpl.keys) != sorted((_STAMP, _TID, _DURATION)):
+            return ""
+        return tpl.named({_STAMP: "s", _TID: "t", _DURATION: "d"})
 
     def __call__(self, message: str, fields: dict[str, Any]) -> None:
         if _contextvars_bound():

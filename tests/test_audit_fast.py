@@ -180,6 +180,38 @@ def test_the_allowed_request_event_of_a_connection(
     assert unstamped(fast) == unstamped(ref) and rendered
 
 
+@settings(max_examples=150, deadline=None)
+@given(kinds=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 127), ACCESSES,
+                                st.text(max_size=6), st.sampled_from(["allow", "would_deny"]),
+                                st.text(max_size=6), st.one_of(st.none(), st.integers(1, 11))),
+                      min_size=1, max_size=3),
+       requests=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 65535),
+                                   st.floats(0, 100)), min_size=1, max_size=8))
+def test_allowed_renders_each_request_kind_like_the_reference(
+    kinds: list[tuple[Any, ...]], requests: list[tuple[int, int, float]]
+) -> None:
+    """``EventWriter.allowed``: one format per kind of request, in which only the clock, the
+    transaction id and the duration change; each line is the constructor's event written
+    by the bound logger."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    log = log.bind(**events.connection_context(17, "10.0.0.5", 50123, "10.0.0.1", 802))
+    log = log.bind(**events.peer_context(peer(), ["operator"]))
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    for which, tid, took in requests:
+        unit, fc, access, rule, decision, target, code = kinds[which % len(kinds)]
+        ev = events.modbus_request_allowed(tid, unit, fc, access, took, rule, decision,
+                                           target, code)
+        in_fresh_context(lambda: log.info(ev.message, **ev.fields))
+        in_fresh_context(writer.allowed, tid, unit, fc, access, took, rule, decision, target,
+                         code)
+        ref, fast = sink.lines
+        sink.lines.clear()
+        assert unstamped(fast) == unstamped(ref)
+    assert all(writer._allowed.values())  # every kind had its format
+
+
 def test_the_timestamp_is_the_reference_clock() -> None:
     sink = ListSink()
     log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(a=1)
@@ -305,11 +337,17 @@ def test_the_logger_defers_only_while_a_data_plane_runs(tmp_path: Path) -> None:
     in_fresh_context(writer, "second", {})
     in_fresh_context(writer, "third", {})
     assert inner.pending and len(path.read_text().splitlines()) == 1
-    log.warning("a denial")  # other events are not deferred
+    log.warning("a denial")  # not deferred: written now, after the deferred ones
+    got = [json.loads(x)["message"] for x in path.read_text().splitlines()]
+    assert got == ["first", "second", "third", "a denial"]
+    in_fresh_context(writer, "fourth", {})
     inner.flush_deferred(wait=True)
     assert not inner.pending
-    got = [json.loads(x)["message"] for x in path.read_text().splitlines()]
-    assert got == ["first", "a denial", "second", "third"]
+    assert len(path.read_text().splitlines()) == 5
+    in_fresh_context(writer, "fifth", {})
+    inner.defer_writes = False  # the data plane stops: its last flush writes them now
+    inner.flush_deferred()
+    assert len(path.read_text().splitlines()) == 6
     assert inner.healthy
     audit.close_logger(log)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mbsec import events
-from mbsec.audit_fast import event_writer
+from mbsec.audit_fast import EventWriter, event_writer
 from mbsec.metrics import counter
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import Action, RemoteProtocolError
@@ -108,8 +108,8 @@ class Decisions:
         self.allowed_level = allowed_requests
         self.log: Any = log
         self.log_allowed: Callable[..., Any] | None = None
-        #: the same event rendered from this connection's template (mbsec.audit_fast)
-        self.write_allowed: Callable[[str, dict[str, Any]], None] | None = None
+        #: the same event rendered from this connection's templates (mbsec.audit_fast)
+        self.write_allowed: EventWriter | None = None
         self.set_log(log)
         self._allowed_cells: dict[str, Any] = {}
         #: (unit id, request PDU) -> (request, access, decision) for requests that write
@@ -251,13 +251,17 @@ class Decisions:
         cell.value += 1
         log_allowed = self.log_allowed
         if log_allowed is not None:
-            ev = events.modbus_request_allowed(
-                adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
-                decision.outcome, reply.target, getattr(reply.response, "exception_code", None))
-            write = self.write_allowed
-            if write is not None:
-                write(ev.message, ev.fields)
+            writer = self.write_allowed
+            if writer is not None:  # the same line, from this connection's templates
+                writer.allowed(
+                    adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                    decision.outcome, reply.target,
+                    getattr(reply.response, "exception_code", None))
             else:
+                ev = events.modbus_request_allowed(
+                    adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                    decision.outcome, reply.target,
+                    getattr(reply.response, "exception_code", None))
                 log_allowed(ev.message, **ev.fields)
         return reply.pdu
 

@@ -93,8 +93,8 @@ class DataPlane:
         self._worker: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._stopped = False
-        #: the logger's sinks (audit.SinkLogger): the allowed-request lines logged on this
-        #: thread are written in one batch per pass, before the replies of that pass leave
+        #: the logger's sinks (audit.SinkLogger): while this loop runs, the allowed-request
+        #: lines logged on this thread go to each sink's writer thread (no write(2) here)
         sink = getattr(log, "_logger", None)
         self._log_sink: Any = sink if hasattr(sink, "flush_deferred") else None
 
@@ -170,7 +170,7 @@ class DataPlane:
             if self._on_fatal is not None:
                 self._on_fatal()
         finally:
-            if sink is not None:  # nothing logged on this thread stays in memory
+            if sink is not None:  # what this thread logged is written before it ends
                 sink.defer_writes = False
                 sink.flush_deferred()
 
@@ -226,9 +226,6 @@ class DataPlane:
                     self.contain(call, exc)
             if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
-            sink = self._log_sink
-            if sink is not None and sink.pending:
-                sink.flush_deferred()
 
     def drain(self, now: float) -> None:
         """Carry out what the core asked for, until it asks nothing more."""
@@ -270,9 +267,6 @@ class DataPlane:
                         io3.write()
                 except Exception as exc:
                     self.contain(None, exc, link)
-            sink = self._log_sink
-            if sink is not None and sink.pending:
-                sink.flush_deferred()  # the lines of the replies below are written first
             while clients:
                 conn: ClientConn = clients.pop()
                 try:
