@@ -79,7 +79,8 @@ class _Deferring:
     def __init__(self) -> None:
         self._pending: list[str] = []
         self._pending_bytes = 0
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # a plain lock: the data plane takes it once a line
+        self._has_lines = threading.Event()  # the writer's wake-up
         self._writer: threading.Thread | None = None
         self._closing = False
         self._stopping = threading.Event()  # ends the writer's wait at once
@@ -107,36 +108,37 @@ class _Deferring:
             self.report(len(lines) - 2, None, 0)
 
     def write_deferred(self, line: str) -> None:
-        with self._cond:
-            if self._closing:  # a late line (a data plane that outlived the logger)
-                full = True
-            else:
-                self._pending.append(line)
-                self._pending_bytes += len(line) + 1
-                full = self._pending_bytes >= self.MAX_PENDING
-                if len(self._pending) == 1:
-                    if self._writer is None:
-                        self._writer = threading.Thread(
-                            target=self._run_writer, name="mbsec-log-writer", daemon=True)
-                        self._writer.start()
-                    self._cond.notify()
-        if self._closing:
+        if self._closing:  # a late line (a data plane that outlived the logger)
             self.write("info", line)
-        elif full:
+            return
+        with self._lock:
+            pending = self._pending
+            pending.append(line)
+            first = len(pending) == 1
+            self._pending_bytes += len(line) + 1
+            full = self._pending_bytes >= self.MAX_PENDING
+        if full:
             self._flush_reporting()
+        elif first:  # the writer sleeps only while there is nothing to write
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run_writer, name="mbsec-log-writer", daemon=True)
+                self._writer.start()
+            self._has_lines.set()
 
     def _run_writer(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return  # close() writes what is left
+            self._has_lines.wait()
+            if self._closing:
+                return  # close() writes what is left
             self._stopping.wait(self.INTERVAL)  # the lines of the next few ms join this write
+            self._has_lines.clear()  # before the take: a line after it wakes us again
+            if self._closing:  # checked after the clear: _stop_writer sets it before
+                return
             self._flush_reporting()
 
     def _take(self) -> list[str]:
-        with self._cond:
+        with self._lock:
             lines = self._pending
             self._pending = []
             self._pending_bytes = 0
@@ -166,11 +168,10 @@ class _Deferring:
         return len(lines) - 1
 
     def _stop_writer(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-            writer = self._writer
+        self._closing = True
+        writer = self._writer
         self._stopping.set()
+        self._has_lines.set()
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout=5.0)
 

@@ -181,8 +181,9 @@ class EventWriter:
         #: the processors before nest+json (contextvars, level, timestamp, ECS, message)
         self._processors = processors
         self._templates: dict[tuple[str, ...], _Template | None] = {}
-        #: allowed(): (unit, fc, access, rule, decision, target, exception) -> format
-        self._allowed: dict[tuple[Any, ...], str] = {}
+        #: allowed(): (unit, fc, id(access), rule, decision, target, exception) ->
+        #: (access, format)
+        self._allowed: dict[tuple[Any, ...], tuple[Any, str]] = {}
         number = _LEVELS[level]
         #: some sink formats the event itself: it gets the nested event (parsed back)
         self._needs_event = any(
@@ -221,10 +222,14 @@ class EventWriter:
         the clock, the transaction id and the duration is literal text (a polling HMI asks
         the same few requests all day: :class:`mbsec.path.decide.Decisions` hands the same
         ``access`` object for a repeated request)."""
-        key = (unit_id, fc, access, rule_id, decision, target, exception_code)
-        fmt = self._allowed.get(key)
-        if fmt is None and len(self._allowed) < MAX_SHAPES * 2:
-            fmt = self._allowed[key] = self._allowed_format(*key)
+        # access by identity (hashing the dataclass costs more than the rest): the entry
+        # keeps it alive, so its id cannot stand for another one while it is cached
+        key = (unit_id, fc, id(access), rule_id, decision, target, exception_code)
+        entry = self._allowed.get(key)
+        if entry is None and len(self._allowed) < MAX_SHAPES * 2:
+            entry = self._allowed[key] = (access, self._allowed_format(
+                unit_id, fc, access, rule_id, decision, target, exception_code))
+        fmt = entry[1] if entry is not None and entry[0] is access else ""
         if fmt and type(tid) is int and not _contextvars_bound():
             sink = self._sink
             line = fmt % {"s": utc_stamp(), "t": tid, "d": int(duration_s * 1e9)}
