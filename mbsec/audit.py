@@ -9,8 +9,11 @@ Only synchronous methods are used: structlog's ``a*`` methods run in asyncio's e
 never be called under trio. Sinks write synchronously; a line is small. The one event that can
 come once per request (an allowed request, ``allowed_requests = "info"``) skips the chain:
 mbsec/audit_fast.py renders the same line from a per-connection template, and while a data
-plane runs, the file and stdout sinks keep such lines until the end of its loop pass
-(:meth:`SinkLogger.flush_deferred`, before the pass's replies leave). The sinks of
+plane runs, the file and stdout sinks hand such lines to a writer thread of their own, which
+writes them in one write per 5 ms batch (:class:`_Deferring`): the data-plane thread makes no
+system call and never waits for a disk for them. Any other line written to such a sink first
+writes the waiting ones, so the order of events is kept; a normal stop writes every line; a
+crash can lose the last 5 ms of allowed-request lines. The sinks of
 ``[[logging.sinks]]`` get the nested event with its line (the last processor passes both) and
 format it themselves; a remote one only spools it here and formats and sends on its own thread
 (mbsec/sink_remote.py).
@@ -279,10 +282,10 @@ class SinkLogger:
         self.levels = list(levels) if levels is not None else [0] * len(self.sinks)
         self._takes_event = [hasattr(s, "write_event") for s in self.sinks]
         self._defers = [hasattr(s, "write_deferred") for s in self.sinks]
-        #: set by the data plane while it runs (it calls :meth:`flush_deferred` each pass):
-        #: :meth:`emit` with ``defer`` then leaves lines to that flush
+        #: set by the data plane while it runs (mbsec/path/epoll.py): :meth:`emit` with
+        #: ``defer`` then leaves lines to the sinks' writer threads
         self.defer_writes = False
-        #: lines wait for :meth:`flush_deferred`
+        #: deferred lines were emitted since the last :meth:`flush_deferred`
         self.pending = False
         self._pending_took = False  # a sink that does not defer took the last deferred line
         for i, s in enumerate(self.sinks):

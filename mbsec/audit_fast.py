@@ -10,9 +10,12 @@ every request, although they never change within a connection.
 reference chain (the logger's own processors, then ``nest_dotted``) runs once on placeholder
 values, and the JSON around the placeholders becomes the literal text of a template, the
 context's values included. Per event only the event's own values are encoded (the C string
-encoder of :mod:`json`, ``int.__repr__``) and joined into the template. The line is the one
-structlog would write, byte for byte apart from the clock (tests/test_audit_fast.py checks it
-against the reference with hypothesis).
+encoder of :mod:`json`, ``int.__repr__``) and joined into the template. The allowed request
+itself goes further (:meth:`EventWriter.allowed`): one format per kind of request (unit,
+function, access, rule, target), in which only the clock, the transaction id and the duration
+are filled in. The line is the one structlog would write, byte for byte apart from the clock
+(tests/test_audit_fast.py checks both against the reference with hypothesis). The file and
+stdout sinks write it from their writer thread (mbsec.audit, deferred writes).
 
 The writer steps aside (the bound logger writes the event, as before) whenever the template
 would not be exact: a value that is a dict (nesting would merge it), structlog contextvars
