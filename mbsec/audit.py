@@ -181,7 +181,7 @@ class _Deferring:
 
 class StreamSink(_Deferring):
     """stdout (or any text stream): one line, flushed, so a pipe to a shipper sees it at once
-    (deferred lines: once per data-plane pass)."""
+    (deferred lines: a batch every few milliseconds, see :class:`_Deferring`)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__()

@@ -227,9 +227,11 @@ class EventWriter:
         ``access`` object for a repeated request)."""
         # access by identity (hashing the dataclass costs more than the rest): the entry
         # keeps it alive, so its id cannot stand for another one while it is cached
+        # a write's access is new each time (and its values vary): no format for it
         key = (unit_id, fc, id(access), rule_id, decision, target, exception_code)
         entry = self._allowed.get(key)
-        if entry is None and len(self._allowed) < MAX_SHAPES * 2:
+        if entry is None and len(self._allowed) < MAX_SHAPES * 2 and (
+                access is None or access.write is None):
             entry = self._allowed[key] = (access, self._allowed_format(
                 unit_id, fc, access, rule_id, decision, target, exception_code))
         fmt = entry[1] if entry is not None and entry[0] is access else ""
