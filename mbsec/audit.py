@@ -6,7 +6,14 @@ The structlog message becomes ECS ``message``. The logger is built per proxy ins
 injected (no global ``structlog.configure``), so tests can run several proxies and capture lines.
 
 Only synchronous methods are used: structlog's ``a*`` methods run in asyncio's executor and must
-never be called under trio. Sinks write synchronously; a line is small. The sinks of
+never be called under trio. Sinks write synchronously; a line is small. The one event that can
+come once per request (an allowed request, ``allowed_requests = "info"``) skips the chain:
+mbsec/audit_fast.py renders the same line from a per-connection template, and while a data
+plane runs, the file and stdout sinks hand such lines to a writer thread of their own, which
+writes them in one write per 5 ms batch (:class:`_Deferring`): the data-plane thread makes no
+system call and never waits for a disk for them. Any other line written to such a sink first
+writes the waiting ones, so the order of events is kept; a normal stop writes every line; a
+crash can lose the last 5 ms of allowed-request lines. The sinks of
 ``[[logging.sinks]]`` get the nested event with its line (the last processor passes both) and
 format it themselves; a remote one only spools it here and formats and sends on its own thread
 (mbsec/sink_remote.py).
@@ -17,6 +24,9 @@ cannot go above ``warning``.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import functools
 import json
 import logging
 import logging.handlers
@@ -55,31 +65,161 @@ class EventSink(Protocol):
     def close(self) -> None: ...
 
 
-class StreamSink:
-    """stdout (or any text stream): one line, flushed, so a pipe to a shipper sees it at once."""
+class _Deferring:
+    """Lines written later, in batches, by a writer thread of the sink: the data plane logs
+    each allowed request with :meth:`write_deferred`, which only appends it to a list; the
+    writer wakes when the list stops being empty, lets lines gather for :attr:`INTERVAL`
+    and writes them with one write. So the data-plane thread neither makes a system call per
+    line nor waits for a slow disk. Each write carries whole lines only (a reader never sees
+    half a line from us, and processes appending to one file do not interleave within a
+    line); from :attr:`MAX_PENDING` bytes on, the caller writes at once; :meth:`close`
+    writes what is left. ``report(written, error, lost)`` hears how each batch went."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._stream = stream
+    MAX_PENDING = 65536
+    #: how long a line may wait in memory for the lines after it (a crash loses at most that)
+    INTERVAL = 0.005
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._lock = threading.Lock()  # a plain lock: the data plane takes it once a line
+        self._has_lines = threading.Event()  # the writer's wake-up
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._stopping = threading.Event()  # ends the writer's wait at once
+        self.report: Callable[[int, Exception | None, int], None] | None = None
+
+    def _write_out(self, text: str) -> None:
+        raise NotImplementedError
 
     def write(self, level: str, line: str) -> None:
+        """A line written now; the deferred ones before it go first, in the same write (the
+        file keeps the order of events: a connection's last requests before its close line,
+        everything before ``server-stopped``)."""
+        lines = self._take()
+        if not lines:
+            self._write_out(line + "\n")
+            return
+        lines += (line, "")
+        try:
+            self._write_out("\n".join(lines))
+        except Exception as exc:
+            if self.report is not None:
+                self.report(0, exc, len(lines) - 2)
+            raise
+        if self.report is not None:
+            self.report(len(lines) - 2, None, 0)
+
+    def write_deferred(self, line: str) -> None:
+        if self._closing:  # a late line (a data plane that outlived the logger)
+            self.write("info", line)
+            return
+        with self._lock:
+            pending = self._pending
+            pending.append(line)
+            first = len(pending) == 1
+            self._pending_bytes += len(line) + 1
+            full = self._pending_bytes >= self.MAX_PENDING
+        if full:
+            self._flush_reporting()
+        elif first:  # the writer sleeps only while there is nothing to write
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run_writer, name="mbsec-log-writer", daemon=True)
+                self._writer.start()
+            self._has_lines.set()
+
+    def _run_writer(self) -> None:
+        while True:
+            self._has_lines.wait()
+            if self._closing:
+                return  # close() writes what is left
+            self._stopping.wait(self.INTERVAL)  # the lines of the next few ms join this write
+            self._has_lines.clear()  # before the take: a line after it wakes us again
+            if self._closing:  # checked after the clear: _stop_writer sets it before
+                return
+            self._flush_reporting()
+
+    def _take(self) -> list[str]:
+        with self._lock:
+            lines = self._pending
+            self._pending = []
+            self._pending_bytes = 0
+            return lines
+
+    def _flush_reporting(self) -> None:
+        lines = self._take()
+        if not lines:
+            return
+        try:
+            lines.append("")
+            self._write_out("\n".join(lines))
+        except Exception as exc:
+            if self.report is not None:
+                self.report(0, exc, len(lines) - 1)
+        else:
+            if self.report is not None:
+                self.report(len(lines) - 1, None, 0)
+
+    def flush_deferred(self) -> int:
+        """Write the lines kept so far, now; returns how many (dropped if it raises)."""
+        lines = self._take()
+        if not lines:
+            return 0
+        lines.append("")
+        self._write_out("\n".join(lines))
+        return len(lines) - 1
+
+    def _stop_writer(self) -> None:
+        self._closing = True
+        writer = self._writer
+        self._stopping.set()
+        self._has_lines.set()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout=5.0)
+
+
+class StreamSink(_Deferring):
+    """stdout (or any text stream): one line, flushed, so a pipe to a shipper sees it at once
+    (deferred lines: a batch every few milliseconds, see :class:`_Deferring`)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def _write_out(self, text: str) -> None:
         stream = self._stream or sys.stdout
-        stream.write(line + "\n")
+        stream.write(text)
         stream.flush()
 
     def close(self) -> None:
-        pass
+        self._stop_writer()
+        self.flush_deferred()
 
 
-class FileSink:
+class FileSink(_Deferring):
+    """Appends to a file with one ``write(2)`` per line (or per batch of deferred lines), no
+    user-space buffer in between: what was written is in the kernel at once."""
+
     def __init__(self, path: Path) -> None:
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("a", encoding="utf-8", buffering=1)
+        self._fh = path.open("ab", buffering=0)
 
-    def write(self, level: str, line: str) -> None:
-        self._fh.write(line + "\n")
+    def _write_out(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            n = self._fh.write(data)
+            if not n:  # a regular file takes something or raises (ENOSPC)
+                raise OSError(errno.EIO, f"short write to {self._fh.name}")
+            data = data[n:]
 
     def close(self) -> None:
-        self._fh.close()
+        self._stop_writer()
+        try:
+            self.flush_deferred()
+        finally:
+            self._fh.close()
 
 
 class SyslogSink:
@@ -141,14 +281,28 @@ class SinkLogger:
         #: lets through
         self.levels = list(levels) if levels is not None else [0] * len(self.sinks)
         self._takes_event = [hasattr(s, "write_event") for s in self.sinks]
+        self._defers = [hasattr(s, "write_deferred") for s in self.sinks]
+        #: set by the data plane while it runs (mbsec/path/epoll.py): :meth:`emit` with
+        #: ``defer`` then leaves lines to the sinks' writer threads
+        self.defer_writes = False
+        #: deferred lines were emitted since the last :meth:`flush_deferred`
+        self.pending = False
+        self._pending_took = False  # a sink that does not defer took the last deferred line
+        for i, s in enumerate(self.sinks):
+            if self._defers[i]:
+                s.report = functools.partial(self._deferred_written, i)  # type: ignore[union-attr]
+        #: the processors before the JSON renderer, for mbsec.audit_fast (None: the console
+        #: format, which it does not render)
+        self.head: list[Callable[[Any, str, EventDict], Any]] | None = None
         self.healthy = True
         self.failures = 0
         self._failing: set[int] = set()  # indexes of sinks whose last write raised
         self._alarm = alarm
         self.metrics: Any = None  # set by the proxy: counts failures
 
-    def _emit(self, level: str, line: str, event: dict[str, Any] | None = None) -> None:
-        took = wanted = False
+    def _emit(self, level: str, line: str, event: dict[str, Any] | None = None,
+              defer: bool = False) -> None:
+        took = wanted = deferred = False
         number = _LEVELS.get(level, 20)
         for i, s in enumerate(self.sinks):
             if number < self.levels[i]:
@@ -158,6 +312,10 @@ class SinkLogger:
                 if self._takes_event[i]:
                     s.write_event(level, line, event if event is not None  # type: ignore[union-attr]
                                   else _event_of(line))
+                elif defer and self._defers[i]:
+                    s.write_deferred(line)  # type: ignore[union-attr]
+                    deferred = True
+                    continue  # taken or not: its writer reports (_deferred_written)
                 else:
                     s.write(level, line)  # type: ignore[union-attr]
             except Exception as exc:
@@ -166,14 +324,49 @@ class SinkLogger:
                 took = True
                 if self._failing:
                     self._failing.discard(i)
+        if deferred:
+            self.pending = True
+            self._pending_took = took
+            if not took:
+                return  # healthy: what the flush of this line will say
         self.healthy = took or not wanted  # no sink wanted it: nothing was lost
 
-    def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception) -> None:
-        self.failures += 1
+    def emit(self, level: str, line: str, event: dict[str, Any] | None = None,
+             defer: bool = False) -> None:
+        """Write a rendered line (and its nested event, for the sinks that format it); with
+        ``defer``, a sink that can keeps it until :meth:`flush_deferred`."""
+        self._emit(level, line, event, defer)
+
+    def flush_deferred(self, wait: bool = False) -> None:
+        """The data plane, once per loop pass: the deferred lines are on their way (each
+        sink's writer thread writes them within ``INTERVAL``); ``wait``, or a data plane
+        that has stopped (``defer_writes`` False): write them now, in this thread."""
+        self.pending = False
+        if wait or not self.defer_writes:  # the data plane has stopped: nothing waits
+            for s in self.sinks:
+                if hasattr(s, "write_deferred"):
+                    s._flush_reporting()  # type: ignore[union-attr]
+
+    def _deferred_written(self, index: int, written: int, exc: Exception | None,
+                          lost: int) -> None:
+        """A sink wrote a batch of deferred lines (in its writer thread), or failed to: the
+        alarm, and the health the request path reads (``on_sink_failure``)."""
+        if exc is not None:
+            self._sink_failed(index, self.sinks[index], exc, lost)
+            if not self._pending_took:
+                self.healthy = False
+        elif written:
+            if self._failing:
+                self._failing.discard(index)
+            self.healthy = True
+
+    def _sink_failed(self, index: int, sink: Sink | EventSink, exc: Exception,
+                     lines: int = 1) -> None:
+        self.failures += lines
         name = str(getattr(sink, "name", None) or type(sink).__name__)
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.inc("mbsec_log_sink_failures_total", sink=name)
+                self.metrics.inc("mbsec_log_sink_failures_total", lines, sink=name)
         if index in self._failing:
             return  # alarmed once per failure period, not per line
         self._failing.add(index)
@@ -231,6 +424,16 @@ EventDict = MutableMapping[str, Any]
 
 def _add_level(_: Any, method: str, ev: EventDict) -> EventDict:
     ev["log.level"] = "warning" if method == "warn" else method
+    return ev
+
+
+def utc_stamp() -> str:
+    """``@timestamp``: ISO 8601 in UTC with a ``Z`` (microseconds unless they are 0)."""
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _add_timestamp(_: Any, __: str, ev: EventDict) -> EventDict:
+    ev["@timestamp"] = utc_stamp()
     return ev
 
 
@@ -342,14 +545,17 @@ def make_logger(
     processors: list[Callable[[Any, str, EventDict], Any]] = [
         structlog.contextvars.merge_contextvars,
         _add_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="@timestamp"),
+        _add_timestamp,
         _add_ecs,
         structlog.processors.EventRenamer("message"),
         *tail,
     ]
     wrapper = structlog.make_filtering_bound_logger(min(levels, default=_LEVELS[settings.level]))
+    sink_logger = SinkLogger(sinks, levels=levels)
+    if settings.format != "console":
+        sink_logger.head = processors[:-2]  # mbsec.audit_fast renders what _nest + _json do
     logger: FilteringBoundLogger = structlog.wrap_logger(
-        SinkLogger(sinks, levels=levels),
+        sink_logger,
         processors=processors,
         wrapper_class=wrapper,
         cache_logger_on_first_use=False,
@@ -381,6 +587,18 @@ class _Named:
     def __init__(self, inner: Sink, name: str) -> None:
         self.inner = inner
         self.name = name
+        if isinstance(inner, _Deferring) and not hasattr(self, "write_event"):
+            self.write_deferred = inner.write_deferred
+            self.flush_deferred = inner.flush_deferred
+            self._flush_reporting = inner._flush_reporting
+
+    @property
+    def report(self) -> Callable[[int, Exception | None, int], None] | None:
+        return getattr(self.inner, "report", None)
+
+    @report.setter
+    def report(self, value: Callable[[int, Exception | None, int], None] | None) -> None:
+        self.inner.report = value  # type: ignore[attr-defined]
 
     def write(self, level: str, line: str) -> None:
         self.inner.write(level, line)

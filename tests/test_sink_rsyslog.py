@@ -443,8 +443,13 @@ async def test_proxy_serves_at_full_speed_while_its_collector_is_away(
     stalled, down = (s for s in inner.sinks if isinstance(s, RemoteSink))
     assert down.dropped > 0  # its spool filled and overflowed
     assert stalled.sent + stalled.spooled + stalled.dropped > 0
-    file_lines = (tmp_path / "events.jsonl").read_text().splitlines()
-    requests = [json.loads(x) for x in file_lines if '"modbus-request"' in x]
+    with trio.fail_after(5):  # the file sink's writer thread writes them within milliseconds
+        while True:
+            file_lines = (tmp_path / "events.jsonl").read_text().splitlines()
+            requests = [json.loads(x) for x in file_lines if '"modbus-request"' in x]
+            if len(requests) >= n:
+                break
+            await trio.sleep(0.01)
     assert len(requests) == n  # the local file is the guaranteed record
     assert elapsed < 30, elapsed  # generous (a shared box); the requests never wait on a sink
     assert 'mbsec_log_sink_failures_total{sink="down"}' in metrics.render()

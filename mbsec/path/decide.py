@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mbsec import events
+from mbsec.audit_fast import EventWriter, event_writer
 from mbsec.metrics import counter
 from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import Action, RemoteProtocolError
@@ -113,6 +114,8 @@ class Decisions:
         self.allowed_level = allowed_requests
         self.log: Any = log
         self.log_allowed: Callable[..., Any] | None = None
+        #: the same event rendered from this connection's templates (mbsec.audit_fast)
+        self.write_allowed: EventWriter | None = None
         self.set_log(log)
         self._allowed_cells: dict[str, Any] = {}
         #: ``mbsec_role_requests_total`` series by decision, one per role label of the
@@ -140,6 +143,8 @@ class Decisions:
             self.log_allowed = log.info
         elif self.allowed_level == "debug" and log.is_enabled_for(10):
             self.log_allowed = log.debug
+        self.write_allowed = (event_writer(log, self.allowed_level)
+                              if self.log_allowed is not None else None)
 
     def _rebind_principal(self, state: ProxyState) -> None:
         self._principal = state.policy.principal(self.identity, self.peer_ip)
@@ -282,10 +287,18 @@ class Decisions:
         self._count_role("allow")
         log_allowed = self.log_allowed
         if log_allowed is not None:
-            ev = events.modbus_request_allowed(
-                adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
-                decision.outcome, reply.target, getattr(reply.response, "exception_code", None))
-            log_allowed(ev.message, **ev.fields)
+            writer = self.write_allowed
+            if writer is not None:  # the same line, from this connection's templates
+                writer.allowed(
+                    adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                    decision.outcome, reply.target,
+                    getattr(reply.response, "exception_code", None))
+            else:
+                ev = events.modbus_request_allowed(
+                    adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
+                    decision.outcome, reply.target,
+                    getattr(reply.response, "exception_code", None))
+                log_allowed(ev.message, **ev.fields)
         return reply.pdu
 
     def _deny(self, event: events.Event, fc: int, code: int, decision: str) -> bytes:

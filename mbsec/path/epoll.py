@@ -95,6 +95,10 @@ class DataPlane:
         self._worker: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._stopped = False
+        #: the logger's sinks (audit.SinkLogger): while this loop runs, the allowed-request
+        #: lines logged on this thread go to each sink's writer thread (no write(2) here)
+        sink = getattr(log, "_logger", None)
+        self._log_sink: Any = sink if hasattr(sink, "flush_deferred") else None
 
     # -- trio side --------------------------------------------------------------------------
 
@@ -176,12 +180,19 @@ class DataPlane:
     # -- loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        sink = self._log_sink
+        if sink is not None:
+            sink.defer_writes = True
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
             self.bug(exc, fatal=True)
             if self._on_fatal is not None:
                 self._on_fatal()
+        finally:
+            if sink is not None:  # what this thread logged is written before it ends
+                sink.defer_writes = False
+                sink.flush_deferred()
 
     def _loop(self) -> None:
         ep = self._ep

@@ -1,0 +1,327 @@
+"""Logging an allowed request cheaply: the same JSON line, rendered from a per-connection template.
+
+Why: with ``allowed_requests = "info"`` every forwarded request writes one ``modbus-request``
+line, on the data-plane thread. Through structlog that line cost about 130 µs of CPU
+(benchmarks/README.md): the connection's ~20 bound keys copied into each event, turned from
+dotted keys into nested objects (:func:`mbsec.audit.nest_dotted`) and serialized again, for
+every request, although they never change within a connection.
+
+:class:`EventWriter` renders the bound context once per connection and event shape: the
+reference chain (the logger's own processors, then ``nest_dotted``) runs once on placeholder
+values, and the JSON around the placeholders becomes the literal text of a template, the
+context's values included. Per event only the event's own values are encoded (the C string
+encoder of :mod:`json`, ``int.__repr__``) and joined into the template. The allowed request
+itself goes further (:meth:`EventWriter.allowed`): one format per kind of request (unit,
+function, access, rule, target), in which only the clock, the transaction id and the duration
+are filled in. The line is the one structlog would write, byte for byte apart from the clock
+(tests/test_audit_fast.py checks both against the reference with hypothesis). The file and
+stdout sinks write it from their writer thread (mbsec.audit, deferred writes).
+
+The writer steps aside (the bound logger writes the event, as before) whenever the template
+would not be exact: a value that is a dict (nesting would merge it), structlog contextvars
+bound in the calling thread, a logger that is not :func:`mbsec.audit.make_logger`'s JSON one.
+A sink that formats events itself (``[[logging.sinks]]``) gets the nested event parsed back
+from the line, which equals the reference's when every value is a JSON type; otherwise the
+bound logger writes it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from mbsec import events
+from mbsec.audit import _LEVELS, SinkLogger, nest_dotted, utc_stamp
+
+if TYPE_CHECKING:
+    from mbsec.modbus.access import Access
+
+#: the C encoder of json.dumps(ensure_ascii=True) for one string, quotes included
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_STRUCTLOG_PREFIX = "structlog_"
+#: event shapes remembered per connection (the allowed event has a handful: with or
+#: without values, an exception code, FC23's two ranges)
+MAX_SHAPES = 32
+
+
+def dumps(value: Any) -> str:
+    """What :func:`mbsec.audit._json` writes for ``value``."""
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def reference_line(flat: Mapping[str, Any]) -> str:
+    """The reference rendering of a flat event: nest the dotted keys, then serialize."""
+    return dumps(nest_dotted(dict(flat)))
+
+
+class _Slot:
+    """A placeholder for one value of the event in the template (never a dict, so that
+    ``nest_dotted`` treats it as the leaf the real value will be)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+#: the fields of an allowed request that change from one request to the next
+_TID = "modbus.transaction_id"
+_DURATION = "event.duration"
+#: the slots that are not fields (no field can be named like these)
+_STAMP = "\x00timestamp"
+_MESSAGE = "\x00message"
+
+
+class _Template:
+    """``fmt % (JSON of each slot's value, in the order of keys)`` is the line; ``hidden``:
+    the fields whose value a later key replaced (unless it is a dict, which that key would
+    have been nested into)."""
+
+    __slots__ = ("fmt", "hidden", "keys", "literals")
+
+    def __init__(self, literals: list[str], keys: list[str]) -> None:
+        self.literals = [part.replace("%", "%%") for part in literals]
+        self.fmt = "%s".join(self.literals)
+        self.keys = keys
+        self.hidden: tuple[str, ...] = ()
+
+    def named(self, names: Mapping[str, str]) -> str:
+        """The format with ``%(name)s`` for each slot (``names``: slot key -> name)."""
+        out = [self.literals[0]]
+        for key, literal in zip(self.keys, self.literals[1:], strict=True):
+            out.append(f"%({names[key]})s{literal}")
+        return "".join(out)
+
+
+def _compile(nested: Mapping[str, Any]) -> _Template | None:
+    """Walk the nested placeholder event: literal JSON around the slots (None: a dict value
+    from the context, which the template cannot stand for)."""
+    parts: list[str] = []  # literal, slot key, literal, slot key, ..., literal
+    text: list[str] = []
+
+    def literal(s: str) -> None:
+        text.append(s)
+
+    def node(obj: Mapping[str, Any]) -> bool:
+        literal("{")
+        first = True
+        for key, value in obj.items():
+            literal(("" if first else ",") + _encode_str(key) + ":")
+            first = False
+            if isinstance(value, _Slot):
+                stamp = value.key is _STAMP  # a string of its own: the quotes are literal
+                if stamp:
+                    literal('"')
+                parts.append("".join(text))
+                text.clear()
+                parts.append(value.key)
+                if stamp:
+                    literal('"')
+            elif type(value) is dict:
+                # nest_dotted's own objects are plain dicts built from placeholders; a dict
+                # value bound in the context is refused before we get here
+                if not node(value):
+                    return False
+            else:
+                literal(dumps(value))
+        literal("}")
+        return True
+
+    if not node(nested):
+        return None
+    parts.append("".join(text))
+    return _Template(parts[0::2], parts[1::2])
+
+
+def _encode_list(items: list[Any]) -> str | None:
+    """A list of strings and ints as json.dumps writes it; None for anything else."""
+    out = []
+    for item in items:
+        t = type(item)
+        if t is str:
+            out.append(_encode_str(item))
+        elif t is int:
+            out.append(int.__repr__(item))
+        else:
+            return None
+    return "[" + ",".join(out) + "]"
+
+
+def _native(value: Any) -> bool:
+    """json.loads gives back an equal object of the same types (str, int, None, bool and
+    lists of them)."""
+    t = type(value)
+    if t is list:
+        return all(_native(v) for v in value)
+    return t is str or t is int or t is bool or value is None
+
+
+def _contextvars_bound() -> bool:
+    """True when the calling thread has structlog contextvars (merge_contextvars would add
+    them): the data-plane thread has none."""
+    ctx = contextvars.copy_context()
+    if not len(ctx):
+        return False
+    return any(k.name.startswith(_STRUCTLOG_PREFIX) and ctx[k] is not Ellipsis for k in ctx)
+
+
+class EventWriter:
+    """Writes events of one bound logger at one level, as that logger would.
+
+    Built per connection (and again when its logger is rebound): ``write(message, fields)``
+    is ``log.<level>(message, **fields)`` without structlog's chain. See the module
+    docstring for when it hands the event to the bound logger instead.
+    """
+
+    def __init__(self, log: Any, sink: SinkLogger, level: str, processors: list[Any]) -> None:
+        self._log = log
+        self._fallback: Callable[..., Any] = getattr(log, level)
+        self._sink = sink
+        self._level = level
+        self._context: dict[str, Any] = dict(log._context)
+        #: the processors before nest+json (contextvars, level, timestamp, ECS, message)
+        self._processors = processors
+        self._templates: dict[tuple[str, ...], _Template | None] = {}
+        #: allowed(): (unit, fc, id(access), rule, decision, target, exception) ->
+        #: (access, format)
+        self._allowed: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        number = _LEVELS[level]
+        #: some sink formats the event itself: it gets the nested event (parsed back)
+        self._needs_event = any(
+            takes and number >= sink_level
+            for takes, sink_level in zip(sink._takes_event, sink.levels, strict=True))
+        #: the context's values come back equal from the line (else the logger writes
+        #: events that a sink needs as objects)
+        self._context_native = all(_native(v) for v in self._context.values())
+
+    def _template(self, shape: tuple[str, ...]) -> _Template | None:
+        """The reference chain run once on placeholders for this shape of event."""
+        tpl = self._compile_event(_Slot(_MESSAGE), {key: _Slot(key) for key in shape})
+        if tpl is not None:
+            shown = set(tpl.keys)
+            tpl.hidden = tuple(key for key in shape if key not in shown)
+        if len(self._templates) < MAX_SHAPES:
+            self._templates[shape] = tpl
+        return tpl
+
+    def _compile_event(self, message: Any, fields: dict[str, Any]) -> _Template | None:
+        """The reference chain (the logger's processors, nest_dotted) run once; what is not
+        a placeholder becomes literal JSON."""
+        ev: Any = dict(self._context)
+        ev.update(fields)
+        ev["event"] = message
+        for proc in self._processors:
+            ev = proc(self._sink, self._level, ev)
+        ev["@timestamp"] = _Slot(_STAMP)  # stamped per event
+        return _compile(nest_dotted(ev))
+
+    def allowed(self, tid: int, unit_id: int, fc: int, access: Access | None,
+                duration_s: float, rule_id: str, decision: str, target: str,
+                exception_code: int | None = None) -> None:
+        """``events.modbus_request_allowed(...)`` written at this writer's level: the
+        hot event, from a template per connection and request kind in which everything but
+        the clock, the transaction id and the duration is literal text (a polling HMI asks
+        the same few requests all day: :class:`mbsec.path.decide.Decisions` hands the same
+        ``access`` object for a repeated request)."""
+        # access by identity (hashing the dataclass costs more than the rest): the entry
+        # keeps it alive, so its id cannot stand for another one while it is cached
+        # a write's access is new each time (and its values vary): no format for it
+        key = (unit_id, fc, id(access), rule_id, decision, target, exception_code)
+        entry = self._allowed.get(key)
+        if entry is None and len(self._allowed) < MAX_SHAPES * 2 and (
+                access is None or access.write is None):
+            entry = self._allowed[key] = (access, self._allowed_format(
+                unit_id, fc, access, rule_id, decision, target, exception_code))
+        fmt = entry[1] if entry is not None and entry[0] is access else ""
+        if fmt and type(tid) is int and not _contextvars_bound():
+            sink = self._sink
+            line = fmt % {"s": utc_stamp(), "t": tid, "d": int(duration_s * 1e9)}
+            sink.emit(self._level, line, None, sink.defer_writes)
+            return
+        ev = events.modbus_request_allowed(tid, unit_id, fc, access, duration_s, rule_id,
+                                           decision, target, exception_code)
+        self(ev.message, ev.fields)
+
+    def _allowed_format(self, unit_id: int, fc: int, access: Access | None, rule_id: str,
+                        decision: str, target: str, exception_code: int | None) -> str:
+        """The format of one kind of allowed request ('' when it cannot be one: a sink
+        that needs the event as objects, a value the template cannot stand for)."""
+        if self._needs_event:
+            return ""
+        ev = events.modbus_request_allowed(0, unit_id, fc, access, 0.0, rule_id, decision,
+                                           target, exception_code)
+        fields: dict[str, Any] = dict(ev.fields)
+        if any(isinstance(v, dict) for v in fields.values()):
+            return ""
+        fields[_TID] = _Slot(_TID)
+        fields[_DURATION] = _Slot(_DURATION)
+        tpl = self._compile_event(ev.message, fields)
+        if tpl is None or sorted(tpl.keys) != sorted((_STAMP, _TID, _DURATION)):
+            return ""
+        return tpl.named({_STAMP: "s", _TID: "t", _DURATION: "d"})
+
+    def __call__(self, message: str, fields: dict[str, Any]) -> None:
+        if _contextvars_bound():
+            self._fallback(message, **fields)
+            return
+        shape = tuple(fields)
+        tpl = self._templates.get(shape)
+        if tpl is None:
+            tpl = self._template(shape) if shape not in self._templates else None
+            if tpl is None:
+                self._fallback(message, **fields)
+                return
+        for key in tpl.hidden:
+            if isinstance(fields[key], dict):
+                self._fallback(message, **fields)
+                return
+        native = True
+        out: list[str] = []
+        append = out.append
+        for key in tpl.keys:
+            if key is _STAMP:
+                append(utc_stamp())  # digits, '-', ':', '.', 'T', 'Z': nothing to escape
+            else:
+                value: Any = message if key is _MESSAGE else fields[key]
+                t = type(value)
+                if t is str:
+                    append(_encode_str(value))
+                elif t is int:
+                    append(int.__repr__(value))
+                elif value is None:
+                    append("null")
+                else:
+                    encoded = _encode_list(value) if t is list else None
+                    if encoded is None:
+                        if isinstance(value, dict):  # nest_dotted would merge it: not ours
+                            self._fallback(message, **fields)
+                            return
+                        encoded = dumps(value)
+                        native = False
+                    append(encoded)
+        line = tpl.fmt % tuple(out)
+        event: dict[str, Any] | None = None
+        if self._needs_event:
+            if not (native and self._context_native):  # the sink gets the reference's objects
+                self._fallback(message, **fields)
+                return
+            event = json.loads(line)
+        sink = self._sink
+        sink.emit(self._level, line, event, sink.defer_writes)
+
+
+def event_writer(log: Any, level: str) -> EventWriter | None:
+    """An :class:`EventWriter` for ``log`` at ``level``, or None when ``log`` is not a JSON
+    logger of :func:`mbsec.audit.make_logger` or does not write ``level`` at all (the caller
+    then calls the logger)."""
+    sink = getattr(log, "_logger", None)
+    context = getattr(log, "_context", None)
+    if not isinstance(sink, SinkLogger) or sink.head is None or not isinstance(context, dict):
+        return None
+    if level not in _LEVELS or not log.is_enabled_for(_LEVELS[level]):
+        return None
+    if any(isinstance(v, dict) for v in context.values()):
+        return None
+    return EventWriter(log, sink, level, sink.head)

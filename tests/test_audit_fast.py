@@ -1,0 +1,431 @@
+"""mbsec.audit_fast: a template-rendered event is the line (and nested event) structlog's chain
+writes, byte for byte apart from the clock; and the sinks' deferred writes (one batch per
+data-plane pass) keep lines whole, are written by close, and raise the alarm when they fail."""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import functools
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbsec import audit, audit_fast, events
+from mbsec.audit import FileSink, ListSink, SinkLogger, StreamSink, make_logger
+from mbsec.identity import PeerIdentity
+from mbsec.modbus.access import Access, Table
+from mbsec.settings import LoggingSettings
+
+STAMP = re.compile(r'"@timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z)"')
+
+
+def unstamped(line: str) -> str:
+    """The line with its timestamp's value blanked (the only part that may differ; a key
+    ``@timestamp.x`` replaces it, in the reference too)."""
+    return STAMP.sub('"@timestamp":"T"', line)
+
+
+class EventListSink(ListSink):
+    """A sink that formats events itself (like ``[[logging.sinks]]``): keeps what it got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[dict[str, Any]] = []
+
+    def write_event(self, level: str, line: str, event: dict[str, Any]) -> None:
+        self.got.append(event)
+        self.write(level, line)
+
+
+def in_fresh_context(fn: Any, *args: Any) -> Any:
+    """Run as the data-plane thread does: no structlog contextvars bound."""
+    return contextvars.Context().run(fn, *args)
+
+
+def both(log: Any, sink: ListSink, message: str, fields: dict[str, Any],
+         level: str = "info") -> tuple[str, str, bool]:
+    """(reference line, template line, whether the writer rendered it itself)."""
+    writer = audit_fast.event_writer(log, level)
+    assert writer is not None
+    fell_back = []
+    reference = writer._fallback
+
+    def counting(*a: Any, **kw: Any) -> None:
+        fell_back.append(1)
+        reference(*a, **kw)
+
+    writer._fallback = counting
+    in_fresh_context(lambda: getattr(log, level)(message, **fields))
+    in_fresh_context(writer, message, fields)
+    assert len(sink.lines) == 2
+    ref, fast = sink.lines
+    sink.lines.clear()
+    return ref, fast, not fell_back
+
+
+# -- values and keys hypothesis draws: dotted keys whose segments collide on purpose ---------
+
+SEGMENTS = st.sampled_from(["event", "mbsec", "source", "log", "ecs", "service", "message",
+                            "@timestamp", "a", "b", "x9", "ünï"])
+KEYS = st.lists(SEGMENTS, min_size=1, max_size=3).map(".".join)
+SCALARS = st.one_of(
+    st.text(max_size=12), st.integers(min_value=-2**70, max_value=2**70), st.none(),
+    st.booleans(), st.floats(allow_nan=True, allow_infinity=True),
+    st.just(Table.HOLDING_REGISTERS), st.just(dt.datetime(2026, 1, 2, tzinfo=dt.UTC)),
+)
+VALUES = st.one_of(
+    SCALARS,
+    st.lists(st.one_of(st.text(max_size=6), st.integers()), max_size=3),
+    st.tuples(st.integers(), st.text(max_size=3)),
+    st.lists(SCALARS, max_size=2),
+)
+CONTEXT = st.dictionaries(KEYS, VALUES, max_size=8)
+#: ``event`` is structlog's own argument: no keyword can have that name
+FIELDS = st.dictionaries(KEYS.filter(lambda k: k != "event"), VALUES, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(context=CONTEXT, fields=FIELDS, message=st.text(max_size=10),
+       level=st.sampled_from(["info", "debug", "warning"]))
+def test_template_line_equals_structlog_line(
+    context: dict[str, Any], fields: dict[str, Any], message: str, level: str
+) -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False, level="debug"), extra_sinks=[sink])
+    log = log.bind(**context)
+    ref, fast, rendered = both(log, sink, message, fields, level)
+    assert unstamped(fast) == unstamped(ref)
+    assert rendered  # no dict value here: the template rendered every one of them
+
+
+@settings(max_examples=100, deadline=None)
+@given(context=CONTEXT, fields=FIELDS, message=st.text(max_size=10))
+def test_sinks_that_format_events_get_the_reference_event(
+    context: dict[str, Any], fields: dict[str, Any], message: str
+) -> None:
+    """The nested event a ``[[logging.sinks]]`` sink gets is the reference's (parsed back from
+    the line only when that gives the same objects; else the logger writes it)."""
+    sink = EventListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(**context)
+    ref, fast, _ = both(log, sink, message, fields)
+    assert unstamped(fast) == unstamped(ref)
+    ref_event, fast_event = sink.got
+    ref_event.pop("@timestamp")
+    fast_event.pop("@timestamp")
+    assert fast_event == ref_event
+    # same order, same types
+    assert json.dumps(fast_event, default=repr) == json.dumps(ref_event, default=repr)
+
+
+@settings(max_examples=50, deadline=None)
+@given(context=CONTEXT, inner=st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+       key=KEYS.filter(lambda k: k != "event"))
+def test_dict_values_are_left_to_the_logger(
+    context: dict[str, Any], inner: dict[str, int], key: str
+) -> None:
+    """A dict value is merged by nest_dotted, which a template cannot stand for: the bound
+    logger writes that event (the same line, of course)."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(**context)
+    ref, fast, rendered = both(log, sink, "m", {key: dict(inner)})
+    assert unstamped(fast) == unstamped(ref)
+    assert not rendered
+    bound = log.bind(**{key: dict(inner)})
+    assert audit_fast.event_writer(bound, "info") is None  # a dict bound in the context
+
+
+def peer() -> PeerIdentity:
+    return PeerIdentity(
+        "CN=hmi-01,OU=operators", "hmi-01", ("operators",), ("hmi-01.plant.example",),
+        ("10.0.0.5",), (), "CN=test CA", 1234567890123, "ab" * 32,
+        dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2027, 1, 1, tzinfo=dt.UTC),
+        "operator")
+
+
+ACCESSES = st.one_of(
+    st.none(),
+    st.builds(Access, st.sampled_from([1, 3, 4, 6, 8, 16, 23]), st.sampled_from(list(Table)),
+              st.one_of(st.none(), st.tuples(st.integers(0, 65535), st.integers(1, 125))),
+              st.one_of(st.none(), st.tuples(st.integers(0, 65535), st.integers(1, 123))),
+              st.lists(st.integers(0, 65535), max_size=20).map(tuple),
+              st.one_of(st.none(), st.integers(0, 65535)), st.integers(1, 253)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tid=st.integers(0, 65535), unit=st.integers(0, 255), fc=st.integers(1, 127),
+       access=ACCESSES, took=st.floats(0, 10), rule=st.text(max_size=8),
+       decision=st.sampled_from(["allow", "would_deny"]), target=st.text(max_size=8),
+       code=st.one_of(st.none(), st.integers(1, 11)))
+def test_the_allowed_request_event_of_a_connection(
+    tid: int, unit: int, fc: int, access: Access | None, took: float, rule: str, decision: str,
+    target: str, code: int | None,
+) -> None:
+    """The hot event, with the context a real connection binds (connection, certificate,
+    roles), through one writer: every shape of it renders like the reference."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    log = log.bind(**events.connection_context(17, "10.0.0.5", 50123, "10.0.0.1", 802))
+    log = log.bind(**events.peer_context(peer(), ["operator"]))
+    ev = events.modbus_request_allowed(tid, unit, fc, access, took, rule, decision, target,
+                                       code, level="info")
+    ref, fast, rendered = both(log, sink, ev.message, ev.fields)
+    assert unstamped(fast) == unstamped(ref) and rendered
+
+
+@settings(max_examples=150, deadline=None)
+@given(kinds=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 127), ACCESSES,
+                                st.text(max_size=6), st.sampled_from(["allow", "would_deny"]),
+                                st.text(max_size=6), st.one_of(st.none(), st.integers(1, 11))),
+                      min_size=1, max_size=3),
+       requests=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 65535),
+                                   st.floats(0, 100)), min_size=1, max_size=8))
+def test_allowed_renders_each_request_kind_like_the_reference(
+    kinds: list[tuple[Any, ...]], requests: list[tuple[int, int, float]]
+) -> None:
+    """``EventWriter.allowed``: one format per kind of request, in which only the clock, the
+    transaction id and the duration change; each line is the constructor's event written
+    by the bound logger."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    log = log.bind(**events.connection_context(17, "10.0.0.5", 50123, "10.0.0.1", 802))
+    log = log.bind(**events.peer_context(peer(), ["operator"]))
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    for which, tid, took in requests:
+        unit, fc, access, rule, decision, target, code = kinds[which % len(kinds)]
+        ev = events.modbus_request_allowed(tid, unit, fc, access, took, rule, decision,
+                                           target, code)
+        in_fresh_context(functools.partial(log.info, ev.message, **ev.fields))
+        in_fresh_context(writer.allowed, tid, unit, fc, access, took, rule, decision, target,
+                         code)
+        ref, fast = sink.lines
+        sink.lines.clear()
+        assert unstamped(fast) == unstamped(ref)
+    # every kind that writes nothing had its format (a write's access is new each time)
+    assert all(fmt for _, fmt in writer._allowed.values())
+    assert all(access is None or access.write is None for access, _ in writer._allowed.values())
+
+
+def test_the_timestamp_is_the_reference_clock() -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(a=1)
+    before = dt.datetime.now(dt.UTC)
+    ref, fast, _ = both(log, sink, "m", {"b": 2})
+    after = dt.datetime.now(dt.UTC)
+    for line in (ref, fast):
+        stamp = dt.datetime.fromisoformat(STAMP.findall(line)[0].replace("Z", "+00:00"))
+        assert before <= stamp <= after
+
+
+def test_bound_contextvars_are_left_to_the_logger() -> None:
+    """merge_contextvars would add them: a thread that has some gets the reference path."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+
+    def bound() -> None:
+        structlog.contextvars.bind_contextvars(**{"mbsec.conn_id": 5})
+        writer("m", {"b": 1})
+
+    contextvars.Context().run(bound)
+    assert json.loads(sink.lines[0])["mbsec"] == {"conn_id": 5}
+
+
+def test_no_writer_for_a_console_logger_or_a_level_it_drops() -> None:
+    log = make_logger(LoggingSettings(stdout=False, format="console"))
+    assert audit_fast.event_writer(log, "info") is None
+    quiet = make_logger(LoggingSettings(stdout=False, level="info"))
+    assert audit_fast.event_writer(quiet, "debug") is None
+    assert audit_fast.event_writer(quiet, "info") is not None
+    assert audit_fast.event_writer(structlog.get_logger(), "info") is None
+
+
+def test_shapes_are_remembered_up_to_a_bound() -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    for i in range(audit_fast.MAX_SHAPES + 10):
+        in_fresh_context(writer, "m", {f"k{i}": i})
+    assert len(writer._templates) == audit_fast.MAX_SHAPES
+    assert [json.loads(x)[f"k{i}"] for i, x in enumerate(sink.lines)] == \
+        list(range(audit_fast.MAX_SHAPES + 10))
+
+
+# -- deferred writes ----------------------------------------------------------------------------
+
+
+def wait_for(cond: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "not written in time"
+        time.sleep(0.005)
+
+
+def test_file_sink_writer_thread_writes_deferred_lines_in_whole_batches(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "events.log"
+    sink = FileSink(path)
+    sink.write("info", "now")
+    for i in range(50):
+        sink.write_deferred(f"line-{i}")
+    wait_for(lambda: path.read_text().count("\n") == 51)  # nobody flushed: its writer did
+    assert path.read_text() == "now\n" + "".join(f"line-{i}\n" for i in range(50))
+    sink.close()
+
+
+def test_deferred_lines_wait_for_the_interval_and_close_writes_them(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    sink = FileSink(path)
+    sink.INTERVAL = 60.0  # the writer holds them
+    sink.write_deferred("one")
+    sink.write_deferred("two")
+    time.sleep(0.05)
+    assert path.read_text() == ""
+    assert sink.flush_deferred() == 2  # now, in this thread
+    assert sink.flush_deferred() == 0
+    assert path.read_text() == "one\ntwo\n"
+    sink.write_deferred("three")
+    t0 = time.monotonic()
+    sink.close()  # shutdown writes what is left, without waiting out the interval
+    assert time.monotonic() - t0 < 5.0
+    assert path.read_text() == "one\ntwo\nthree\n"
+    assert sink._writer is not None and not sink._writer.is_alive()
+
+
+def test_a_large_batch_is_written_by_the_caller_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    sink = FileSink(path)
+    sink.INTERVAL = 60.0
+    line = "x" * 999
+    n = FileSink.MAX_PENDING // 1000
+    for _ in range(n + 1):
+        sink.write_deferred(line)
+    assert path.read_text() == (line + "\n") * (n + 1)  # whole lines only
+    sink.close()
+
+
+def test_stream_sink_defers_too() -> None:
+    import io
+
+    out = io.StringIO()
+    sink = StreamSink(out)
+    sink.INTERVAL = 60.0
+    sink.write_deferred("a")
+    assert out.getvalue() == ""
+    sink.close()
+    assert out.getvalue() == "a\n"
+
+
+def test_the_logger_defers_only_while_a_data_plane_runs(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    log = make_logger(LoggingSettings(stdout=False, file=path))
+    inner = log._logger  # type: ignore[attr-defined]
+    assert isinstance(inner, SinkLogger)
+    inner.sinks[0].INTERVAL = 60.0
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    in_fresh_context(writer, "first", {})
+    assert len(path.read_text().splitlines()) == 1  # no data plane: written at once
+    inner.defer_writes = True
+    in_fresh_context(writer, "second", {})
+    in_fresh_context(writer, "third", {})
+    assert inner.pending and len(path.read_text().splitlines()) == 1
+    log.warning("a denial")  # not deferred: written now, after the deferred ones
+    got = [json.loads(x)["message"] for x in path.read_text().splitlines()]
+    assert got == ["first", "second", "third", "a denial"]
+    in_fresh_context(writer, "fourth", {})
+    inner.flush_deferred(wait=True)
+    assert not inner.pending
+    assert len(path.read_text().splitlines()) == 5
+    in_fresh_context(writer, "fifth", {})
+    inner.defer_writes = False  # the data plane stops: its last flush writes them now
+    inner.flush_deferred()
+    assert len(path.read_text().splitlines()) == 6
+    assert inner.healthy
+    audit.close_logger(log)
+
+
+def test_a_failing_batch_raises_the_alarm_and_makes_the_logger_unhealthy() -> None:
+    """/dev/full: every write fails with ENOSPC, a full disk."""
+    import io
+
+    alarm = io.StringIO()
+    full = FileSink(Path("/dev/full"))
+    full.INTERVAL = 60.0
+    inner = SinkLogger([full], alarm=alarm)
+    inner.emit("info", "lost", None, defer=True)
+    assert inner.healthy and inner.pending  # not known before it is written
+    inner.flush_deferred(wait=True)
+    assert not inner.healthy
+    assert inner.failures == 1
+    assert "log-sink-failed" in alarm.getvalue()
+    for _ in range(3):
+        inner.emit("info", "lost too", None, defer=True)
+    inner.flush_deferred(wait=True)  # each lost line is counted, the alarm is raised once
+    assert inner.failures == 4 and alarm.getvalue().count("log-sink-failed") == 1
+    inner.close()
+
+
+def test_the_writer_thread_reports_a_failure_and_the_recovery(tmp_path: Path) -> None:
+    import io
+
+    sink = FileSink(tmp_path / "events.log")
+    inner = SinkLogger([sink], alarm=io.StringIO())
+    real = sink._write_out
+    broken = [True]
+
+    def write_out(text: str) -> None:
+        if broken[0]:
+            raise OSError(28, "No space left on device")
+        real(text)
+
+    sink._write_out = write_out  # type: ignore[method-assign]
+    inner.emit("info", "lost", None, defer=True)
+    wait_for(lambda: not inner.healthy)
+    broken[0] = False
+    inner.emit("info", "kept", None, defer=True)
+    wait_for(lambda: inner.healthy)
+    assert (tmp_path / "events.log").read_text() == "kept\n"
+    inner.close()
+
+
+def test_a_failing_batch_is_not_unhealthy_when_another_sink_took_the_line() -> None:
+    other = ListSink()
+    full = FileSink(Path("/dev/full"))
+    full.INTERVAL = 60.0
+    inner = SinkLogger([full, other], alarm=__import__("io").StringIO())
+    inner.emit("info", "kept", None, defer=True)
+    inner.flush_deferred(wait=True)
+    assert inner.healthy and other.lines == ["kept"]
+    inner.close()
+
+
+def test_deferred_and_direct_writes_from_two_threads_keep_lines_whole(tmp_path: Path) -> None:
+    """The data-plane thread defers while the control plane writes its own lines: every line
+    arrives whole, once."""
+    path = tmp_path / "events.log"
+    sink = FileSink(path)
+
+    def plane() -> None:
+        for i in range(2000):
+            sink.write_deferred(f"deferred-{i}")
+
+    t = threading.Thread(target=plane)
+    t.start()
+    for i in range(2000):
+        sink.write("info", f"direct-{i}")
+    t.join()
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert sorted(lines) == sorted([f"deferred-{i}" for i in range(2000)]
+                                   + [f"direct-{i}" for i in range(2000)])
