@@ -84,6 +84,15 @@ def test_yaml_syntax_error_has_position() -> None:
     assert d.message.startswith("YAML syntax error") and d.line >= 3
 
 
+def test_an_unknown_yaml_tag_is_a_policy_error_with_its_position() -> None:
+    # found by the atheris policy target: the tag error escaped as yaml's ConstructorError
+    d = one_error(rule("""\
+        roles: !operator]
+        functions: [3]"""))
+    assert d.message.startswith("YAML error") and "!operator]" in d.message
+    assert d.line is not None and d.line > 1
+
+
 def test_merge_keys_are_refused() -> None:
     d = one_error(HEAD + "x: &a {unit_ids: [1]}\ntargets:\n  t: {<<: *a}\nrules: []\n")
     assert "merge keys" in d.message

@@ -121,4 +121,9 @@ def _walk(node: yaml.Node, path: Path_, src: Source, ctor: StrictLoader) -> Any:
         return node.value  # YAML 1.1 'on'/'off'/'yes'/'no' stay words
     if node.tag == _INT_TAG and _DECIMAL_WITH_ZERO.match(node.value):
         return int(node.value.replace("_", ""), 10)  # '010' is ten, not octal eight
-    return ctor.construct_object(node, deep=True)
+    try:
+        return ctor.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:  # e.g. a tag no constructor knows ('!operator')
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise YamlError(f"YAML error: {problem}", _mark(node),
+                        "a policy uses plain YAML values only: remove the '!' tag") from None
