@@ -406,7 +406,11 @@ def test_a_failing_batch_is_not_unhealthy_when_another_sink_took_the_line() -> N
     inner = SinkLogger([full, other], alarm=__import__("io").StringIO())
     inner.emit("info", "kept", None, defer=True)
     inner.flush_deferred(wait=True)
-    assert inner.healthy and other.lines == ["kept"]
+    assert inner.healthy and other.lines[0] == "kept"
+    # and the other sink learns that one destination is blind (the alarm goes to every sink
+    # that still works)
+    assert [json.loads(line)["event"]["action"] for line in other.lines[1:]] == [
+        "log-sink-failed"]
     inner.close()
 
 

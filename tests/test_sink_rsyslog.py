@@ -372,8 +372,11 @@ def test_full_spool_drops_new_events_counts_and_reports_them(
         log.warning("tick", **{"event.action": "test-tick", "mbsec.seq": i})
     assert remote.dropped == 15 and remote.spooled == 5
     assert inner.healthy  # the file took every event: requests are not refused
-    file_events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    in_file = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    file_events = [e for e in in_file if e["event"]["action"] == "test-tick"]
     assert [e["mbsec"]["seq"] for e in file_events] == list(range(20))
+    # the file also learns, once, that the remote sink is blind
+    assert [e["event"]["action"] for e in in_file if e not in file_events] == ["log-sink-failed"]
     alarms = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
     assert [(a["event"]["action"], a["mbsec"]["sink"], a["error"]["type"]) for a in alarms] == [
         ("log-sink-failed", "soc", "SpoolFull")]  # once, not per dropped event
@@ -478,7 +481,10 @@ def test_a_collector_that_stops_reading_never_blocks_the_logging_thread(tmp_path
     assert remote.connects == 1
     assert remote.dropped > 0 and remote.spooled == 100
     assert slowest < 1.0, slowest  # generous (a shared box), and far below send_timeout
-    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 1500
+    actions = [json.loads(x)["event"]["action"]
+               for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert actions.count("test-tick") == 1500  # the file took every event
+    assert set(actions) <= {"test-tick", "log-sink-failed"}  # and at most the alarm besides
     close_logger(log)
     stall.close()
 
