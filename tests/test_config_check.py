@@ -22,6 +22,8 @@ def config(d: Path, pki: Pki, *, cert: Path | None = None, key: Path | None = No
     cfg = d / "mbsec.toml"
     cfg.write_text(
         f'listen = ["127.0.0.1:0"]\npolicy = "policy.yaml"\n{extra}\n'
+        # its own admin socket: another mbsec on this host may hold the default one
+        f'[admin]\nsocket = "{d / "admin.sock"}"\nstate_file = "{d / "state"}"\n'
         f'[tls]\ncert = "{cert or pki.server.chain}"\nkey = "{key or pki.server.key}"\n'
         f'client_ca = "{pki.ca.trust_bundle}"\n'
         f'crl = {crl if crl is not None else repr([str(pki.crl)]).replace(chr(39), chr(34))}\n'
