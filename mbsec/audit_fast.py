@@ -129,8 +129,11 @@ def _compile(nested: Mapping[str, Any]) -> _Template | None:
         literal("}")
         return True
 
-    if not node(nested):
-        return None
+    try:
+        if not node(nested):
+            return None
+    finally:
+        del node  # the recursive closure is a reference cycle: freed now, not by the GC
     parts.append("".join(text))
     return _Template(parts[0::2], parts[1::2])
 
