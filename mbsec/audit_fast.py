@@ -100,39 +100,38 @@ def _compile(nested: Mapping[str, Any]) -> _Template | None:
     from the context, which the template cannot stand for)."""
     parts: list[str] = []  # literal, slot key, literal, slot key, ..., literal
     text: list[str] = []
-
-    def literal(s: str) -> None:
-        text.append(s)
-
-    def node(obj: Mapping[str, Any]) -> bool:
-        literal("{")
-        first = True
-        for key, value in obj.items():
-            literal(("" if first else ",") + _encode_str(key) + ":")
-            first = False
-            if isinstance(value, _Slot):
-                stamp = value.key is _STAMP  # a string of its own: the quotes are literal
-                if stamp:
-                    literal('"')
-                parts.append("".join(text))
-                text.clear()
-                parts.append(value.key)
-                if stamp:
-                    literal('"')
-            elif type(value) is dict:
-                # nest_dotted's own objects are plain dicts built from placeholders; a dict
-                # value bound in the context is refused before we get here
-                if not node(value):
-                    return False
-            else:
-                literal(dumps(value))
-        literal("}")
-        return True
-
-    if not node(nested):
+    if not _compile_node(nested, parts, text):
         return None
     parts.append("".join(text))
     return _Template(parts[0::2], parts[1::2])
+
+
+def _compile_node(obj: Mapping[str, Any], parts: list[str], text: list[str]) -> bool:
+    """One JSON object of :func:`_compile` (a module function, not a closure calling itself:
+    that would be a reference cycle per compiled template, left to the cyclic GC)."""
+    text.append("{")
+    first = True
+    for key, value in obj.items():
+        text.append(("" if first else ",") + _encode_str(key) + ":")
+        first = False
+        if isinstance(value, _Slot):
+            stamp = value.key is _STAMP  # a string of its own: the quotes are literal
+            if stamp:
+                text.append('"')
+            parts.append("".join(text))
+            text.clear()
+            parts.append(value.key)
+            if stamp:
+                text.append('"')
+        elif type(value) is dict:
+            # nest_dotted's own objects are plain dicts built from placeholders; a dict
+            # value bound in the context is refused before we get here
+            if not _compile_node(value, parts, text):
+                return False
+        else:
+            text.append(dumps(value))
+    text.append("}")
+    return True
 
 
 def _encode_list(items: list[Any]) -> str | None:

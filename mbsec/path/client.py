@@ -84,7 +84,9 @@ class ClientConn:
         #: request latency (complete request to its reply made), the metrics' histogram
         self.observe: Callable[[float], None] = router.outbox.observer("mbsec_request_seconds")
         self.queued = False  # in the outbox's dirty list
-        self.io: Any = None  # the driver's handle for this connection (opaque to the core)
+        #: the driver's handle for this connection (opaque to the core; the driver sets it
+        #: back to None when it hands the connection back, so the two are no cycle)
+        self.io: Any = None
         self._pumping = False
         self._more = False  # buffered requests left because replies waited to be written
         self.last_rx = now

@@ -202,6 +202,11 @@ class DataPlane:
         wake = self._wake_fd
         spin = self._busy_poll
         active = False
+        # the last handler and call are dropped at the end of each pass: a local would keep
+        # a closed connection (its ClientIO, or the session that ``make`` closes over) alive
+        # while the loop sleeps
+        handler: Callable[[int], None] | None = None
+        call: Callable[[], None] | None = None
         while self._running:
             deadline = timers.next_deadline()
             if self._calls:
@@ -236,6 +241,7 @@ class DataPlane:
                         handler(ev)
                     except Exception as exc:
                         self.contain(handler, exc)
+            handler = None
             if deadline is not None and deadline <= now:
                 timers.run_due(now, self.contain)
             while self._calls:
@@ -244,6 +250,7 @@ class DataPlane:
                     call()
                 except Exception as exc:
                     self.contain(call, exc)
+            call = None
             if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
 
@@ -291,8 +298,9 @@ class DataPlane:
                 conn: ClientConn = clients.pop()
                 try:
                     conn.queued = False
-                    cio: ClientIO = conn.io
-                    cio.flush(now)
+                    cio: ClientIO | None = conn.io
+                    if cio is not None:  # None: handed back already (nothing left to do)
+                        cio.flush(now)
                 except Exception as exc:
                     self.contain(None, exc, conn)
 
@@ -507,8 +515,15 @@ class ClientIO:
         self._hand_back_if_released()
 
     def _hand_back_if_released(self) -> None:
-        if self.conn.released and not self._handed_back:
+        conn = self.conn
+        if conn.released and not self._handed_back:
             self._handed_back = True
+            # The connection ends here for the data plane: cut the ``conn.io`` back
+            # reference, so that once trio has closed the session its ``ClientConn``, this
+            # object, the ``SSLObject`` and the session behind ``on_finished`` are freed by
+            # reference counting alone, not at the cyclic GC's next full pass
+            # (tests/e2e/test_session_memory.py; benchmarks/README.md, "Memory").
+            conn.io = None
             self._on_finished(self.broken)
 
 

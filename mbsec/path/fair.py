@@ -49,6 +49,10 @@ class WaitQueue:
             turns.popleft()
             q = self.queues[client]
             ex = q.popleft()
+            arrivals = self.arrivals
+            if arrivals and arrivals[0] is ex:  # the usual case: no stale entry to skip
+                # later (it would keep the request, and its closed client, alive until then)
+                arrivals.popleft()
             if q:
                 turns.append(client)
             else:
