@@ -278,6 +278,11 @@ max_per_identity = 4096
 max_per_source = 4096
 max_pipelined = 16
 
+[admin]
+# no admin socket, and a node state file of its own: targets run side by side on one host
+socket = ""
+state_file = "{name}.state"
+
 [logging]
 level = "info"
 allowed_requests = "{allowed_requests}"

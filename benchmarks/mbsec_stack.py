@@ -86,6 +86,8 @@ def write_config(work: Path, pki: Pki, plc_host: str, plc_port: int, *,
     cfg = work / "mbsec.toml"
     cfg.write_text(
         f'listen = ["127.0.0.1:{port}"]\npolicy = "policy.yaml"\n{extra}\n'
+        # no admin socket and its own state file: another mbsec may run on this host
+        f'[admin]\nsocket = ""\nstate_file = "{work / "mbsec.state"}"\n'
         f'[tls]\ncert = "{pki.server.chain}"\nkey = "{pki.server.key}"\n'
         f'client_ca = "{pki.ca.trust_bundle}"\ncrl = ["{pki.crl}"]\n'
         f'[upstreams.plc]\nhost = "{plc_host}"\nport = {plc_port}\nunit_ids = [1]\n'
