@@ -578,19 +578,23 @@ def serve_config(pki: Pki, directory: Path, plc_port: int, *, workers: int = 1,
 
 
 @contextlib.asynccontextmanager
-async def serve_process(config: Path) -> AsyncIterator[ServeProcess]:
-    """``mbsec serve --config config`` as a child process, killed on the way out if it is
-    still running (a test that ends it itself checks its exit status)."""
+async def mbsec_process(args: list[str],
+                        env: dict[str, str] | None = None) -> AsyncIterator[ServeProcess]:
+    """``mbsec ARGS`` as a child process (its JSON events on stdout), killed on the way out if
+    it is still running (a test that ends it itself checks its exit status)."""
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-    )
+        [sys.executable, "-m", "mbsec.cli", *args], stdout=subprocess.PIPE, env=env)
     try:
         yield ServeProcess(proc)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def serve_process(config: Path) -> contextlib.AbstractAsyncContextManager[ServeProcess]:
+    """``mbsec serve --config config`` as a child process (:func:`mbsec_process`)."""
+    return mbsec_process(["serve", "--config", str(config)])
 
 
 async def http_get(port: int, path: str) -> tuple[str, str]:

@@ -10,8 +10,6 @@ import dataclasses
 import hashlib
 import signal
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from conftest import (
     PymodbusPlc,
     ServeProcess,
     StartProxy,
+    mbsec_process,
     serve_config,
     serve_process,
     unused_port,
@@ -47,15 +46,8 @@ def fingerprint(files: IssuedFiles) -> str:
 @contextlib.asynccontextmanager
 async def connect_process(args: list[str]) -> AsyncIterator[ServeProcess]:
     """``mbsec connect ARGS`` as a child process; its JSON events on stdout."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "connect", "--listen", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE)
-    try:
-        yield ServeProcess(proc)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with mbsec_process(["connect", "--listen", "127.0.0.1:0", *args]) as proc:
+        yield proc
 
 
 def tls_args(pki: Pki, who: IssuedFiles, server_port: int, *extra: str) -> list[str]:

@@ -34,6 +34,7 @@ from conftest import (
     ServeProcess,
     TlsClient,
     http_get,
+    mbsec_process,
     read_hr,
     serve_config,
 )
@@ -100,15 +101,8 @@ async def notified_serve(config: Path, notify: NotifySocket,
     env = dict(os.environ, NOTIFY_SOCKET=notify.env)
     if watchdog_usec is not None:
         env["WATCHDOG_USEC"] = str(watchdog_usec)
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mbsec.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, env=env)
-    try:
-        yield ServeProcess(proc)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with mbsec_process(["serve", "--config", str(config)], env=env) as proc:
+        yield proc
 
 
 async def test_ready_watchdog_reload_stopping(pki: Pki, plc: PymodbusPlc, tmp_path: Path) -> None:
