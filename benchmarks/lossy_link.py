@@ -55,6 +55,13 @@ _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 
 
+def missing_requirements() -> list[str]:
+    """What this host lacks to build the link (empty: it can)."""
+    return [what for what, ok in (
+        ("root", os.geteuid() == 0), ("/dev/net/tun", Path("/dev/net/tun").exists()),
+        ("iproute2", shutil.which("ip") is not None)) if not ok]
+
+
 def tcp_total_retrans(sock: socket.socket) -> int:
     """``tcpi_total_retrans`` from ``TCP_INFO``: segments this socket has retransmitted."""
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)

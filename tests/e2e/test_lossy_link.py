@@ -6,7 +6,6 @@ rather than skips when CI=true."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 import time
@@ -17,7 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from lossy_link import LossyLink, tcp_rto_us, tcp_total_retrans
+from conftest import fail_or_skip
+from lossy_link import LossyLink, missing_requirements, tcp_rto_us, tcp_total_retrans
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +32,9 @@ ECHO = (
 
 @pytest.fixture(autouse=True)
 def _root_features() -> None:
-    missing = [what for what, ok in (
-        ("root", os.geteuid() == 0), ("/dev/net/tun", Path("/dev/net/tun").exists()),
-        ("iproute2", shutil.which("ip") is not None)) if not ok]
+    missing = missing_requirements()
     if missing:
-        msg = f"the lossy link needs {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        fail_or_skip(f"the lossy link needs {', '.join(missing)}")
 
 
 def connect(ip: str) -> socket.socket:

@@ -6,8 +6,6 @@ iproute2: fails rather than skips when CI=true.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Pki, StartProxy, TlsClient, http_get, read_hr
+from conftest import Pki, StartProxy, TlsClient, fail_or_skip, http_get, read_hr
 from prometheus_client.parser import text_string_to_metric_families
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -24,7 +22,7 @@ if not (BENCHMARKS / "lossy_link.py").exists():  # merged with issue 10's branch
                 allow_module_level=True)
 sys.path.insert(0, str(BENCHMARKS))
 
-from lossy_link import LossyLink  # noqa: E402
+from lossy_link import LossyLink, missing_requirements  # noqa: E402
 
 #: a Modbus/TCP PLC for the namespace: FC03 answered with zeros, one request at a time
 PLC = (
@@ -45,14 +43,9 @@ PLC = (
 
 @pytest.fixture
 def lossy() -> Iterator[LossyLink]:
-    missing = [what for what, ok in (
-        ("root", os.geteuid() == 0), ("/dev/net/tun", Path("/dev/net/tun").exists()),
-        ("iproute2", shutil.which("ip") is not None)) if not ok]
+    missing = missing_requirements()
     if missing:
-        msg = f"the lossy link needs {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        fail_or_skip(f"the lossy link needs {', '.join(missing)}")
     with LossyLink(loss=0.2, seed=11) as link:
         link.spawn([sys.executable, "-c", PLC.format(ip=link.plc_ip)])
         yield link
