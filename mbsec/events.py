@@ -670,14 +670,14 @@ _register(
     levels=("info",),
     context=None,
     fields=(*_ENVELOPE, "mbsec.listen", "mbsec.metrics_port", "mbsec.upstreams",
-            "mbsec.data_plane", "mbsec.data_plane_compiled"),
+            "mbsec.data_plane", "mbsec.data_plane_compiled", "mbsec.tls13_rejection_certificate"),
     constructors=("server_start",),
 )
 
 
 def server_start(
     listen: Sequence[str], metrics_port: int | None, upstreams: Iterable[str], data_plane: str,
-    data_plane_compiled: bool,
+    data_plane_compiled: bool, tls13_rejection_certificate: str = "off",
 ) -> Event:
     return Event("info", "mbsec listening", {
         "event.kind": "event",
@@ -690,6 +690,7 @@ def server_start(
         "mbsec.upstreams": sorted(upstreams),
         "mbsec.data_plane": data_plane,
         "mbsec.data_plane_compiled": data_plane_compiled,
+        "mbsec.tls13_rejection_certificate": tls13_rejection_certificate,
     })
 
 

@@ -51,6 +51,7 @@ from mbsec.sdnotify import Notifier, PlaneProbe, WorkerRelay
 from mbsec.session import ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
+from mbsec.tls_keylog import KeyLog
 
 KEEPALIVE_IDLE = 30
 KEEPALIVE_INTERVAL = 10
@@ -134,13 +135,13 @@ def cross_check(settings: Settings, policy: Policy) -> list[str]:
 
 def build_state(
     settings: Settings, *, generation: int = 0, previous: ProxyState | None = None,
-    node: NodeState | None = None, shared_limits: bool = False,
+    node: NodeState | None = None, shared_limits: bool = False, keylog: KeyLog | None = None,
 ) -> ProxyState:
     """Load TLS material, CRLs and the policy and cross-check them; collect every problem."""
     problems: list[str] = []
     material = None
     try:
-        material = build_material(settings.tls)
+        material = build_material(settings.tls, keylog=keylog)
     except TlsConfigError as exc:
         problems.extend(exc.problems)
     policy = None
@@ -214,7 +215,17 @@ class Proxy:
         self.node = node if node is not None else NodeState.memory()
         self.worker = worker
         self.workers = workers
-        self.state = build_state(settings, node=self.node, shared_limits=workers > 1)
+        #: TLS 1.3 handshake secrets, to name the certificate a rejected handshake presented
+        self.keylog: KeyLog | None = None
+        self.tls13_rejection_certificate = "off"
+        if settings.tls.name_tls13_rejections:
+            self.keylog = KeyLog.open(settings.limits.max_handshakes)
+            self.tls13_rejection_certificate = "named" if self.keylog is not None else (
+                f"unavailable: the system gives no pipe for the key-log lines of twice "
+                f"limits.max_handshakes ({settings.limits.max_handshakes}) handshakes: raise "
+                "/proc/sys/fs/pipe-max-size or lower limits.max_handshakes")
+        self.state = build_state(settings, node=self.node, shared_limits=workers > 1,
+                                 keylog=self.keylog)
         #: why the last reload failed (``mbsec ctl reload`` shows it)
         self.last_reload_problems: list[str] = []
         # alerting series that must exist before their first event: an alert on increase()
@@ -342,6 +353,7 @@ class Proxy:
             state = build_state(  # [admin] needs a restart: the running one stays
                 settings.model_copy(update={"admin": self.settings.admin}),
                 generation=self.state.generation + 1, previous=self.state, node=self.node,
+                keylog=self.keylog if settings.tls.name_tls13_rejections else None,
             )
             targets = settings.upstream_targets()
             check_targets(targets)
@@ -516,7 +528,7 @@ class Proxy:
                 events.emit(self.log, events.server_start(
                     [f"{h}:{p}" for h, p in self.addresses], self.metrics_port,
                     self.settings.upstreams, self.settings.data_plane,
-                    reactor_compiled()))
+                    reactor_compiled(), self.tls13_rejection_certificate))
                 task_status.started(self.addresses)
                 await self._shutdown.wait()
                 accept_scope.cancel()

@@ -286,6 +286,8 @@ class Session:
             timed_out = True
         duration = time.monotonic() - t0
         tapped.stop_tap()
+        keylog = state.tls.keylog  # every handshake takes its secret out, used or not
+        secret = keylog.take(tap.client_random()) if keylog is not None else None
         self._handshake_done = not timed_out and error is None
         self._handshake_scope = None
         if timed_out or error is not None:
@@ -294,7 +296,9 @@ class Session:
             else:
                 reason, detail = handshake_failure_reason(error)
             await self._flush_alert(ssl_stream)
-            der = tap.client_certificate()  # TLS 1.2 only: 1.3 encrypts the Certificate
+            der = tap.client_certificate()  # TLS 1.2: in clear
+            if der is None and secret is not None:  # TLS 1.3: decrypted with the key log's
+                der = tap.client_certificate_tls13(secret)
             self._reject(reason, detail, duration,
                          presented_identity(der) if der is not None else None,
                          authenticated=False)

@@ -94,6 +94,9 @@ class TlsSettings(_Model):
     min_version: Literal["1.2", "1.3"] = "1.2"
     handshake_timeout: float = Field(default=10.0, gt=0)
     crl_warn_days: float = Field(default=2.0, ge=0)  # warn this long before a CRL's nextUpdate
+    #: name the presented certificate on TLS 1.3 handshake rejections too (OpenSSL's key log
+    #: over an in-process pipe, mbsec/tls_keylog.py); false: they name none
+    name_tls13_rejections: bool = True
 
 
 class UpstreamSettings(_Model):

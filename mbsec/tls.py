@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from mbsec.pki.verify import parse_crls
 from mbsec.settings import TlsSettings
+from mbsec.tls_keylog import KeyLog
 
 TLS12_CIPHERS = ":".join(
     [
@@ -77,6 +78,8 @@ class TlsMaterial:
     session_cache_off: bool = True
     #: subject -> (issuer, serial) of every CA certificate in ``client_ca`` (RFC 4514 names)
     _cas: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: where TLS 1.3 handshake secrets come from for naming rejected certificates; None: off
+    keylog: KeyLog | None = None
 
     def is_revoked(self, issuer: str, serial: int) -> bool:
         """Whether a (RFC 4514 issuer, serial) pair is on a currently loaded CRL."""
@@ -193,8 +196,10 @@ def chain_warnings(cert_path: Path, *, what: str = "tls") -> list[str]:
     ]
 
 
-def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
-    """Build the server context, or raise :class:`TlsConfigError` listing every problem."""
+def build_material(tls: TlsSettings, *, what: str = "tls", keylog: KeyLog | None = None
+                   ) -> TlsMaterial:
+    """Build the server context, or raise :class:`TlsConfigError` listing every problem.
+    ``keylog``: where the context's TLS 1.3 handshake secrets go (naming rejected certificates)."""
     problems: list[str] = []
     for key in ("cert", "key", "client_ca"):
         p: Path = getattr(tls, key)
@@ -281,6 +286,8 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
     if problems:
         raise TlsConfigError(problems)
     revoked = frozenset((c.issuer, s) for c in crl_infos for s in c.revoked)
+    if keylog is not None:
+        keylog.attach(ctx)
     return TlsMaterial(
         context=ctx,
         crls=tuple(crl_infos),
@@ -289,6 +296,7 @@ def build_material(tls: TlsSettings, *, what: str = "tls") -> TlsMaterial:
         session_cache_off=disable_session_cache(ctx),
         _cas={c.subject.rfc4514_string(): (c.issuer.rfc4514_string(), c.serial_number)
               for c in ca_certs},
+        keylog=keylog,
     )
 
 

@@ -7,16 +7,24 @@ the ChangeCipherSpec: :class:`HandshakeTap` is fed the raw bytes the client sent
 handshake and reads the first certificate of that message (the leaf) out of them.
 
 Under TLS 1.3 the client's Certificate is encrypted (it follows the server's Finished, under the
-handshake traffic keys), so the tap finds nothing and returns ``None``: those rejections cannot
-name the certificate without a verify callback.
+client handshake traffic keys). :meth:`HandshakeTap.client_certificate_tls13` decrypts it with
+the client handshake traffic secret of that handshake, which OpenSSL hands out through the
+public key-log hook (:mod:`mbsec.tls_keylog`): RFC 8446 section 7.3 derives the record key and
+IV from it, and the records follow section 5.2. Only the client's own handshake flight is
+decrypted, only after OpenSSL rejected it.
 
 Nothing here trusts the bytes: every length is checked, garbage yields ``None``, nothing raises.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import NameOID
 
 from mbsec.identity import IdentityError, PeerIdentity, parse_identity
@@ -31,7 +39,12 @@ MAX_RECORDED = 16 * 1024
 
 _HANDSHAKE = 22
 _CHANGE_CIPHER_SPEC = 20
+_APPLICATION_DATA = 23
+_CLIENT_HELLO = 1
 _CERTIFICATE = 11
+#: encrypted records read at most for the Certificate message (it comes first in the client's
+#: second flight; a large chain may span a few records)
+_MAX_ENCRYPTED_RECORDS = 8
 #: TLSPlaintext.length may not exceed 2^14; allow TLSCompressed/Ciphertext's slack for leniency
 _MAX_RECORD = (1 << 14) + 2048
 
@@ -84,6 +97,55 @@ class HandshakeTap:
             pos = end
         return bytes(out)
 
+    def client_random(self) -> bytes | None:
+        """ClientHello.random (32 bytes): the key log names each handshake's secrets by it."""
+        hs = self._handshake_bytes()
+        if len(hs) < 38 or hs[0] != _CLIENT_HELLO:
+            return None
+        return hs[6:38]
+
+    def client_certificate_tls13(self, client_handshake_secret: bytes) -> bytes | None:
+        """The DER of the leaf in the client's encrypted TLS 1.3 Certificate message, decrypted
+        with that handshake's client handshake traffic secret; ``None`` when there is none,
+        the bytes do not decrypt with it, or anything is malformed."""
+        try:
+            return self._client_certificate_tls13(client_handshake_secret)
+        except Exception:  # pragma: no cover - every length is checked; belt and braces
+            return None
+
+    def _records(self) -> list[tuple[int, bytes, bytes]]:
+        """(content type, 5-byte header, body) of every complete record recorded."""
+        buf = self._buf
+        out: list[tuple[int, bytes, bytes]] = []
+        pos = 0
+        while pos + 5 <= len(buf):
+            length = (buf[pos + 3] << 8) | buf[pos + 4]
+            if buf[pos + 1] != 3 or length > _MAX_RECORD or pos + 5 + length > len(buf):
+                break
+            end = pos + 5 + length
+            out.append((buf[pos], bytes(buf[pos : pos + 5]), bytes(buf[pos + 5 : end])))
+            pos = end
+        return out
+
+    def _client_certificate_tls13(self, secret: bytes) -> bytes | None:
+        encrypted = [(h, b) for t, h, b in self._records() if t == _APPLICATION_DATA]
+        if not encrypted:
+            return None
+        for aead in _record_protection(secret):
+            hs = bytearray()
+            try:
+                for seq, (header, body) in enumerate(encrypted[:_MAX_ENCRYPTED_RECORDS]):
+                    inner = aead(seq, header, body).rstrip(b"\0")
+                    if inner and inner[-1] == _HANDSHAKE:
+                        hs += inner[:-1]
+                    found = _certificate_message(bytes(hs))
+                    if found is not None:
+                        return _first_certificate_tls13(found)
+            except InvalidTag:
+                continue  # another cipher suite with the same hash, or not this handshake's
+            return None
+        return None
+
     def client_certificate(self) -> bytes | None:
         """The DER of the first certificate in the client's Certificate message (TLS 1.2
         layout), or ``None`` when there is none in clear (TLS 1.3, empty list, truncated,
@@ -107,6 +169,65 @@ class HandshakeTap:
                 return _first_certificate(hs[body_start:end])
             pos = end
         return None
+
+
+def _certificate_message(hs: bytes) -> bytes | None:
+    """The body of the first complete Certificate message in a run of handshake messages."""
+    pos = 0
+    while pos + 4 <= len(hs):
+        length = int.from_bytes(hs[pos + 1 : pos + 4], "big")
+        end = pos + 4 + length
+        if end > len(hs):
+            return None
+        if hs[pos] == _CERTIFICATE:
+            return hs[pos + 4 : end]
+        pos = end
+    return None
+
+
+def _first_certificate_tls13(body: bytes) -> bytes | None:
+    """TLS 1.3 Certificate: a request context (1-byte length), a 3-byte list length, then
+    (3-byte length, DER, 2-byte extensions length, extensions) entries."""
+    if not body:
+        return None
+    pos = 1 + body[0]
+    if pos + 3 > len(body):
+        return None
+    list_len = int.from_bytes(body[pos : pos + 3], "big")
+    if list_len == 0 or pos + 3 + list_len != len(body):
+        return None
+    return _first_certificate(body[pos:])
+
+
+def _expand_label(secret: bytes, label: bytes, length: int, algorithm: hashes.HashAlgorithm
+                  ) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 section 7.1) with an empty context."""
+    full = b"tls13 " + label
+    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\0"
+    return HKDFExpand(algorithm, length, info).derive(secret)
+
+
+def _record_protection(secret: bytes) -> list[Any]:
+    """One record decryptor ``(seq, header, body) -> inner plaintext`` per TLS 1.3 cipher suite
+    whose hash matches the secret's length (the suite itself is not recorded: a wrong one
+    fails the AEAD tag, and the next is tried)."""
+    if len(secret) == 48:
+        suites: list[tuple[hashes.HashAlgorithm, Any, int]] = [(hashes.SHA384(), AESGCM, 32)]
+    elif len(secret) == 32:
+        suites = [(hashes.SHA256(), AESGCM, 16), (hashes.SHA256(), ChaCha20Poly1305, 32)]
+    else:
+        return []
+    out: list[Any] = []
+    for algorithm, cipher, key_len in suites:
+        aead = cipher(_expand_label(secret, b"key", key_len, algorithm))
+        iv = int.from_bytes(_expand_label(secret, b"iv", 12, algorithm), "big")
+
+        def decrypt(seq: int, header: bytes, body: bytes, aead: Any = aead, iv: int = iv
+                    ) -> bytes:
+            return bytes(aead.decrypt((iv ^ seq).to_bytes(12, "big"), body, header))
+
+        out.append(decrypt)
+    return out
 
 
 def _first_certificate(body: bytes) -> bytes | None:

@@ -25,12 +25,13 @@ def _server_ctx(pki: Pki) -> ssl.SSLContext:
     return ctx
 
 
-def client_bytes(pki: Pki, who: IssuedFiles | None, version: ssl.TLSVersion) -> bytes:
+def client_bytes(pki: Pki, who: IssuedFiles | None, version: ssl.TLSVersion,
+                 server_ctx: ssl.SSLContext | None = None) -> bytes:
     """Everything the client sent to the server in a handshake over memory BIOs (which may
     fail: the server's verdict does not matter to what the client sent)."""
     cctx = pki.client_ctx(who, max_version=version)
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-    server = _server_ctx(pki).wrap_bio(s_in, s_out, server_side=True)
+    server = (server_ctx or _server_ctx(pki)).wrap_bio(s_in, s_out, server_side=True)
     client = cctx.wrap_bio(c_in, c_out, server_hostname="localhost")
     sent = bytearray()
     done = {"c": False, "s": False}

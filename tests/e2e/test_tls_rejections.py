@@ -126,10 +126,31 @@ async def test_no_certificate_tls12_alert_reaches_client(
 
 
 async def test_unknown_ca(pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy) -> None:
+    """TLS 1.3: the rogue client's encrypted Certificate is read with the handshake's secret
+    from the key log, and the rejection names it as under TLS 1.2."""
     h = await start_proxy(silent_plc.port)
     out = await attempt(h.port, pki.client_ctx(pki.rogue))
     assert out == Outcome("alert", "TLSV1_ALERT_UNKNOWN_CA")
-    await rejected(h, "unknown_ca")
+    ev = await rejected(h, "unknown_ca")
+    assert_names(ev, pki.rogue)
+    assert ev["tls.client.x509.issuer.distinguished_name"] == "CN=Rogue CA"
+    start = await h.wait_event("server-start")  # type: ignore[attr-defined]
+    assert start["mbsec.tls13_rejection_certificate"] == "named"
+    assert h.proxy.keylog.held == 0  # type: ignore[attr-defined]  # nothing left behind
+
+
+async def test_tls13_rejections_name_nothing_when_turned_off(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy
+) -> None:
+    h = await start_proxy(silent_plc.port, tls={"name_tls13_rejections": False})
+    out = await attempt(h.port, pki.client_ctx(pki.rogue))
+    assert out == Outcome("alert", "TLSV1_ALERT_UNKNOWN_CA")
+    assert_names_none(await rejected(h, "unknown_ca"))
+    start = await h.wait_event("server-start")  # type: ignore[attr-defined]
+    assert start["mbsec.tls13_rejection_certificate"] == "off"
+    # TLS 1.2 names it whatever the setting says (in clear on the wire)
+    out = await attempt(h.port, pki.client_ctx(pki.rogue, max_version=ssl.TLSVersion.TLSv1_2))
+    assert_names(await rejected_named(h, "unknown_ca"), pki.rogue)
 
 
 async def test_unknown_ca_tls12(pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy) -> None:
@@ -157,7 +178,7 @@ def assert_names(ev: dict[str, object], files: object) -> None:
 
 
 def assert_names_none(ev: dict[str, object]) -> None:
-    """TLS 1.3: the client's Certificate is encrypted, so OpenSSL's rejection names none."""
+    """TLS 1.3 with ``tls.name_tls13_rejections`` off: the Certificate stays encrypted."""
     assert not [k for k in ev if k.startswith("tls.client.")], ev
 
 
@@ -192,7 +213,7 @@ async def test_expired_certificate(
     h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))  # type: ignore[attr-defined]
     assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_EXPIRED")
-    assert_names_none(await rejected(h, "certificate_expired"))
+    assert_names(await rejected(h, "certificate_expired"), cert)  # TLS 1.3
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert, ssl.TLSVersion.TLSv1_2))
     assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_EXPIRED")
     assert_names(await rejected_named(h, "certificate_expired"), cert)
@@ -209,7 +230,7 @@ async def test_not_yet_valid_certificate(
     h = await _proxy_trusting(fresh_ca, pki, silent_plc, start_proxy)
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, cert))  # type: ignore[attr-defined]
     assert out.kind == "alert"
-    await rejected(h, "certificate_not_yet_valid")
+    assert_names(await rejected(h, "certificate_not_yet_valid"), cert)  # TLS 1.3
     out12 = await attempt(h.port, _ctx_for(pki, fresh_ca, cert, ssl.TLSVersion.TLSv1_2))
     assert out12 == out
     assert_names(await rejected_named(h, "certificate_not_yet_valid"), cert)
@@ -227,7 +248,7 @@ async def test_revoked_certificate(
     assert (await attempt(h.port, _ctx_for(pki, fresh_ca, good))).kind == "reply"
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, bad))
     assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_REVOKED")
-    assert_names_none(await rejected(h, "certificate_revoked"))
+    assert_names(await rejected(h, "certificate_revoked"), bad)  # TLS 1.3
     out = await attempt(h.port, _ctx_for(pki, fresh_ca, bad, ssl.TLSVersion.TLSv1_2))
     assert out == Outcome("alert", "SSLV3_ALERT_CERTIFICATE_REVOKED")
     ev = await rejected_named(h, "certificate_revoked")
@@ -298,7 +319,7 @@ async def test_client_of_an_intermediate_the_root_crl_revoked_is_refused(
     h = await _proxy_trusting(ca, pki, silent_plc, start_proxy, tmp_path / "both.pem")
     out = await attempt(h.port, pki.client_ctx(leaf))
     assert out.kind != "reply", "a client of a revoked intermediate CA was served"
-    await rejected(h, "certificate_revoked")
+    assert_names(await rejected(h, "certificate_revoked"), leaf)  # TLS 1.3: the leaf
     out12 = await attempt(h.port, pki.client_ctx(leaf, max_version=ssl.TLSVersion.TLSv1_2))
     assert out12.kind != "reply"
     assert_names(await rejected_named(h, "certificate_revoked"), leaf)  # the leaf, not the CA
@@ -545,3 +566,26 @@ async def test_tls12_extensions_and_refused_renegotiation_on_the_wire(
     closed = await h.wait_event("connection-closed")  # type: ignore[attr-defined]
     assert closed["mbsec.requests"] == 0
     assert silent_plc.requests == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize("suite", ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
+                                   "TLS_CHACHA20_POLY1305_SHA256"])
+async def test_tls13_rejection_names_the_certificate_in_every_cipher_suite(
+    pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy, suite: str
+) -> None:
+    """``openssl s_client`` with the rogue CA's certificate, one TLS 1.3 suite each: the
+    Certificate is decrypted with the record protection of that suite (two share SHA-256)."""
+    h = await start_proxy(silent_plc.port)
+    res = await trio.run_process(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{h.port}", "-tls1_3",
+         "-ciphersuites", suite, "-servername", "localhost",
+         "-CAfile", str(pki.ca.trust_bundle),
+         "-cert", str(pki.rogue.chain), "-key", str(pki.rogue.key)],
+        stdin=b"", capture_stdout=True, capture_stderr=True, check=False,
+    )
+    out = (res.stdout + res.stderr).decode(errors="replace")
+    assert f"Cipher is {suite}" in out or suite in out, out
+    ev = await rejected_named(h, "unknown_ca")
+    assert_names(ev, pki.rogue)
+    assert h.proxy.keylog.held == 0  # type: ignore[attr-defined]
