@@ -8,13 +8,14 @@ sampled at checkpoints, after all sessions are up, and again after they all clos
 ``--rounds N`` does that N times in the same proxy (memory reused, or leaked?). The clients
 run in ``--client-procs`` processes (the open file limit is raised to the hard limit first).
 
-``rejections``: for ``--seconds`` (default 180) ``--client-procs`` processes open TCP
-connections that are refused: one process makes TLS clients without a certificate, one at a
-time; the others keep 48 connections each open at once that send garbage instead of a
-ClientHello (``max_per_source = 32``, so many are refused by the limits before any TLS).
-Each waits for mbsec to close, then resets (SO_LINGER 0: no TIME_WAIT on the client side).
-RSS is sampled every ``--sample`` rejections; printed: the start, the end, the growth per
-100,000 rejections over the second half (the steady state), and the extrapolation to a million.
+``rejections``: for ``--seconds`` (default 180), or until ``--count`` were rejected,
+``--client-procs`` processes open TCP connections that are refused: one process makes TLS
+clients without a certificate, one at a time; the others keep 48 connections each open at
+once that send garbage instead of a ClientHello (``max_per_source = 32``, so many are refused
+by the limits before any TLS). Each waits for mbsec to close, then resets (SO_LINGER 0: no
+TIME_WAIT on the client side). RSS is sampled every ``--sample`` rejections; printed: the
+start, the end, the growth per 100,000 rejections over the second half (the steady state),
+and the extrapolation to a million.
 
 ``--tracemalloc N``: run mbsec under ``tracemalloc`` (N frames) and write its top allocation
 sites (by size and by count) before and after each phase into the work directory (SIGUSR2 to
@@ -22,6 +23,7 @@ the proxy dumps them). Slower and bigger: only to find where memory goes.
 
     .venv/bin/python benchmarks/bench_memory.py sessions                  # ~4-5 minutes
     .venv/bin/python benchmarks/bench_memory.py rejections --seconds 300
+    .venv/bin/python benchmarks/bench_memory.py rejections --seconds 7200 --count 1000000
     .venv/bin/python benchmarks/bench_memory.py sessions --sessions 5000 --rounds 3
     .venv/bin/python benchmarks/bench_memory.py sessions --sessions 1000 --tracemalloc 4
 """
@@ -257,16 +259,20 @@ def _traced_serve(pre: list[str], cfg: Path, port: int) -> Any:
 # -- rejections ------------------------------------------------------------------------------
 
 
-def _reject_loop(port: int, ca: str, until: float, count: Any, index: int) -> None:
+def _reject_loop(port: int, ca: str, until: float, count: Any, index: int, stop: Any) -> None:
     """Process 0: TLS clients without a certificate, one at a time (a full handshake each).
     The others: ``CONCURRENCY`` non-blocking connections at once that send garbage instead of a
     ClientHello; beyond ``max_per_source`` they are refused by the limits. Each waits for
-    mbsec to close, then resets (SO_LINGER 0)."""
+    mbsec to close, then resets (SO_LINGER 0). ``stop`` set: finish as at ``until``."""
     raise_nofile()
+
+    def going() -> bool:
+        return time.monotonic() < until and not stop.is_set()
+
     linger = struct.pack("ii", 1, 0)
     if index == 0:
         ctx = ssl.create_default_context(cafile=ca)  # no client certificate
-        while time.monotonic() < until:
+        while going():
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             s.settimeout(15)
@@ -293,7 +299,7 @@ def _reject_loop(port: int, ca: str, until: float, count: Any, index: int) -> No
     for _ in range(CONCURRENCY):
         open_one()
     done = 0
-    while time.monotonic() < until or sel.get_map():
+    while going() or sel.get_map():
         for key, _ in sel.select(0.5):
             s, state = key.fileobj, key.data
             assert isinstance(s, socket.socket)
@@ -317,7 +323,7 @@ def _reject_loop(port: int, ca: str, until: float, count: Any, index: int) -> No
                 if done % 64 == 0:
                     with count.get_lock():
                         count.value += 64
-                if time.monotonic() < until:
+                if going():
                     open_one()
     with count.get_lock():
         count.value += done % 64
@@ -328,12 +334,13 @@ def bench_rejections(args: argparse.Namespace, work: Path, pki: Pki, plc_port: i
                              limits="max_connections = 512\nmax_per_source = 32",
                              log_file="/dev/null")
     count = mp.Value("l", 0)
+    stop = mp.Event()
     with mbsec_serve(cfg, port) as proc:
         time.sleep(1)
         start = rss_kib(proc.pid)
         until = time.monotonic() + args.seconds
         procs = [mp.Process(target=_reject_loop,
-                            args=(port, str(pki.ca.trust_bundle), until, count, i))
+                            args=(port, str(pki.ca.trust_bundle), until, count, i, stop))
                  for i in range(args.client_procs)]
         t0 = time.monotonic()
         for p in procs:
@@ -341,6 +348,8 @@ def bench_rejections(args: argparse.Namespace, work: Path, pki: Pki, plc_port: i
         samples = [(0, start, 0.0)]
         nxt = args.sample
         while any(p.is_alive() for p in procs):
+            if args.count and count.value >= args.count:
+                stop.set()
             if count.value >= nxt:
                 samples.append((count.value, rss_kib(proc.pid), time.monotonic() - t0))
                 c, r, t = samples[-1]
@@ -374,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="open and close the sessions this many times in one proxy (reuse or leak)")
     p.add_argument("--seconds", type=float, default=180)
+    p.add_argument("--count", type=int, default=0,
+                   help="rejections: stop once this many were rejected (0: run --seconds)")
     p.add_argument("--sample", type=int, default=20_000)
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--kit", type=Path, default=KIT)
