@@ -393,12 +393,17 @@ class Proxy:
 
     def _drop_revoked(self, state: ProxyState) -> None:
         """A reloaded CRL also ends open connections of now-revoked certificates, or of
-        certificates under a now-revoked CA held in ``client_ca`` (their in-flight requests
-        still complete); HMIs hold connections for weeks."""
+        certificates under a now-revoked CA, held in ``client_ca`` or presented by the client
+        (``Session.issuing_cas``); their in-flight requests still complete. HMIs hold
+        connections for weeks."""
         for s in list(self.sessions):
             ident = s.identity
-            if ident is not None and (state.tls.is_revoked(ident.issuer, ident.serial)
-                                      or state.tls.issuer_revoked(ident.issuer)):
+            if ident is not None and (
+                    state.tls.is_revoked(ident.issuer, ident.serial)
+                    or state.tls.issuer_revoked(ident.issuer)
+                    or any(state.tls.is_revoked(issuer, serial)
+                           or state.tls.issuer_revoked(issuer)
+                           for issuer, serial in s.issuing_cas)):
                 self.metrics.inc("mbsec_revoked_certificate_seen_total", stage="open_connection")
                 events.emit(self.log, events.connection_revoked(s.conn_id, ident, s.peer_ip))
                 s.stop_reading("certificate_revoked")

@@ -28,7 +28,7 @@ from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
 from mbsec.tls import handshake_failure_reason
-from mbsec.tls_sniff import HandshakeTap, presented_identity
+from mbsec.tls_sniff import HandshakeTap, issuing_cas, presented_identity
 from mbsec.tls_stream import ServerTlsStream
 
 if TYPE_CHECKING:
@@ -179,6 +179,9 @@ class Session:
         self._identity_key: str | None = None
         self._stop = False
         self.identity: PeerIdentity | None = None
+        #: (issuer, serial) of the CAs above the leaf that the client presented, when
+        #: ``client_ca`` does not hold its issuer (mbsec.tls_sniff.issuing_cas); else empty
+        self.issuing_cas: tuple[tuple[str, int], ...] = ()
         self.close_reason = "unknown"
         self.bytes_in = 0
         self.bytes_out = 0
@@ -303,7 +306,7 @@ class Session:
                          presented_identity(der) if der is not None else None,
                          authenticated=False)
             return False
-        return self._accept_identity(ssl_stream, state, duration)
+        return self._accept_identity(ssl_stream, state, duration, tap, secret)
 
     async def _flush_alert(self, ssl_stream: ServerTlsStream) -> None:
         """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
@@ -342,7 +345,8 @@ class Session:
             events.emit(self._log, event)
 
     def _accept_identity(
-        self, ssl_stream: ServerTlsStream, state: ProxyState, duration: float
+        self, ssl_stream: ServerTlsStream, state: ProxyState, duration: float,
+        tap: HandshakeTap | None = None, secret: bytes | None = None,
     ) -> bool:
         # OpenSSL verifies nothing on a resumed handshake (not the chain's CAs, not the CRLs'
         # freshness), so the session cache is off (tls.disable_session_cache) and a resumed
@@ -388,6 +392,11 @@ class Session:
             return False
         self._identity_key = key
         self.identity = identity
+        if tap is not None and not state.tls.knows_ca(identity.issuer):
+            # client_ca lacks the issuing CA: keep the CAs the client presented, so that a
+            # CRL reload revoking one ends this connection too
+            chain = tap.client_chain() or (tap.client_chain_tls13(secret) if secret else [])
+            self.issuing_cas = issuing_cas(chain)
         if self._edge is not None:
             self._edge.established()
         # no peer address only happens on in-memory test streams: "unspecified" matches only

@@ -85,6 +85,10 @@ class TlsMaterial:
         """Whether a (RFC 4514 issuer, serial) pair is on a currently loaded CRL."""
         return (issuer, serial) in self._revoked
 
+    def knows_ca(self, name: str) -> bool:
+        """Whether ``client_ca`` holds a CA certificate with this (RFC 4514) subject."""
+        return name in self._cas
+
     def issuer_revoked(self, issuer: str) -> bool:
         """Whether a CA above a leaf issued by ``issuer`` is on a currently loaded CRL, as far
         as ``client_ca`` holds those CAs (the peer's own chain is not available after the

@@ -18,6 +18,7 @@ Nothing here trusts the bytes: every length is checked, garbage yields ``None``,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from cryptography import x509
@@ -29,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from mbsec.identity import IdentityError, PeerIdentity, parse_identity
 
-__all__ = ["MAX_RECORDED", "HandshakeTap", "presented_identity"]
+__all__ = ["MAX_RECORDED", "HandshakeTap", "issuing_cas", "presented_identity"]
 
 #: Bytes recorded at most per handshake; a client's first flights (ClientHello, then
 #: Certificate, ClientKeyExchange, CertificateVerify) take 2-8 KiB with a chain of a few
@@ -108,10 +109,16 @@ class HandshakeTap:
         """The DER of the leaf in the client's encrypted TLS 1.3 Certificate message, decrypted
         with that handshake's client handshake traffic secret; ``None`` when there is none,
         the bytes do not decrypt with it, or anything is malformed."""
+        chain = self.client_chain_tls13(client_handshake_secret)
+        return chain[0] if chain else None
+
+    def client_chain_tls13(self, client_handshake_secret: bytes) -> list[bytes]:
+        """Every certificate of the client's TLS 1.3 Certificate message (leaf first), as far
+        as they are well formed; empty when none can be read."""
         try:
-            return self._client_certificate_tls13(client_handshake_secret)
+            return self._client_chain_tls13(client_handshake_secret)
         except Exception:  # pragma: no cover - every length is checked; belt and braces
-            return None
+            return []
 
     def _records(self) -> list[tuple[int, bytes, bytes]]:
         """(content type, 5-byte header, body) of every complete record recorded."""
@@ -127,10 +134,10 @@ class HandshakeTap:
             pos = end
         return out
 
-    def _client_certificate_tls13(self, secret: bytes) -> bytes | None:
+    def _client_chain_tls13(self, secret: bytes) -> list[bytes]:
         encrypted = [(h, b) for t, h, b in self._records() if t == _APPLICATION_DATA]
         if not encrypted:
-            return None
+            return []
         for aead in _record_protection(secret):
             hs = bytearray()
             try:
@@ -140,35 +147,27 @@ class HandshakeTap:
                         hs += inner[:-1]
                     found = _certificate_message(bytes(hs))
                     if found is not None:
-                        return _first_certificate_tls13(found)
+                        return _certificate_list(found, tls13=True)
             except InvalidTag:
                 continue  # another cipher suite with the same hash, or not this handshake's
-            return None
-        return None
+            return []
+        return []
 
     def client_certificate(self) -> bytes | None:
         """The DER of the first certificate in the client's Certificate message (TLS 1.2
         layout), or ``None`` when there is none in clear (TLS 1.3, empty list, truncated,
         garbage)."""
-        try:
-            return self._client_certificate()
-        except Exception:  # pragma: no cover - every length is checked; belt and braces
-            return None
+        chain = self.client_chain()
+        return chain[0] if chain else None
 
-    def _client_certificate(self) -> bytes | None:
-        hs = self._handshake_bytes()
-        pos = 0
-        while pos + 4 <= len(hs):
-            mtype = hs[pos]
-            length = int.from_bytes(hs[pos + 1 : pos + 4], "big")
-            body_start = pos + 4
-            end = body_start + length
-            if end > len(hs):
-                return None  # truncated message
-            if mtype == _CERTIFICATE:
-                return _first_certificate(hs[body_start:end])
-            pos = end
-        return None
+    def client_chain(self) -> list[bytes]:
+        """Every certificate of the client's TLS 1.2 Certificate message (leaf first), as far
+        as they are well formed; empty when there is none in clear."""
+        try:
+            found = _certificate_message(self._handshake_bytes())
+            return _certificate_list(found, tls13=False) if found is not None else []
+        except Exception:  # pragma: no cover - every length is checked; belt and braces
+            return []
 
 
 def _certificate_message(hs: bytes) -> bytes | None:
@@ -183,20 +182,6 @@ def _certificate_message(hs: bytes) -> bytes | None:
             return hs[pos + 4 : end]
         pos = end
     return None
-
-
-def _first_certificate_tls13(body: bytes) -> bytes | None:
-    """TLS 1.3 Certificate: a request context (1-byte length), a 3-byte list length, then
-    (3-byte length, DER, 2-byte extensions length, extensions) entries."""
-    if not body:
-        return None
-    pos = 1 + body[0]
-    if pos + 3 > len(body):
-        return None
-    list_len = int.from_bytes(body[pos : pos + 3], "big")
-    if list_len == 0 or pos + 3 + list_len != len(body):
-        return None
-    return _first_certificate(body[pos:])
 
 
 def _expand_label(secret: bytes, label: bytes, length: int, algorithm: hashes.HashAlgorithm
@@ -230,20 +215,36 @@ def _record_protection(secret: bytes) -> list[Any]:
     return out
 
 
-def _first_certificate(body: bytes) -> bytes | None:
-    """TLS 1.2 Certificate: a 3-byte list length, then (3-byte length, DER) entries."""
-    if len(body) < 3:
-        return None
-    list_len = int.from_bytes(body[0:3], "big")
-    if list_len == 0 or list_len + 3 != len(body) or list_len < 3:
-        return None
-    cert_len = int.from_bytes(body[3:6], "big")
-    if cert_len == 0 or 6 + cert_len > len(body):
-        return None
-    der = body[6 : 6 + cert_len]
-    if der[0] != 0x30:  # a DER SEQUENCE, or this is not a certificate
-        return None
-    return der
+def _certificate_list(body: bytes, *, tls13: bool) -> list[bytes]:
+    """The DER certificates of a Certificate message body, leaf first, up to the first entry
+    that is not well formed; empty when the list itself is not.
+
+    TLS 1.2: a 3-byte list length, then (3-byte length, DER) entries. TLS 1.3: a request
+    context (1-byte length) first, and each entry ends with 2-byte-length extensions."""
+    pos = 0
+    if tls13:
+        if not body:
+            return []
+        pos = 1 + body[0]
+    if pos + 3 > len(body):
+        return []
+    list_len = int.from_bytes(body[pos : pos + 3], "big")
+    pos += 3
+    if list_len < 3 or pos + list_len != len(body):
+        return []
+    out: list[bytes] = []
+    while pos + 3 <= len(body):
+        cert_len = int.from_bytes(body[pos : pos + 3], "big")
+        end = pos + 3 + cert_len
+        if cert_len == 0 or end > len(body) or body[pos + 3] != 0x30:  # a DER SEQUENCE
+            break
+        out.append(body[pos + 3 : end])
+        pos = end
+        if tls13:
+            if pos + 2 > len(body):
+                break
+            pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
+    return out
 
 
 def _name_str(cert: x509.Certificate) -> tuple[str, str | None, str]:
@@ -275,3 +276,38 @@ def presented_identity(der: bytes) -> PeerIdentity | None:
         )
     except Exception:
         return None
+
+
+#: certificates of a presented chain looked at, at most (a chain is 2-4 deep)
+_MAX_CHAIN = 8
+
+
+@functools.lru_cache(maxsize=256)
+def _ca_entry(der: bytes) -> tuple[str, int] | None:
+    """(RFC 4514 issuer, serial) of a presented CA certificate; ``None`` for a self-signed
+    one or one that does not parse. Cached: every client of a CA presents the same bytes."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    if cert.subject == cert.issuer:
+        return None
+    return cert.issuer.rfc4514_string(), cert.serial_number
+
+
+def issuing_cas(chain: list[bytes]) -> tuple[tuple[str, int], ...]:
+    """(issuer, serial) of every certificate above the leaf in a chain the client presented,
+    a self-signed root excepted (RFC 4514 issuer names, as the CRLs list them).
+
+    Why: with only the root in ``tls.client_ca``, OpenSSL verified the leaf through the
+    intermediates the client sent, and Python 3.11's ``ssl`` keeps none of them; a CRL reload
+    that revokes one of those intermediates must still end its clients' open connections.
+    Signatures are not checked (that cost ~0.5 ms per handshake): the CA that did sign is among
+    what the client sent (OpenSSL found it there), so it is never missed, and anything extra a
+    client sends can only get that client's own connection ended."""
+    out: list[tuple[str, int]] = []
+    for der in chain[1:_MAX_CHAIN]:
+        entry = _ca_entry(bytes(der))
+        if entry is not None and entry not in out:
+            out.append(entry)
+    return tuple(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import ssl
 from pathlib import Path
@@ -193,3 +194,46 @@ def test_presented_identity_with_a_malformed_role(pki: Pki, tmp_path: Path) -> N
     assert ident.serial == files.serial
     assert ident.common_name == "badrole-sniff"
     assert ident.role is None
+
+
+def _bogus_ca(subject: x509.Name, issuer: x509.Name) -> x509.Certificate:
+    """A CA certificate with the given names, signed by a key nobody trusts."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+
+
+def test_issuing_cas_of_a_presented_chain(tmp_path: Path) -> None:
+    """Leaf <- intermediate <- root as a client presents it: the intermediate (its issuer and
+    serial, what the root's CRL lists), not the self-signed root, in any order. An impostor
+    with the intermediate's name is listed too: the real one is never missed, and an extra
+    certificate can only get the connection that sent it ended."""
+    from mbsec.pki.ca import CertificateAuthority
+    from mbsec.tls_sniff import issuing_cas
+
+    ca = CertificateAuthority.init(tmp_path / "ica", common_name="Plant CA", intermediate=True)
+    assert ca.intermediate is not None
+    leaf = ca.issue("client", "vi", role="operator", out_dir=tmp_path, name="vi")
+    der = serialization.Encoding.DER
+    leaf_der = der_of(leaf)
+    inter, root = ca.intermediate.public_bytes(der), ca.root.public_bytes(der)
+    want = ((ca.root.subject.rfc4514_string(), ca.intermediate.serial_number),)
+    assert issuing_cas([leaf_der, inter, root]) == want
+    assert issuing_cas([leaf_der, inter]) == want
+    assert issuing_cas([leaf_der, root, inter]) == want  # order as sent does not matter
+    fake = _bogus_ca(ca.intermediate.subject, ca.root.subject).public_bytes(der)
+    fake_entry = (ca.root.subject.rfc4514_string(),
+                  x509.load_der_x509_certificate(fake).serial_number)
+    assert issuing_cas([leaf_der, fake, inter, root]) == (fake_entry, *want)
+    assert issuing_cas([leaf_der, inter, inter]) == want
+    assert issuing_cas([leaf_der]) == ()
+    assert issuing_cas([]) == ()
+    assert issuing_cas([b"\x30\x03\x02\x01\x01", inter]) == want  # the leaf is not read
+    assert issuing_cas([leaf_der, b"garbage", inter]) == want

@@ -163,10 +163,12 @@ async def test_a_handshake_that_ends_after_a_crl_reload_is_checked_against_the_n
 
 
 @pytest.mark.parametrize("bundle", [
-    pytest.param("root", marks=pytest.mark.xfail(strict=True, reason=(
-        "known limit (README): with only the root in client_ca mbsec cannot tell which open "
-        "connections a revoked intermediate issued (Python 3.11's ssl does not give the "
-        "peer's chain)"))),
+    "root",  # TLS 1.3: the presented intermediate, from the key log's decryption
+    "root-tls1.2",  # the presented intermediate, in clear
+    pytest.param("root-tls1.3-no-keylog", marks=pytest.mark.xfail(strict=True, reason=(
+        "known limit (README): with only the root in client_ca and tls.name_tls13_rejections "
+        "off, a TLS 1.3 client's presented chain is not available (Python 3.11's ssl does not "
+        "give the peer's chain)"))),
     "root+intermediate",
 ])
 async def test_reload_revoking_the_intermediate_ends_its_clients_open_connections(
@@ -174,9 +176,10 @@ async def test_reload_revoking_the_intermediate_ends_its_clients_open_connection
 ) -> None:
     """A reloaded root CRL that revokes the issuing intermediate CA refuses every new
     handshake of its clients (``VERIFY_CRL_CHECK_CHAIN``) and ends their open connections
-    too (HMIs hold connections for weeks), when ``client_ca`` holds the intermediate
-    (docs/config.md). Regression: only the leaf's own serial was looked up, so the open
-    connections stayed up and kept being served."""
+    too (HMIs hold connections for weeks): known from ``client_ca``, or, with only the root
+    there, from the chain the client presented (mbsec.tls_sniff.issuing_cas). Regression: only
+    the leaf's own serial was looked up, so the open connections stayed up and kept being
+    served."""
     plc = await scripted(nursery)
     ca = CertificateAuthority.init(tmp_path / "ica", common_name="Plant CA", intermediate=True)
     assert ca.intermediate is not None
@@ -188,11 +191,21 @@ async def test_reload_revoking_the_intermediate_ends_its_clients_open_connection
         client_ca = tmp_path / "client-ca.pem"
         client_ca.write_bytes(ca.trust_bundle.read_bytes()
                               + ca.intermediate.public_bytes(serialization.Encoding.PEM))
-    h = await start_proxy(plc.port, tls={"client_ca": str(client_ca)}, crl=[crl_path])
-    ctx = pki.client_ctx(leaf)
+    tls: dict[str, object] = {"client_ca": str(client_ca)}
+    if bundle == "root-tls1.3-no-keylog":
+        tls["name_tls13_rejections"] = False
+    h = await start_proxy(plc.port, tls=tls, crl=[crl_path])
+    known = bundle == "root+intermediate"
+    assert h.proxy.state.tls.knows_ca(  # type: ignore[attr-defined]
+        ca.intermediate.subject.rfc4514_string()) is known
+    ctx = pki.client_ctx(
+        leaf, max_version=ssl.TLSVersion.TLSv1_2 if bundle == "root-tls1.2" else None)
     held = await TlsClient.connect(h.port, ctx)
     r = await held.request(1, 1, read_hr(0, 1))
     assert r is not None and r[2][0] == 3
+    (session,) = h.proxy.sessions  # type: ignore[attr-defined]
+    assert session.issuing_cas == (() if known else (
+        (ca.root.subject.rfc4514_string(), ca.intermediate.serial_number),))
     now = dt.datetime.now(dt.UTC)
     root_crl = CertificateAuthority._crl(
         ca.root, ca._root_key(),
