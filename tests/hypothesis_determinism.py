@@ -1,6 +1,6 @@
 """Hypothesis generation that depends on the test alone, not on what else the process imported.
 
-``derandomize=True`` seeds hypothesis from the test function, but hypothesis (since 6.131) also
+``derandomize=True`` seeds hypothesis from the test function, but hypothesis (6.170 here) also
 draws, with a small probability per choice, *local constants*: the literals of every module of
 this checkout outside tests/ (mbsec, benchmarks, fuzz) that is in ``sys.modules`` when a test
 case asks for one (hypothesis rescans whenever ``len(sys.modules)`` changed). Which modules
