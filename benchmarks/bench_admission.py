@@ -35,6 +35,9 @@ from typing import Any
 
 import trio
 
+# the tests import their conftest as ``conftest`` (pytest puts tests/ on the path); so does
+# tests/e2e/test_log_disk_full.py, imported below
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from mbsec.pki.ca import CertificateAuthority
 from tests.conftest import Pki, ScriptedPlc, http_get, serve_config
 from tests.e2e.test_handshake_admission import (

@@ -4,6 +4,9 @@ budget), by examples and by hypothesis state machines on a simulated clock."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -14,6 +17,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from hypothesis_determinism import no_local_constants
 
 from mbsec.admission import (
     REFUSAL_REASONS,
@@ -29,6 +33,13 @@ from mbsec.admission import (
 SIM = settings(max_examples=80, stateful_step_count=50, deadline=None, derandomize=True,
                phases=[Phase.explicit, Phase.generate, Phase.target],
                database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True)
+def _same_schedules_in_any_run() -> Iterator[None]:
+    """Schedules that depend on this file only, not on what else the process imported."""
+    with no_local_constants():
+        yield
 
 
 # -- prefixes and buckets ------------------------------------------------------------------------

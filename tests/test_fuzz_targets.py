@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fail_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "fuzz" / "corpus"
@@ -57,9 +58,7 @@ def test_invariants_catch_a_broken_parser(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_target_fuzzes_clean(name: str, tmp_path: Path) -> None:
     if importlib.util.find_spec("atheris") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("atheris is not installed (pip install -e '.[test]')")
-        pytest.skip("atheris is not installed: pip install -e '.[fuzz]'")
+        fail_or_skip("atheris is not installed: pip install -e '.[test]'")
     env = dict(os.environ, MBSEC_PURE="1")
     (tmp_path / "new").mkdir()
     proc = subprocess.run(

@@ -9,13 +9,12 @@ Without Chromium the test skips with the install hint, and fails when CI=true.
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import fail_or_skip
 
 from mbsec.policy.cli import main as policy_main
 
@@ -35,9 +34,7 @@ def chromium() -> str:
     if path is None:
         hint = "chromium not installed: source scripts/apt_need.sh; " \
             "source scripts/test.d/policy-tools.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(hint)
-        pytest.skip(hint)
+        fail_or_skip(hint)
     return path
 
 

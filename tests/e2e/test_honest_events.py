@@ -6,13 +6,11 @@ a real (scripted) PLC, ``openssl s_client`` for the renegotiation."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 
 import pytest
 import trio
-
-from tests.conftest import Pki, ScriptedPlc, StartProxy, TlsClient, read_hr
+from conftest import Pki, ScriptedPlc, StartProxy, TlsClient, fail_or_skip, read_hr
 
 SLOW = 50  # the register the PLC answers late
 
@@ -62,8 +60,6 @@ async def test_drain_deadline_before_the_reply_logs_no_reply(
                              function="read_holding_registers").value == 1
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None and os.environ.get("CI") != "true",
-                    reason="needs the openssl command (apt-get install openssl)")
 async def test_refused_tls12_renegotiation_is_the_close_reason(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery,
 ) -> None:
@@ -71,6 +67,8 @@ async def test_refused_tls12_renegotiation_is_the_close_reason(
     with the no_renegotiation alert, s_client aborts, and the connection's close line says
     ``renegotiation_refused``. A TLS 1.3 client has no renegotiation: closing after its
     KeyUpdate (``k``) is a plain close."""
+    if shutil.which("openssl") is None:
+        fail_or_skip("needs the openssl command (apt-get install openssl)")
     plc = ScriptedPlc()
     await nursery.start(plc.serve)
     h = await start_proxy(plc.port)

@@ -38,6 +38,19 @@ The run is deterministic (``derandomize``); a failing schedule is printed as the
 reproduce it (and as a ``@reproduce_failure`` blob). ``MBSEC_SIM_SEED=<n>`` explores other
 schedules with a fixed seed, ``MBSEC_SIM_EXAMPLES=<n>`` sets how many, ``MBSEC_SIM_SHRINK=1``
 shrinks a failing schedule (minutes) instead of printing it as found.
+
+Why the schedules differed between runs (the CI suite, a quiet re-run of this file) while a given
+schedule always replayed the same: not the clock (``deadline=None``, too_slow suppressed, no
+database, neither the core nor the world reads real time). Hypothesis draws, now and then, a
+*local constant*: a literal (100 or more) of a module of this checkout outside tests/ that is in
+``sys.modules`` at that moment. In a state machine that draw is the share of rules a schedule
+switches off (swarm testing), so what the process had imported (the whole suite or this file,
+``-k``, a merge that added a module, a thread of an earlier test importing late on a loaded box)
+changed the schedules from there on. :func:`run_sim` runs with an empty pool
+(tests/hypothesis_determinism.py): the schedules depend on this file and the hypothesis version
+only. ``MBSEC_SIM_SHRINK=1`` stops exploring at the first failure (``report_multiple_bugs=False``;
+hypothesis went on for up to 10 s of wall clock); shrinking keeps hypothesis's wall-clock budget
+(5 minutes), so a shrunk schedule may be longer on a loaded box, the schedule found is the same.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from hypothesis_determinism import no_local_constants
 
 from mbsec.path.client import ClientConn
 from mbsec.path.target import Target
@@ -84,6 +98,7 @@ def sim_settings(examples: int = EXAMPLES, *, shrink: bool = SHRINK) -> settings
         database=None,
         derandomize=SEED is None,
         print_blob=True,
+        report_multiple_bugs=False,
         phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much],
@@ -280,7 +295,8 @@ def run_sim(machine: type[RequestPathSim], examples: int = EXAMPLES, *,
             shrink: bool = SHRINK) -> None:
     if SEED is not None:
         machine = seed(int(SEED))(type(machine.__name__, (machine,), {}))
-    run_state_machine_as_test(machine, settings=sim_settings(examples, shrink=shrink))
+    with no_local_constants():
+        run_state_machine_as_test(machine, settings=sim_settings(examples, shrink=shrink))
 
 
 def test_request_path_simulation() -> None:

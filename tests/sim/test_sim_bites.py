@@ -23,6 +23,8 @@ from sim.plc import Violation
 from sim.test_request_path_sim import EXAMPLES, PairedSim, run_sim
 
 GOOD_REPLY = "a well-behaved client's request gets its reply"
+#: either half of the poller's guarantee: its reply, or its reply within the bound
+GOOD_SERVED = "a well-behaved client's request (gets its reply|completes within)"
 
 
 class BackoffAfterBadReply(Target):
@@ -109,7 +111,10 @@ def test_bite_one_bad_reply_makes_the_plc_unreachable() -> None:
 
 
 def test_bite_timed_out_request_frees_its_slot() -> None:
-    caught({"target_cls": FreeSlotOnTimeout}, GOOD_REPLY)
+    """The poller's request lands behind the request the PLC still works on: it times out (an
+    un-excused 0x0B) or, during a PLC episode that excuses the 0x0B, misses the time bound;
+    which comes first depends on the schedules (with the current ones, the bound)."""
+    caught({"target_cls": FreeSlotOnTimeout}, GOOD_SERVED)
 
 
 def test_bite_fifo_for_all() -> None:
