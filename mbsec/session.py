@@ -27,6 +27,7 @@ from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
 from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
+from mbsec.sockready import readable_now
 from mbsec.tls import handshake_failure_reason
 from mbsec.tls_sniff import HandshakeTap, presented_identity
 from mbsec.tls_stream import ServerTlsStream
@@ -232,14 +233,17 @@ class Session:
         sock = getattr(self._raw, "socket", None)
         if sock is None:  # in-memory test streams
             return True
-        with trio.move_on_at(deadline) as cs:
-            self._handshake_scope = cs
-            if self._evicted:
-                cs.cancel()
-            await trio.lowlevel.wait_readable(sock)
-        self._handshake_scope = None
-        if cs.cancelled_caught:
+        if self._evicted:
             return False
+        if not readable_now(sock):  # usually it is: then no trip through trio's epoll loop
+            with trio.move_on_at(deadline) as cs:
+                self._handshake_scope = cs
+                if self._evicted:
+                    cs.cancel()
+                await trio.lowlevel.wait_readable(sock)
+            self._handshake_scope = None
+            if cs.cancelled_caught:
+                return False
         if self._edge is not None:
             self._edge.heard()
         return True
