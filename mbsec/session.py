@@ -272,7 +272,11 @@ class Session:
         tap = HandshakeTap()
         tapped = _TappedStream(self._raw, tap)
         transport: trio.abc.Stream = tapped
-        ssl_stream = ServerTlsStream(transport, state.tls.context)  # the handshake loop only
+        # the handshake loop only; on a socket it reads and writes the fd directly, feeding the tap
+        sock = getattr(self._raw, "socket", None)
+        ssl_stream = ServerTlsStream(transport, state.tls.context,
+                                     fd=sock.fileno() if sock is not None else None,
+                                     on_receive=tap.feed)
         self._ssl = ssl_stream
         error: BaseException | None = None
         timed_out = False
