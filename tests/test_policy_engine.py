@@ -321,5 +321,5 @@ def test_principal_is_remembered_per_certificate_and_address(
     monkeypatch.setattr(engine, "PRINCIPAL_CACHE_MAX", 3)
     for i in range(10):
         p.principal(op, f"10.0.1.{i}")
-    assert len(p._principals) == 3
+    assert len(p._principals) <= 3
     assert p.principal(op, "10.0.1.9") is p.principal(op, "10.0.1.9")

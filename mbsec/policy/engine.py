@@ -310,13 +310,15 @@ class Policy:
 
         Raises ``ValueError`` if ``source_ip`` is not an IP address.
 
-        Remembered per (certificate fingerprint, address), at most ``PRINCIPAL_CACHE_MAX``,
-        the oldest first out: a principal is a pure function of the identity (itself a pure
-        function of the certificate, :func:`mbsec.identity.parse_verified_identity`), the
-        address and this policy, which never changes once built (a reload builds a new one),
-        and a plant's masters reconnect from the same addresses with the same certificates
-        (the roles and plan walk were a measurable share of a handshake's Python work,
-        benchmarks/README.md, "Issue 10 item 3: handshake rate rounds").
+        Remembered per (certificate fingerprint, address), at most ``PRINCIPAL_CACHE_MAX`` (then
+        forgotten all at once: the data-plane thread asks too, after a reload, and a dict's
+        clear is one atomic step where evicting the oldest is not): a principal is a pure
+        function of the identity (itself a pure function of the certificate,
+        :func:`mbsec.identity.parse_verified_identity`), the address and this policy, which
+        never changes once built (a reload builds a new one), and a plant's masters reconnect
+        from the same addresses with the same certificates (the roles and plan walk were a
+        measurable share of a handshake's Python work, benchmarks/README.md, "Issue 10 item 3:
+        handshake rate rounds").
         """
         cache_key = (identity.fingerprint_sha256 if identity is not None else None, source_ip)
         found = self._principals.get(cache_key)
@@ -328,7 +330,7 @@ class Policy:
                else f"ip:{source}")
         made = Principal(key, roles, str(source), identity, self, self._plan(roles, source))
         if len(self._principals) >= PRINCIPAL_CACHE_MAX:
-            del self._principals[next(iter(self._principals))]
+            self._principals.clear()
         self._principals[cache_key] = made
         return made
 
