@@ -61,6 +61,10 @@ from mbsec.pki.verify import parse_crls
 from mbsec.settings import TlsSettings
 from mbsec.tls import TLS12_CIPHERS, build_material
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory_handshake import HandshakeResult, StdServer, run_handshake
+
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 try:
     import cryptography.utils
@@ -182,29 +186,6 @@ def pyopenssl_context(pki: Pki, client_ca: Path | None = None,
     return ctx
 
 
-class StdServer:
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
-
-    def step(self) -> bool:
-        try:
-            self.obj.do_handshake()
-            return True
-        except ssl.SSLWantReadError:
-            return False
-
-    def feed(self, data: bytes) -> None:
-        if data:
-            self.inc.write(data)
-
-    def take(self) -> bytes:
-        return self.out.read()
-
-    def peer_der(self) -> bytes | None:
-        return self.obj.getpeercert(binary_form=True)
-
-
 class PyoServer:
     def __init__(self, ctx: SSL.Context, seen: Seen | None = None) -> None:
         self.conn = SSL.Connection(ctx, None)
@@ -248,61 +229,10 @@ def client_context(pki: Pki, who: IssuedFiles, version: str) -> ssl.SSLContext:
     return ctx
 
 
-@dataclass
-class Result:
-    ok: bool
-    server_ns: int
-    server_error: BaseException | None = None
-    client_error: str | None = None  # reason of the alert the client received
-    server: Any = None
-    client: ssl.SSLObject | None = None
-    c_in: ssl.MemoryBIO | None = None
-    c_out: ssl.MemoryBIO | None = None
-
-
-def handshake(server: StdServer | PyoServer, client_ctx: ssl.SSLContext) -> Result:
-    """One full handshake; only the server's calls are timed. In TLS 1.3 the client is done
-    before the server has verified it: it learns a rejection from its next read, as here."""
-    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
-    clock = time.perf_counter_ns
-    ns = 0
-    c_done = s_done = False
-    s_err: BaseException | None = None
-    c_err: str | None = None
-    for _ in range(20):
-        if not c_done:
-            try:
-                client.do_handshake()
-                c_done = True
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLError as exc:
-                c_err = exc.reason or str(exc)
-                break
-        hello = c_out.read()
-        t0 = clock()
-        server.feed(hello)
-        if not s_done:
-            try:
-                s_done = server.step()
-            except (ssl.SSLError, SSL.Error) as exc:
-                s_err = exc
-        back = server.take()
-        ns += clock() - t0
-        c_in.write(back)
-        if s_err is not None:
-            try:  # the client reads the fatal alert OpenSSL wrote before it failed
-                if not c_done:
-                    client.do_handshake()
-                client.read(1)
-            except ssl.SSLError as exc:
-                c_err = exc.reason or str(exc)
-            break
-        if c_done and s_done:
-            break
-    return Result(s_done and c_done and s_err is None and c_err is None, ns, s_err, c_err,
-                  server, client, c_in, c_out)
+def handshake(server: StdServer | PyoServer, client_ctx: ssl.SSLContext) -> HandshakeResult:
+    """One full handshake against either server (:func:`memory_handshake.run_handshake`);
+    only the server's calls are timed, in nanoseconds."""
+    return run_handshake(server, client_ctx, server_errors=(ssl.SSLError, SSL.Error))
 
 
 # -- benchmarks -------------------------------------------------------------------------------
@@ -325,7 +255,7 @@ def bench_handshakes(pki: Pki, runs: int, n: int) -> dict[tuple[str, str], list[
                     if not r.ok:
                         raise SystemExit(f"{name} TLS {version}: handshake failed: "
                                          f"{r.server_error or r.client_error}")
-                    total += r.server_ns
+                    total += int(r.server_time)
                 rates.setdefault((name, version), []).append(n / (total / 1e9))
     return rates
 

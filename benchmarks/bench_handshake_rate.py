@@ -69,6 +69,7 @@ from bench_proxy import (  # the sibling script holds the stack code
     wait_listening,
     write_mbsec_config,
 )
+from memory_handshake import StdServer, run_handshake
 
 PEERS = ("stunnel", "haproxy")
 #: the kit next to the checkout, or next to the directory of worktrees (/work/wt/NAME)
@@ -312,40 +313,19 @@ def openssl_only(n: int, runs: int) -> str:
 
 
 def _memory_handshake(sctx: Any, cctx: Any) -> float:
-    """One handshake over memory BIOs; returns the server's thread CPU seconds."""
-    import ssl
-
-    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-    spent = 0.0
+    """One handshake over memory BIOs (:func:`memory_handshake.run_handshake`); returns the
+    server's thread CPU seconds, its ``wrap_bio`` included."""
     clock = time.thread_time
     t0 = clock()
-    server = sctx.wrap_bio(s_in, s_out, server_side=True)
-    spent += clock() - t0
-    client = cctx.wrap_bio(c_in, c_out, server_hostname="localhost")
-    c_done = s_done = False
-    for _ in range(10):
-        if not c_done:
-            try:
-                client.do_handshake()
-                c_done = True
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        t0 = clock()
-        if not s_done:
-            try:
-                server.do_handshake()
-                s_done = True
-            except ssl.SSLWantReadError:
-                pass
-        out = s_out.read()
-        spent += clock() - t0
-        c_in.write(out)
-        if c_done and s_done:
-            if server.getpeercert(binary_form=True) is None:
-                raise SystemExit("in-memory handshake: no client certificate")
-            return spent
-    raise SystemExit("in-memory handshake did not complete")
+    server = StdServer(sctx)
+    spent = clock() - t0
+    result = run_handshake(server, cctx, clock=clock)
+    if not result.ok:
+        raise SystemExit("in-memory handshake failed: "
+                         f"{result.server_error or result.client_error}")
+    if server.peer_der() is None:
+        raise SystemExit("in-memory handshake: no client certificate")
+    return spent + result.server_time
 
 
 def main(argv: list[str] | None = None) -> int:

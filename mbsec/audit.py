@@ -560,7 +560,10 @@ def make_logger(
         wrapper_class=wrapper,
         cache_logger_on_first_use=False,
     )
-    return logger
+    # a concrete bound logger: the lazy proxy wrap_logger returns built a new one for every
+    # event (about 6 us each, two or three per connection; benchmarks/README.md, "Issue 10
+    # item 3: handshake rate rounds")
+    return logger.bind()
 
 
 def _configured_sink(settings: LoggingSettings, cfg: SinkSettings, index: int,

@@ -20,7 +20,6 @@ import itertools
 import os
 import random
 import resource
-import select
 import signal
 import socket
 import struct
@@ -50,6 +49,7 @@ from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
 from mbsec.sdnotify import Notifier, PlaneProbe, WorkerRelay
 from mbsec.session import ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
+from mbsec.sockready import readable_now as _readable
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
 from mbsec.tls_keylog import KeyLog
 
@@ -720,17 +720,6 @@ def _abort(stream: trio.SocketStream) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def _readable(sock: Any) -> bool:
-    """Bytes (or an EOF) are waiting on the socket, without waiting (poll, not select: file
-    descriptors above 1023 are common under a flood)."""
-    p = select.poll()
-    try:
-        p.register(sock.fileno(), select.POLLIN)
-        return bool(p.poll(0))
-    except (OSError, ValueError):
-        return False
 
 
 def _only_cancelled(exc: BaseException) -> bool:

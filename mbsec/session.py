@@ -27,6 +27,7 @@ from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
 from mbsec.metrics import MetricsLike, NullMetrics
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
+from mbsec.sockready import readable_now
 from mbsec.tls import handshake_failure_reason
 from mbsec.tls_sniff import HandshakeTap, issuing_cas, presented_identity
 from mbsec.tls_stream import ServerTlsStream
@@ -235,14 +236,17 @@ class Session:
         sock = getattr(self._raw, "socket", None)
         if sock is None:  # in-memory test streams
             return True
-        with trio.move_on_at(deadline) as cs:
-            self._handshake_scope = cs
-            if self._evicted:
-                cs.cancel()
-            await trio.lowlevel.wait_readable(sock)
-        self._handshake_scope = None
-        if cs.cancelled_caught:
+        if self._evicted:
             return False
+        if not readable_now(sock):  # usually it is: then no trip through trio's epoll loop
+            with trio.move_on_at(deadline) as cs:
+                self._handshake_scope = cs
+                if self._evicted:
+                    cs.cancel()
+                await trio.lowlevel.wait_readable(sock)
+            self._handshake_scope = None
+            if cs.cancelled_caught:
+                return False
         if self._edge is not None:
             self._edge.heard()
         return True
@@ -271,7 +275,11 @@ class Session:
         tap = HandshakeTap()
         tapped = _TappedStream(self._raw, tap)
         transport: trio.abc.Stream = tapped
-        ssl_stream = ServerTlsStream(transport, state.tls.context)  # the handshake loop only
+        # the handshake loop only; on a socket it reads and writes the fd directly, feeding the tap
+        sock = getattr(self._raw, "socket", None)
+        ssl_stream = ServerTlsStream(transport, state.tls.context,
+                                     fd=sock.fileno() if sock is not None else None,
+                                     on_receive=tap.feed)
         self._ssl = ssl_stream
         error: BaseException | None = None
         timed_out = False

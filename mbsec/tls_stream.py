@@ -20,12 +20,24 @@ It behaves as ``SSLStream`` does where mbsec depends on it:
 * The attributes :mod:`mbsec.trio_private` reads (``_ssl_object``, ``_incoming``,
   ``_outgoing``, ``_delayed_outgoing``) have trio's names and types, so the data plane takes
   over the session keys and anything already buffered exactly as from an ``SSLStream``.
+
+Given the connection's file descriptor (``fd``), the handshake reads and writes it directly
+(non-blocking ``os.read``/``os.write``, trio's ``wait_readable``/``wait_writable`` only when
+the socket would block) instead of through the transport's stream: each successful trio socket
+call also yields to trio's scheduler once, and with the stream wrappers that was about a sixth
+of a handshake's Python time (benchmarks/README.md, "Issue 10 item 3: handshake rate rounds").
+The bytes received are handed to ``on_receive`` (the session's handshake tap), socket errors
+raise ``trio.BrokenResourceError`` from the ``OSError`` as trio's ``SocketStream`` does, and a
+cancelled scope (deadline, eviction) is noticed before every read and write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -37,15 +49,27 @@ __all__ = ["HANDSHAKE_RECEIVE_SIZE", "ServerTlsStream"]
 HANDSHAKE_RECEIVE_SIZE = 16384
 
 
+def _stream_error(exc: OSError) -> Exception:
+    """The error trio's ``SocketStream`` raises for ``exc``: a socket closed under it is
+    ``ClosedResourceError``, anything else ``BrokenResourceError``."""
+    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
 class ServerTlsStream(trio.abc.AsyncResource):
     """One server-side TLS connection over ``transport``: :meth:`do_handshake`, the facts of
     the negotiated session, and :meth:`aclose` (close_notify, then the transport)."""
 
-    __slots__ = ("_delayed_outgoing", "_handshook", "_incoming", "_outgoing", "_ssl_object",
-                 "transport_stream")
+    __slots__ = ("_delayed_outgoing", "_fd", "_handshook", "_incoming", "_on_receive",
+                 "_outgoing", "_ssl_object", "transport_stream")
 
-    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext) -> None:
+    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
+                 fd: int | None = None,
+                 on_receive: Callable[[bytes], None] | None = None) -> None:
         self.transport_stream = transport
+        self._fd = fd
+        self._on_receive = on_receive
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
@@ -69,15 +93,48 @@ class ServerTlsStream(trio.abc.AsyncResource):
                 self._delayed_outgoing = to_send or None  # trio issue 819, as SSLStream
                 to_send = b""
             if to_send:
-                await transport.send_all(to_send)
+                if self._fd is None:
+                    await transport.send_all(to_send)
+                else:
+                    await self._send_fd(self._fd, to_send)
             if done:
                 self._handshook = True
                 return
-            data = await transport.receive_some(HANDSHAKE_RECEIVE_SIZE)
+            if self._fd is None:
+                data = await transport.receive_some(HANDSHAKE_RECEIVE_SIZE)
+            else:
+                data = await self._receive_fd(self._fd)
             if data:
                 self._incoming.write(data)
             else:
                 self._incoming.write_eof()  # OpenSSL then raises with its own reason
+
+    async def _send_fd(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+            view = view[sent:]
+
+    async def _receive_fd(self, fd: int) -> bytes:
+        while True:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = os.read(fd, HANDSHAKE_RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+            if data and self._on_receive is not None:
+                self._on_receive(data)
+            return data
 
     # -- the negotiated session (what ssl.SSLObject reports) ---------------------------------
 

@@ -299,3 +299,27 @@ def test_san_ip_matching_is_canonical() -> None:
     p = policy("identities:\n  - {match: {san_ip: '2001:db8::1'}, roles: [r]}\nrules: []\n")
     assert p.roles_for(ident(None, san_ip=("2001:DB8:0::1",))) == {"r"}
     assert p.roles_for(ident(None, san_ip=("garbage",))) == frozenset()
+
+
+def test_principal_is_remembered_per_certificate_and_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One principal per (certificate, address), as a plant's masters reconnect; never one
+    made for other facts or another address, and the memory is bounded."""
+    import mbsec.policy.engine as engine
+
+    p = policy(BASIC)
+    op = ident("operator", fingerprint_sha256="cd" * 32)
+    first = p.principal(op, "10.0.0.1")
+    assert p.principal(op, "10.0.0.1") is first
+    elsewhere = p.principal(op, "10.0.0.2")
+    assert elsewhere is not first and elsewhere.source_ip == "10.0.0.2"
+    # the same fingerprint with other facts (never in practice) is not answered from memory
+    other = ident("engineer", fingerprint_sha256="cd" * 32)
+    assert p.principal(other, "10.0.0.1").roles == frozenset({"engineer"})
+    assert decide(p, "operator", 1, 3, address=0, quantity=5).rule_id == "op-read"
+    assert decide(p, "engineer", 1, 3, address=0, quantity=5).rule_id == "default"
+    monkeypatch.setattr(engine, "PRINCIPAL_CACHE_MAX", 3)
+    for i in range(10):
+        p.principal(op, f"10.0.1.{i}")
+    assert len(p._principals) <= 3
+    assert p.principal(op, "10.0.1.9") is p.principal(op, "10.0.1.9")

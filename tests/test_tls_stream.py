@@ -99,3 +99,67 @@ async def test_end_of_stream_mid_handshake_is_client_closed(pki: Pki) -> None:
 async def _ignore_broken(fn: Any) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await fn()
+
+
+# -- the same over a real socket, with the handshake's I/O on its file descriptor ---------------
+
+
+async def _socket_pair(pki: Pki, client_ctx: ssl.SSLContext, seen: list[bytes]
+                       ) -> tuple[trio.SSLStream[Any], ServerTlsStream]:
+    a, b = trio.socket.socketpair()
+    s_raw = trio.SocketStream(b)
+    server = ServerTlsStream(s_raw, _server_ctx(pki), fd=b.fileno(), on_receive=seen.append)
+    return trio.SSLStream(trio.SocketStream(a), client_ctx, server_hostname="localhost"), server
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_fd_handshake_feeds_what_it_reads_and_hands_over_the_session(
+        pki: Pki, version: ssl.TLSVersion) -> None:
+    seen: list[bytes] = []
+    client, server = await _socket_pair(pki, pki.client_ctx(pki.operator, max_version=version),
+                                        seen)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    assert server.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(
+        pki.operator.cert.read_text())
+    received = b"".join(seen)
+    assert received[:1] == b"\x16" and len(received) > 500  # ClientHello .. the client's flight
+    obj, incoming, outgoing, _ = trio_private.take_tls_state(server)
+    await client.send_all(b"ping")
+    incoming.write(await server.transport_stream.receive_some(65536))
+    assert obj.read(100) == b"ping"
+    obj.write(b"pong")
+    await server.transport_stream.send_all(outgoing.read())
+    assert await client.receive_some(100) == b"pong"
+    await server.aclose()
+    assert await client.receive_some(100) == b""
+
+
+async def test_fd_handshake_refusal_leaves_the_alert_and_eof_is_client_closed(pki: Pki) -> None:
+    seen: list[bytes] = []
+    client, server = await _socket_pair(
+        pki, pki.client_ctx(pki.rogue, max_version=ssl.TLSVersion.TLSv1_2), seen)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _ignore_broken(client.do_handshake))
+        cause = await _server_error(server)
+        assert handshake_failure_reason(cause)[0] == "unknown_ca"
+        assert trio_private.pending_alert(server)[:1] == b"\x15"
+        await server.transport_stream.aclose()
+    a, b = trio.socket.socketpair()
+    eof_server = ServerTlsStream(trio.SocketStream(b), _server_ctx(pki), fd=b.fileno())
+    await a.send(b"\x16\x03\x01\x00\x05\x01\x00\x00")  # a ClientHello cut short
+    a.close()
+    cause = await _server_error(eof_server)
+    assert handshake_failure_reason(cause)[0] == "client_closed"
+    await eof_server.transport_stream.aclose()
+
+
+async def test_fd_handshake_ends_at_its_deadline_while_waiting(pki: Pki) -> None:
+    a, b = trio.socket.socketpair()
+    server = ServerTlsStream(trio.SocketStream(b), _server_ctx(pki), fd=b.fileno())
+    with trio.move_on_after(0.2) as scope:
+        await server.do_handshake()  # nothing ever arrives
+    assert scope.cancelled_caught
+    a.close()
+    await server.transport_stream.aclose()

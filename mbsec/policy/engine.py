@@ -39,6 +39,7 @@ def merge_intervals(ranges: Iterable[Interval]) -> tuple[Interval, ...]:
 
 
 LIMIT_CACHE_MAX = 4096  # role sets whose rate limit is remembered (a handful in practice)
+PRINCIPAL_CACHE_MAX = 4096  # (certificate, address) pairs whose principal is remembered
 
 REASON_ALLOWED = "allowed_by_rule"
 REASON_RULE_DENY = "denied_by_rule"
@@ -272,6 +273,9 @@ class Policy:
     _limits: dict[frozenset[str], RateLimit | None] = field(
         default_factory=dict, init=False, repr=False
     )
+    _principals: dict[tuple[str | None, str], Principal] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         buckets: dict[int, list[Rule]] = {}
@@ -305,13 +309,30 @@ class Policy:
         """Resolve a connection's principal once: roles, rate-limit key, pre-filtered rules.
 
         Raises ``ValueError`` if ``source_ip`` is not an IP address.
+
+        Remembered per (certificate fingerprint, address), at most ``PRINCIPAL_CACHE_MAX`` (then
+        forgotten all at once: the data-plane thread asks too, after a reload, and a dict's
+        clear is one atomic step where evicting the oldest is not): a principal is a pure
+        function of the identity (itself a pure function of the certificate,
+        :func:`mbsec.identity.parse_verified_identity`), the address and this policy, which
+        never changes once built (a reload builds a new one), and a plant's masters reconnect
+        from the same addresses with the same certificates (the roles and plan walk were a
+        measurable share of a handshake's Python work, benchmarks/README.md, "Issue 10 item 3:
+        handshake rate rounds").
         """
+        cache_key = (identity.fingerprint_sha256 if identity is not None else None, source_ip)
+        found = self._principals.get(cache_key)
+        if found is not None and (found.identity is identity or found.identity == identity):
+            return found
         source = parse_source(source_ip)
         roles = self.roles_for(identity)
         key = (identity.fingerprint_sha256.lower() if identity is not None
                else f"ip:{source}")
-        return Principal(key, roles, str(source), identity, self,
-                         self._plan(roles, source))
+        made = Principal(key, roles, str(source), identity, self, self._plan(roles, source))
+        if len(self._principals) >= PRINCIPAL_CACHE_MAX:
+            self._principals.clear()
+        self._principals[cache_key] = made
+        return made
 
     def _plan(self, roles: frozenset[str], source: IPAddress) -> dict[int, tuple[Rule, ...]]:
         return {code: kept for code, rules in self._by_function.items()
