@@ -438,6 +438,10 @@ class ClientIO:
             except ssl.SSLWantReadError:
                 drained = True
                 break
+            except ssl.SSLEOFError:  # EOF without close_notify (docs/events.md: a reset)
+                conn.receive_eof("renegotiation_refused" if self._refused_renegotiation
+                                 else "client_reset", now, broken=True)
+                return
             except ssl.SSLError:
                 conn.receive_eof(self._broken_reason(), now, broken=True)
                 return

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
+import ssl
 
 import pytest
 import trio
@@ -89,3 +91,26 @@ async def test_refused_tls12_renegotiation_is_the_close_reason(
             await trio.sleep(0.01)
     second = h.events("connection-closed")[1]
     assert second["event.reason"] in ("client_closed", "client_reset"), second
+
+
+def _close_without_close_notify(port: int, ctx: ssl.SSLContext) -> None:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(bytes.fromhex("000100000006010300000001"))
+        assert s.recv(100)  # the reply, then a bare close (no unwrap: no close_notify)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_close_without_close_notify_is_a_reset_not_a_renegotiation(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, version: ssl.TLSVersion,
+) -> None:
+    """Python's ``ssl`` client closing its socket without ``unwrap()``: the documented
+    ``client_reset`` under both versions. Regression: under TLS 1.2 OpenSSL's pending output
+    at that EOF made it ``renegotiation_refused``, a renegotiation nobody attempted."""
+    plc = ScriptedPlc()
+    await nursery.start(plc.serve)
+    h = await start_proxy(plc.port)
+    ctx = pki.client_ctx(pki.operator, max_version=version)
+    await trio.to_thread.run_sync(_close_without_close_notify, h.port, ctx)
+    closed = await h.wait_event("connection-closed")
+    assert closed["event.reason"] == "client_reset", closed
