@@ -1,7 +1,8 @@
 """The data plane driver: one epoll loop in one thread moves the core's bytes and timers.
 
 It decides nothing. Client sockets: ciphertext in, through the connection's ``SSLObject``,
-plaintext to :class:`~mbsec.path.client.ClientConn`; its replies out, one TLS record each.
+plaintext to :class:`~mbsec.path.client.ClientConn`; its replies out (those made in one pass
+in one TLS record).
 PLC sockets: connect when the core asks, bytes both ways, close when it asks. Timers: sleep
 until :meth:`Timers.next_deadline`, then run what is due. Work made in one loop pass (requests
 for a PLC link, replies for a client) leaves in one write at the end of the pass.
@@ -362,6 +363,9 @@ class ClientIO:
         conn.io = self
         self.fd = fd
         self._obj = obj
+        #: the C object behind ``obj`` (``ssl.SSLObject`` wraps each call in a Python frame);
+        #: the same calls, errors and state, without the wrapper
+        self._tls: Any = getattr(obj, "_sslobj", None) or obj
         self._incoming = incoming
         self._outgoing = outgoing
         self._out = bytearray(pending_out)  # ciphertext the kernel has not taken yet
@@ -420,7 +424,7 @@ class ClientIO:
         """Decrypt what the BIO holds while the core takes requests. While it takes none
         (pipelining limit, replies waiting) the ciphertext stays here, at most one read of
         it, and :meth:`flush` comes back once the core takes requests again."""
-        obj = self._obj
+        obj = self._tls
         conn = self.conn
         incoming = self._incoming
         drained = False
@@ -461,7 +465,13 @@ class ClientIO:
         return "client_reset"
 
     def flush(self, now: float) -> None:
-        """Encrypt the replies (one record each), write what the kernel takes, report."""
+        """Encrypt the replies, write what the kernel takes, report.
+
+        The replies made since the last flush leave in one TLS record (TLS is a stream: the
+        record boundaries carry no meaning, and docs/compliance.md row 12 says so). A client
+        that waits for each reply gets one ADU per record; a pipelining client gets the
+        replies that finished in one loop pass together, with one encryption and one
+        ``write(2)`` instead of one per reply."""
         conn = self.conn
         if self.closed:
             conn.replies.clear()
@@ -469,10 +479,8 @@ class ClientIO:
             return
         replies = conn.replies
         if replies:
-            obj = self._obj
             try:
-                for data in replies:
-                    obj.write(data)
+                self._tls.write(replies[0] if len(replies) == 1 else b"".join(replies))
             except ssl.SSLError:
                 replies.clear()
                 conn.abort("client_gone")
