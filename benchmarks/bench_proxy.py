@@ -7,7 +7,9 @@ One run measures, interleaved so drift hits every target alike:
   processes sharing the port), mbsec-busypoll (``busy_poll_us = --busy-poll-us``,
   default 50) and mbsec-logall (every allowed request logged: ``allowed_requests = "info"``;
   paired with mbsec repetition by repetition, so the cost of logging them is a ratio)
-at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), FC03 quantity 10, with the
+at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), and 10x1-serial (a PLC with a
+1 ms scan serving one request per connection at a time, mbsec pool_size 10 x depth 1, on a
+stack of its own), FC03 quantity 10, with the
 full mbsec policy on (role from the certificate, source network, unit, function, address
 range, quantity and response-size limits, a rate limiter sized not to bind). It prints a
 table of rps, p50/p99 latency, proxy CPU % and proxy CPU microseconds per request, and the
@@ -733,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=1, help="repetitions of the whole matrix")
     p.add_argument(
         "--points",
-        default=",".join(POINTS),
+        default=",".join((*POINTS, SERIAL_POINT)),
         help=f"connsxdepth list; {SERIAL_POINT} is issue 14's 1 ms serial PLC point",
     )
     p.add_argument(

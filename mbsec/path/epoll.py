@@ -203,6 +203,7 @@ class DataPlane:
         wake = self._wake_fd
         spin = self._busy_poll
         active = False
+        backoff = skip = 0  # adaptive busy poll: passes not to spin after a spin found nothing
         # the last handler and call are dropped at the end of each pass: a local would keep
         # a closed connection (its ClientIO, or the session that ``make`` closes over) alive
         # while the loop sleeps
@@ -216,21 +217,35 @@ class DataPlane:
                 timeout = max(0.0, deadline - time.monotonic())
             else:
                 timeout = -1.0
-            if spin and active and timeout != 0.0:
-                # busy poll (opt-in, costs CPU): while traffic flows the next request or
-                # reply is picked up without a sleep and a wake-up
-                end = time.monotonic() + spin
-                events = ep.poll(0)
-                while not events and time.monotonic() < end:
-                    events = ep.poll(0)
-                if not events:
-                    if deadline is not None:
-                        timeout = max(0.0, deadline - time.monotonic())
-                    events = ep.poll(timeout)
-            else:
+            if not spin:
                 events = ep.poll(timeout)
-            active = bool(events)
-            self.now = now = time.monotonic()
+                self.now = now = time.monotonic()
+            else:
+                # busy poll (opt-in, costs CPU), adaptive: it spins only under load, after a
+                # pass whose work came within the spin window; then the next request or reply
+                # is picked up without a sleep and a wake-up. A spin that finds nothing backs
+                # off (the next 1, 2, 4 ... 64 such passes do not spin) until one finds work
+                # again, so a trickle of requests costs almost no spinning (issue 14).
+                start = time.monotonic()
+                if active and timeout != 0.0 and skip:
+                    skip -= 1
+                    events = ep.poll(timeout)
+                elif active and timeout != 0.0:
+                    end = start + spin
+                    events = ep.poll(0)
+                    while not events and time.monotonic() < end:
+                        events = ep.poll(0)
+                    if events:
+                        backoff = 0
+                    else:
+                        backoff = skip = min(64, 2 * backoff or 1)
+                        if deadline is not None:
+                            timeout = max(0.0, deadline - time.monotonic())
+                        events = ep.poll(timeout)
+                else:
+                    events = ep.poll(timeout)
+                self.now = now = time.monotonic()
+                active = bool(events) and now - start <= spin
             for fd, ev in events:
                 if fd == wake:
                     with contextlib.suppress(BlockingIOError):
