@@ -96,6 +96,7 @@ class DataPlane:
         self._worker: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._stopped = False
+        self._sent_upstream = False  # this pass wrote requests to a PLC (busy poll)
         #: the logger's sinks (audit.SinkLogger): while this loop runs, the allowed-request
         #: lines logged on this thread go to each sink's writer thread (no write(2) here)
         sink = getattr(log, "_logger", None)
@@ -203,7 +204,10 @@ class DataPlane:
         wake = self._wake_fd
         spin = self._busy_poll
         active = False
-        backoff = skip = 0  # adaptive busy poll: passes not to spin after a spin found nothing
+        # adaptive busy poll, for [a PLC's reply, dense traffic]: passes not to spin after a
+        # spin that found nothing
+        backoff = [0, 0]
+        skip = [0, 0]
         # the last handler and call are dropped at the end of each pass: a local would keep
         # a closed connection (its ClientIO, or the session that ``make`` closes over) alive
         # while the loop sleeps
@@ -221,29 +225,33 @@ class DataPlane:
                 events = ep.poll(timeout)
                 self.now = now = time.monotonic()
             else:
-                # busy poll (opt-in, costs CPU), adaptive: it spins only under load, after a
-                # pass whose work came within the spin window; then the next request or reply
-                # is picked up without a sleep and a wake-up. A spin that finds nothing backs
-                # off (the next 1, 2, 4 ... 64 such passes do not spin) until one finds work
-                # again, so a trickle of requests costs almost no spinning (issue 14).
+                # busy poll (opt-in, costs CPU), adaptive: it spins for a PLC's reply after
+                # a pass that sent requests, and for the next event after a pass whose work
+                # came within the window (dense traffic); then that event is picked up
+                # without a sleep and a wake-up. A spin of either kind that finds nothing
+                # makes the next 1, 2, 4 ... 64 passes of that kind sleep at once (reset by
+                # a spin that finds work), so a slow PLC or a trickle of requests costs
+                # almost no spinning (issue 14).
+                kind = 0 if self._sent_upstream else 1 if active else -1
+                self._sent_upstream = False
                 start = time.monotonic()
-                if active and timeout != 0.0 and skip:
-                    skip -= 1
+                if kind < 0 or timeout == 0.0:
                     events = ep.poll(timeout)
-                elif active and timeout != 0.0:
+                elif skip[kind]:
+                    skip[kind] -= 1
+                    events = ep.poll(timeout)
+                else:
                     end = start + spin
                     events = ep.poll(0)
                     while not events and time.monotonic() < end:
                         events = ep.poll(0)
                     if events:
-                        backoff = 0
+                        backoff[kind] = 0
                     else:
-                        backoff = skip = min(64, 2 * backoff or 1)
+                        backoff[kind] = skip[kind] = min(64, 2 * backoff[kind] or 1)
                         if deadline is not None:
                             timeout = max(0.0, deadline - time.monotonic())
                         events = ep.poll(timeout)
-                else:
-                    events = ep.poll(timeout)
                 self.now = now = time.monotonic()
                 active = bool(events) and now - start <= spin
             for fd, ev in events:
@@ -307,6 +315,8 @@ class DataPlane:
                 try:
                     io3 = links.get(link)
                     if io3 is not None:
+                        if link.out:
+                            self._sent_upstream = True
                         io3.write()
                 except Exception as exc:
                     self.contain(None, exc, link)

@@ -851,11 +851,12 @@ def thread_cpu_seconds(native_id: int) -> float:
 async def test_busy_poll_does_not_spin_for_a_trickle_of_requests(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
-    """``busy_poll_us`` spins only under load: one request every 10 ms (its next event is
-    never within the 1 ms window) costs the data-plane thread no spinning. The former rule
-    (spin after every pass that had events) spun 1 ms after each of the two passes a request
-    makes: 200 ms of spinning for these 100 requests; served without it they take a few ms."""
-    plc = await counting(nursery)
+    """``busy_poll_us`` spins only where it pays: one request every 10 ms to a PLC that takes
+    3 ms (neither the next request nor the reply comes within the 1 ms window): the spins find
+    nothing and back off. The former rule (spin after every pass that had events) spun 1 ms
+    after each of the two passes a request makes: 250-300 ms of CPU for these 100 requests,
+    against 60-70 ms now (interpreted; most of it serving the requests)."""
+    plc = await counting(nursery, delay=lambda a: 0.003)
     h = await start_proxy(plc.port, settings={"busy_poll_us": 1000})
     plane = h.proxy.data_plane
     assert plane is not None and plane._worker is not None
@@ -868,7 +869,7 @@ async def test_busy_poll_does_not_spin_for_a_trickle_of_requests(
         assert await c.request(i, 1, read_hr(i, 1)) == (i, 1, fc03_reply(i, 1))
         await trio.sleep(0.01)
     used = thread_cpu_seconds(tid) - before
-    assert used < 0.08, f"the data-plane thread used {used * 1000:.0f} ms of CPU"
+    assert used < 0.15, f"the data-plane thread used {used * 1000:.0f} ms of CPU"
 
 
 SWAP_POLICY = """\
