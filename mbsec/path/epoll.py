@@ -45,10 +45,12 @@ from mbsec.path.stats import collect as collect_stats
 from mbsec.path.target import CONNECT, Target
 from mbsec.path.timers import Timers
 
-__all__ = ["DataPlane", "compiled", "configure_socket"]
+__all__ = ["DataPlane", "compiled", "configure_socket", "records"]
 
 STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
 RECEIVE_SIZE = 65536
+#: the most plaintext one TLS record carries (RFC 8446 5.1): replies are joined up to this
+TLS_RECORD_MAX = 16384
 KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe on a PLC link
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
@@ -71,6 +73,24 @@ def configure_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def records(replies: list[bytes], limit: int = TLS_RECORD_MAX) -> list[bytes]:
+    """The replies joined into as few TLS records as fit ``limit`` bytes of plaintext each,
+    split only between ADUs (an ADU never spans two records), in order."""
+    out: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for data in replies:
+        if batch and size + len(data) > limit:
+            out.append(b"".join(batch))
+            batch = []
+            size = 0
+        batch.append(data)
+        size += len(data)
+    if batch:
+        out.append(b"".join(batch))
+    return out
 
 
 class DataPlane:
@@ -505,7 +525,11 @@ class ClientIO:
         replies = conn.replies
         if replies:
             try:
-                self._tls.write(replies[0] if len(replies) == 1 else b"".join(replies))
+                if len(replies) == 1:
+                    self._tls.write(replies[0])
+                else:
+                    for record in records(replies):
+                        self._tls.write(record)
             except ssl.SSLError:
                 replies.clear()
                 conn.abort("client_gone")
