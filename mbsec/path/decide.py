@@ -125,8 +125,7 @@ class Decisions:
         #: (unit id, request PDU) -> (request, access, decision) for requests that write
         #: nothing: an HMI polls the same blocks all day, and the decision is a pure function
         #: of the principal, the unit and the PDU under one policy (cleared when it changes)
-        #: (each entry also keeps the function's metric label and whether it writes nothing)
-        self._decided: dict[tuple[int, bytes], tuple[Request, Access, Decision, str, bool]] = {}
+        self._decided: dict[tuple[int, bytes], tuple[Request, Access, Decision]] = {}
         self._principal: Principal | None = None
         self._principal_generation = -1
         self.close_reason = "unknown"
@@ -175,7 +174,7 @@ class Decisions:
         key = (adu.unit_id, pdu)
         hit = self._decided.get(key)
         if hit is not None:
-            request, access, decision, fname, read_only = hit
+            request, access, decision = hit
         else:
             try:
                 request = parse_request(pdu)
@@ -185,12 +184,11 @@ class Decisions:
             assert principal is not None
             access = request.access()
             decision = state.policy.evaluate(principal, adu.unit_id, access)
-            fname = FUNCTION_NAMES.get(fc) or str(fc)
-            read_only = reads_only(pdu)
             if access.write is None and len(self._decided) < DECIDED_MAX:
-                self._decided[key] = (request, access, decision, fname, read_only)
+                self._decided[key] = (request, access, decision)
         principal = self._principal
         assert principal is not None
+        fname = FUNCTION_NAMES.get(fc) or str(fc)
         tid = adu.transaction_id
         if not decision.allowed:
             return self._deny(events.modbus_request_denied(
@@ -200,7 +198,7 @@ class Decisions:
             events.emit(self.log, events.modbus_request_would_deny(
                 tid, adu.unit_id, fc, access, 0.0, decision.rule_id, decision.reason))
         freeze = state.freeze
-        if freeze is not None and not read_only:
+        if freeze is not None and not reads_only(pdu):
             frozen = freeze.frozen(adu.unit_id)
             if frozen is not None:  # reads go on; the connection stays
                 code = state.freeze_exception
@@ -217,7 +215,7 @@ class Decisions:
         sink = self.sink
         if sink is not None and not sink.healthy and (
             self.on_sink_failure == "refuse"
-            or (self.on_sink_failure == "refuse_writes" and not read_only)
+            or (self.on_sink_failure == "refuse_writes" and not reads_only(pdu))
         ):
             limiter.release(principal)
             return self._deny(events.modbus_request_audit_unavailable(
