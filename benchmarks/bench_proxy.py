@@ -7,7 +7,9 @@ One run measures, interleaved so drift hits every target alike:
   processes sharing the port), mbsec-busypoll (``busy_poll_us = --busy-poll-us``,
   default 50) and mbsec-logall (every allowed request logged: ``allowed_requests = "info"``;
   paired with mbsec repetition by repetition, so the cost of logging them is a ratio)
-at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), FC03 quantity 10, with the
+at 1x1, 10x1, 100x1 and 10x4 (connections x pipelining depth), and 10x1-serial (a PLC with a
+1 ms scan serving one request per connection at a time, mbsec pool_size 10 x depth 1, on a
+stack of its own), FC03 quantity 10, with the
 full mbsec policy on (role from the certificate, source network, unit, function, address
 range, quantity and response-size limits, a rate limiter sized not to bind). It prints a
 table of rps, p50/p99 latency, proxy CPU % and proxy CPU microseconds per request, and the
@@ -53,6 +55,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = REPO.parent / "shared" / "bench"
 POINTS = ("1x1", "10x1", "100x1", "10x4")
+#: issue 14's slow-PLC point: a PLC with a 1 ms scan that serves one request per connection at
+#: a time (``mbplc --delay-us 1000 --serial``), 10 clients of depth 1, mbsec ``pool_size = 10``
+#: and ``depth = 1``. It runs on a stack of its own (its own mbplc, peers and mbsec processes).
+SERIAL_POINT = "10x1-serial"
+SERIAL_PLC_ARGS = ("--delay-us", "1000", "--serial")
+SERIAL_POOL, SERIAL_DEPTH = 10, 1
 TARGETS = (
     "direct", "stunnel", "haproxy", "mbsec", "mbsec-workers", "mbsec-busypoll", "mbsec-logall"
 )
@@ -332,9 +340,19 @@ def _find_key(obj: Any, key: str) -> Any:
     return None
 
 
+def point_shape(point: str) -> tuple[str, str]:
+    """``10x4`` -> (``10``, ``4``); the serial point is 10x1 on its own stack."""
+    conns, depth = point.removesuffix("-serial").split("x")
+    return conns, depth
+
+
 @contextlib.contextmanager
-def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack, dict[str, int]]]:
+def started_stack(
+    args: argparse.Namespace, work: Path, serial: bool = False
+) -> Iterator[tuple[Stack, dict[str, int]]]:
     kit: Path = args.kit
+    work.mkdir(parents=True, exist_ok=True)
+    pool, depth = (SERIAL_POOL, SERIAL_DEPTH) if serial else (args.pool, args.depth)
     ports = {name: free_port() for name in ("direct", "stunnel", "haproxy", *args.target_list)}
     peers_env = dict(
         os.environ,
@@ -351,7 +369,8 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
         plc_log = (work / "mbplc.log").open("w")
         say(f"starting mbplc on 127.0.0.1:{ports['direct']}")
         stack.procs["mbplc"] = subprocess.Popen(
-            [str(kit / "mbplc"), "--port", str(ports["direct"]), "--quiet"],
+            [str(kit / "mbplc"), "--port", str(ports["direct"]), "--quiet",
+             *(SERIAL_PLC_ARGS if serial else ())],
             stdout=plc_log,
             stderr=subprocess.STDOUT,
         )
@@ -369,7 +388,7 @@ def started_stack(args: argparse.Namespace, work: Path) -> Iterator[tuple[Stack,
             extra = f"busy_poll_us = {args.busy_poll_us}\n" if kind == "mbsec-busypoll" else ""
             # the same config for every build: only the port and the log file differ
             cfg = write_mbsec_config(
-                work, ports[name], ports["direct"], args.pool, args.depth, workers, name, extra,
+                work, ports[name], ports["direct"], pool, depth, workers, name, extra,
                 "info" if kind == "mbsec-logall" else "off",
             )
             run([mbsec, "policy", "check", "--strict", str(work / "policy.yaml")], cwd=work)
@@ -443,7 +462,7 @@ class Result:
 def mbload(
     stack: Stack, ports: dict[str, int], target: str, point: str, rep: int, duration: float
 ) -> Result:
-    conns, depth = point.split("x")
+    conns, depth = point_shape(point)
     certs = stack.work / "certs"
     cmd = [str(stack.kit / "mbload"), "--port", str(ports[target])]
     proxy_pids: list[int] = []
@@ -582,6 +601,54 @@ def every_repetition(results: list[Result], points: list[str], targets: list[str
     return "\n".join(rows)
 
 
+def versus_peer(results: list[Result], points: list[str], targets: list[str],
+                peer: str = "stunnel") -> str:
+    """Every mbsec target against ``peer`` repetition by repetition (both ran in the same
+    repetition of the same point, back to back): rps ratio, p50 difference and CPU per
+    request ratio, and their medians per point (issue 14's ratios are these medians)."""
+    if peer not in targets:
+        return ""
+    by = {(r.point, r.target, r.rep): r for r in results}
+    reps = sorted({r.rep for r in results})
+    rows = [
+        f"| conns x depth | target | rep | rps | {peer} rps | rps /{peer} | p50 µs "
+        f"| p50 -{peer} µs | CPU µs/req | CPU/req /{peer} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for point in points:
+        for t in targets:
+            if not is_mbsec(t):
+                continue
+            rr: list[float] = []
+            dd: list[float] = []
+            cc: list[float] = []
+            for rep in reps:
+                a, b = by.get((point, t, rep)), by.get((point, peer, rep))
+                if a is None or b is None:
+                    continue
+                q = _r(a.data["rps"], b.data["rps"])
+                d = a.data["p50_us"] - b.data["p50_us"]
+                c = _r(_us(a), _us(b))
+                if q is not None:
+                    rr.append(q)
+                dd.append(d)
+                if c is not None:
+                    cc.append(c)
+                rows.append(
+                    f"| {point} | {t} | {rep} | {fmt(a.data['rps'])} | {fmt(b.data['rps'])} "
+                    f"| {fmt(q, '.3f')} | {fmt(a.data['p50_us'])} | {d:+,.0f} | {_c(a)} "
+                    f"| {fmt(c, '.2f')} |"
+                )
+            if rr:
+                rows.append(
+                    f"| **{point}** | **{t}** | **median of {len(rr)}** | | "
+                    f"| **{fmt(median(rr), '.3f')}** (min {fmt(min(rr), '.3f')}, max "
+                    f"{fmt(max(rr), '.3f')}) | | **{fmt(median(dd), '+,.0f')}** | "
+                    f"| **{fmt(median(cc), '.2f')}** |"
+                )
+    return "\n".join(rows)
+
+
 def paired(
     results: list[Result],
     points: list[str],
@@ -666,7 +733,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kit", type=Path, default=DEFAULT_KIT, help="the bench kit (shared/bench)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per mbload run")
     p.add_argument("--reps", type=int, default=1, help="repetitions of the whole matrix")
-    p.add_argument("--points", default=",".join(POINTS), help="connsxdepth list")
+    p.add_argument(
+        "--points",
+        default=",".join((*POINTS, SERIAL_POINT)),
+        help=f"connsxdepth list; {SERIAL_POINT} is issue 14's 1 ms serial PLC point",
+    )
     p.add_argument(
         "--targets",
         help="subset of " + ",".join(TARGETS) + " and KIND@NAME for a "
@@ -743,23 +814,29 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     say(f"load average at the start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     compiled: dict[str, Any] = {}
+    # the serial point needs a PLC and mbsec configs of its own: a second stack after the first
+    groups = [(False, [pt for pt in points if pt != SERIAL_POINT], work),
+              (True, [pt for pt in points if pt == SERIAL_POINT], work / "serial")]
     try:
-        with started_stack(args, work) as (stack, ports):
-            compiled = dict(stack.compiled)
-            for rep in range(1, args.reps + 1):
-                # odd repetitions run the targets as listed, even ones in reverse, so neither
-                # build of a pair always runs first (ABBA)
-                order = targets if rep % 2 else targets[::-1]
-                for point in points:
-                    for slot, target in enumerate(order, 1):
-                        r = mbload(stack, ports, target, point, rep, args.duration)
-                        r.slot = slot
-                        results.append(r)
-                    for name, proc in stack.procs.items():
-                        if is_mbsec(name) and proc.poll() is not None:
-                            raise SystemExit(
-                                f"{name} exited during the run; see {name}.out/{name}.log"
-                            )
+        for serial, group, gwork in groups:
+            if not group:
+                continue
+            with started_stack(args, gwork, serial) as (stack, ports):
+                compiled.update(stack.compiled)
+                for rep in range(1, args.reps + 1):
+                    # odd repetitions run the targets as listed, even ones in reverse, so
+                    # neither build of a pair always runs first (ABBA)
+                    order = targets if rep % 2 else targets[::-1]
+                    for point in group:
+                        for slot, target in enumerate(order, 1):
+                            r = mbload(stack, ports, target, point, rep, args.duration)
+                            r.slot = slot
+                            results.append(r)
+                        for name, proc in stack.procs.items():
+                            if is_mbsec(name) and proc.poll() is not None:
+                                raise SystemExit(
+                                    f"{name} exited during the run; see {name}.out/{name}.log"
+                                )
     finally:
         if args.json_out is not None:
             with args.json_out.open("a") as f:
@@ -792,16 +869,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build {name}: {path} ({path / '.venv' / 'bin' / 'mbsec'})")
     if compiled:
         print("data plane compiled: " + ", ".join(f"{k} {v}" for k, v in compiled.items()))
+    if SERIAL_POINT in points:
+        print(f"{SERIAL_POINT}: mbplc {' '.join(SERIAL_PLC_ARGS)}, mbsec pool_size "
+              f"{SERIAL_POOL} x depth {SERIAL_DEPTH}, 10 clients of depth 1")
     print()
     print(summarize(results, points, targets))
+    print("\nEvery repetition (slot: the position in its point's sequence):\n")
+    print(every_repetition(results, points, targets))
+    vs = versus_peer(results, points, targets)
+    if vs:
+        print("\nEvery repetition against stunnel (same repetition, same point):\n")
+        print(vs)
     ok = True
     if (args.builds and args.baseline is not None) or any(
         kind_of(t) == "mbsec-logall" for t in targets
     ):
         table, ok = paired(results, points, targets, args.baseline or "", args.min_ratio)
         if table:
-            print("\nEvery repetition (slot: the position in its point's sequence):\n")
-            print(every_repetition(results, points, targets))
             print(f"\nPaired by repetition against {args.baseline}:\n")
             print(table)
             print(f"\nevery median paired rps ratio >= {args.min_ratio:g}: {'yes' if ok else 'NO'}")

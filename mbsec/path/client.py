@@ -7,7 +7,7 @@ Driver contract (what :mod:`mbsec.path.epoll` does):
   :meth:`ClientConn.receive`; then :meth:`ClientConn.settled` with whether a TLS record is
   still partial; the peer closed or broke: :meth:`ClientConn.receive_eof`;
 * a request finished at its PLC: :meth:`ClientConn.finished`;
-* after writing :attr:`ClientConn.replies` (each one TLS record, in order):
+* after writing :attr:`ClientConn.replies` (in order, several may share a TLS record):
   :meth:`ClientConn.flushed` with whether the socket took everything;
 * read from the socket only while :attr:`ClientConn.wants_read`; once :attr:`closing` stop
   all I/O (after one last try at the replies already made), and hand the connection back to

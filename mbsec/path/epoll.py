@@ -1,7 +1,8 @@
 """The data plane driver: one epoll loop in one thread moves the core's bytes and timers.
 
 It decides nothing. Client sockets: ciphertext in, through the connection's ``SSLObject``,
-plaintext to :class:`~mbsec.path.client.ClientConn`; its replies out, one TLS record each.
+plaintext to :class:`~mbsec.path.client.ClientConn`; its replies out (those made in one pass
+in one TLS record).
 PLC sockets: connect when the core asks, bytes both ways, close when it asks. Timers: sleep
 until :meth:`Timers.next_deadline`, then run what is due. Work made in one loop pass (requests
 for a PLC link, replies for a client) leaves in one write at the end of the pass.
@@ -44,10 +45,12 @@ from mbsec.path.stats import collect as collect_stats
 from mbsec.path.target import CONNECT, Target
 from mbsec.path.timers import Timers
 
-__all__ = ["DataPlane", "compiled", "configure_socket"]
+__all__ = ["DataPlane", "compiled", "configure_socket", "records"]
 
 STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
 RECEIVE_SIZE = 65536
+#: the most plaintext one TLS record carries (RFC 8446 5.1): replies are joined up to this
+TLS_RECORD_MAX = 16384
 KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe on a PLC link
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
@@ -70,6 +73,24 @@ def configure_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def records(replies: list[bytes], limit: int = TLS_RECORD_MAX) -> list[bytes]:
+    """The replies joined into as few TLS records as fit ``limit`` bytes of plaintext each,
+    split only between ADUs (an ADU never spans two records), in order."""
+    out: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for data in replies:
+        if batch and size + len(data) > limit:
+            out.append(b"".join(batch))
+            batch = []
+            size = 0
+        batch.append(data)
+        size += len(data)
+    if batch:
+        out.append(b"".join(batch))
+    return out
 
 
 class DataPlane:
@@ -95,6 +116,7 @@ class DataPlane:
         self._worker: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._stopped = False
+        self._sent_upstream = False  # this pass wrote requests to a PLC (busy poll)
         #: the logger's sinks (audit.SinkLogger): while this loop runs, the allowed-request
         #: lines logged on this thread go to each sink's writer thread (no write(2) here)
         sink = getattr(log, "_logger", None)
@@ -202,6 +224,10 @@ class DataPlane:
         wake = self._wake_fd
         spin = self._busy_poll
         active = False
+        # adaptive busy poll, for [a PLC's reply, dense traffic]: passes not to spin after a
+        # spin that found nothing
+        backoff = [0, 0]
+        skip = [0, 0]
         # the last handler and call are dropped at the end of each pass: a local would keep
         # a closed connection (its ClientIO, or the session that ``make`` closes over) alive
         # while the loop sleeps
@@ -215,21 +241,39 @@ class DataPlane:
                 timeout = max(0.0, deadline - time.monotonic())
             else:
                 timeout = -1.0
-            if spin and active and timeout != 0.0:
-                # busy poll (opt-in, costs CPU): while traffic flows the next request or
-                # reply is picked up without a sleep and a wake-up
-                end = time.monotonic() + spin
-                events = ep.poll(0)
-                while not events and time.monotonic() < end:
-                    events = ep.poll(0)
-                if not events:
-                    if deadline is not None:
-                        timeout = max(0.0, deadline - time.monotonic())
-                    events = ep.poll(timeout)
-            else:
+            if not spin:
                 events = ep.poll(timeout)
-            active = bool(events)
-            self.now = now = time.monotonic()
+                self.now = now = time.monotonic()
+            else:
+                # busy poll (opt-in, costs CPU), adaptive: it spins for a PLC's reply after
+                # a pass that sent requests, and for the next event after a pass whose work
+                # came within the window (dense traffic); then that event is picked up
+                # without a sleep and a wake-up. A spin of either kind that finds nothing
+                # makes the next 1, 2, 4 ... 64 passes of that kind sleep at once (reset by
+                # a spin that finds work), so a slow PLC or a trickle of requests costs
+                # almost no spinning (issue 14).
+                kind = 0 if self._sent_upstream else 1 if active else -1
+                self._sent_upstream = False
+                start = time.monotonic()
+                if kind < 0 or timeout == 0.0:
+                    events = ep.poll(timeout)
+                elif skip[kind]:
+                    skip[kind] -= 1
+                    events = ep.poll(timeout)
+                else:
+                    end = start + spin
+                    events = ep.poll(0)
+                    while not events and time.monotonic() < end:
+                        events = ep.poll(0)
+                    if events:
+                        backoff[kind] = 0
+                    else:
+                        backoff[kind] = skip[kind] = min(64, 2 * backoff[kind] or 1)
+                        if deadline is not None:
+                            timeout = max(0.0, deadline - time.monotonic())
+                        events = ep.poll(timeout)
+                self.now = now = time.monotonic()
+                active = bool(events) and now - start <= spin
             for fd, ev in events:
                 if fd == wake:
                     with contextlib.suppress(BlockingIOError):
@@ -291,6 +335,8 @@ class DataPlane:
                 try:
                     io3 = links.get(link)
                     if io3 is not None:
+                        if link.out:
+                            self._sent_upstream = True
                         io3.write()
                 except Exception as exc:
                     self.contain(None, exc, link)
@@ -362,6 +408,9 @@ class ClientIO:
         conn.io = self
         self.fd = fd
         self._obj = obj
+        #: the C object behind ``obj`` (``ssl.SSLObject`` wraps each call in a Python frame);
+        #: the same calls, errors and state, without the wrapper
+        self._tls: Any = getattr(obj, "_sslobj", None) or obj
         self._incoming = incoming
         self._outgoing = outgoing
         self._out = bytearray(pending_out)  # ciphertext the kernel has not taken yet
@@ -420,7 +469,7 @@ class ClientIO:
         """Decrypt what the BIO holds while the core takes requests. While it takes none
         (pipelining limit, replies waiting) the ciphertext stays here, at most one read of
         it, and :meth:`flush` comes back once the core takes requests again."""
-        obj = self._obj
+        obj = self._tls
         conn = self.conn
         incoming = self._incoming
         drained = False
@@ -465,7 +514,13 @@ class ClientIO:
         return "client_reset"
 
     def flush(self, now: float) -> None:
-        """Encrypt the replies (one record each), write what the kernel takes, report."""
+        """Encrypt the replies, write what the kernel takes, report.
+
+        The replies made since the last flush leave in one TLS record (TLS is a stream: the
+        record boundaries carry no meaning, and docs/compliance.md row 12 says so). A client
+        that waits for each reply gets one ADU per record; a pipelining client gets the
+        replies that finished in one loop pass together, with one encryption and one
+        ``write(2)`` instead of one per reply."""
         conn = self.conn
         if self.closed:
             conn.replies.clear()
@@ -473,10 +528,12 @@ class ClientIO:
             return
         replies = conn.replies
         if replies:
-            obj = self._obj
             try:
-                for data in replies:
-                    obj.write(data)
+                if len(replies) == 1:
+                    self._tls.write(replies[0])
+                else:
+                    for record in records(replies):
+                        self._tls.write(record)
             except ssl.SSLError:
                 replies.clear()
                 conn.abort("client_gone")

@@ -45,18 +45,33 @@ class State:
 
 def admit(st: State, access: Access, now: float) -> str | None:
     """Refill ``st`` to ``now``, then take a token (and a write token) and an in-flight slot,
-    or return why not. Shared by this limiter and the node-wide one (mbsec.nodestate)."""
+    or return why not. Shared by this limiter and the node-wide one (mbsec.nodestate).
+
+    :meth:`State.refill` written out, and each field read once: this runs for every
+    forwarded request (issue 14)."""
     limit = st.limit
-    st.refill(now)
-    if limit.max_in_flight is not None and st.in_flight >= limit.max_in_flight:
+    elapsed = now - st.stamp
+    if elapsed < 0.0:
+        elapsed = 0.0
+    st.stamp = now
+    rps = limit.requests_per_second
+    tokens = st.tokens
+    if rps is not None:
+        tokens = min(limit.burst, tokens + elapsed * rps)
+        st.tokens = tokens
+    wps = limit.writes_per_second
+    if wps is not None:
+        st.write_tokens = min(limit.write_burst, st.write_tokens + elapsed * wps)
+    cap = limit.max_in_flight
+    if cap is not None and st.in_flight >= cap:
         return REASON_IN_FLIGHT
-    if limit.requests_per_second is not None and st.tokens < 1.0:
+    if rps is not None and tokens < 1.0:
         return REASON_REQUEST_RATE
-    write = access.is_write and limit.writes_per_second is not None
+    write = wps is not None and access.write is not None
     if write and st.write_tokens < 1.0:
         return REASON_WRITE_RATE
-    if limit.requests_per_second is not None:
-        st.tokens -= 1.0
+    if rps is not None:
+        st.tokens = tokens - 1.0
     if write:
         st.write_tokens -= 1.0
     st.in_flight += 1

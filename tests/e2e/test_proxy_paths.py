@@ -26,7 +26,7 @@ from conftest import (
     unused_port,
 )
 
-from mbsec.modbus.mbap import encode_adu
+from mbsec.modbus.mbap import FrameBuffer, encode_adu
 
 
 async def scripted(nursery: trio.Nursery, **kw: object) -> ScriptedPlc:
@@ -210,19 +210,65 @@ async def test_pipelined_requests_get_their_own_replies_out_of_order(
     assert plc.connections == 1
 
 
-async def test_each_reply_is_one_tls_record_even_when_they_leave_together(
+class BatchingPlc:
+    """A PLC that answers only once it holds ``n`` requests, all replies in one ``send``
+    (so the proxy reads them in one pass). FC03 register i holds its address."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.port = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        frames = FrameBuffer()
+        held: list[bytes] = []
+        while data := await stream.receive_some(4096):
+            frames.receive_data(data)
+            while (a := frames.next_frame()) is not None:
+                addr, count = struct.unpack(">HH", a.pdu[1:5])
+                body = struct.pack(f">{count}H", *range(addr, addr + count))
+                held.append(encode_adu(a.transaction_id, a.unit_id, bytes([3, 2 * count]) + body))
+            if len(held) >= self.n:
+                await stream.send_all(b"".join(held))
+                held.clear()
+
+
+def split_adus(data: bytes) -> list[bytes]:
+    """Whole ADUs of ``data``; fails when it ends inside one."""
+    out = []
+    while data:
+        n = 6 + struct.unpack(">H", data[4:6])[0]
+        assert len(data) >= n, "a record ends inside an ADU"
+        out.append(data[:n])
+        data = data[n:]
+    return out
+
+
+async def test_replies_finished_together_share_one_tls_record(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
 ) -> None:
-    """Five pipelined requests answered at once: the replies wait together in the client's
-    socket, and every TLS record (one ``SSLObject.read`` never spans two) holds one ADU."""
-    plc = await scripted(nursery)
+    """Five pipelined requests answered in one PLC read: their replies leave in one TLS
+    record (one ``SSLObject.read`` returns one record), in completion order, each ADU whole;
+    a client that waits for each reply still gets one ADU per record."""
+    plc = BatchingPlc(5)
+    await nursery.start(plc.serve)
     h = await start_proxy(plc.port, upstream={"depth": 8}, limits={"max_pipelined": 8})
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
     await c.stream.send_all(b"".join(encode_adu(10 + a, 1, read_hr(a, 1)) for a in range(5)))
-    await trio.sleep(0.3)  # all five replies are in our socket now
-    records = [await c.stream.receive_some(65536) for _ in range(5)]
-    assert all(len(r) == 11 for r in records), [len(r) for r in records]  # 7 + FC03 qty 1
-    assert sorted(struct.unpack(">H", r[:2])[0] for r in records) == list(range(10, 15))
+    record = await c.stream.receive_some(65536)
+    adus = split_adus(record)
+    assert [struct.unpack(">H", a[:2])[0] for a in adus] == list(range(10, 15))
+    assert [a[7:] for a in adus] == [bytes([3, 2, 0, a]) for a in range(5)]
+    plc.n = 1
+    for tid in range(20, 23):  # one at a time: one ADU per record
+        await c.stream.send_all(encode_adu(tid, 1, read_hr(tid, 1)))
+        record = await c.stream.receive_some(65536)
+        assert len(split_adus(record)) == 1 and struct.unpack(">H", record[:2])[0] == tid
 
 
 async def test_many_clients_share_one_plc_connection(

@@ -50,6 +50,22 @@ async def test_operator_reads_land(pki: Pki, plc: PymodbusPlc, start_proxy: Star
     assert ev["user.roles"] == ["operator"]
 
 
+async def test_concurrent_reads_each_get_their_own_registers(
+    pki: Pki, plc: PymodbusPlc, start_proxy: StartProxy
+) -> None:
+    """pymodbus's TLS client with several reads at once (it sends one at a time and waits for
+    each reply, so each comes in a record of its own; replies that finish together for a
+    pipelining client share one record, test_proxy_paths.py): every read its registers."""
+    h = await start_proxy(plc.port, upstream={"depth": 4})
+
+    async def body(c: Any) -> Any:
+        return await asyncio.gather(*(c.read_holding_registers(a, count=3, device_id=1)
+                                      for a in range(0, 60, 10)))
+
+    got = await in_thread(h.port, pki.client_ctx(pki.operator), body)
+    assert [r.registers for r in got] == [await plc.holding(1, a, 3) for a in range(0, 60, 10)]
+
+
 async def test_engineer_write_lands_on_the_plc(
     pki: Pki, plc: PymodbusPlc, start_proxy: StartProxy
 ) -> None:

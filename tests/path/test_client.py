@@ -339,8 +339,8 @@ def test_replies_leave_in_completion_order() -> None:
 
 
 def test_replies_made_in_one_pass_are_separate_adus() -> None:
-    """The driver writes each entry of ``replies`` as its own TLS record: six replies that
-    complete in one PLC read are six entries, each one whole ADU."""
+    """Six replies that complete in one PLC read are six entries of ``replies``, each one whole
+    ADU (the driver writes them in one TLS record)."""
     d = ClientDriver(one_link(), plc=manual_plc())
     conn = d.open()
     d.write(conn, b"".join(adu(t, 1, read_pdu(t, 1 + t)) for t in range(6)))
