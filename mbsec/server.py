@@ -218,14 +218,8 @@ class Proxy:
         #: TLS 1.3 handshake secrets, to name the certificate a rejected handshake presented
         self.keylog: KeyLog | None = None
         self.tls13_rejection_certificate = "off"
-        if settings.tls.name_tls13_rejections:
-            self.keylog = KeyLog.open(settings.limits.max_handshakes)
-            self.tls13_rejection_certificate = "named" if self.keylog is not None else (
-                f"unavailable: the system gives no pipe for the key-log lines of twice "
-                f"limits.max_handshakes ({settings.limits.max_handshakes}) handshakes: raise "
-                "/proc/sys/fs/pipe-max-size or lower limits.max_handshakes")
         self.state = build_state(settings, node=self.node, shared_limits=workers > 1,
-                                 keylog=self.keylog)
+                                 keylog=self._keylog_for(settings))
         #: why the last reload failed (``mbsec ctl reload`` shows it)
         self.last_reload_problems: list[str] = []
         # alerting series that must exist before their first event: an alert on increase()
@@ -353,7 +347,7 @@ class Proxy:
             state = build_state(  # [admin] needs a restart: the running one stays
                 settings.model_copy(update={"admin": self.settings.admin}),
                 generation=self.state.generation + 1, previous=self.state, node=self.node,
-                keylog=self.keylog if settings.tls.name_tls13_rejections else None,
+                keylog=self._keylog_for(settings),
             )
             targets = settings.upstream_targets()
             check_targets(targets)
@@ -390,6 +384,26 @@ class Proxy:
         self._warn_crls()
         self._drop_revoked(state)
         return True
+
+    def _keylog_for(self, settings: Settings) -> KeyLog | None:
+        """The key log the next TLS context writes to: None when ``tls.name_tls13_rejections``
+        is off; opened the first time it is on (at start, or at the reload that turns it on:
+        its pipe then serves every later context). ``tls13_rejection_certificate`` says
+        which, for ``server-start``."""
+        if not settings.tls.name_tls13_rejections:
+            self.tls13_rejection_certificate = "off"
+            return None
+        if self.keylog is None:
+            max_handshakes = self.settings.limits.max_handshakes  # [limits]: restart only
+            self.keylog = KeyLog.open(max_handshakes)
+            if self.keylog is None:
+                self.tls13_rejection_certificate = (
+                    f"unavailable: the system gives no pipe for the key-log lines of twice "
+                    f"limits.max_handshakes ({max_handshakes}) handshakes: raise "
+                    "/proc/sys/fs/pipe-max-size or lower limits.max_handshakes")
+                return None
+        self.tls13_rejection_certificate = "named"
+        return self.keylog
 
     def _drop_revoked(self, state: ProxyState) -> None:
         """A reloaded CRL also ends open connections of now-revoked certificates, or of

@@ -151,6 +151,19 @@ async def test_tls13_rejections_name_nothing_when_turned_off(
     # TLS 1.2 names it whatever the setting says (in clear on the wire)
     out = await attempt(h.port, pki.client_ctx(pki.rogue, max_version=ssl.TLSVersion.TLSv1_2))
     assert_names(await rejected_named(h, "unknown_ca"), pki.rogue)
+    # a reload that turns it on opens the key log then: the next TLS 1.3 rejection is named
+    proxy = h.proxy  # type: ignore[attr-defined]
+    assert proxy.keylog is None
+    tls_on = proxy.settings.tls.model_copy(update={"name_tls13_rejections": True})
+    assert proxy.reload(proxy.settings.model_copy(update={"tls": tls_on}))
+    assert proxy.keylog is not None
+    await attempt(h.port, pki.client_ctx(pki.rogue))
+    with trio.fail_after(5):
+        while len([e for e in h.events("tls-handshake")  # noqa: ASYNC110
+                   if "tls.client.hash.sha256" in e]) < 2:
+            await trio.sleep(0.01)
+    named = [e for e in h.events("tls-handshake") if "tls.client.hash.sha256" in e]
+    assert_names(named[1], pki.rogue)
 
 
 async def test_unknown_ca_tls12(pki: Pki, silent_plc: ScriptedPlc, start_proxy: StartProxy) -> None:
