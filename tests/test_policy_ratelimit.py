@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from mbsec.identity import PeerIdentity
 from mbsec.policy import Policy, Principal, RateLimiter, load_policy_text
 from mbsec.policy.cases import build_access
-from mbsec.policy.ratelimit import REASON_IN_FLIGHT, REASON_REQUEST_RATE, REASON_WRITE_RATE
+from mbsec.policy.engine import RateLimit
+from mbsec.policy.ratelimit import (
+    REASON_IN_FLIGHT,
+    REASON_REQUEST_RATE,
+    REASON_WRITE_RATE,
+    State,
+)
+from mbsec.policy.ratelimit import admit as admit_state
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 READ = build_access(3)
@@ -186,3 +197,30 @@ def test_successor_carries_spent_budgets_and_in_flight_into_a_reloaded_policy() 
     assert nxt.in_flight(pr2) == 0
     clock.now += 1.0
     assert admit(nxt, pr2) is None
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(rps=st.one_of(st.none(), st.floats(0.1, 1000)), burst=st.floats(1, 100),
+       wps=st.one_of(st.none(), st.floats(0.1, 1000)), wburst=st.floats(1, 100),
+       cap=st.one_of(st.none(), st.integers(1, 4)), tokens=st.floats(0, 100),
+       wtokens=st.floats(0, 100), in_flight=st.integers(0, 5),
+       stamp=st.floats(0, 10), now=st.floats(0, 20), write=st.booleans())
+def test_admit_refills_exactly_as_state_refill(
+    rps: float | None, burst: float, wps: float | None, wburst: float, cap: int | None,
+    tokens: float, wtokens: float, in_flight: int, stamp: float, now: float, write: bool,
+) -> None:
+    """``admit`` has State.refill written out (it runs per request): both must agree, then
+    admit takes exactly one token (and one write token for a write) when it admits."""
+    limit = RateLimit(rps, burst, wps, wburst, cap)
+    got = State(limit, tokens, wtokens, stamp, in_flight)
+    want = State(limit, tokens, wtokens, stamp, in_flight)
+    verdict = admit_state(got, WRITE if write else READ, now)
+    want.refill(now)
+    if verdict is None:
+        want.in_flight += 1
+        if rps is not None:
+            want.tokens -= 1.0
+        if write and wps is not None:
+            want.write_tokens -= 1.0
+    assert (got.tokens, got.write_tokens, got.stamp, got.in_flight) == pytest.approx(
+        (want.tokens, want.write_tokens, want.stamp, want.in_flight))
