@@ -20,7 +20,8 @@ from setuptools import setup
 #: the request path: core state machines and the driver (decide.py and plc.py stay
 #: interpreted: they call the policy, the logger and the PDU parser, interpreted anyway)
 CORE = [f"mbsec/path/{name}.py" for name in
-        ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "epoll")]
+        ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
+         "epoll")]
 
 ext_modules = []
 if os.environ.get("MBSEC_PURE") != "1":

@@ -40,6 +40,7 @@ from mbsec.path.client import ClientConn
 from mbsec.path.link import Link
 from mbsec.path.plc import UpstreamTarget, check_targets
 from mbsec.path.router import Router
+from mbsec.path.spin import SpinPolicy
 from mbsec.path.stats import TargetStats
 from mbsec.path.stats import collect as collect_stats
 from mbsec.path.target import CONNECT, Target
@@ -224,10 +225,7 @@ class DataPlane:
         wake = self._wake_fd
         spin = self._busy_poll
         active = False
-        # adaptive busy poll, for [a PLC's reply, dense traffic]: passes not to spin after a
-        # spin that found nothing
-        backoff = [0, 0]
-        skip = [0, 0]
+        policy = SpinPolicy(spin)  # adaptive busy poll (mbsec.path.spin)
         # the last handler and call are dropped at the end of each pass: a local would keep
         # a closed connection (its ClientIO, or the session that ``make`` closes over) alive
         # while the loop sleeps
@@ -245,35 +243,25 @@ class DataPlane:
                 events = ep.poll(timeout)
                 self.now = now = time.monotonic()
             else:
-                # busy poll (opt-in, costs CPU), adaptive: it spins for a PLC's reply after
-                # a pass that sent requests, and for the next event after a pass whose work
-                # came within the window (dense traffic); then that event is picked up
-                # without a sleep and a wake-up. A spin of either kind that finds nothing
-                # makes the next 1, 2, 4 ... 64 passes of that kind sleep at once (reset by
-                # a spin that finds work), so a slow PLC or a trickle of requests costs
-                # almost no spinning (issue 14).
-                kind = 0 if self._sent_upstream else 1 if active else -1
+                # busy poll (opt-in, costs CPU), adaptive: the event is picked up without a
+                # sleep and a wake-up where one is due within the window (mbsec.path.spin)
+                kind = policy.kind(self._sent_upstream, active)
                 self._sent_upstream = False
                 start = time.monotonic()
-                if kind < 0 or timeout == 0.0:
-                    events = ep.poll(timeout)
-                elif skip[kind]:
-                    skip[kind] -= 1
+                if not policy.should_spin(kind, timeout):
                     events = ep.poll(timeout)
                 else:
                     end = start + spin
                     events = ep.poll(0)
                     while not events and time.monotonic() < end:
                         events = ep.poll(0)
-                    if events:
-                        backoff[kind] = 0
-                    else:
-                        backoff[kind] = skip[kind] = min(64, 2 * backoff[kind] or 1)
+                    policy.spun(kind, bool(events))
+                    if not events:
                         if deadline is not None:
                             timeout = max(0.0, deadline - time.monotonic())
                         events = ep.poll(timeout)
                 self.now = now = time.monotonic()
-                active = bool(events) and now - start <= spin
+                active = policy.active(bool(events), now - start)
             for fd, ev in events:
                 if fd == wake:
                     with contextlib.suppress(BlockingIOError):
