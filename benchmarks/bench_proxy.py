@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -437,6 +438,8 @@ class Result:
     exit_status: int
     #: position of this run among the targets of its point and repetition (1 = first)
     slot: int = 0
+    #: a worker set: established client connections per worker pid, sampled once mid-run
+    shares: dict[int, int] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -475,7 +478,15 @@ def mbload(
     plc_pid = stack.pid("mbplc")
     cmd += ["--cpu-pid", str(plc_pid), "--conns", conns, "--depth", depth]
     cmd += ["--duration", f"{duration:g}", "--fc", "3", "--qty", "10", "--unit", "1", "--quiet"]
-    proc = subprocess.run(cmd, text=True, capture_output=True, check=False)
+    shares: dict[int, int] = {}
+    if len(proxy_pids) > 2:  # a worker set: which worker holds how many client connections
+        run = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(min(1.0, duration / 2))
+        shares = connections_by_pid(ports[target], proxy_pids[1:])
+        out, err = run.communicate()
+        proc = subprocess.CompletedProcess(cmd, run.returncode, out, err)
+    else:
+        proc = subprocess.run(cmd, text=True, capture_output=True, check=False)
     line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     try:
         data = json.loads(line)
@@ -484,6 +495,7 @@ def mbload(
             f"mbload gave no JSON for {target} {point} (status {proc.returncode}):\n{proc.stderr}"
         ) from None
     r = Result(point, target, rep, data, proxy_pids, plc_pid, proc.returncode)
+    r.shares = shares
     status = "ok" if r.failed == 0 and not r.errors() else f"FAILED {r.failed} {r.errors()}"
     say(
         f"{point:>6} {target:<20} rep {rep}: {data['rps']:>9,.0f} rps  p50 {data['p50_us']:,.0f} us"
@@ -492,6 +504,42 @@ def mbload(
     if r.failed or r.errors():
         say(proc.stderr.strip())
     return r
+
+
+def connections_by_pid(port: int, pids: list[int]) -> dict[int, int]:
+    """Established TCP connections on 127.0.0.1:``port`` held by each of ``pids`` (``ss -p``):
+    how SO_REUSEPORT spread the clients over the workers."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        text=True, capture_output=True, check=False,
+    ).stdout
+    counts = dict.fromkeys(pids, 0)
+    for pid_text in re.findall(r"pid=(\d+)", out):
+        pid = int(pid_text)
+        if pid in counts:
+            counts[pid] += 1
+    return counts
+
+
+def worker_shares(results: list[Result], points: list[str], targets: list[str]) -> str:
+    """Issue 14: each worker should take 40-60 % of the connections (at 100x1)."""
+    rows = []
+    for point in points:
+        for target in targets:
+            for r in results:
+                if r.point != point or r.target != target or not r.shares:
+                    continue
+                total = sum(r.shares.values())
+                parts = ", ".join(
+                    f"{n} ({100 * n / total:.0f} %)" if total else str(n)
+                    for n in r.shares.values()
+                )
+                rows.append(f"| {point} | {target} | {r.rep} | {total} | {parts} |")
+    if not rows:
+        return ""
+    head = ("| conns x depth | target | rep | client connections | per worker |\n"
+            "|---|---|---:|---:|---|")
+    return head + "\n" + "\n".join(rows)
 
 
 def median(xs: list[float]) -> float | None:
@@ -847,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rep": r.rep,
                         "slot": r.slot,
                         "result": r.data,
+                        "connections_per_worker": {str(k): v for k, v in r.shares.items()},
                     }
                     f.write(json.dumps(rec) + "\n")
     load_end = os.getloadavg()
@@ -876,6 +925,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summarize(results, points, targets))
     print("\nEvery repetition (slot: the position in its point's sequence):\n")
     print(every_repetition(results, points, targets))
+    shares = worker_shares(results, points, targets)
+    if shares:
+        print("\nClient connections per worker (sampled once, mid-run):\n")
+        print(shares)
     vs = versus_peer(results, points, targets)
     if vs:
         print("\nEvery repetition against stunnel (same repetition, same point):\n")
