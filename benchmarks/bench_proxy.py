@@ -440,6 +440,16 @@ class Result:
     slot: int = 0
     #: a worker set: established client connections per worker pid, sampled once mid-run
     shares: dict[int, int] = field(default_factory=dict)
+    #: the proxy's user and system CPU seconds over the run (/proc, every process and thread)
+    user_s: float | None = None
+    sys_s: float | None = None
+
+    def split_us(self) -> tuple[float, float] | None:
+        """User and system CPU µs per ok request."""
+        ok = int(self.data.get("ok", 0))
+        if self.user_s is None or self.sys_s is None or not ok:
+            return None
+        return 1e6 * self.user_s / ok, 1e6 * self.sys_s / ok
 
     @property
     def failed(self) -> int:
@@ -479,6 +489,7 @@ def mbload(
     cmd += ["--cpu-pid", str(plc_pid), "--conns", conns, "--depth", depth]
     cmd += ["--duration", f"{duration:g}", "--fc", "3", "--qty", "10", "--unit", "1", "--quiet"]
     shares: dict[int, int] = {}
+    before = cpu_times(proxy_pids)
     if len(proxy_pids) > 2:  # a worker set: which worker holds how many client connections
         run = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(min(1.0, duration / 2))
@@ -487,6 +498,7 @@ def mbload(
         proc = subprocess.CompletedProcess(cmd, run.returncode, out, err)
     else:
         proc = subprocess.run(cmd, text=True, capture_output=True, check=False)
+    after = cpu_times(proxy_pids)
     line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     try:
         data = json.loads(line)
@@ -496,6 +508,8 @@ def mbload(
         ) from None
     r = Result(point, target, rep, data, proxy_pids, plc_pid, proc.returncode)
     r.shares = shares
+    if before is not None and after is not None:
+        r.user_s, r.sys_s = after[0] - before[0], after[1] - before[1]
     status = "ok" if r.failed == 0 and not r.errors() else f"FAILED {r.failed} {r.errors()}"
     say(
         f"{point:>6} {target:<20} rep {rep}: {data['rps']:>9,.0f} rps  p50 {data['p50_us']:,.0f} us"
@@ -504,6 +518,43 @@ def mbload(
     if r.failed or r.errors():
         say(proc.stderr.strip())
     return r
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times(pids: list[int]) -> tuple[float, float] | None:
+    """User and system CPU seconds of ``pids`` so far (each process's own and its threads',
+    ended threads included: stunnel runs a thread per connection)."""
+    if not pids:
+        return None
+    user = system = 0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+def cpu_split(results: list[Result], points: list[str], targets: list[str]) -> str:
+    """Medians of the proxies' user and system CPU per request: the interpreter shows in user
+    time, the sockets and wake-ups in system time."""
+    rows = ["| conns x depth | target | user µs/req | system µs/req | user share |",
+            "|---|---|---:|---:|---:|"]
+    for point in points:
+        for target in targets:
+            splits = [x for r in results
+                      if r.point == point and r.target == target
+                      and (x := r.split_us()) is not None]
+            if not splits:
+                continue
+            u = statistics.median(x[0] for x in splits)
+            sy = statistics.median(x[1] for x in splits)
+            rows.append(f"| {point} | {target} | {u:.1f} | {sy:.1f} | {100 * u / (u + sy):.0f} % |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def connections_by_pid(port: int, pids: list[int]) -> dict[int, int]:
@@ -896,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
                         "slot": r.slot,
                         "result": r.data,
                         "connections_per_worker": {str(k): v for k, v in r.shares.items()},
+                        "proxy_user_s": r.user_s,
+                        "proxy_sys_s": r.sys_s,
                     }
                     f.write(json.dumps(rec) + "\n")
     load_end = os.getloadavg()
@@ -925,6 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     print(summarize(results, points, targets))
     print("\nEvery repetition (slot: the position in its point's sequence):\n")
     print(every_repetition(results, points, targets))
+    split = cpu_split(results, points, targets)
+    if split:
+        print("\nThe proxies' CPU per request, user and system (medians; /proc):\n")
+        print(split)
     shares = worker_shares(results, points, targets)
     if shares:
         print("\nClient connections per worker (sampled once, mid-run):\n")
