@@ -216,6 +216,30 @@ def test_allowed_renders_each_request_kind_like_the_reference(
     assert all(access is None or access.write is None for access, _ in writer._allowed.values())
 
 
+@given(st.integers(0, 65535), st.floats(0, 100), st.booleans())
+def test_allowed_fills_the_transaction_id_and_duration_in_either_order(
+    tid: int, took: float, modbus_first: bool,
+) -> None:
+    """The line's objects come in the order of their first key: a context with a ``modbus.*``
+    key bound before any ``event.*`` one puts the transaction id before the duration."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    if modbus_first:
+        log = log.bind(**{"modbus.gateway": "gw-1"})
+    log = log.bind(**events.connection_context(17, "10.0.0.5", 50123, "10.0.0.1", 802))
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    access = Access(3, Table.HOLDING_REGISTERS, (0, 10), None, (), None, 5)
+    args = (tid, 1, 3, access, took, "r1", "allow", "plc-1", None)
+    in_fresh_context(writer.allowed, *args)
+    ev = events.modbus_request_allowed(*args)
+    in_fresh_context(functools.partial(log.info, ev.message, **ev.fields))
+    fast, ref = sink.lines
+    assert unstamped(fast) == unstamped(ref)
+    (_, parts), = writer._allowed.values()
+    assert parts and parts[4] is modbus_first  # the template, not the fallback, wrote it
+
+
 def test_the_timestamp_is_the_reference_clock() -> None:
     sink = ListSink()
     log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(a=1)
