@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,8 @@ class _Slot:
 #: the fields of an allowed request that change from one request to the next
 _TID = "modbus.transaction_id"
 _DURATION = "event.duration"
+#: an allowed request's line around its values (:meth:`EventWriter._allowed_format`)
+_Parts = tuple[str, str, str, str, bool] | tuple[()]
 #: the slots that are not fields (no field can be named like these)
 _STAMP = "\x00timestamp"
 _MESSAGE = "\x00message"
@@ -79,20 +82,14 @@ class _Template:
     the fields whose value a later key replaced (unless it is a dict, which that key would
     have been nested into)."""
 
-    __slots__ = ("fmt", "hidden", "keys", "literals")
+    __slots__ = ("fmt", "hidden", "keys", "literals", "raw")
 
     def __init__(self, literals: list[str], keys: list[str]) -> None:
+        self.raw = literals  # the JSON text between the slots (``literals``: for ``fmt``)
         self.literals = [part.replace("%", "%%") for part in literals]
         self.fmt = "%s".join(self.literals)
         self.keys = keys
         self.hidden: tuple[str, ...] = ()
-
-    def named(self, names: Mapping[str, str]) -> str:
-        """The format with ``%(name)s`` for each slot (``names``: slot key -> name)."""
-        out = [self.literals[0]]
-        for key, literal in zip(self.keys, self.literals[1:], strict=True):
-            out.append(f"%({names[key]})s{literal}")
-        return "".join(out)
 
 
 def _compile(nested: Mapping[str, Any]) -> _Template | None:
@@ -148,6 +145,28 @@ def _encode_list(items: list[Any]) -> str | None:
     return "[" + ",".join(out) + "]"
 
 
+#: fast_stamp's cache: the second it last saw (in microseconds) and that second's text, one
+#: tuple (a thread that reads it never sees one second's number with another's text)
+_stamp_cache: tuple[int, str] = (-1, "")
+
+
+def fast_stamp() -> str:
+    """:func:`mbsec.audit.utc_stamp`'s text (the same clock, the same rounding: microseconds
+    floored, none shown when they are 0) at a fraction of its cost: the date and time are
+    formatted once a second, only the microseconds per call (``datetime.now(UTC)
+    .isoformat()`` was a quarter of :meth:`EventWriter.allowed`'s own cost)."""
+    global _stamp_cache
+    us = time.time_ns() // 1000
+    frac = us % 1_000_000
+    second = us - frac
+    cache = _stamp_cache
+    if cache[0] != second:
+        t = time.gmtime(second // 1_000_000)
+        cache = _stamp_cache = (second, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+                                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
+    return f"{cache[1]}.{frac:06d}Z" if frac else cache[1] + "Z"
+
+
 def _native(value: Any) -> bool:
     """json.loads gives back an equal object of the same types (str, int, None, bool and
     lists of them)."""
@@ -184,8 +203,8 @@ class EventWriter:
         self._processors = processors
         self._templates: dict[tuple[str, ...], _Template | None] = {}
         #: allowed(): (unit, fc, id(access), rule, decision, target, exception) ->
-        #: (access, format)
-        self._allowed: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        #: (access, its literal parts: :meth:`_allowed_format`)
+        self._allowed: dict[tuple[Any, ...], tuple[Any, _Parts]] = {}
         number = _LEVELS[level]
         #: some sink formats the event itself: it gets the nested event (parsed back)
         self._needs_event = any(
@@ -223,7 +242,10 @@ class EventWriter:
         hot event, from a template per connection and request kind in which everything but
         the clock, the transaction id and the duration is literal text (a polling HMI asks
         the same few requests all day: :class:`mbsec.path.decide.Decisions` hands the same
-        ``access`` object for a repeated request)."""
+        ``access`` object for a repeated request). The line is one join of the literals and
+        the three values (a ``%`` format scanned its 1 kB of literal text per event), stamped
+        by :func:`fast_stamp` (benchmarks/README.md, "Issue 14: the cost of logging every
+        allowed request")."""
         # access by identity (hashing the dataclass costs more than the rest): the entry
         # keeps it alive, so its id cannot stand for another one while it is cached
         # a write's access is new each time (and its values vary): no format for it
@@ -233,33 +255,42 @@ class EventWriter:
                 access is None or access.write is None):
             entry = self._allowed[key] = (access, self._allowed_format(
                 unit_id, fc, access, rule_id, decision, target, exception_code))
-        fmt = entry[1] if entry is not None and entry[0] is access else ""
-        if fmt and type(tid) is int and not _contextvars_bound():
+        parts = entry[1] if entry is not None and entry[0] is access else ()
+        if parts and type(tid) is int and not _contextvars_bound():
+            a, b, c, d, tid_first = parts
+            first, second = ((int.__repr__(tid), int.__repr__(int(duration_s * 1e9)))
+                             if tid_first else
+                             (int.__repr__(int(duration_s * 1e9)), int.__repr__(tid)))
             sink = self._sink
-            line = fmt % {"s": utc_stamp(), "t": tid, "d": int(duration_s * 1e9)}
-            sink.emit(self._level, line, None, sink.defer_writes)
+            sink.emit(self._level, "".join((a, fast_stamp(), b, first, c, second, d)), None,
+                      sink.defer_writes)
             return
         ev = events.modbus_request_allowed(tid, unit_id, fc, access, duration_s, rule_id,
                                            decision, target, exception_code)
         self(ev.message, ev.fields)
 
     def _allowed_format(self, unit_id: int, fc: int, access: Access | None, rule_id: str,
-                        decision: str, target: str, exception_code: int | None) -> str:
-        """The format of one kind of allowed request ('' when it cannot be one: a sink
-        that needs the event as objects, a value the template cannot stand for)."""
+                        decision: str, target: str, exception_code: int | None) -> _Parts:
+        """The literal text of one kind of allowed request around its three values: (before
+        the stamp, between it and the first of the transaction id and the duration, between
+        those two, after the second, whether the transaction id is the first); ``()`` when it
+        cannot be one: a sink that needs the event as objects, a value the template cannot
+        stand for."""
         if self._needs_event:
-            return ""
+            return ()
         ev = events.modbus_request_allowed(0, unit_id, fc, access, 0.0, rule_id, decision,
                                            target, exception_code)
         fields: dict[str, Any] = dict(ev.fields)
         if any(isinstance(v, dict) for v in fields.values()):
-            return ""
+            return ()
         fields[_TID] = _Slot(_TID)
         fields[_DURATION] = _Slot(_DURATION)
         tpl = self._compile_event(ev.message, fields)
-        if tpl is None or sorted(tpl.keys) != sorted((_STAMP, _TID, _DURATION)):
-            return ""
-        return tpl.named({_STAMP: "s", _TID: "t", _DURATION: "d"})
+        if tpl is None or len(tpl.keys) != 3 or tpl.keys[0] is not _STAMP or (
+                sorted(tpl.keys) != sorted((_STAMP, _TID, _DURATION))):
+            return ()
+        a, b, c, d = tpl.raw
+        return a, b, c, d, tpl.keys[1] == _TID
 
     def __call__(self, message: str, fields: dict[str, Any]) -> None:
         if _contextvars_bound():

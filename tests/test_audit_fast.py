@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,30 @@ def test_allowed_renders_each_request_kind_like_the_reference(
     assert all(access is None or access.write is None for access, _ in writer._allowed.values())
 
 
+@given(st.integers(0, 65535), st.floats(0, 100), st.booleans())
+def test_allowed_fills_the_transaction_id_and_duration_in_either_order(
+    tid: int, took: float, modbus_first: bool,
+) -> None:
+    """The line's objects come in the order of their first key: a context with a ``modbus.*``
+    key bound before any ``event.*`` one puts the transaction id before the duration."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    if modbus_first:
+        log = log.bind(**{"modbus.gateway": "gw-1"})
+    log = log.bind(**events.connection_context(17, "10.0.0.5", 50123, "10.0.0.1", 802))
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    access = Access(3, Table.HOLDING_REGISTERS, (0, 10), None, (), None, 5)
+    args = (tid, 1, 3, access, took, "r1", "allow", "plc-1", None)
+    in_fresh_context(writer.allowed, *args)
+    ev = events.modbus_request_allowed(*args)
+    in_fresh_context(functools.partial(log.info, ev.message, **ev.fields))
+    fast, ref = sink.lines
+    assert unstamped(fast) == unstamped(ref)
+    (_, parts), = writer._allowed.values()
+    assert parts and parts[4] is modbus_first  # the template, not the fallback, wrote it
+
+
 def test_the_timestamp_is_the_reference_clock() -> None:
     sink = ListSink()
     log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(a=1)
@@ -224,6 +249,37 @@ def test_the_timestamp_is_the_reference_clock() -> None:
     for line in (ref, fast):
         stamp = dt.datetime.fromisoformat(STAMP.findall(line)[0].replace("Z", "+00:00"))
         assert before <= stamp <= after
+
+
+def reference_stamp(ns: int) -> str:
+    """utc_stamp's text for a clock reading of ``ns`` (datetime.now floors to microseconds)."""
+    when = dt.datetime.fromtimestamp(ns // 10**9, dt.UTC).replace(
+        microsecond=ns // 1000 % 10**6)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 4102444800 * 10**9),  # up to 2100
+                          st.integers(0, 4102444800).map(lambda s: s * 10**9),  # .000000
+                          st.integers(0, 4102444800).map(lambda s: s * 10**9 + 999_999_999)),
+                min_size=1, max_size=6))
+def test_fast_stamp_writes_what_utc_stamp_does_for_any_clock_reading(
+    readings: list[int],
+) -> None:
+    """The second's text is cached: readings in any order (the clock stepped back, a second
+    boundary, a whole second with no microseconds) still give utc_stamp's text."""
+    for ns in readings:
+        with unittest.mock.patch.object(audit_fast.time, "time_ns", return_value=ns):
+            assert audit_fast.fast_stamp() == reference_stamp(ns)
+
+
+def test_fast_stamp_reads_utc_stamps_clock() -> None:
+    for _ in range(200):
+        before, fast, after = audit.utc_stamp(), audit_fast.fast_stamp(), audit.utc_stamp()
+        parsed = [dt.datetime.fromisoformat(x.replace("Z", "+00:00"))
+                  for x in (before, fast, after)]
+        assert parsed[0] <= parsed[1] <= parsed[2]
+        assert STAMP.fullmatch(f'"@timestamp":"{fast}"')
 
 
 def test_bound_contextvars_are_left_to_the_logger() -> None:
