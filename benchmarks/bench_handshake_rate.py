@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             run([str(args.kit / "gen-certs.sh"), str(Path(tmp) / "certs"), "operator"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env=dict(os.environ, KEYALG=args.keyalg))
-            print(openssl_variants(Path(tmp) / "certs", 300, 5))
+            print(openssl_variants(Path(tmp) / "certs", 300, max(5, args.reps)))
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         return 0
     if args.openssl_only:
