@@ -36,6 +36,16 @@ before a change, ``git archive BASE mbsec | tar -x -C PATH``), paired with ``mbs
 repetition. ``--openssl-only`` measures only OpenSSL's server CPU per handshake in memory
 (mbsec's own context, mbsec-pki certificates, per key type, with and without an intermediate
 and a CRL). Figures and the profile behind them: benchmarks/README.md, "Handshake rate".
+
+``--spike`` adds the handshake spike (benchmarks/spike_epoll_handshake.py: accept and the
+handshake in one epoll loop outside trio, with mbsec's context, identity, principal and
+template-rendered events) as ``spike-py`` (one process, interpreted) and, with
+``--spike-build DIR`` (a directory holding the mypyc-compiled module), ``spike-c`` (one
+process) and ``spike-c2`` (``--workers`` processes), each with the config of ``mbsec``.
+``--openssl-variants`` measures in memory what server options change OpenSSL's CPU per
+handshake (mbsec's context against the options haproxy and stunnel use). ``--perf NAME``
+(repeatable) runs one more measurement of that target under ``perf record`` and prints its
+CPU per handshake split by shared object.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import datetime as dt
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -109,14 +120,48 @@ def write_crl(certs: Path) -> Path:
     return path
 
 
+SPIKE = Path(__file__).resolve().parent / "spike_epoll_handshake.py"
+#: spike target -> (processes, compiled); spike-c2's processes are --workers
+SPIKE_TARGETS = {"spike-py": (1, False), "spike-c": (1, True), "spike-c2": (2, True)}
+_SPIKE_LOADER = "import sys, spike_epoll_handshake as m; sys.exit(m.main())"
+
+
+def start_spike(args: argparse.Namespace, stack: Stack, name: str, port: int,
+                plc_port: int) -> None:
+    """One spike server (benchmarks/spike_epoll_handshake.py) with the config of ``mbsec``."""
+    work = stack.work
+    procs, comp = SPIKE_TARGETS[name]
+    workers = args.workers if procs > 1 else 1
+    cfg = write_mbsec_config(work, port, plc_port, 4, 16, workers, name, "", "off")
+    env = dict(os.environ)
+    if comp:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(args.spike_build), env.get("PYTHONPATH", "")) if p)
+        cmd = [args.python, "-c", _SPIKE_LOADER]
+    else:
+        cmd = [args.python, str(SPIKE)]
+    say(f"starting {name} ({workers} process(es)) on 127.0.0.1:{port}")
+    out = work / f"{name}.out"
+    stack.procs[name] = subprocess.Popen(
+        [*cmd, "--config", str(cfg), "--workers", str(workers)],
+        stdout=out.open("w"), stderr=subprocess.STDOUT, cwd=work, env=env)
+    wait_listening(port, stack.procs[name], name, 30)
+    text = out.read_text()
+    stack.compiled[name] = "compiled: True" in text
+    if stack.compiled[name] != comp:
+        raise SystemExit(f"{name}: wanted compiled = {comp}, it says: {text.strip()[:200]}")
+    say(f"{name}: compiled = {stack.compiled[name]}")
+
+
 @contextlib.contextmanager
-def handshake_stack(args: argparse.Namespace, work: Path,
-                    mbsec_targets: dict[str, int]) -> Iterator[tuple[Stack, dict[str, int]]]:
+def handshake_stack(args: argparse.Namespace, work: Path, mbsec_targets: dict[str, int],
+                    spike_targets: tuple[str, ...] = ()
+                    ) -> Iterator[tuple[Stack, dict[str, int]]]:
     """mbplc, stunnel, haproxy and one ``mbsec serve`` per entry of ``mbsec_targets``
     (name -> workers; a name ending in ``-crl`` gets the CRL; ``mbsec@NAME`` imports mbsec
-    from the ``--compare NAME=PATH`` tree)."""
+    from the ``--compare NAME=PATH`` tree), and the ``spike_targets``."""
     kit: Path = args.kit
-    ports = {name: free_port() for name in ("direct", *PEERS, *mbsec_targets)}
+    ports = {name: free_port() for name in ("direct", *PEERS, *mbsec_targets, *spike_targets)}
     peers_env = dict(os.environ, RUNDIR=str(work / "peers"),
                      STUNNEL_PORT=str(ports["stunnel"]), HAPROXY_PORT=str(ports["haproxy"]),
                      UPSTREAM=f"127.0.0.1:{ports['direct']}")
@@ -152,6 +197,8 @@ def handshake_stack(args: argparse.Namespace, work: Path,
             stack.compiled[name] = data_plane_compiled(work / f"{name}.log",
                                                        stack.procs[name], 10)
             say(f"{name}: data plane compiled = {stack.compiled[name]}")
+        for name in spike_targets:
+            start_spike(args, stack, name, ports[name], ports["direct"])
         yield stack, ports
     finally:
         stack.stop()
@@ -254,7 +301,12 @@ def report(runs: list[Run], targets: list[str], reps: int) -> str:
     for a, b, what in (("mbsec-workers", "haproxy", "rate"), ("mbsec-workers", "stunnel", "rate"),
                        ("mbsec", "haproxy", "rate"), ("mbsec", "stunnel", "rate"),
                        ("mbsec", "stunnel", "cpu"), ("mbsec-workers", "stunnel", "cpu"),
-                       ("mbsec", "haproxy", "cpu"), ("mbsec-crl", "mbsec", "cpu")):
+                       ("mbsec", "haproxy", "cpu"), ("mbsec-crl", "mbsec", "cpu"),
+                       ("spike-c2", "haproxy", "rate"), ("spike-c2", "mbsec-workers", "rate"),
+                       ("spike-c", "haproxy", "rate"), ("spike-c", "haproxy", "cpu"),
+                       ("spike-c2", "haproxy", "cpu"), ("spike-py", "haproxy", "cpu"),
+                       ("spike-c", "stunnel", "cpu"), ("spike-c", "mbsec", "cpu"),
+                       ("spike-py", "mbsec", "cpu"), ("spike-c", "spike-py", "cpu")):
         if a in targets and b in targets:
             lines.append(ratio_line(runs, reps, a, b, what))
     for other in (t for t in targets if t.startswith("mbsec@")):
@@ -328,6 +380,193 @@ def _memory_handshake(sctx: Any, cctx: Any) -> float:
     return spent + result.server_time
 
 
+# -- which server options change OpenSSL's work (in memory) ---------------------------------
+
+_SSL_CTRL_MODE = 33  # OpenSSL's ssl.h: SSL_CTX_set_mode / SSL_CTX_get_mode (larg 0)
+_SSL_CTRL_CLEAR_MODE = 78
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_MODE_RELEASE_BUFFERS = 0x10
+_SSL_SESS_CACHE_SERVER = 0x2
+
+
+def _ssl_ctx(ctx: Any) -> tuple[Any, int]:
+    """libssl (ctypes) and the ``SSL_CTX *`` of a Python context, found as
+    :func:`mbsec.tls.disable_session_cache` finds it (benchmark only)."""
+    import _ssl
+    import ctypes
+
+    lib = ctypes.CDLL(_ssl.__file__)
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_load_client_CA_file.argtypes = [ctypes.c_char_p]
+    lib.SSL_load_client_CA_file.restype = ctypes.c_void_p
+    lib.SSL_CTX_set_client_CA_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.SSL_CTX_set_client_CA_list.restype = None
+    lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.SSL_CTX_set_verify_depth.restype = None
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        raise SystemExit("cannot find the SSL_CTX of a Python context on this build")
+    return lib, ptr
+
+
+def openssl_variants(certs: Path, n: int, runs: int) -> str:
+    """OpenSSL's server CPU per full TLS 1.2 mutual handshake in memory (as
+    ``--openssl-only``), mbsec's own context (:func:`mbsec.tls.build_material`) with the
+    kit's certificates, changed one option at a time toward what haproxy and stunnel run
+    with (tickets, a session cache, the client CA list in the CertificateRequest), plus
+    options that could change the cost for everyone (buffers, curve, verify depth).
+    Variants interleave within each repetition."""
+    import ssl
+
+    from mbsec.settings import TlsSettings
+    from mbsec.tls import build_material
+    from mbsec.tls_keylog import KeyLog
+
+    def base(keylog: KeyLog | None = None) -> Any:
+        return build_material(TlsSettings(cert=certs / "server.crt", key=certs / "server.key",
+                                          client_ca=certs / "ca.crt"), keylog=keylog).context
+
+    def tickets(ctx: Any) -> None:  # haproxy's and stunnel's default
+        ctx.options &= ~ssl.OP_NO_TICKET
+
+    def cache(ctx: Any) -> None:  # a server session cache, as haproxy and stunnel keep
+        lib, ptr = _ssl_ctx(ctx)
+        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_SERVER, None)
+
+    def ca_list(ctx: Any) -> None:  # haproxy's ca-file, stunnel's CAfile send the CA names
+        lib, ptr = _ssl_ctx(ctx)
+        names = lib.SSL_load_client_CA_file(str(certs / "ca.crt").encode())
+        if not names:
+            raise SystemExit("SSL_load_client_CA_file failed")
+        lib.SSL_CTX_set_client_CA_list(ptr, names)
+
+    def keep_buffers(ctx: Any) -> None:
+        lib, ptr = _ssl_ctx(ctx)
+        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_CLEAR_MODE, _SSL_MODE_RELEASE_BUFFERS, None)
+
+    def p256(ctx: Any) -> None:
+        ctx.set_ecdh_curve("prime256v1")
+
+    def depth1(ctx: Any) -> None:
+        lib, ptr = _ssl_ctx(ctx)
+        lib.SSL_CTX_set_verify_depth(ptr, 1)
+
+    def haproxy_like(ctx: Any) -> None:
+        tickets(ctx)
+        cache(ctx)
+        ca_list(ctx)
+
+    keylog = KeyLog.open(128)
+    variants: dict[str, tuple[Any, KeyLog | None]] = {"mbsec, key log off": (base(), None)}
+    if keylog is not None:
+        variants["mbsec as it runs (key log on)"] = (base(keylog), keylog)
+    for name, change in (("+ tickets (OP_NO_TICKET cleared)", tickets),
+                         ("+ server session cache", cache),
+                         ("+ client CA list in CertificateRequest", ca_list),
+                         ("- SSL_MODE_RELEASE_BUFFERS", keep_buffers),
+                         ("ECDHE on P-256 only (not X25519)", p256),
+                         ("verify depth 1", depth1),
+                         ("haproxy-like: tickets + cache + CA list", haproxy_like)):
+        ctx = base()
+        change(ctx)
+        variants[name] = (ctx, None)
+    lib, ptr = _ssl_ctx(variants["mbsec, key log off"][0])
+    mode = int(lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_MODE, 0, None))
+    cctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    cctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    cctx.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+    per: dict[str, list[float]] = {name: [] for name in variants}
+    negotiated: dict[str, str] = {}
+    for _ in range(runs):
+        for name, (ctx, klog) in variants.items():
+            spent = 0.0
+            for _ in range(n):
+                spent += _memory_handshake(ctx, cctx)
+                if klog is not None:  # every handshake takes its secret out (the session)
+                    t0 = time.thread_time()
+                    klog.take(None)
+                    spent += time.thread_time() - t0
+            per[name].append(1e6 * spent / n)
+        if not negotiated:
+            for name, (ctx, _klog) in variants.items():
+                server = StdServer(ctx)
+                run_handshake(server, cctx)
+                negotiated[name] = f"{server.obj.version()} {(server.obj.cipher() or ('?',))[0]}"
+    ref = statistics.median(per["mbsec, key log off"])
+    lines = [f"server context mode: 0x{mode:x} (SSL_MODE_RELEASE_BUFFERS "
+             f"{'set' if mode & _SSL_MODE_RELEASE_BUFFERS else 'not set'} by Python)",
+             f"{'variant':<42} {'us/hs':>6} {'x base':>6} {'min':>6} {'max':>6}  negotiated"]
+    for name, vals in per.items():
+        med = statistics.median(vals)
+        lines.append(f"{name:<42} {med:6.0f} {med / ref:6.2f} {min(vals):6.0f} "
+                     f"{max(vals):6.0f}  {negotiated.get(name, '')}")
+    if keylog is not None:
+        keylog.close()
+    return "\n".join(lines)
+
+
+# -- perf: where one target's CPU goes -----------------------------------------------------
+
+
+def _dso_group(dso: str) -> str:
+    if dso.startswith("[kernel") or dso.startswith("[vdso"):
+        return "kernel"
+    for key, group in (("libcrypto", "libcrypto"), ("libssl", "libssl"), ("libc.so", "libc"),
+                       ("libc-", "libc"), ("libpython", "libpython"),
+                       ("spike_epoll_handshake", "compiled (mypyc)"),
+                       ("__mypyc", "compiled (mypyc)")):
+        if key in dso:
+            return group
+    if dso.startswith("python3"):
+        return "libpython"
+    if ".cpython-" in dso or dso.startswith("_rust") or "_rust" in dso:
+        return "Python C extensions"
+    return "other"
+
+
+def perf_split(stack: Stack, port: int, target: str, clients: int, duration: float) -> str:
+    """One more ``s_time`` run of ``target`` under ``perf record`` (all its processes and
+    threads); its CPU per handshake split by shared object, in ms per handshake."""
+    data = stack.work / f"perf-{target}.data"
+    pids = stack.cpu_pids(target)
+    perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-o", str(data), "-p",
+                             ",".join(str(p) for p in pids)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        r = s_time(stack, port, target, 0, clients, duration)
+    finally:
+        perf.send_signal(signal.SIGINT)
+        try:
+            perf.wait(60)
+        except subprocess.TimeoutExpired:
+            perf.kill()
+            perf.wait()
+    out = subprocess.run(["perf", "report", "--stdio", "--sort", "dso", "-i", str(data)],
+                         text=True, capture_output=True, check=False).stdout
+    rows: list[tuple[float, str]] = []
+    for line in out.splitlines():
+        m = re.match(r"\s+([\d.]+)%\s+(\S.*)$", line)
+        if m:
+            rows.append((float(m.group(1)), m.group(2).strip()))
+    groups: dict[str, float] = {}
+    for pct, dso in rows:
+        groups[_dso_group(dso)] = groups.get(_dso_group(dso), 0.0) + pct
+    lines = [f"perf {target}: {r.rate:.1f} hs/s, {r.handshakes} handshakes, {r.cpu_ms:.2f} CPU "
+             f"ms/hs under perf, clients {1000 * r.client_cpu_s / max(r.handshakes, 1):.2f} "
+             f"ms/hs, load {r.load1:.1f}"]
+    for group, pct in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {group:<22} {pct:5.1f} %  {pct / 100 * r.cpu_ms:5.2f} ms/hs")
+    lines.append("  by shared object:")
+    for pct, dso in rows:
+        if pct >= 0.5:
+            lines.append(f"    {dso[:60]:<60} {pct:5.1f} %")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", type=Path, default=KIT, help="the bench kit (shared/bench)")
@@ -348,7 +587,27 @@ def main(argv: list[str] | None = None) -> int:
                    "e.g. the code before a change), paired with mbsec; repeatable")
     p.add_argument("--openssl-only", action="store_true",
                    help="only OpenSSL's server CPU per handshake in memory, per key type")
+    p.add_argument("--spike", action="store_true",
+                   help="also the handshake spike: spike-py, and with --spike-build "
+                   "spike-c and spike-c2 (benchmarks/spike_epoll_handshake.py)")
+    p.add_argument("--spike-build", type=Path,
+                   help="a directory holding the mypyc-compiled spike_epoll_handshake module")
+    p.add_argument("--perf", action="append", default=[], metavar="TARGET",
+                   help="after the repetitions, one more run of TARGET under perf record, "
+                   "its CPU per handshake by shared object; repeatable")
+    p.add_argument("--openssl-variants", action="store_true",
+                   help="only OpenSSL's server CPU per handshake in memory, mbsec's context "
+                   "against the options haproxy and stunnel use")
     args = p.parse_args(argv)
+    if args.openssl_variants:
+        print(f"box: {box()}; load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        with tempfile.TemporaryDirectory(prefix="mbsec-bench-ossl-") as tmp:
+            run([str(args.kit / "gen-certs.sh"), str(Path(tmp) / "certs"), "operator"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=dict(os.environ, KEYALG=args.keyalg))
+            print(openssl_variants(Path(tmp) / "certs", 300, max(5, args.reps)))
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
     if args.openssl_only:
         print(f"box: {box()}; load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(openssl_only(300, 5))
@@ -362,11 +621,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--compare {spec}: want NAME=PATH with PATH/mbsec a source tree")
         args.compare_paths[f"mbsec@{name}"] = Path(path).resolve()
         all_mbsec[f"mbsec@{name}"] = 1
+    spikes = ([n for n, (_procs, comp) in SPIKE_TARGETS.items()
+               if not comp or args.spike_build is not None] if args.spike else [])
+    if args.spike_build is not None and not args.spike_build.is_dir():
+        p.error(f"--spike-build {args.spike_build}: not a directory")
     targets = ([t.strip() for t in args.targets.split(",") if t.strip()] if args.targets
-               else [*PEERS, *all_mbsec])
-    unknown = [t for t in targets if t not in (*PEERS, *all_mbsec)]
+               else [*PEERS, *all_mbsec, *spikes])
+    unknown = [t for t in targets if t not in (*PEERS, *all_mbsec, *spikes)]
     if unknown:
         p.error(f"unknown targets: {', '.join(unknown)}")
+    bad_perf = [t for t in args.perf if t not in targets]
+    if bad_perf:
+        p.error(f"--perf: not a target of this run: {', '.join(bad_perf)}")
     ensure_packages(not args.no_install)
     run(["make", "-s", "-C", str(args.kit)])
     work = (args.workdir.resolve() if args.workdir
@@ -378,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.duration:g} s per run, {args.reps} repetitions, keys: {args.keyalg}")
     runs: list[Run] = []
     compiled: dict[str, Any] = {}
-    with handshake_stack(args, work, {t: all_mbsec[t] for t in targets if t in all_mbsec}) as (
-            stack, ports):
+    perf_lines: list[str] = []
+    with handshake_stack(args, work, {t: all_mbsec[t] for t in targets if t in all_mbsec},
+                         tuple(t for t in targets if t in SPIKE_TARGETS)) as (stack, ports):
         compiled = dict(stack.compiled)
         for rep in range(1, args.reps + 1):
             for target in targets if rep % 2 else targets[::-1]:
@@ -388,8 +655,14 @@ def main(argv: list[str] | None = None) -> int:
                 for name, proc in stack.procs.items():
                     if proc.poll() is not None:
                         raise SystemExit(f"{name} exited during the run (see {work})")
+        for target in args.perf:
+            perf_lines.append(perf_split(stack, ports[target], target, args.clients,
+                                         args.duration))
     print(f"mbsec data plane compiled: {compiled}")
     print(report(runs, targets, args.reps))
+    if perf_lines:
+        print("\nCPU per handshake by shared object (one more run each, under perf record):")
+        print("\n".join(perf_lines))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0 if all(r.ok for r in runs) else 1
 
