@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from mypy_extensions import mypyc_attr
 
@@ -28,7 +28,6 @@ from mbsec import events
 from mbsec.audit_fast import EventWriter, event_writer
 from mbsec.identity import PeerIdentity
 from mbsec.metrics import counter
-from mbsec.modbus._fast import fast_init
 from mbsec.modbus.access import Access
 from mbsec.modbus.errors import Action, RemoteProtocolError
 from mbsec.modbus.mbap import Adu
@@ -71,21 +70,28 @@ class ProxyState:
     freeze_exception: int = 1
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class Forward:
-    """An allowed request on its way to the PLC: what :meth:`Decisions.complete` needs after."""
+    """An allowed request on its way to the PLC: what :meth:`Decisions.complete` needs after.
 
-    request: Request
-    access: Access
-    decision: Decision
-    principal: Principal
-    limiter: RateLimiter | SharedRateLimiter
-    fname: str
-    t0: float
+    A plain record with a written-out ``__init__``, not a frozen dataclass: one is made per
+    forwarded request, and mypyc compiles this ``__init__`` while a dataclass's generated one
+    stays interpreted (a Python frame and a ``object.__setattr__`` per field). Nothing changes
+    a Forward once made.
+    """
 
+    __slots__ = ("access", "decision", "fname", "limiter", "principal", "request", "t0")
 
-# (a call, not a decorator: compiled by mypyc, the class is built natively and keeps its own)
-fast_init(Forward)
+    def __init__(self, request: Request, access: Access, decision: Decision,
+                 principal: Principal, limiter: RateLimiter | SharedRateLimiter, fname: str,
+                 t0: float) -> None:
+        self.request = request
+        self.access = access
+        self.decision = decision
+        self.principal = principal
+        self.limiter = limiter
+        self.fname = fname
+        self.t0 = t0
 
 
 #: function codes that change nothing in the PLC (43 only with MEI type 14, read device

@@ -7,11 +7,10 @@ No I/O. Shared by the core (:mod:`mbsec.path.target`) and the settings that buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import final
 
 from mypy_extensions import mypyc_attr
 
-from mbsec.modbus._fast import fast_init
 from mbsec.modbus.errors import ProtocolError
 from mbsec.modbus.mbap import Adu
 from mbsec.modbus.pdu import ExceptionCode, ExceptionResponse, Request, Response, parse_response
@@ -62,17 +61,20 @@ class TargetNoResponse(UpstreamError):
     exception_code = int(ExceptionCode.GATEWAY_TARGET_NO_RESPONSE)
 
 
-@dataclass(frozen=True, slots=True)
+@final
 class UpstreamReply:
-    """A validated reply: the PDU as the PLC sent it and its parsed form."""
+    """A validated reply: the PDU as the PLC sent it and its parsed form.
 
-    pdu: bytes
-    response: Response | ExceptionResponse
-    target: str
+    A plain record with a written-out ``__init__`` (one per reply; mypyc compiles it, where a
+    dataclass's generated ``__init__`` stays interpreted). Nothing changes it once made.
+    """
 
+    __slots__ = ("pdu", "response", "target")
 
-# (a call, not a decorator: mypyc compiles this module, and builds the class natively then)
-fast_init(UpstreamReply)
+    def __init__(self, pdu: bytes, response: Response | ExceptionResponse, target: str) -> None:
+        self.pdu = pdu
+        self.response = response
+        self.target = target
 
 
 class ReplyProblem(Exception):
