@@ -1,5 +1,6 @@
 """Build hook: compile the request path (the sans-IO core in mbsec/path/ and its epoll driver)
-and the MBAP framing it runs for every request (mbsec/modbus/mbap.py) with mypyc.
+and what it runs for every request (the MBAP framing and the PDU parsers in mbsec/modbus/,
+the rate limiter in mbsec/policy/ratelimit.py) with mypyc.
 
 Why: the data plane runs every request through a few dozen Python-level calls; compiled, the
 same code needs about a quarter less CPU per request (benchmarks/README.md). Everything else
@@ -17,11 +18,14 @@ import os
 
 from setuptools import setup
 
-#: the request path: core state machines and the driver (decide.py and plc.py stay
-#: interpreted: they call the policy, the logger and the PDU parser, interpreted anyway)
-CORE = [f"mbsec/path/{name}.py" for name in
-        ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
-         "epoll")]
+#: the request path: core state machines and the driver, and the request side they call for
+#: every request (decide.py, plc.py, the PDU parsers, the limiter) compiled together, so that
+#: those calls stay native-to-native (decide.py compiled alone did not pay: benchmarks/README.md,
+#: issue 14 rounds 2 and 7). The policy engine, the metrics and the logger stay interpreted.
+CORE = [*(f"mbsec/path/{name}.py" for name in
+          ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
+           "epoll", "plc", "decide")),
+        "mbsec/modbus/mbap.py", "mbsec/modbus/pdu.py", "mbsec/policy/ratelimit.py"]
 
 ext_modules = []
 if os.environ.get("MBSEC_PURE") != "1":
@@ -35,7 +39,7 @@ if os.environ.get("MBSEC_PURE") != "1":
         # No cache: the result must not depend on a .mypy_cache left in the checkout.
         ext_modules = mypycify(
             ["--ignore-missing-imports", "--follow-imports=silent", "--cache-dir=/dev/null",
-             *CORE, "mbsec/modbus/mbap.py"],
+             *CORE],
             opt_level="3",
         )
         for ext in ext_modules:

@@ -3,7 +3,7 @@
 Read top to bottom:
 
 ``timers``    a clockless timer heap: the core schedules, the driver says what time it is
-``plc``       a PLC target's settings, the errors a request can get, the reply check
+``plc``       a PLC target's settings (in ``plc_target``), a request's errors, the reply check
 ``exchange``  one forwarded request and its single outcome
 ``link``      one PLC connection slot as state: transaction ids, in flight, owed late replies
 ``target``    one PLC as a state machine: slots, deadlines, resets, reconnects, fairness

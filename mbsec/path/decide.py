@@ -18,25 +18,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, final
 
+from mypy_extensions import mypyc_attr
+
+# Everything imported at run time, nothing under TYPE_CHECKING: mypyc (setup.py) compiles this
+# module, and its dataclasses need their annotations' classes when the module is loaded.
 from mbsec import events
 from mbsec.audit_fast import EventWriter, event_writer
+from mbsec.identity import PeerIdentity
 from mbsec.metrics import counter
-from mbsec.modbus._fast import fast_init
+from mbsec.modbus.access import Access
 from mbsec.modbus.errors import Action, RemoteProtocolError
 from mbsec.modbus.mbap import Adu
-from mbsec.modbus.pdu import FUNCTION_NAMES, ExceptionCode, exception_pdu, parse_request
+from mbsec.modbus.pdu import (
+    FUNCTION_NAMES,
+    ExceptionCode,
+    Request,
+    exception_pdu,
+    parse_request,
+)
+from mbsec.nodestate import FreezeView, SharedRateLimiter
 from mbsec.path.plc import UpstreamError, UpstreamReply
+from mbsec.policy.engine import Decision, Policy, Principal
+from mbsec.policy.ratelimit import RateLimiter
 from mbsec.role_labels import role_labels
-
-if TYPE_CHECKING:
-    from mbsec.identity import PeerIdentity
-    from mbsec.modbus.access import Access
-    from mbsec.modbus.pdu import Request
-    from mbsec.nodestate import FreezeView, SharedRateLimiter
-    from mbsec.policy import Decision, Policy, Principal, RateLimiter
-    from mbsec.tls import TlsMaterial
+from mbsec.tls import TlsMaterial
 
 DECIDED_MAX = 64  # decisions remembered per connection (read requests only)
 RATE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_BUSY)
@@ -63,18 +70,28 @@ class ProxyState:
     freeze_exception: int = 1
 
 
-@fast_init
-@dataclass(frozen=True, slots=True)
+@final
 class Forward:
-    """An allowed request on its way to the PLC: what :meth:`Decisions.complete` needs after."""
+    """An allowed request on its way to the PLC: what :meth:`Decisions.complete` needs after.
 
-    request: Request
-    access: Access
-    decision: Decision
-    principal: Principal
-    limiter: RateLimiter | SharedRateLimiter
-    fname: str
-    t0: float
+    A plain record with a written-out ``__init__``, not a frozen dataclass: one is made per
+    forwarded request, and mypyc compiles this ``__init__`` while a dataclass's generated one
+    stays interpreted (a Python frame and a ``object.__setattr__`` per field). Nothing changes
+    a Forward once made.
+    """
+
+    __slots__ = ("access", "decision", "fname", "limiter", "principal", "request", "t0")
+
+    def __init__(self, request: Request, access: Access, decision: Decision,
+                 principal: Principal, limiter: RateLimiter | SharedRateLimiter, fname: str,
+                 t0: float) -> None:
+        self.request = request
+        self.access = access
+        self.decision = decision
+        self.principal = principal
+        self.limiter = limiter
+        self.fname = fname
+        self.t0 = t0
 
 
 #: function codes that change nothing in the PLC (43 only with MEI type 14, read device
@@ -88,6 +105,7 @@ def reads_only(pdu: bytes) -> bool:
     return fc in READ_FUNCTIONS or (fc == 43 and len(pdu) > 1 and pdu[1] == 14)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it to inject a bug
 class Decisions:
     """Decide and complete the requests of one authenticated connection."""
 

@@ -91,6 +91,11 @@ class RateLimiter:
         self._clock = clock
         self._max_entries = max_entries
         self._state: dict[str, State] = {}
+        #: the last role set asked about and its limit: ``limit_for`` is a pure function of
+        #: the roles under this limiter's policy, and a connection asks with the same
+        #: frozenset (its principal's) for every request
+        self._roles: frozenset[str] | None = None
+        self._limit: RateLimit | None = None
 
     def successor(self, policy: Policy) -> RateLimiter:
         """The limiter for a reloaded policy, sharing this one's budgets and in-flight counts.
@@ -104,7 +109,13 @@ class RateLimiter:
         return nxt
 
     def acquire(self, principal: Principal, access: Access) -> str | None:
-        limit = self._policy.limit_for(principal.roles)
+        roles = principal.roles
+        if roles is self._roles:
+            limit = self._limit
+        else:
+            limit = self._policy.limit_for(roles)
+            self._roles = roles
+            self._limit = limit
         if limit is None:
             return None
         now = self._clock()

@@ -1024,14 +1024,18 @@ def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
     build must have produced the extension: a silent fallback to the interpreted modules
     would cost a good part of the throughput. MBSEC_PURE=1 (an install without the build)
     opts out."""
-    from mbsec.modbus import mbap
-    from mbsec.path import client, epoll
+    from mbsec.modbus import mbap, pdu
+    from mbsec.path import client, decide, epoll, plc
+    from mbsec.policy import ratelimit
 
     if os.environ.get("MBSEC_PURE") == "1":
         pytest.skip("MBSEC_PURE=1: the interpreted data plane was asked for")
     assert epoll.compiled(), f"{epoll.__file__} is not the mypyc build"
-    assert client.__file__.endswith(".so"), f"{client.__file__} is not the mypyc build"
-    assert mbap.__file__.endswith(".so"), f"{mbap.__file__} is not the mypyc build"
+    # the request side is compiled with the core (setup.py's CORE): one module left out would
+    # put the boxing of an interpreted call back on every request
+    for module in (client, mbap, decide, plc, pdu, ratelimit):
+        assert module.__file__ is not None and module.__file__.endswith(".so"), (
+            f"{module.__file__} is not the mypyc build")
 
 
 async def test_server_start_says_which_data_plane_runs(
@@ -1174,6 +1178,18 @@ async def test_a_sink_failing_on_one_event_costs_no_request(
 # -- a bug in a handler costs its connection, never the data plane --------------------------------
 
 
+def _inject_decisions_bug(monkeypatch: pytest.MonkeyPatch, where: str,
+                          wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """The proxy's connections get a subclass of ``Decisions`` whose ``where`` method is
+    ``wrap(the real one)``. A subclass, not a patched class: setup.py compiles decide.py with
+    mypyc, and a compiled class cannot be patched (it allows interpreted subclasses)."""
+    from mbsec import session
+    from mbsec.path.decide import Decisions
+
+    buggy = type("BuggyDecisions", (Decisions,), {where: wrap(getattr(Decisions, where))})
+    monkeypatch.setattr(session, "Decisions", buggy)
+
+
 @pytest.mark.parametrize("where", ["decide", "complete"])
 async def test_a_bug_while_handling_a_request_closes_that_connection_only(
     pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
@@ -1182,17 +1198,16 @@ async def test_a_bug_while_handling_a_request_closes_that_connection_only(
     """An exception while deciding a request, or while completing it: that connection is
     closed (internal_error), neither answered wrongly nor left hanging with the request
     counted in flight; the error is logged and other clients are served."""
-    from mbsec.path.decide import Decisions
-
-    real = getattr(Decisions, where)
     poison = read_hr(66, 1)
 
-    def buggy(self: Decisions, adu: Any, *args: Any) -> Any:
-        if adu.pdu == poison:
-            raise RuntimeError(f"a bug in {where}")
-        return real(self, adu, *args)
+    def buggy(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: Any, adu: Any, *args: Any) -> Any:
+            if adu.pdu == poison:
+                raise RuntimeError(f"a bug in {where}")
+            return real(self, adu, *args)
+        return call
 
-    monkeypatch.setattr(Decisions, where, buggy)
+    _inject_decisions_bug(monkeypatch, where, buggy)
     plc = await counting(nursery)
     h = await start_proxy(plc.port)
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
@@ -1239,17 +1254,16 @@ async def test_a_connection_closed_by_a_bug_still_gets_the_replies_finished_befo
     bug), so the connection is closed as internal_error. The first read was answered by the
     PLC, logged as allowed and counted in the close line's ``destination.bytes``: the client
     must get it (for a write, it could not tell otherwise whether the PLC executed it)."""
-    from mbsec.path.decide import Decisions
-
-    real = Decisions.complete
     poison = read_hr(77, 1)
 
-    def buggy(self: Decisions, adu: Any, *args: Any) -> Any:
-        if adu.pdu == poison:
-            raise RuntimeError("a bug in complete")
-        return real(self, adu, *args)
+    def buggy(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: Any, adu: Any, *args: Any) -> Any:
+            if adu.pdu == poison:
+                raise RuntimeError("a bug in complete")
+            return real(self, adu, *args)
+        return call
 
-    monkeypatch.setattr(Decisions, "complete", buggy)
+    _inject_decisions_bug(monkeypatch, "complete", buggy)
     plc = _PairPlc()
     await nursery.start(plc.serve)
     h = await start_proxy(plc.port, upstream={"depth": 2, "pool_size": 1})
