@@ -211,20 +211,9 @@ class Stack:
             self.peers_started = False
 
 
-def write_mbsec_config(
-    work: Path,
-    port: int,
-    plc_port: int,
-    pool: int,
-    depth: int,
-    workers: int = 1,
-    name: str = "mbsec",
-    extra: str = "",
-    allowed_requests: str = "off",
-) -> Path:
-    """A config and policy that enforce everything a production policy would check."""
-    (work / "policy.yaml").write_text(
-        f"""\
+
+#: the benchmark policy (``{plc_port}`` filled in): every check runs for every request
+POLICY_TEMPLATE = """\
 # Benchmark policy: every check runs for every request (first match wins, default deny).
 version: 1
 default: deny
@@ -261,7 +250,20 @@ tests:
   - {{role: engineer, source: 127.0.0.1, unit: 1, function: read_holding_registers,
      address: 0, quantity: 10, expect: deny}}
 """
-    )
+
+def write_mbsec_config(
+    work: Path,
+    port: int,
+    plc_port: int,
+    pool: int,
+    depth: int,
+    workers: int = 1,
+    name: str = "mbsec",
+    extra: str = "",
+    allowed_requests: str = "off",
+) -> Path:
+    """A config and policy that enforce everything a production policy would check."""
+    (work / "policy.yaml").write_text(POLICY_TEMPLATE.format(plc_port=plc_port))
     cfg = work / f"{name}.toml"
     cfg.write_text(
         f"""\

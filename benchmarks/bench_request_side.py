@@ -21,6 +21,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from bench_proxy import POLICY_TEMPLATE
+
 from mbsec.identity import PeerIdentity
 from mbsec.metrics import Metrics
 from mbsec.modbus.mbap import Adu
@@ -28,30 +30,8 @@ from mbsec.path.decide import Decisions, ProxyState
 from mbsec.path.plc import check_reply
 from mbsec.policy import RateLimiter, load_policy_text
 
-POLICY = """\
-version: 1
-default: deny
-targets:
-  bench-plc: {description: the PLC, upstream: "127.0.0.1:502", unit_ids: [1]}
-limits:
-  default: {requests_per_second: 10000000, burst: 10000000, max_in_flight: 4096}
-rules:
-  - id: no-writes-on-bench
-    description: Writes are refused before any allow rule is looked at
-    action: deny
-    targets: [bench-plc]
-    functions: [write_single_coil, write_single_register, write_multiple_coils,
-                write_multiple_registers, mask_write_register, read_write_multiple_registers]
-  - id: operator-read-bench
-    description: Operators on localhost read holding registers 0-999
-    roles: [operator]
-    sources: ["127.0.0.0/8"]
-    targets: [bench-plc]
-    functions: [read_holding_registers]
-    addresses: ["0-999"]
-    max_quantity: 125
-    max_response_bytes: 252
-"""
+#: bench_proxy.py's policy: the same rules decide here as in the proxy benchmark
+POLICY = POLICY_TEMPLATE.format(plc_port=502)
 
 
 class _QuietLog:
