@@ -118,6 +118,10 @@ class DataPlane:
         self._wake_lock = threading.Lock()
         self._stopped = False
         self._sent_upstream = False  # this pass wrote requests to a PLC (busy poll)
+        #: busy polls taken and those that found nothing (``busy_poll_us``): what the
+        #: adaptive rule decided, counted where the clock cannot blur it (tests)
+        self.spins = 0
+        self.empty_spins = 0
         #: the logger's sinks (audit.SinkLogger): while this loop runs, the allowed-request
         #: lines logged on this thread go to each sink's writer thread (no write(2) here)
         sink = getattr(log, "_logger", None)
@@ -256,6 +260,9 @@ class DataPlane:
                     while not events and time.monotonic() < end:
                         events = ep.poll(0)
                     policy.spun(kind, bool(events))
+                    self.spins += 1
+                    if not events:
+                        self.empty_spins += 1
                     if not events:
                         if deadline is not None:
                             timeout = max(0.0, deadline - time.monotonic())
