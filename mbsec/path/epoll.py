@@ -263,7 +263,6 @@ class DataPlane:
                     self.spins += 1
                     if not events:
                         self.empty_spins += 1
-                    if not events:
                         if deadline is not None:
                             timeout = max(0.0, deadline - time.monotonic())
                         events = ep.poll(timeout)

@@ -91,11 +91,10 @@ class RateLimiter:
         self._clock = clock
         self._max_entries = max_entries
         self._state: dict[str, State] = {}
-        #: the last role set asked about and its limit: ``limit_for`` is a pure function of
-        #: the roles under this limiter's policy, and a connection asks with the same
-        #: frozenset (its principal's) for every request
-        self._roles: frozenset[str] | None = None
-        self._limit: RateLimit | None = None
+        #: the last role set asked about and its limit, as one pair (read and replaced in one
+        #: step): ``limit_for`` is a pure function of the roles under this limiter's policy,
+        #: and a connection asks with the same frozenset (its principal's) for every request
+        self._last: tuple[frozenset[str], RateLimit | None] | None = None
 
     def successor(self, policy: Policy) -> RateLimiter:
         """The limiter for a reloaded policy, sharing this one's budgets and in-flight counts.
@@ -110,12 +109,12 @@ class RateLimiter:
 
     def acquire(self, principal: Principal, access: Access) -> str | None:
         roles = principal.roles
-        if roles is self._roles:
-            limit = self._limit
+        last = self._last
+        if last is not None and last[0] is roles:
+            limit = last[1]
         else:
             limit = self._policy.limit_for(roles)
-            self._roles = roles
-            self._limit = limit
+            self._last = (roles, limit)
         if limit is None:
             return None
         now = self._clock()
