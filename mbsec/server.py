@@ -412,12 +412,9 @@ class Proxy:
         connections for weeks."""
         for s in list(self.sessions):
             ident = s.identity
-            if ident is not None and (
-                    state.tls.is_revoked(ident.issuer, ident.serial)
-                    or state.tls.issuer_revoked(ident.issuer)
-                    or any(state.tls.is_revoked(issuer, serial)
-                           or state.tls.issuer_revoked(issuer)
-                           for issuer, serial in s.issuing_cas)):
+            if ident is not None and any(  # the leaf, then the CAs the client presented
+                    state.tls.is_revoked(issuer, serial) or state.tls.issuer_revoked(issuer)
+                    for issuer, serial in ((ident.issuer, ident.serial), *s.issuing_cas)):
                 self.metrics.inc("mbsec_revoked_certificate_seen_total", stage="open_connection")
                 events.emit(self.log, events.connection_revoked(s.conn_id, ident, s.peer_ip))
                 s.stop_reading("certificate_revoked")
