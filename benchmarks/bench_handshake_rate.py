@@ -120,6 +120,25 @@ def write_crl(certs: Path) -> Path:
     return path
 
 
+def send_root(certs: Path) -> None:
+    """Make every server send the same chain, leaf and root, as R-46 asks (docs/compliance.md
+    row 7) and as mbsec-pki's chain files hold: ``server-chain.crt`` for mbsec, and haproxy's
+    ``server.pem`` with the root after the leaf. stunnel keeps ``server.crt``: OpenSSL's auto
+    chain already adds the root from its CAfile. With the kit's files as they are, haproxy
+    sends the leaf alone, and its clients spend less CPU per handshake (one certificate fewer
+    to parse and check): the ``kit`` chain is not the same work for every server."""
+    leaf, root = (certs / "server.crt").read_text(), (certs / "ca.crt").read_text()
+    (certs / "server-chain.crt").write_text(leaf + root)
+    (certs / "server.pem").write_text(leaf + root + (certs / "server.key").read_text())
+
+
+def use_chain(args: argparse.Namespace, cfg: Path) -> None:
+    """Point an mbsec config at ``server-chain.crt`` under ``--server-chain root``."""
+    if getattr(args, "server_chain", "kit") == "root":
+        cfg.write_text(cfg.read_text().replace('cert = "certs/server.crt"',
+                                               'cert = "certs/server-chain.crt"'))
+
+
 SPIKE = Path(__file__).resolve().parent / "spike_epoll_handshake.py"
 #: spike target -> (processes, compiled); spike-c2's processes are --workers
 SPIKE_TARGETS = {"spike-py": (1, False), "spike-c": (1, True), "spike-c2": (2, True)}
@@ -133,6 +152,7 @@ def start_spike(args: argparse.Namespace, stack: Stack, name: str, port: int,
     procs, comp = SPIKE_TARGETS[name]
     workers = args.workers if procs > 1 else 1
     cfg = write_mbsec_config(work, port, plc_port, 4, 16, workers, name, "", "off")
+    use_chain(args, cfg)
     env = dict(os.environ)
     if comp:
         env["PYTHONPATH"] = os.pathsep.join(
@@ -171,6 +191,8 @@ def handshake_stack(args: argparse.Namespace, work: Path, mbsec_targets: dict[st
         run([str(kit / "gen-certs.sh"), str(certs), "operator"], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, env=dict(os.environ, KEYALG=args.keyalg))
         crl = write_crl(certs)
+        if getattr(args, "server_chain", "kit") == "root":
+            send_root(certs)
         stack.procs["mbplc"] = subprocess.Popen(
             [str(kit / "mbplc"), "--port", str(ports["direct"]), "--quiet"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -180,6 +202,7 @@ def handshake_stack(args: argparse.Namespace, work: Path, mbsec_targets: dict[st
         for name, workers in mbsec_targets.items():
             cfg = write_mbsec_config(work, ports[name], ports["direct"], 4, 16, workers, name,
                                      "", "off")
+            use_chain(args, cfg)
             if name.endswith("-crl"):
                 text = cfg.read_text().replace(
                     'client_ca = "certs/ca.crt"\n',
@@ -222,6 +245,7 @@ class Run:
     proxy_cpu_s: float
     client_cpu_s: float
     load1: float
+    client_sys_s: float
     ok: bool
 
     @property
@@ -259,9 +283,13 @@ def s_time(stack: Stack, port: int, target: str, rep: int, clients: int,
         if m is not None:
             n += int(m.group(1))
     client = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    r = Run(target, rep, n, wall, (c1 - c0) / CLK_TCK, client, load1, ok)
+    client_sys = ru1.ru_stime - ru0.ru_stime
+    r = Run(target, rep, n, wall, (c1 - c0) / CLK_TCK, client, load1, client_sys, ok)
+    per = 1000 / max(n, 1)
     say(f"rep {rep} {target:<14} {r.rate:7.1f} hs/s  {r.handshakes:6d} hs  proxy CPU "
-        f"{r.cpu_ms:5.2f} ms/hs  clients {client:5.1f} s CPU  load {load1:.1f}"
+        f"{r.cpu_ms:5.2f} ms/hs  clients {client * per:4.2f} ms/hs "
+        f"(user {(client - client_sys) * per:4.2f}, sys {client_sys * per:4.2f})  "
+        f"load {load1:.1f}"
         f"{'' if ok else '  FAILED'}")
     return r
 
@@ -577,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keyalg", choices=("ec", "rsa"), default="ec",
                    help="key type of every certificate (gen-certs.sh KEYALG)")
     p.add_argument("--crl", action="store_true", help="also mbsec-crl (a CRL loaded)")
+    p.add_argument("--server-chain", choices=("kit", "root"), default="kit",
+                   help="kit: the kit's files as they are (haproxy sends the leaf alone, "
+                   "stunnel and mbsec leaf and root); root: every server sends leaf and root "
+                   "(R-46), the same work for every client")
     p.add_argument("--targets", help="comma list (default: stunnel,haproxy,mbsec,"
                    "mbsec-workers[,mbsec-crl])")
     p.add_argument("--python", default=sys.executable, help="the interpreter running mbsec")
@@ -641,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"box: {box()}; load average at the start: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{args.clients} x openssl s_time -new -tls1_2 with a client certificate, "
-          f"{args.duration:g} s per run, {args.reps} repetitions, keys: {args.keyalg}")
+          f"{args.duration:g} s per run, {args.reps} repetitions, keys: {args.keyalg}, "
+          f"server chain: {args.server_chain}")
     runs: list[Run] = []
     compiled: dict[str, Any] = {}
     perf_lines: list[str] = []
