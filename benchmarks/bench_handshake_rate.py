@@ -39,13 +39,19 @@ and a CRL). Figures and the profile behind them: benchmarks/README.md, "Handshak
 
 ``--spike`` adds the handshake spike (benchmarks/spike_epoll_handshake.py: accept and the
 handshake in one epoll loop outside trio, with mbsec's context, identity, principal and
-template-rendered events) as ``spike-py`` (one process, interpreted) and, with
+template-rendered events) as ``spike-py`` (one process, interpreted), ``spike-py2`` (``--workers``
+processes, interpreted) and, with
 ``--spike-build DIR`` (a directory holding the mypyc-compiled module), ``spike-c`` (one
 process) and ``spike-c2`` (``--workers`` processes), each with the config of ``mbsec``.
 ``--openssl-variants`` measures in memory what server options change OpenSSL's CPU per
 handshake (mbsec's context against the options haproxy and stunnel use). ``--perf NAME``
 (repeatable) runs one more measurement of that target under ``perf record`` and prints its
 CPU per handshake split by shared object.
+
+``--server-chain root`` gives every server the same chain, leaf and root (R-46; mbsec from a
+chain file as ``mbsec-pki`` writes them): with the kit's files haproxy sends the leaf alone, and
+the root costs each client 0.1-0.2 ms of CPU per handshake (benchmarks/README.md, "the clients'
+CPU explained"). Every repetition prints the clients' CPU per handshake, user and system.
 """
 
 from __future__ import annotations
@@ -140,8 +146,9 @@ def use_chain(args: argparse.Namespace, cfg: Path) -> None:
 
 
 SPIKE = Path(__file__).resolve().parent / "spike_epoll_handshake.py"
-#: spike target -> (processes, compiled); spike-c2's processes are --workers
-SPIKE_TARGETS = {"spike-py": (1, False), "spike-c": (1, True), "spike-c2": (2, True)}
+#: spike target -> (processes, compiled); spike-py2's and spike-c2's processes are --workers
+SPIKE_TARGETS = {"spike-py": (1, False), "spike-py2": (2, False), "spike-c": (1, True),
+                 "spike-c2": (2, True)}
 _SPIKE_LOADER = "import sys, spike_epoll_handshake as m; sys.exit(m.main())"
 
 
@@ -334,7 +341,10 @@ def report(runs: list[Run], targets: list[str], reps: int) -> str:
                        ("spike-c", "haproxy", "rate"), ("spike-c", "haproxy", "cpu"),
                        ("spike-c2", "haproxy", "cpu"), ("spike-py", "haproxy", "cpu"),
                        ("spike-c", "stunnel", "cpu"), ("spike-c", "mbsec", "cpu"),
-                       ("spike-py", "mbsec", "cpu"), ("spike-c", "spike-py", "cpu")):
+                       ("spike-py", "mbsec", "cpu"), ("spike-c", "spike-py", "cpu"),
+                       ("spike-py2", "haproxy", "rate"), ("spike-py2", "stunnel", "rate"),
+                       ("spike-py2", "mbsec-workers", "rate"), ("spike-py2", "haproxy", "cpu"),
+                       ("spike-py2", "stunnel", "cpu")):
         if a in targets and b in targets:
             lines.append(ratio_line(runs, reps, a, b, what))
     for other in (t for t in targets if t.startswith("mbsec@")):
@@ -620,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--openssl-only", action="store_true",
                    help="only OpenSSL's server CPU per handshake in memory, per key type")
     p.add_argument("--spike", action="store_true",
-                   help="also the handshake spike: spike-py, and with --spike-build "
+                   help="also the handshake spike: spike-py, spike-py2, and with --spike-build "
                    "spike-c and spike-c2 (benchmarks/spike_epoll_handshake.py)")
     p.add_argument("--spike-build", type=Path,
                    help="a directory holding the mypyc-compiled spike_epoll_handshake module")
