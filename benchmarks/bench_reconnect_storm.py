@@ -20,6 +20,9 @@ times, failed attempts, the proxy's CPU (``/proc``, every process of it) and the
 CPU. Repetitions interleave the targets; the load average before each run is printed.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_reconnect_storm.py --reps 3
+
+``--compare NAME=PATH`` adds ``mbsec@NAME``, one process importing mbsec from the source tree
+PATH (``git archive BASE mbsec | tar -x -C PATH``), as in ``bench_handshake_rate.py``.
 """
 
 from __future__ import annotations
@@ -291,9 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=sys.executable, help="the interpreter running mbsec")
     p.add_argument("--workdir", type=Path, help="keep certs, configs and logs here")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing packages")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                   help="also mbsec@NAME: one process importing mbsec from PATH (a source tree, "
+                   "e.g. the code before a change); repeatable")
     args = p.parse_args(argv)
     args.crl = False
     all_mbsec = {"mbsec": 1, "mbsec-workers": args.workers}
+    args.compare_paths = {}
+    for spec in args.compare:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path, "mbsec").is_dir():
+            p.error(f"--compare {spec}: want NAME=PATH with PATH/mbsec a source tree")
+        args.compare_paths[f"mbsec@{name}"] = Path(path).resolve()
+        all_mbsec[f"mbsec@{name}"] = 1
     targets = ([t.strip() for t in args.targets.split(",") if t.strip()] if args.targets
                else [*PEERS, *all_mbsec])
     ensure_packages(not args.no_install)

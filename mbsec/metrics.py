@@ -76,6 +76,10 @@ HELP: dict[str, str] = {
     "mbsec_writes_frozen": "1 while writes to the target are frozen (kind manual or auto)",
     "mbsec_handshakes_active": "Client connections still in their TLS handshake",
     "mbsec_handshakes_evicted_total": "Handshakes ended to make room for a new connection",
+    "mbsec_connections_waiting": "New connections waiting for a handshake place or their "
+                                 "prefix's rate",
+    "mbsec_connections_waited_total": "New connections admitted after waiting for a handshake "
+                                      "place or their prefix's rate",
     "mbsec_rejections_suppressed_total": "Rejections of unauthenticated peers not logged one by "
                                          "one (summed up in rejections-suppressed events)",
 }

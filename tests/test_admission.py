@@ -27,6 +27,7 @@ from mbsec.admission import (
     RejectionLog,
     Summary,
     TokenBucket,
+    WaitingRoom,
     source_prefix,
 )
 
@@ -342,3 +343,102 @@ class RejectionLogMachine(RuleBasedStateMachine):
 
 TestRejectionLogMachine = RejectionLogMachine.TestCase
 TestRejectionLogMachine.settings = SIM
+
+
+# -- the waiting room ----------------------------------------------------------------------------
+
+
+def test_waiting_room_serves_each_prefix_in_arrival_order_and_the_prefixes_in_turn() -> None:
+    room: WaitingRoom[str] = WaitingRoom(capacity=10, max_wait=2.0)
+    for i, prefix in enumerate(["a", "a", "b", "a", "c"]):
+        assert room.add(prefix, f"{prefix}{i}", float(i) / 10)
+    assert len(room) == 5 and room.waiting("a") == 3
+    assert room.prefixes() == ["a", "b", "c"]
+    assert room.prefixes() == ["b", "c", "a"]  # the next pass starts one later
+    assert room.head("a") == "a0"
+    assert [room.pop("a"), room.pop("a"), room.pop("a")] == ["a0", "a1", "a3"]
+    assert room.head("a") is None and room.waiting("a") == 0
+    assert room.prefixes() == ["c", "b"]
+    assert len(room) == 2
+
+
+def test_waiting_room_bounds_the_room_and_each_prefixs_share() -> None:
+    room: WaitingRoom[int] = WaitingRoom(capacity=6, max_wait=2.0)
+    assert room.per_prefix == 3
+    assert [room.add("flood", i, 0.0) for i in range(5)] == [True, True, True, False, False]
+    assert [room.add(f"p{i}", i, 0.0) for i in range(4)] == [True, True, True, False]
+    assert len(room) == 6
+
+
+def test_waiting_room_gives_up_on_who_waited_max_wait_oldest_first() -> None:
+    room: WaitingRoom[str] = WaitingRoom(capacity=10, max_wait=2.0)
+    room.add("a", "a-old", 0.0)
+    room.add("b", "b-old", 0.5)
+    room.add("a", "a-new", 1.5)
+    assert room.expired(1.9) == []
+    assert room.expired(2.5) == ["a-old", "b-old"]
+    assert len(room) == 1 and room.prefixes() == ["a"] and room.head("a") == "a-new"
+    assert room.drain() == ["a-new"] and len(room) == 0 and room.prefixes() == []
+
+
+class WaitingRoomMachine(RuleBasedStateMachine):
+    """Arrivals from a few prefixes, admissions of heads, expiries and ticks of a simulated
+    clock, against a model (one list per prefix): each prefix is served in arrival order,
+    nobody is lost or served twice, the bounds hold, and nobody leaves ``expired`` before
+    ``max_wait`` or stays after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room: WaitingRoom[int] = WaitingRoom(capacity=7, max_wait=2.0, per_prefix=4)
+        self.model: dict[str, list[tuple[float, int]]] = {}
+        self.now = 0.0
+        self.next = 0
+
+    @rule(dt=st.floats(0, 1.5))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(prefix=st.sampled_from(["a", "b", "c"]))
+    def arrive(self, prefix: str) -> None:
+        item, self.next = self.next, self.next + 1
+        queued = self.room.add(prefix, item, self.now)
+        mine = self.model.setdefault(prefix, [])
+        fits = (sum(len(q) for q in self.model.values()) < 7 and len(mine) < 4)
+        assert queued == fits
+        if queued:
+            mine.append((self.now, item))
+        elif not mine:
+            del self.model[prefix]
+
+    @rule(data=st.data())
+    def admit_a_head(self, data: st.DataObject) -> None:
+        order = self.room.prefixes()
+        assert sorted(order) == sorted(self.model)
+        if not order:
+            return
+        prefix = data.draw(st.sampled_from(order))
+        assert self.room.head(prefix) == self.model[prefix][0][1]
+        assert self.room.pop(prefix) == self.model[prefix].pop(0)[1]
+        if not self.model[prefix]:
+            del self.model[prefix]
+
+    @rule()
+    def expire(self) -> None:
+        gone = self.room.expired(self.now)
+        want = [i for q in self.model.values() for t, i in q if self.now - t >= 2.0]
+        assert sorted(gone) == sorted(want)
+        for prefix in list(self.model):
+            self.model[prefix] = [(t, i) for t, i in self.model[prefix] if self.now - t < 2.0]
+            if not self.model[prefix]:
+                del self.model[prefix]
+
+    @invariant()
+    def the_room_is_the_model(self) -> None:
+        assert len(self.room) == sum(len(q) for q in self.model.values()) <= 7
+        for prefix, q in self.model.items():
+            assert self.room.waiting(prefix) == len(q) <= 4
+            assert self.room.head(prefix) == q[0][1]
+
+
+TestWaitingRoomMachine = WaitingRoomMachine.TestCase
+TestWaitingRoomMachine.settings = SIM
