@@ -343,7 +343,8 @@ class WaitingRoom(Generic[T]):
     One prefix holds at most ``per_prefix`` places of the room (half by default), and a prefix
     whose head must still wait never holds another's back, so a flood that speaks from one
     prefix costs that prefix its turn, not everyone's. Sans-IO: the caller passes the clock
-    and drives the retries (:meth:`prefixes`, :meth:`head`, :meth:`pop`, :meth:`expired`)."""
+    and drives the retries (:meth:`prefixes`, :meth:`head`, :meth:`pop`, :meth:`to_back`,
+    :meth:`expired`)."""
 
     __slots__ = ("_queues", "_size", "capacity", "max_wait", "per_prefix")
 
@@ -376,11 +377,14 @@ class WaitingRoom(Generic[T]):
         return True
 
     def prefixes(self) -> list[str]:
-        """The prefixes with someone waiting, in turn order; the next call starts one later."""
-        order = list(self._queues)
-        if len(order) > 1:
-            self._queues.move_to_end(order[0])
-        return order
+        """The prefixes with someone waiting, in turn order."""
+        return list(self._queues)
+
+    def to_back(self, prefixes: list[str]) -> None:
+        """The prefixes that had their turn (and still wait) go to the back of the order."""
+        for prefix in prefixes:
+            if prefix in self._queues:
+                self._queues.move_to_end(prefix)
 
     def head(self, prefix: str) -> T | None:
         q = self._queues.get(prefix)

@@ -91,6 +91,9 @@ TARPIT_MAX = 1024
 WAITING_S = 4.0
 WAITING_TICK_S = 0.01
 WAITING_MAX = 1024
+#: a pass over the room ends after this many heads that must still wait: waiters from a
+#: thousand prefixes (a flood that speaks and stalls) cost a bounded share of the loop
+WAITING_MISSES = 32
 
 
 class StartupError(Exception):
@@ -649,11 +652,17 @@ class Proxy:
                 now = time.monotonic()
                 for stream, source, peer, reason in room.expired(now):
                     self._refuse(stream, source, peer, Refused(reason))
+                misses = 0
+                visited: list[str] = []
                 for prefix in room.prefixes():
+                    if misses >= WAITING_MISSES:
+                        break  # the prefixes after it start the next pass
+                    visited.append(prefix)
                     while (head := room.head(prefix)) is not None:
                         stream, source, peer, _reason = head
                         verdict = self.admission.admit(source, now, spoke=True)
                         if isinstance(verdict, Refused) and verdict.reason in WAITABLE_REASONS:
+                            misses += 1
                             break  # its prefix's turn ends; the next token or place decides
                         room.pop(prefix)
                         if isinstance(verdict, Admitted):
@@ -661,6 +670,7 @@ class Proxy:
                             conns.start_soon(self._connection, stream, source, verdict)
                         else:
                             self._refuse(stream, source, peer, verdict)
+                room.to_back(visited)
                 self.metrics.set("mbsec_connections_waiting", len(room))
                 await trio.sleep(WAITING_TICK_S)
         finally:

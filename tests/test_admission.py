@@ -354,10 +354,12 @@ def test_waiting_room_serves_each_prefix_in_arrival_order_and_the_prefixes_in_tu
         assert room.add(prefix, f"{prefix}{i}", float(i) / 10)
     assert len(room) == 5 and room.waiting("a") == 3
     assert room.prefixes() == ["a", "b", "c"]
-    assert room.prefixes() == ["b", "c", "a"]  # the next pass starts one later
+    room.to_back(["a"])  # a had its turn: the next pass starts with b
+    assert room.prefixes() == ["b", "c", "a"]
     assert room.head("a") == "a0"
     assert [room.pop("a"), room.pop("a"), room.pop("a")] == ["a0", "a1", "a3"]
     assert room.head("a") is None and room.waiting("a") == 0
+    room.to_back(["b", "a"])  # a has gone: nothing to move
     assert room.prefixes() == ["c", "b"]
     assert len(room) == 2
 
@@ -409,6 +411,13 @@ class WaitingRoomMachine(RuleBasedStateMachine):
             mine.append((self.now, item))
         elif not mine:
             del self.model[prefix]
+
+    @rule(data=st.data())
+    def turns(self, data: st.DataObject) -> None:
+        order = self.room.prefixes()
+        had = data.draw(st.lists(st.sampled_from(order), unique=True) if order else st.just([]))
+        self.room.to_back(had)
+        assert self.room.prefixes() == [p for p in order if p not in had] + had
 
     @rule(data=st.data())
     def admit_a_head(self, data: st.DataObject) -> None:
