@@ -605,6 +605,18 @@ def perf_split(stack: Stack, port: int, target: str, clients: int, duration: flo
     return "\n".join(lines)
 
 
+def add_compare_targets(p: argparse.ArgumentParser, args: argparse.Namespace,
+                        all_mbsec: dict[str, int]) -> None:
+    """``--compare NAME=PATH``: target ``mbsec@NAME`` (one process) imports mbsec from PATH."""
+    args.compare_paths = {}
+    for spec in args.compare:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path, "mbsec").is_dir():
+            p.error(f"--compare {spec}: want NAME=PATH with PATH/mbsec a source tree")
+        args.compare_paths[f"mbsec@{name}"] = Path(path).resolve()
+        all_mbsec[f"mbsec@{name}"] = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", type=Path, default=KIT, help="the bench kit (shared/bench)")
@@ -656,13 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     all_mbsec = {"mbsec": 1, "mbsec-workers": args.workers, **({"mbsec-crl": 1} if args.crl
                                                                else {})}
-    args.compare_paths = {}
-    for spec in args.compare:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not Path(path, "mbsec").is_dir():
-            p.error(f"--compare {spec}: want NAME=PATH with PATH/mbsec a source tree")
-        args.compare_paths[f"mbsec@{name}"] = Path(path).resolve()
-        all_mbsec[f"mbsec@{name}"] = 1
+    add_compare_targets(p, args, all_mbsec)
     spikes = ([n for n, (_procs, comp) in SPIKE_TARGETS.items()
                if not comp or args.spike_build is not None] if args.spike else [])
     if args.spike_build is not None and not args.spike_build.is_dir():

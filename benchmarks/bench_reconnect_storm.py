@@ -51,6 +51,7 @@ from bench_handshake_rate import (  # the sibling script holds the stack
     CLK_TCK,
     KIT,
     PEERS,
+    add_compare_targets,
     box,
     cpu_ticks,
     handshake_stack,
@@ -300,13 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.crl = False
     all_mbsec = {"mbsec": 1, "mbsec-workers": args.workers}
-    args.compare_paths = {}
-    for spec in args.compare:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not Path(path, "mbsec").is_dir():
-            p.error(f"--compare {spec}: want NAME=PATH with PATH/mbsec a source tree")
-        args.compare_paths[f"mbsec@{name}"] = Path(path).resolve()
-        all_mbsec[f"mbsec@{name}"] = 1
+    add_compare_targets(p, args, all_mbsec)
     targets = ([t.strip() for t in args.targets.split(",") if t.strip()] if args.targets
                else [*PEERS, *all_mbsec])
     ensure_packages(not args.no_install)
