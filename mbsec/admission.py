@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -343,8 +344,7 @@ class WaitingRoom(Generic[T]):
     One prefix holds at most ``per_prefix`` places of the room (half by default), and a prefix
     whose head must still wait never holds another's back, so a flood that speaks from one
     prefix costs that prefix its turn, not everyone's. Sans-IO: the caller passes the clock
-    and drives the retries (:meth:`prefixes`, :meth:`head`, :meth:`pop`, :meth:`to_back`,
-    :meth:`expired`)."""
+    and drives the retries (:meth:`serve`, :meth:`expired`)."""
 
     __slots__ = ("_queues", "_size", "capacity", "max_wait", "per_prefix")
 
@@ -398,6 +398,31 @@ class WaitingRoom(Generic[T]):
         if not q:
             del self._queues[prefix]
         return item
+
+    def serve(self, admit: Callable[[T], Admitted | Refused], max_misses: int
+              ) -> list[tuple[T, Admitted | Refused]]:
+        """One pass: each prefix in turn offers its heads to ``admit`` until one must still
+        wait (a refusal in :data:`WAITABLE_REASONS`: a miss); every other verdict takes the
+        head out and is returned with it, in order. The pass ends after ``max_misses`` misses,
+        and the prefixes it visited go to the back, so the next pass starts where this one
+        stopped: a pass costs at most ``max_misses`` refused admissions however many prefixes
+        wait, and every prefix gets its turn."""
+        out: list[tuple[T, Admitted | Refused]] = []
+        visited: list[str] = []
+        misses = 0
+        for prefix in self.prefixes():
+            if misses >= max_misses:
+                break
+            visited.append(prefix)
+            while (head := self.head(prefix)) is not None:
+                verdict = admit(head)
+                if isinstance(verdict, Refused) and verdict.reason in WAITABLE_REASONS:
+                    misses += 1
+                    break
+                self.pop(prefix)
+                out.append((head, verdict))
+        self.to_back(visited)
+        return out
 
     def expired(self, now: float) -> list[T]:
         """Take out everyone who has waited ``max_wait`` or longer (each prefix's oldest are at

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -652,25 +653,14 @@ class Proxy:
                 now = time.monotonic()
                 for stream, source, peer, reason in room.expired(now):
                     self._refuse(stream, source, peer, Refused(reason))
-                misses = 0
-                visited: list[str] = []
-                for prefix in room.prefixes():
-                    if misses >= WAITING_MISSES:
-                        break  # the prefixes after it start the next pass
-                    visited.append(prefix)
-                    while (head := room.head(prefix)) is not None:
-                        stream, source, peer, _reason = head
-                        verdict = self.admission.admit(source, now, spoke=True)
-                        if isinstance(verdict, Refused) and verdict.reason in WAITABLE_REASONS:
-                            misses += 1
-                            break  # its prefix's turn ends; the next token or place decides
-                        room.pop(prefix)
-                        if isinstance(verdict, Admitted):
-                            self.metrics.inc("mbsec_connections_waited_total")
-                            conns.start_soon(self._connection, stream, source, verdict)
-                        else:
-                            self._refuse(stream, source, peer, verdict)
-                room.to_back(visited)
+                admit = partial(_readmit, self.admission, now)
+                for (stream, source, peer, _reason), verdict in room.serve(admit,
+                                                                            WAITING_MISSES):
+                    if isinstance(verdict, Admitted):
+                        self.metrics.inc("mbsec_connections_waited_total")
+                        conns.start_soon(self._connection, stream, source, verdict)
+                    else:
+                        self._refuse(stream, source, peer, verdict)
                 self.metrics.set("mbsec_connections_waiting", len(room))
                 await trio.sleep(WAITING_TICK_S)
         finally:
@@ -796,6 +786,12 @@ class _Edge:
 
     def rejected(self, event: events.Event) -> None:
         self._proxy.report_rejection(event, self._source)
+
+
+def _readmit(admission: Admission, now: float, waiting: tuple[Any, str, Any, str]
+             ) -> Admitted | Refused:
+    """Admission for a newcomer in the waiting room: it has spoken."""
+    return admission.admit(waiting[1], now, spoke=True)
 
 
 def _held_sizes(max_connections: int) -> tuple[int, int]:

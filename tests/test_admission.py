@@ -383,6 +383,48 @@ def test_waiting_room_gives_up_on_who_waited_max_wait_oldest_first() -> None:
     assert room.drain() == ["a-new"] and len(room) == 0 and room.prefixes() == []
 
 
+def test_a_pass_over_the_room_stops_after_max_misses_and_the_next_starts_there() -> None:
+    """Waiters from 100 prefixes, none of which may come in yet: a pass asks admission at most
+    ``max_misses`` times, and four passes give every prefix its turn once."""
+    room: WaitingRoom[str] = WaitingRoom(capacity=200, max_wait=4.0)
+    for i in range(100):
+        room.add(f"p{i}", f"p{i}-0", 0.0)
+    asked: list[str] = []
+
+    def busy(item: str) -> Admitted | Refused:
+        asked.append(item)
+        return Refused("too_many_handshakes")
+
+    for _ in range(4):
+        assert room.serve(busy, max_misses=32) == []
+    assert asked[:32] == [f"p{i}-0" for i in range(32)]
+    assert len(asked) == 128  # 4 passes x 32
+    assert asked[:100] == [f"p{i}-0" for i in range(100)]  # each prefix once, in turn
+    assert asked[100:] == [f"p{i}-0" for i in range(28)]  # then from the start again
+    assert len(room) == 100
+
+
+def test_a_pass_admits_each_prefix_in_order_until_one_must_wait() -> None:
+    room: WaitingRoom[str] = WaitingRoom(capacity=10, max_wait=4.0)
+    for item in ["a1", "a2", "a3"]:
+        room.add("a", item, 0.0)
+    room.add("b", "b1", 0.0)
+    tokens = {"a": 2, "b": 0}
+
+    def admit(item: str) -> Admitted | Refused:
+        if item == "b1":
+            return Refused("too_many_connections_from_source")  # not waitable: out, refused
+        if tokens[item[0]] == 0:
+            return Refused("connection_rate_exceeded")
+        tokens[item[0]] -= 1
+        return Admitted(int(item[1:]))
+
+    out = room.serve(admit, max_misses=8)
+    assert out == [("a1", Admitted(1)), ("a2", Admitted(2)),
+                   ("b1", Refused("too_many_connections_from_source"))]
+    assert room.prefixes() == ["a"] and room.head("a") == "a3"
+
+
 class WaitingRoomMachine(RuleBasedStateMachine):
     """Arrivals from a few prefixes, admissions of heads, expiries and ticks of a simulated
     clock, against a model (one list per prefix): each prefix is served in arrival order,
