@@ -190,6 +190,17 @@ class Admission:
         """A silent newcomer would be refused now (every place or handshake place taken)."""
         return self.handshakes >= self.max_handshakes or self.places >= self.max_connections
 
+    def over_rate(self, source: str, now: float) -> bool:
+        """A newcomer from ``source`` would be refused for its prefix's rate now (nothing is
+        taken): a silent one then gets its probation, as when every place is taken."""
+        if not self.under_pressure():
+            return False
+        bucket = self._buckets.get(source_prefix(source))
+        if bucket is None:
+            return False
+        bucket.refill(now)
+        return bucket.tokens < 1.0
+
     def admit(self, source: str, now: float, *, spoke: bool = True) -> Admitted | Refused:
         """``spoke``: the connection's first bytes have arrived; only such a newcomer may
         evict a handshake when every place is taken."""

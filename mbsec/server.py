@@ -70,10 +70,11 @@ CRL_CHECK_INTERVAL = 3600.0
 RELOAD_APPLY_TIMEOUT = 2.0  # seconds a reload waits for the data plane to switch
 LIVENESS_INTERVAL = 1.0  # seconds between two questions to the data-plane thread (/healthz)
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-#: while every handshake place is taken, a connection whose ClientHello has not arrived yet
-#: at accept may wait this long for it before admission decides (when the proxy accepts at
-#: once, a legitimate client's first bytes may still be on their way); at most PROBATION_MAX
-#: wait at once, and a newcomer ends the oldest wait (a silent flood cannot starve it)
+#: while every handshake place is taken, or its prefix is over its rate, a connection whose
+#: ClientHello has not arrived yet at accept may wait this long for it before admission
+#: decides (when the proxy accepts at once, a legitimate client's first bytes may still be on
+#: their way); at most PROBATION_MAX wait at once, and a newcomer ends the oldest wait (a
+#: silent flood cannot starve it)
 PROBATION_S = 1.0
 PROBATION_MAX = 256
 #: a refused connection is held about this long (unread; spread over half to one and a half
@@ -613,7 +614,8 @@ class Proxy:
             if (spoke and self._waiting.waiting(source_prefix(source))
                     and self._wait(stream, source, peer, "connection_rate_exceeded")):
                 continue
-            if not spoke and self.admission.full():
+            if not spoke and (self.admission.full()
+                              or self.admission.over_rate(source, time.monotonic())):
                 conns.start_soon(self._probation_then_connection, stream, source, peer)
                 continue
             verdict = self._admit(stream, source, peer, spoke)
@@ -703,8 +705,9 @@ class Proxy:
 
     async def _probation_then_connection(self, stream: trio.SocketStream, source: str,
                                          peer: Any) -> None:
-        """Every place is taken and this connection has not spoken yet: give its ClientHello
-        ``PROBATION_S`` to arrive (a silent newcomer never evicts anyone)."""
+        """Every place is taken, or its prefix is over its rate, and this connection has not
+        spoken yet: give its ClientHello ``PROBATION_S`` to arrive (a silent newcomer never
+        evicts anyone and never waits in the waiting room)."""
         waiting = self._probation
         if len(waiting) >= PROBATION_MAX:
             waiting.popleft().cancel()  # the oldest has waited longest without a byte

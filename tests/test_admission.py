@@ -345,6 +345,20 @@ TestRejectionLogMachine = RejectionLogMachine.TestCase
 TestRejectionLogMachine.settings = SIM
 
 
+def test_over_rate_says_what_admit_would_refuse_for_the_rate_without_taking_a_token() -> None:
+    a = Admission(max_connections=10, max_handshakes=4, max_per_source=10, prefix_rate=1.0,
+                  prefix_burst=2)
+    assert not a.over_rate("10.0.0.1", 0.0)  # no bucket yet, no pressure
+    assert isinstance(a.admit("10.0.0.1", 0.0), Admitted)
+    assert isinstance(a.admit("10.0.0.2", 0.0), Admitted)  # the burst is spent; 2 of 4: pressure
+    assert a.over_rate("10.0.0.3", 0.0)
+    assert a.over_rate("10.0.0.3", 0.0)  # asking takes nothing
+    assert not a.over_rate("10.9.0.1", 0.0)  # another prefix
+    assert a.admit("10.0.0.3", 0.0) == Refused("connection_rate_exceeded")
+    assert not a.over_rate("10.0.0.3", 1.0)  # a token a second
+    assert isinstance(a.admit("10.0.0.3", 1.0), Admitted)
+
+
 # -- the waiting room ----------------------------------------------------------------------------
 
 
