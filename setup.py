@@ -25,7 +25,8 @@ from setuptools import setup
 CORE = [*(f"mbsec/path/{name}.py" for name in
           ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
            "epoll", "plc", "decide")),
-        "mbsec/modbus/mbap.py", "mbsec/modbus/pdu.py", "mbsec/policy/ratelimit.py"]
+        "mbsec/modbus/mbap.py", "mbsec/modbus/pdu.py", "mbsec/policy/ratelimit.py",
+        "mbsec/audit_fast.py"]
 
 ext_modules = []
 if os.environ.get("MBSEC_PURE") != "1":
