@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -164,7 +165,8 @@ def fast_stamp() -> str:
         t = time.gmtime(second // 1_000_000)
         cache = _stamp_cache = (second, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
                                 f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
-    return f"{cache[1]}.{frac:06d}Z" if frac else cache[1] + "Z"
+    # str(10**6 + frac)[1:]: the six digits, zero-padded, without a format spec to parse
+    return cache[1] + "." + str(1_000_000 + frac)[1:] + "Z" if frac else cache[1] + "Z"
 
 
 def _native(value: Any) -> bool:
@@ -213,6 +215,8 @@ class EventWriter:
         #: the context's values come back equal from the line (else the logger writes
         #: events that a sink needs as objects)
         self._context_native = all(_native(v) for v in self._context.values())
+        #: allowed lines logged on the data-plane thread wait for the end of its loop pass
+        self._batches = sink.batches(level)
 
     def _template(self, shape: tuple[str, ...]) -> _Template | None:
         """The reference chain run once on placeholders for this shape of event."""
@@ -261,9 +265,19 @@ class EventWriter:
             first, second = ((int.__repr__(tid), int.__repr__(int(duration_s * 1e9)))
                              if tid_first else
                              (int.__repr__(int(duration_s * 1e9)), int.__repr__(tid)))
+            line = "".join((a, fast_stamp(), b, first, c, second, d))
             sink = self._sink
-            sink.emit(self._level, "".join((a, fast_stamp(), b, first, c, second, d)), None,
-                      sink.defer_writes)
+            if self._batches and sink.batch_thread == threading.get_ident():
+                # the data plane: the line waits for the end of the loop pass, and the
+                # pass's lines go to the sinks in one call (SinkLogger.emit_batch)
+                batch = sink.batch
+                if batch and sink.batch_level != self._level:
+                    sink.emit_batch()
+                    batch = sink.batch
+                sink.batch_level = self._level
+                batch.append(line)
+                return
+            sink.emit(self._level, line, None, sink.defer_writes)
             return
         ev = events.modbus_request_allowed(tid, unit_id, fc, access, duration_s, rule_id,
                                            decision, target, exception_code)

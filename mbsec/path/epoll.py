@@ -210,6 +210,7 @@ class DataPlane:
         sink = self._log_sink
         if sink is not None:
             sink.defer_writes = True
+            sink.batch_thread = threading.get_ident()
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
@@ -218,6 +219,8 @@ class DataPlane:
                 self._on_fatal()
         finally:
             if sink is not None:  # what this thread logged is written before it ends
+                sink.emit_batch()
+                sink.batch_thread = None
                 sink.defer_writes = False
                 sink.flush_deferred()
 
@@ -228,6 +231,7 @@ class DataPlane:
         outbox = self.outbox
         wake = self._wake_fd
         spin = self._busy_poll
+        sink = self._log_sink  # its batch: the allowed requests logged in one pass
         active = False
         policy = SpinPolicy(spin)  # adaptive busy poll (mbsec.path.spin)
         # the last handler and call are dropped at the end of each pass: a local would keep
@@ -291,6 +295,8 @@ class DataPlane:
             call = None
             if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
+            if sink is not None and sink.batch:
+                sink.emit_batch()
 
     def drain(self, now: float) -> None:
         """Carry out what the core asked for, until it asks nothing more."""
@@ -579,6 +585,9 @@ class ClientIO:
             # reference counting alone, not at the cyclic GC's next full pass
             # (tests/e2e/test_session_memory.py; benchmarks/README.md, "Memory").
             conn.io = None
+            sink = self.plane._log_sink
+            if sink is not None and sink.batch:
+                sink.emit_batch()  # its allowed requests before its close line
             self._on_finished(self.broken)
 
 
