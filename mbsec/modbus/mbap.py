@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import FrozenInstanceError
-from typing import final
+from typing import ClassVar, final
 
 from .errors import Action, LocalProtocolError, RemoteProtocolError
 
@@ -42,7 +42,7 @@ class Adu:
     """
 
     __slots__ = ("pdu", "transaction_id", "unit_id")
-    __match_args__ = ("transaction_id", "unit_id", "pdu")
+    __match_args__: ClassVar[tuple[str, ...]] = ("transaction_id", "unit_id", "pdu")
     transaction_id: int
     unit_id: int
     pdu: bytes
