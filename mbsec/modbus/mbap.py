@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import struct
 from dataclasses import FrozenInstanceError
-from typing import ClassVar, final
+from typing import ClassVar, Final, final
 
 from .errors import Action, LocalProtocolError, RemoteProtocolError
 
 #: transaction id (2) + protocol id (2) + length (2) + unit id (1)
-MBAP_HEADER_LEN = 7
+MBAP_HEADER_LEN: Final = 7
 #: the largest ADU: header + 253-byte PDU
-MAX_ADU = 260
+MAX_ADU: Final = 260
 #: the MBAP length field counts the unit id and the PDU: 1 + (1..253)
-MIN_LENGTH_FIELD = 2
-MAX_LENGTH_FIELD = 254
-MAX_PDU = 253
+MIN_LENGTH_FIELD: Final = 2
+MAX_LENGTH_FIELD: Final = 254
+MAX_PDU: Final = 253
 #: data accepted by :meth:`FrameBuffer.receive_data` but not yet pulled by ``next_frame``
-DEFAULT_MAX_PENDING = 64 * 1024
+DEFAULT_MAX_PENDING: Final = 64 * 1024
 
-_HEADER = struct.Struct(">HHHB")
-_unpack_header = _HEADER.unpack_from
-_pack_header = _HEADER.pack
+_HEADER: Final = struct.Struct(">HHHB")
+_unpack_header: Final = _HEADER.unpack_from
+_pack_header: Final = _HEADER.pack
 
 
 @final

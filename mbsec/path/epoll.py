@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from mbsec import events
 from mbsec.metrics import MetricsLike
@@ -48,16 +48,22 @@ from mbsec.path.timers import Timers
 
 __all__ = ["DataPlane", "compiled", "configure_socket", "records"]
 
-STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
-RECEIVE_SIZE = 65536
+STOP_TIMEOUT: Final = 5.0  # seconds stop() waits for the data-plane thread
+RECEIVE_SIZE: Final = 65536
 #: the most plaintext one TLS record carries (RFC 8446 5.1): replies are joined up to this
-TLS_RECORD_MAX = 16384
-KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe on a PLC link
-KEEPALIVE_INTERVAL = 10
-KEEPALIVE_COUNT = 3
-_IN = select.EPOLLIN | select.EPOLLRDHUP
-_OUT = select.EPOLLOUT
-_ERR = select.EPOLLERR | select.EPOLLHUP
+TLS_RECORD_MAX: Final = 16384
+KEEPALIVE_IDLE: Final = 30  # seconds before the first keepalive probe on a PLC link
+KEEPALIVE_INTERVAL: Final = 10
+KEEPALIVE_COUNT: Final = 3
+_IN: Final = select.EPOLLIN | select.EPOLLRDHUP
+_OUT: Final = select.EPOLLOUT
+_ERR: Final = select.EPOLLERR | select.EPOLLHUP
+#: module attributes read per request, bound once: compiled, a ``Final`` name is a C static,
+#: where ``os.read`` is a module-dict lookup on every call
+_READABLE: Final = select.EPOLLIN
+_PEER_DATA: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+_os_read: Final = os.read
+_os_write: Final = os.write
 
 
 def compiled() -> bool:
@@ -450,9 +456,9 @@ class ClientIO:
                 conn.abort("client_reset")
             return
         # EPOLLIN of a pass in which the mask dropped it (pipelining limit) waits
-        if ev & _ERR or (ev & _IN and self._mask & select.EPOLLIN):
+        if ev & _ERR or (ev & _IN and self._mask & _READABLE):
             try:
-                raw = os.read(self.fd, RECEIVE_SIZE)
+                raw = _os_read(self.fd, RECEIVE_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -544,7 +550,7 @@ class ClientIO:
         out = self._out
         if out:
             try:
-                n = os.write(self.fd, out)
+                n = _os_write(self.fd, out)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -690,7 +696,7 @@ class LinkIO:
         if not out or not self.connected or self._writing:
             return
         try:
-            n = os.write(self.fd, out)
+            n = _os_write(self.fd, out)
         except BlockingIOError:
             n = 0
         except OSError as exc:
@@ -713,10 +719,10 @@ class LinkIO:
             self.write()
             if link.gen != self.gen:
                 return
-        if not ev & (select.EPOLLIN | _ERR | select.EPOLLRDHUP):
+        if not ev & _PEER_DATA:
             return
         try:
-            data = os.read(self.fd, RECEIVE_SIZE)
+            data = _os_read(self.fd, RECEIVE_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
