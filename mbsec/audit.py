@@ -66,8 +66,9 @@ class EventSink(Protocol):
 
 
 class _Deferring:
-    """Lines written later, in batches, by a writer thread of the sink: the data plane logs
-    each allowed request with :meth:`write_deferred`, which only appends it to a list; the
+    """Lines written later, in batches, by a writer thread of the sink: the data plane hands
+    over the allowed requests of each loop pass with :meth:`write_deferred_lines` (one line:
+    :meth:`write_deferred`), which only appends them to a list; the
     writer wakes when the list stops being empty, lets lines gather for :attr:`INTERVAL`
     and writes them with one write. So the data-plane thread neither makes a system call per
     line nor waits for a slow disk. Each write carries whole lines only (a reader never sees
@@ -407,9 +408,9 @@ class SinkLogger:
         self._emit(level, line, event, defer)
 
     def flush_deferred(self, wait: bool = False) -> None:
-        """The data plane, once per loop pass: the deferred lines are on their way (each
-        sink's writer thread writes them within ``INTERVAL``); ``wait``, or a data plane
-        that has stopped (``defer_writes`` False): write them now, in this thread."""
+        """The deferred lines are on their way (each sink's writer thread writes them within
+        ``INTERVAL``); ``wait``, or a data plane that has stopped (``defer_writes`` False):
+        write them now, in this thread."""
         self.pending = False
         if wait or not self.defer_writes:  # the data plane has stopped: nothing waits
             for s in self.sinks:

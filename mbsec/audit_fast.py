@@ -15,7 +15,9 @@ itself goes further (:meth:`EventWriter.allowed`): one format per kind of reques
 function, access, rule, target), in which only the clock, the transaction id and the duration
 are filled in. The line is the one structlog would write, byte for byte apart from the clock
 (tests/test_audit_fast.py checks both against the reference with hypothesis). The file and
-stdout sinks write it from their writer thread (mbsec.audit, deferred writes).
+stdout sinks write it from their writer thread (mbsec.audit, deferred writes); on the
+data-plane thread the lines of one loop pass go to them together (``SinkLogger.batch``).
+This module is compiled with the data plane (setup.py's ``CORE``).
 
 The writer steps aside (the bound logger writes the event, as before) whenever the template
 would not be exact: a value that is a dict (nesting would merge it), structlog contextvars
