@@ -132,6 +132,8 @@ class DataPlane:
         #: lines logged on this thread go to each sink's writer thread (no write(2) here)
         sink = getattr(log, "_logger", None)
         self._log_sink: Any = sink if hasattr(sink, "flush_deferred") else None
+        #: that sink while this thread owns its per-pass batch of allowed lines (``_run``)
+        self._batch_sink: Any = None
 
     # -- trio side --------------------------------------------------------------------------
 
@@ -214,9 +216,14 @@ class DataPlane:
 
     def _run(self) -> None:
         sink = self._log_sink
+        # the logger's per-pass batch belongs to one data-plane thread (another plane in this
+        # process sharing the logger, as in tests, logs line by line)
+        batching = sink is not None and sink.batch_thread is None
         if sink is not None:
             sink.defer_writes = True
-            sink.batch_thread = threading.get_ident()
+            if batching:
+                sink.batch_thread = threading.get_ident()
+                self._batch_sink = sink
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
@@ -225,8 +232,10 @@ class DataPlane:
                 self._on_fatal()
         finally:
             if sink is not None:  # what this thread logged is written before it ends
-                sink.emit_batch()
-                sink.batch_thread = None
+                if batching:
+                    sink.emit_batch()
+                    sink.batch_thread = None
+                    self._batch_sink = None
                 sink.defer_writes = False
                 sink.flush_deferred()
 
@@ -237,7 +246,7 @@ class DataPlane:
         outbox = self.outbox
         wake = self._wake_fd
         spin = self._busy_poll
-        sink = self._log_sink  # its batch: the allowed requests logged in one pass
+        sink = self._batch_sink  # its batch: the allowed requests logged in one pass
         active = False
         policy = SpinPolicy(spin)  # adaptive busy poll (mbsec.path.spin)
         # the last handler and call are dropped at the end of each pass: a local would keep
@@ -591,7 +600,7 @@ class ClientIO:
             # reference counting alone, not at the cyclic GC's next full pass
             # (tests/e2e/test_session_memory.py; benchmarks/README.md, "Memory").
             conn.io = None
-            sink = self.plane._log_sink
+            sink = self.plane._batch_sink
             if sink is not None and sink.batch:
                 sink.emit_batch()  # its allowed requests before its close line
             self._on_finished(self.broken)
