@@ -66,8 +66,9 @@ class EventSink(Protocol):
 
 
 class _Deferring:
-    """Lines written later, in batches, by a writer thread of the sink: the data plane logs
-    each allowed request with :meth:`write_deferred`, which only appends it to a list; the
+    """Lines written later, in batches, by a writer thread of the sink: the data plane hands
+    over the allowed requests of each loop pass with :meth:`write_deferred_lines` (one line:
+    :meth:`write_deferred`), which only appends them to a list; the
     writer wakes when the list stops being empty, lets lines gather for :attr:`INTERVAL`
     and writes them with one write. So the data-plane thread neither makes a system call per
     line nor waits for a slow disk. Each write carries whole lines only (a reader never sees
@@ -169,6 +170,31 @@ class _Deferring:
         lines.append("")
         self._write_out("\n".join(lines))
         return len(lines) - 1
+
+    def write_deferred_lines(self, lines: list[str]) -> None:
+        """:meth:`write_deferred` for several lines at once, in order (one lock, one
+        accounting: the data plane hands over a loop pass's allowed requests together)."""
+        if self._closing:
+            for line in lines:
+                self.write("info", line)
+            return
+        size = len(lines)
+        for line in lines:
+            size += len(line)
+        with self._lock:
+            pending = self._pending
+            first = not pending
+            pending += lines
+            self._pending_bytes += size
+            full = self._pending_bytes >= self.MAX_PENDING
+        if full:
+            self._flush_reporting()
+        elif first:
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run_writer, name="mbsec-log-writer", daemon=True)
+                self._writer.start()
+            self._has_lines.set()
 
     def _stop_writer(self) -> None:
         self._closing = True
@@ -288,6 +314,14 @@ class SinkLogger:
         #: deferred lines were emitted since the last :meth:`flush_deferred`
         self.pending = False
         self._pending_took = False  # a sink that does not defer took the last deferred line
+        #: the allowed-request lines of the data plane's current loop pass (mbsec.audit_fast,
+        #: appended only on ``batch_thread``), all of ``batch_level``: handed to the sinks at
+        #: once by :meth:`emit_batch` at the end of the pass, before any other event that
+        #: thread logs and before a connection goes back to the control plane (its close line)
+        self.batch: list[str] = []
+        self.batch_level = "info"
+        #: the data-plane thread while it runs (mbsec/path/epoll.py), else None
+        self.batch_thread: int | None = None
         for i, s in enumerate(self.sinks):
             if self._defers[i]:
                 s.report = functools.partial(self._deferred_written, i)  # type: ignore[union-attr]
@@ -300,8 +334,44 @@ class SinkLogger:
         self._alarm = alarm
         self.metrics: Any = None  # set by the proxy: counts failures
 
+    def batches(self, level: str) -> bool:
+        """Whether a deferred line at ``level`` may wait in :attr:`batch`: every sink that
+        takes it defers, none formats events itself, and at least one takes it (then
+        :meth:`emit_batch` does what :meth:`emit` with ``defer`` does for each line)."""
+        number = _LEVELS.get(level, 20)
+        wanted = [i for i in range(len(self.sinks)) if number >= self.levels[i]]
+        return bool(wanted) and all(
+            self._defers[i] and not self._takes_event[i] for i in wanted)
+
+    def emit_batch(self) -> None:
+        """The lines of :attr:`batch` to the sinks, in order: one call per sink instead of
+        one :meth:`emit` per line (the same outcome: deferred, health known once written)."""
+        lines = self.batch
+        if not lines:
+            return
+        self.batch = []
+        number = _LEVELS.get(self.batch_level, 20)
+        wanted = deferred = False
+        for i, s in enumerate(self.sinks):
+            if number < self.levels[i]:
+                continue
+            wanted = True
+            try:
+                s.write_deferred_lines(lines)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._sink_failed(i, s, exc, len(lines))
+            else:
+                deferred = True
+        if deferred:
+            self.pending = True
+            self._pending_took = False
+        else:
+            self.healthy = not wanted
+
     def _emit(self, level: str, line: str, event: dict[str, Any] | None = None,
               defer: bool = False) -> None:
+        if self.batch and threading.get_ident() == self.batch_thread:
+            self.emit_batch()  # the data plane's lines of this pass go first
         took = wanted = deferred = False
         number = _LEVELS.get(level, 20)
         for i, s in enumerate(self.sinks):
@@ -338,9 +408,9 @@ class SinkLogger:
         self._emit(level, line, event, defer)
 
     def flush_deferred(self, wait: bool = False) -> None:
-        """The data plane, once per loop pass: the deferred lines are on their way (each
-        sink's writer thread writes them within ``INTERVAL``); ``wait``, or a data plane
-        that has stopped (``defer_writes`` False): write them now, in this thread."""
+        """The deferred lines are on their way (each sink's writer thread writes them within
+        ``INTERVAL``); ``wait``, or a data plane that has stopped (``defer_writes`` False):
+        write them now, in this thread."""
         self.pending = False
         if wait or not self.defer_writes:  # the data plane has stopped: nothing waits
             for s in self.sinks:

@@ -15,7 +15,9 @@ itself goes further (:meth:`EventWriter.allowed`): one format per kind of reques
 function, access, rule, target), in which only the clock, the transaction id and the duration
 are filled in. The line is the one structlog would write, byte for byte apart from the clock
 (tests/test_audit_fast.py checks both against the reference with hypothesis). The file and
-stdout sinks write it from their writer thread (mbsec.audit, deferred writes).
+stdout sinks write it from their writer thread (mbsec.audit, deferred writes); on the
+data-plane thread the lines of one loop pass go to them together (``SinkLogger.batch``).
+This module is compiled with the data plane (setup.py's ``CORE``).
 
 The writer steps aside (the bound logger writes the event, as before) whenever the template
 would not be exact: a value that is a dict (nesting would merge it), structlog contextvars
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -164,7 +167,8 @@ def fast_stamp() -> str:
         t = time.gmtime(second // 1_000_000)
         cache = _stamp_cache = (second, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
                                 f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
-    return f"{cache[1]}.{frac:06d}Z" if frac else cache[1] + "Z"
+    # str(10**6 + frac)[1:]: the six digits, zero-padded, without a format spec to parse
+    return cache[1] + "." + str(1_000_000 + frac)[1:] + "Z" if frac else cache[1] + "Z"
 
 
 def _native(value: Any) -> bool:
@@ -213,6 +217,8 @@ class EventWriter:
         #: the context's values come back equal from the line (else the logger writes
         #: events that a sink needs as objects)
         self._context_native = all(_native(v) for v in self._context.values())
+        #: allowed lines logged on the data-plane thread wait for the end of its loop pass
+        self._batches = sink.batches(level)
 
     def _template(self, shape: tuple[str, ...]) -> _Template | None:
         """The reference chain run once on placeholders for this shape of event."""
@@ -261,9 +267,19 @@ class EventWriter:
             first, second = ((int.__repr__(tid), int.__repr__(int(duration_s * 1e9)))
                              if tid_first else
                              (int.__repr__(int(duration_s * 1e9)), int.__repr__(tid)))
+            line = "".join((a, fast_stamp(), b, first, c, second, d))
             sink = self._sink
-            sink.emit(self._level, "".join((a, fast_stamp(), b, first, c, second, d)), None,
-                      sink.defer_writes)
+            if self._batches and sink.batch_thread == threading.get_ident():
+                # the data plane: the line waits for the end of the loop pass, and the
+                # pass's lines go to the sinks in one call (SinkLogger.emit_batch)
+                batch = sink.batch
+                if batch and sink.batch_level != self._level:
+                    sink.emit_batch()
+                    batch = sink.batch
+                sink.batch_level = self._level
+                batch.append(line)
+                return
+            sink.emit(self._level, line, None, sink.defer_writes)
             return
         ev = events.modbus_request_allowed(tid, unit_id, fc, access, duration_s, rule_id,
                                            decision, target, exception_code)

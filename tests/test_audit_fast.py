@@ -489,3 +489,95 @@ def test_deferred_and_direct_writes_from_two_threads_keep_lines_whole(tmp_path: 
     lines = path.read_text().splitlines()
     assert sorted(lines) == sorted([f"deferred-{i}" for i in range(2000)]
                                    + [f"direct-{i}" for i in range(2000)])
+
+
+def batching_logger(path: Path) -> tuple[Any, SinkLogger, audit_fast.EventWriter]:
+    """A file logger as the data plane runs it: deferring, this thread the batching one."""
+    log = make_logger(LoggingSettings(stdout=False, file=path))
+    inner = log._logger  # type: ignore[attr-defined]
+    assert isinstance(inner, SinkLogger)
+    inner.sinks[0].INTERVAL = 60.0  # type: ignore[union-attr]
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    inner.defer_writes = True
+    inner.batch_thread = threading.get_ident()
+    return log, inner, writer
+
+
+READ = Access(3, Table.HOLDING_REGISTERS, (0, 10), None, (), None, 5)
+
+
+def allowed_tids(path: Path) -> list[Any]:
+    return [json.loads(x).get("modbus", {}).get("transaction_id", json.loads(x)["message"])
+            for x in path.read_text().splitlines()]
+
+
+def test_the_data_plane_thread_hands_a_pass_of_allowed_lines_over_at_once(
+        tmp_path: Path) -> None:
+    """On the data-plane thread the allowed lines wait in the logger's batch until the end
+    of the loop pass (emit_batch); an event that thread logs meanwhile comes after them."""
+    path = tmp_path / "events.log"
+    log, inner, writer = batching_logger(path)
+    for tid in (1, 2, 3):
+        writer.allowed(tid, 1, 3, READ, 0.001, "r", "allow", "plc")
+    assert len(inner.batch) == 3 and not inner.pending and path.read_text() == ""
+    log.warning("a denial")  # written now, after the pass's allowed lines
+    assert allowed_tids(path) == [1, 2, 3, "a denial"] and inner.batch == []
+    for tid in (4, 5):
+        writer.allowed(tid, 1, 3, READ, 0.001, "r", "allow", "plc")
+    inner.emit_batch()  # the end of the pass: deferred to the writer thread
+    assert inner.batch == [] and inner.pending and inner.healthy
+    inner.flush_deferred(wait=True)
+    assert allowed_tids(path) == [1, 2, 3, "a denial", 4, 5]
+    # another thread (the control plane) never takes or flushes the data plane's batch
+    writer.allowed(6, 1, 3, READ, 0.001, "r", "allow", "plc")
+    other = threading.Thread(target=lambda: writer.allowed(7, 1, 3, READ, 0.001, "r",
+                                                           "allow", "plc"))
+    other.start()
+    other.join()
+    assert len(inner.batch) == 1
+    inner.emit_batch()
+    inner.flush_deferred(wait=True)
+    assert sorted(allowed_tids(path)[-2:]) == [6, 7]
+    audit.close_logger(log)
+
+
+def test_a_batch_a_sink_refuses_raises_the_alarm_for_each_line() -> None:
+    import io
+
+    alarm = io.StringIO()
+    sink = FileSink(Path("/dev/null"))
+
+    def refuse(lines: list[str]) -> None:
+        raise OSError(28, "No space left on device")
+
+    sink.write_deferred_lines = refuse  # type: ignore[method-assign]
+    inner = SinkLogger([sink], alarm=alarm)
+    assert inner.batches("info")
+    inner.batch_thread = threading.get_ident()
+    inner.batch += ["a", "b", "c"]
+    inner.emit_batch()
+    assert not inner.healthy and inner.failures == 3 and not inner.pending
+    assert alarm.getvalue().count("log-sink-failed") == 1
+    inner.close()
+
+
+def test_lines_are_batched_only_where_every_sink_defers() -> None:
+    """A sink that writes at once, or formats events itself, keeps the per-line path."""
+    deferring = FileSink(Path("/dev/null"))
+    assert SinkLogger([deferring]).batches("info")
+    assert not SinkLogger([deferring, ListSink()]).batches("info")
+    assert not SinkLogger([deferring, EventListSink()]).batches("info")
+    # a sink above the level does not count; no sink at all wants it: nothing to batch
+    assert SinkLogger([deferring, ListSink()], levels=[0, 30]).batches("info")
+    assert not SinkLogger([deferring], levels=[30]).batches("info")
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    inner = log._logger  # type: ignore[attr-defined]
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    inner.defer_writes = True
+    inner.batch_thread = threading.get_ident()
+    writer.allowed(9, 1, 3, READ, 0.001, "r", "allow", "plc")
+    assert inner.batch == [] and json.loads(sink.lines[-1])["modbus"]["transaction_id"] == 9
+    deferring.close()

@@ -9,35 +9,67 @@ frames gets a ``buffer_overflow`` error instead of unbounded memory growth.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError
+from typing import ClassVar, Final, final
 
-from ._fast import fast_init
 from .errors import Action, LocalProtocolError, RemoteProtocolError
 
 #: transaction id (2) + protocol id (2) + length (2) + unit id (1)
-MBAP_HEADER_LEN = 7
+MBAP_HEADER_LEN: Final = 7
 #: the largest ADU: header + 253-byte PDU
-MAX_ADU = 260
+MAX_ADU: Final = 260
 #: the MBAP length field counts the unit id and the PDU: 1 + (1..253)
-MIN_LENGTH_FIELD = 2
-MAX_LENGTH_FIELD = 254
-MAX_PDU = 253
+MIN_LENGTH_FIELD: Final = 2
+MAX_LENGTH_FIELD: Final = 254
+MAX_PDU: Final = 253
 #: data accepted by :meth:`FrameBuffer.receive_data` but not yet pulled by ``next_frame``
-DEFAULT_MAX_PENDING = 64 * 1024
+DEFAULT_MAX_PENDING: Final = 64 * 1024
 
-_HEADER = struct.Struct(">HHHB")
-_unpack_header = _HEADER.unpack_from
-_pack_header = _HEADER.pack
+_HEADER: Final = struct.Struct(">HHHB")
+_unpack_header: Final = _HEADER.unpack_from
+_pack_header: Final = _HEADER.pack
 
 
-@fast_init
-@dataclass(frozen=True, slots=True)
+@final
 class Adu:
-    """One Modbus/TCP application data unit; ``pdu`` starts with the function code."""
+    """One Modbus/TCP application data unit; ``pdu`` starts with the function code.
 
+    Immutable, compared and hashed by its fields, as the frozen dataclass it was; written out
+    so that mypyc (setup.py) compiles it to a native class with a compiled ``__init__``: two
+    are made per request (the request and the PLC's reply), and a frozen dataclass's
+    generated ``__init__`` stays interpreted (benchmarks/README.md, issue 14 round 8 of
+    2026-12-07).
+    """
+
+    __slots__ = ("pdu", "transaction_id", "unit_id")
+    __match_args__: ClassVar[tuple[str, ...]] = ("transaction_id", "unit_id", "pdu")
     transaction_id: int
     unit_id: int
     pdu: bytes
+
+    def __init__(self, transaction_id: int, unit_id: int, pdu: bytes) -> None:
+        object.__setattr__(self, "transaction_id", transaction_id)
+        object.__setattr__(self, "unit_id", unit_id)
+        object.__setattr__(self, "pdu", pdu)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Adu:
+            return NotImplemented
+        return (self.transaction_id == other.transaction_id and self.unit_id == other.unit_id
+                and self.pdu == other.pdu)
+
+    def __hash__(self) -> int:
+        return hash((self.transaction_id, self.unit_id, self.pdu))
+
+    def __repr__(self) -> str:
+        return (f"Adu(transaction_id={self.transaction_id!r}, unit_id={self.unit_id!r}, "
+                f"pdu={self.pdu!r})")
 
 
 class FrameBuffer:

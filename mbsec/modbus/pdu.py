@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from .errors import Action, LocalProtocolError, RemoteProtocolError
 from .messages import (
@@ -142,7 +142,7 @@ __all__ = [
     "parse_response",
 ]
 
-MAX_PDU = 253
+MAX_PDU: Final = 253
 
 #: quantity limits (spec section 6); the boundary tests and the docs read them from here
 LIMITS: dict[str, tuple[int, int]] = {
@@ -156,35 +156,35 @@ LIMITS: dict[str, tuple[int, int]] = {
     "file_request_bytes": (0x07, 0xF5),  # FC20 request byte count
     "file_write_bytes": (0x09, 0xFB),  # FC21 request byte count
 }
-_MAX_BITS_READ = 2000
-_MAX_REGS_READ = 125
-_MAX_COILS_WRITE = 1968
-_MAX_REGS_WRITE = 123
-_MAX_REGS_RW_WRITE = 121
-_FILE_REFERENCE_TYPE = 6
-_MAX_FILE_RECORD = 0x270F  # records are numbered 0..9999
+_MAX_BITS_READ: Final = 2000
+_MAX_REGS_READ: Final = 125
+_MAX_COILS_WRITE: Final = 1968
+_MAX_REGS_WRITE: Final = 123
+_MAX_REGS_RW_WRITE: Final = 121
+_FILE_REFERENCE_TYPE: Final = 6
+_MAX_FILE_RECORD: Final = 0x270F  # records are numbered 0..9999
 
-_U16 = struct.Struct(">H")
-_U16x2 = struct.Struct(">HH")
-_U16x3 = struct.Struct(">HHH")
-_U16x4 = struct.Struct(">HHHH")
-_FILE_SUB = struct.Struct(">BHHH")
-_unpack_u16 = _U16.unpack_from
-_unpack_u16x2 = _U16x2.unpack_from
-_unpack_u16x3 = _U16x3.unpack_from
-_unpack_u16x4 = _U16x4.unpack_from
-_unpack_file_sub = _FILE_SUB.unpack_from
+_U16: Final = struct.Struct(">H")
+_U16x2: Final = struct.Struct(">HH")
+_U16x3: Final = struct.Struct(">HHH")
+_U16x4: Final = struct.Struct(">HHHH")
+_FILE_SUB: Final = struct.Struct(">BHHH")
+_unpack_u16: Final = _U16.unpack_from
+_unpack_u16x2: Final = _U16x2.unpack_from
+_unpack_u16x3: Final = _U16x3.unpack_from
+_unpack_u16x4: Final = _U16x4.unpack_from
+_unpack_file_sub: Final = _FILE_SUB.unpack_from
 
 #: ">{n}H" for every register count a PDU can hold: no format string is built per call
-_REGS = tuple(struct.Struct(f">{n}H") for n in range(MAX_PDU // 2 + 1))
+_REGS: Final = tuple(struct.Struct(f">{n}H") for n in range(MAX_PDU // 2 + 1))
 
 #: byte -> its 8 bits, LSB first (Modbus packs coil n of a byte at bit n)
-_BITS: tuple[tuple[bool, ...], ...] = tuple(
+_BITS: Final[tuple[tuple[bool, ...], ...]] = tuple(
     tuple(bool(b >> i & 1) for i in range(8)) for b in range(256)
 )
 
-_CLOSE = Action.CLOSE
-_EXC = Action.EXCEPTION
+_CLOSE: Final = Action.CLOSE
+_EXC: Final = Action.EXCEPTION
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ _REQUEST_PARSERS: dict[int, _RequestParser] = {
     24: _parse_read_fifo_queue,
     43: _parse_mei,
 }
-_REQUEST_TABLE: tuple[_RequestParser | None, ...] = tuple(
+_REQUEST_TABLE: Final[tuple[_RequestParser | None, ...]] = tuple(
     _REQUEST_PARSERS.get(fc) for fc in range(256)
 )
 

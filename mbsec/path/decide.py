@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, final
+from typing import Any, Final, final
 
 from mypy_extensions import mypyc_attr
 
@@ -45,10 +45,10 @@ from mbsec.policy.ratelimit import RateLimiter
 from mbsec.role_labels import role_labels
 from mbsec.tls import TlsMaterial
 
-DECIDED_MAX = 64  # decisions remembered per connection (read requests only)
-RATE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_BUSY)
-RESPONSE_LIMIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
-AUDIT_EXCEPTION = int(ExceptionCode.SERVER_DEVICE_FAILURE)
+DECIDED_MAX: Final = 64  # decisions remembered per connection (read requests only)
+RATE_LIMIT_EXCEPTION: Final = int(ExceptionCode.SERVER_DEVICE_BUSY)
+RESPONSE_LIMIT_EXCEPTION: Final = int(ExceptionCode.SERVER_DEVICE_FAILURE)
+AUDIT_EXCEPTION: Final = int(ExceptionCode.SERVER_DEVICE_FAILURE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ class Forward:
 #: function codes that change nothing in the PLC (43 only with MEI type 14, read device
 #: identification); ``on_sink_failure = "refuse_writes"`` refuses everything else (writes,
 #: FC08 diagnostics such as restart, vendor codes) while no sink takes events
-READ_FUNCTIONS = frozenset({1, 2, 3, 4, 7, 11, 12, 17, 20, 24})
+READ_FUNCTIONS: Final = frozenset({1, 2, 3, 4, 7, 11, 12, 17, 20, 24})
 
 
 def reads_only(pdu: bytes) -> bool:

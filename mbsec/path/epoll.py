@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from mbsec import events
 from mbsec.metrics import MetricsLike
@@ -48,16 +48,22 @@ from mbsec.path.timers import Timers
 
 __all__ = ["DataPlane", "compiled", "configure_socket", "records"]
 
-STOP_TIMEOUT = 5.0  # seconds stop() waits for the data-plane thread
-RECEIVE_SIZE = 65536
+STOP_TIMEOUT: Final = 5.0  # seconds stop() waits for the data-plane thread
+RECEIVE_SIZE: Final = 65536
 #: the most plaintext one TLS record carries (RFC 8446 5.1): replies are joined up to this
-TLS_RECORD_MAX = 16384
-KEEPALIVE_IDLE = 30  # seconds before the first keepalive probe on a PLC link
-KEEPALIVE_INTERVAL = 10
-KEEPALIVE_COUNT = 3
-_IN = select.EPOLLIN | select.EPOLLRDHUP
-_OUT = select.EPOLLOUT
-_ERR = select.EPOLLERR | select.EPOLLHUP
+TLS_RECORD_MAX: Final = 16384
+KEEPALIVE_IDLE: Final = 30  # seconds before the first keepalive probe on a PLC link
+KEEPALIVE_INTERVAL: Final = 10
+KEEPALIVE_COUNT: Final = 3
+_IN: Final = select.EPOLLIN | select.EPOLLRDHUP
+_OUT: Final = select.EPOLLOUT
+_ERR: Final = select.EPOLLERR | select.EPOLLHUP
+#: module attributes read per request, bound once: compiled, a ``Final`` name is a C static,
+#: where ``os.read`` is a module-dict lookup on every call
+_READABLE: Final = select.EPOLLIN
+_PEER_DATA: Final = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+_os_read: Final = os.read
+_os_write: Final = os.write
 
 
 def compiled() -> bool:
@@ -126,6 +132,8 @@ class DataPlane:
         #: lines logged on this thread go to each sink's writer thread (no write(2) here)
         sink = getattr(log, "_logger", None)
         self._log_sink: Any = sink if hasattr(sink, "flush_deferred") else None
+        #: that sink while this thread owns its per-pass batch of allowed lines (``_run``)
+        self._batch_sink: Any = None
 
     # -- trio side --------------------------------------------------------------------------
 
@@ -208,8 +216,14 @@ class DataPlane:
 
     def _run(self) -> None:
         sink = self._log_sink
+        # the logger's per-pass batch belongs to one data-plane thread (another plane in this
+        # process sharing the logger, as in tests, logs line by line)
+        batching = sink is not None and sink.batch_thread is None
         if sink is not None:
             sink.defer_writes = True
+            if batching:
+                sink.batch_thread = threading.get_ident()
+                self._batch_sink = sink
         try:
             self._loop()
         except BaseException as exc:  # pragma: no cover - the loop itself failed: a bug
@@ -218,6 +232,10 @@ class DataPlane:
                 self._on_fatal()
         finally:
             if sink is not None:  # what this thread logged is written before it ends
+                if batching:
+                    sink.emit_batch()
+                    sink.batch_thread = None
+                    self._batch_sink = None
                 sink.defer_writes = False
                 sink.flush_deferred()
 
@@ -228,6 +246,7 @@ class DataPlane:
         outbox = self.outbox
         wake = self._wake_fd
         spin = self._busy_poll
+        sink = self._batch_sink  # its batch: the allowed requests logged in one pass
         active = False
         policy = SpinPolicy(spin)  # adaptive busy poll (mbsec.path.spin)
         # the last handler and call are dropped at the end of each pass: a local would keep
@@ -291,6 +310,8 @@ class DataPlane:
             call = None
             if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
+            if sink is not None and sink.batch:
+                sink.emit_batch()
 
     def drain(self, now: float) -> None:
         """Carry out what the core asked for, until it asks nothing more."""
@@ -444,9 +465,9 @@ class ClientIO:
                 conn.abort("client_reset")
             return
         # EPOLLIN of a pass in which the mask dropped it (pipelining limit) waits
-        if ev & _ERR or (ev & _IN and self._mask & select.EPOLLIN):
+        if ev & _ERR or (ev & _IN and self._mask & _READABLE):
             try:
-                raw = os.read(self.fd, RECEIVE_SIZE)
+                raw = _os_read(self.fd, RECEIVE_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -538,7 +559,7 @@ class ClientIO:
         out = self._out
         if out:
             try:
-                n = os.write(self.fd, out)
+                n = _os_write(self.fd, out)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -579,6 +600,9 @@ class ClientIO:
             # reference counting alone, not at the cyclic GC's next full pass
             # (tests/e2e/test_session_memory.py; benchmarks/README.md, "Memory").
             conn.io = None
+            sink = self.plane._batch_sink
+            if sink is not None and sink.batch:
+                sink.emit_batch()  # its allowed requests before its close line
             self._on_finished(self.broken)
 
 
@@ -681,7 +705,7 @@ class LinkIO:
         if not out or not self.connected or self._writing:
             return
         try:
-            n = os.write(self.fd, out)
+            n = _os_write(self.fd, out)
         except BlockingIOError:
             n = 0
         except OSError as exc:
@@ -704,10 +728,10 @@ class LinkIO:
             self.write()
             if link.gen != self.gen:
                 return
-        if not ev & (select.EPOLLIN | _ERR | select.EPOLLRDHUP):
+        if not ev & _PEER_DATA:
             return
         try:
-            data = os.read(self.fd, RECEIVE_SIZE)
+            data = _os_read(self.fd, RECEIVE_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:

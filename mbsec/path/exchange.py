@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from mbsec.modbus.mbap import Adu
 
 if TYPE_CHECKING:
     from mbsec.path.plc import UpstreamError, UpstreamReply
 
-WAITING = 0  # queued at its target for a link slot
-SENT = 1  # written (or being written) on a link
-DONE = 2  # has its outcome; never sent again
+WAITING: Final = 0  # queued at its target for a link slot
+SENT: Final = 1  # written (or being written) on a link
+DONE: Final = 2  # has its outcome; never sent again
 
 
 class Exchange:

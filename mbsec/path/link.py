@@ -9,16 +9,18 @@ and the next request sent on this link would wait behind it.
 
 from __future__ import annotations
 
+from typing import Final
+
 from mbsec.modbus.mbap import FrameBuffer
 from mbsec.path.exchange import Exchange
 from mbsec.path.plc import TargetNoResponse
 from mbsec.path.timers import Timer
 
-IDLE = 0  # no socket (it may connect once the target's backoff, if any, has passed)
-CONNECTING = 1
-OPEN = 2
+IDLE: Final = 0  # no socket (it may connect once the target's backoff, if any, has passed)
+CONNECTING: Final = 1
+OPEN: Final = 2
 
-STATE_NAMES = ("idle", "connecting", "open")
+STATE_NAMES: Final = ("idle", "connecting", "open")
 
 
 class Link:

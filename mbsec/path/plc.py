@@ -7,7 +7,7 @@ No I/O. Shared by the core (:mod:`mbsec.path.target`) and the settings that buil
 
 from __future__ import annotations
 
-from typing import final
+from typing import Final, final
 
 from mypy_extensions import mypyc_attr
 
@@ -29,7 +29,7 @@ __all__ = [
     "reset_error",
 ]
 
-RETIRE_GRACE = 1.0  # extra seconds a replaced target keeps serving its in-flight requests
+RETIRE_GRACE: Final = 1.0  # extra seconds a replaced target keeps serving its in-flight requests
 
 
 # The errors stay plain Python classes under mypyc: each subclass overrides the class

@@ -22,7 +22,7 @@ through the outbox (``actions``), and every input carries ``now``.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -43,8 +43,8 @@ from mbsec.path.plc import (
 if TYPE_CHECKING:
     from mbsec.path.router import Outbox
 
-CONNECT = "connect"
-CLOSE = "close"
+CONNECT: Final = "connect"
+CLOSE: Final = "close"
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # tests put old faults back

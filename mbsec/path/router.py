@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from mbsec import events
 from mbsec.metrics import MetricsLike, NullMetrics, observer
@@ -32,7 +32,7 @@ from mbsec.path.target import Target
 from mbsec.path.timers import Timers
 
 #: link resets caused by a frame the PLC sent (it answered): never a link drop
-_ANSWERED = frozenset(("unknown_tid", "bad_frame"))
+_ANSWERED: Final = frozenset(("unknown_tid", "bad_frame"))
 
 class Outbox:
     """What the core asks of its driver, and the injected clockless services it uses."""

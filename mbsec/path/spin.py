@@ -10,12 +10,14 @@ off independently: a slow PLC does not stop the spin for dense client traffic.
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["DENSE", "MAX_SKIP", "NONE", "REPLY", "SpinPolicy"]
 
-NONE = -1  #: a pass after which no spin pays (nothing sent upstream, no dense traffic)
-REPLY = 0  #: after a pass that sent requests to a PLC: its reply may come within the window
-DENSE = 1  #: after a pass whose work came within the window: the next event may too
-MAX_SKIP = 64  #: passes of one kind that sleep at once, at most, after spins found nothing
+NONE: Final = -1  #: a pass after which no spin pays (nothing sent upstream, no dense traffic)
+REPLY: Final = 0  #: after a pass that sent requests to a PLC: its reply may come within the window
+DENSE: Final = 1  #: after a pass whose work came within the window: the next event may too
+MAX_SKIP: Final = 64  #: passes of one kind that sleep at once, at most, after spins found nothing
 
 
 class SpinPolicy:

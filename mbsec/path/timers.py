@@ -14,10 +14,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
-COMPACT_MIN = 4096  # heap size from which cancelled timers are swept out
+COMPACT_MIN: Final = 4096  # heap size from which cancelled timers are swept out
 
 
 class Timer:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from mbsec.modbus.access import Access
 from mbsec.policy.engine import Policy, Principal, RateLimit
 
-REASON_IN_FLIGHT = "too_many_in_flight"
-REASON_REQUEST_RATE = "request_rate_exceeded"
-REASON_WRITE_RATE = "write_rate_exceeded"
+REASON_IN_FLIGHT: Final = "too_many_in_flight"
+REASON_REQUEST_RATE: Final = "request_rate_exceeded"
+REASON_WRITE_RATE: Final = "write_rate_exceeded"
 
 
 @dataclass(slots=True)

@@ -67,5 +67,10 @@ async def test_every_allowed_request_is_written_once_in_whole_lines(
             assert await sp.proc.wait() == 0
     tids = allowed_tids(log)
     assert sorted(tids) == [*range(1, 6), *burst, *range(200, 216)]  # each once, all written
+    # the connection's allowed requests come before its close line (the data plane hands a
+    # pass's lines over before the connection goes back to the control plane)
+    actions = [json.loads(line)["event"]["action"] for line in log.read_text().splitlines()]
+    assert actions.index("connection-closed") > max(
+        i for i, a in enumerate(actions) if a == "modbus-request")
     stopped = json.loads(log.read_text().splitlines()[-1])
     assert stopped["event"]["action"] == "server-stopped"

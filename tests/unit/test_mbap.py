@@ -208,3 +208,22 @@ def test_fuzz_only_protocol_errors_and_bounded(chunks: list[bytes]) -> None:
     except ProtocolError as exc:
         assert exc.action is Action.CLOSE
         assert exc.reason in {"bad_protocol_id", "bad_length", "buffer_overflow"}
+
+
+def test_an_adu_is_an_immutable_value() -> None:
+    """What the frozen dataclass gave, kept by the written-out class (compiled or not)."""
+    import dataclasses
+
+    adu = Adu(1, 2, b"\x07")
+    assert adu == Adu(transaction_id=1, unit_id=2, pdu=b"\x07")
+    assert hash(adu) == hash(Adu(1, 2, b"\x07")) and len({adu, Adu(1, 2, b"\x07")}) == 1
+    assert adu != Adu(1, 2, b"\x08") and adu != Adu(2, 2, b"\x07") and adu != Adu(1, 3, b"\x07")
+    assert adu != (1, 2, b"\x07")
+    assert repr(adu) == "Adu(transaction_id=1, unit_id=2, pdu=b'\\x07')"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        adu.pdu = b"\x08"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del adu.unit_id
+    match adu:
+        case Adu(tid, unit, pdu):
+            assert (tid, unit, pdu) == (1, 2, b"\x07")
