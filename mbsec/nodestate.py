@@ -69,17 +69,26 @@ class _Mutex:
     """A pthread mutex inside the mapping (``PTHREAD_PROCESS_SHARED``, ``ROBUST``): taken and
     given back without a system call when nobody else holds it (a futex), where ``flock``
     costs two per lock; it excludes threads too, and a worker that dies holding it does not
-    wedge the others (``EOWNERDEAD``: the next one marks it consistent and goes on). ctypes
-    releases the GIL while a caller waits for it."""
+    wedge the others (``EOWNERDEAD``: the next one marks it consistent and goes on).
+
+    Taking it spins first: ``trylock`` up to :data:`SPIN_TRIES` times, keeping the GIL (each
+    try is a few hundred ns), and only then waits in ``pthread_mutex_lock``, which releases
+    the GIL. With ``workers = 2`` and one client's connections on both workers, the holder is
+    most often the other worker in its critical section of a few µs; waiting in the kernel for
+    it cost a futex sleep, a wake-up and a context switch per collision (0.15 per request at
+    100x1: benchmarks/README.md, "Issue 14: workers = 2")."""
 
     def __init__(self, mm: mmap.mmap, init: bool) -> None:
         libc = _libc()
-        if libc is None:
+        nogil = _libc_nogil()
+        if libc is None or nogil is None:
             raise OSError("no pthread mutex")
         self._buf = (ctypes.c_char * MUTEX_SIZE).from_buffer(mm, MUTEX_AT)
         self._ptr = ctypes.addressof(self._buf)
-        self._lock = libc.pthread_mutex_lock
-        self._unlock = libc.pthread_mutex_unlock
+        self._arg = ctypes.c_void_p(self._ptr)  # passed as is: no int conversion per call
+        self._lock = libc.pthread_mutex_lock  # may wait: releases the GIL meanwhile
+        self._trylock = nogil.pthread_mutex_trylock  # never waits: keeps the GIL
+        self._unlock = nogil.pthread_mutex_unlock
         self._consistent = libc.pthread_mutex_consistent
         if init:
             attr = ctypes.create_string_buffer(64)
@@ -92,27 +101,42 @@ class _Mutex:
                 raise OSError("pthread_mutex_init failed")
 
     def acquire(self) -> None:
-        rc = self._lock(self._ptr)
+        arg = self._arg
+        rc = self._trylock(arg)
+        if rc == errno.EBUSY:
+            tries = SPIN_TRIES
+            while rc == errno.EBUSY and tries:
+                tries -= 1
+                rc = self._trylock(arg)
+            if rc == errno.EBUSY:
+                rc = self._lock(arg)
         if rc == errno.EOWNERDEAD:  # its holder died: the data is as it left it
-            self._consistent(self._ptr)
+            self._consistent(arg)
         elif rc:
             raise OSError(rc, os.strerror(rc))
 
     def release(self) -> None:
-        self._unlock(self._ptr)
+        self._unlock(self._arg)
 
     def drop(self) -> None:
+        del self._arg
         del self._buf  # the mapping can close once nothing points into it
 
 
+#: ``trylock`` attempts before a contended lock waits in the kernel (about 10-20 µs of
+#: spinning: longer than the critical section, shorter than a sleep and a wake-up)
+SPIN_TRIES = 64
+
 _LIBC: list[ctypes.CDLL | None] = []
+_LIBC_NOGIL: list[ctypes.CDLL | None] = []
+_LIBC_PATH = ctypes.util.find_library("c") or "libc.so.6"
 
 
 def _libc() -> ctypes.CDLL | None:
     if not _LIBC:
         lib: ctypes.CDLL | None
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            lib = ctypes.CDLL(_LIBC_PATH, use_errno=True)
             for name, args in (
                 ("pthread_mutex_lock", [ctypes.c_void_p]),
                 ("pthread_mutex_unlock", [ctypes.c_void_p]),
@@ -130,6 +154,22 @@ def _libc() -> ctypes.CDLL | None:
             lib = None
         _LIBC.append(lib)
     return _LIBC[0]
+
+
+def _libc_nogil() -> ctypes.CDLL | None:
+    """libc through ``PyDLL``: calls keep the GIL (cheaper), only for those that never wait."""
+    if not _LIBC_NOGIL:
+        lib: ctypes.CDLL | None
+        try:
+            lib = ctypes.PyDLL(_LIBC_PATH)
+            for name in ("pthread_mutex_trylock", "pthread_mutex_unlock"):
+                fn = getattr(lib, name)
+                fn.argtypes = [ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+        _LIBC_NOGIL.append(lib)
+    return _LIBC_NOGIL[0]
 
 
 @dataclass(frozen=True, slots=True)
