@@ -198,6 +198,12 @@ class NodeState:
         self._tlock = threading.Lock()
         self._hashes: dict[str, bytes] = {}
         self._slots: dict[bytes, int] = {}  # key hash -> its bucket's offset, as last found
+        #: in-flight releases not written to the mapping yet, per key hash (:meth:`settle`)
+        self._owed: dict[bytes, int] = {}
+        self._owed_lock = threading.Lock()
+        #: releases are owed and settled by :meth:`settle` (the data plane calls it at the end
+        #: of every loop pass, ``workers > 1``) rather than each taking the node's lock
+        self.defer_releases = False
         #: the lock every process takes; without pthreads, flock plus a thread lock
         self._mutex: _Mutex | None
         try:
@@ -351,6 +357,45 @@ class NodeState:
 
     # -- rate buckets ----------------------------------------------------------------------
 
+    # -- in-flight releases, settled once per data-plane pass --------------------------------
+
+    def owe_release(self, h: bytes) -> None:
+        """One request of ``h`` ended; written by the next :meth:`settle` (or the next
+        :meth:`take_owed` of ``h``)."""
+        with self._owed_lock:
+            owed = self._owed
+            owed[h] = owed.get(h, 0) + 1
+
+    def take_owed(self, h: bytes) -> int:
+        """The releases of ``h`` not written yet, handed to a caller that holds the node's
+        lock and writes them with its own update (they are no longer owed)."""
+        if not self._owed:
+            return 0
+        with self._owed_lock:
+            return self._owed.pop(h, 0)
+
+    def settle(self) -> None:
+        """Write every owed release, under one lock for all of them: with ``workers > 1`` the
+        data plane calls this at the end of each loop pass, so a request's in-flight slot is
+        freed for the other workers before the loop sleeps, and a pass of N replies takes the
+        node's lock once rather than N times. Until then the other workers count the request
+        as still in flight (stricter, never looser, than the policy's ``max_in_flight``)."""
+        if not self._owed:
+            return
+        with self._owed_lock:
+            owed = self._owed
+            self._owed = {}
+        mm = self._mm
+        self.lock()
+        try:
+            for h, n in owed.items():
+                at = self._slot(mm, h, 0.0, create=False)
+                if at >= 0:
+                    flight = FLIGHT.unpack_from(mm, at + 40)[0]
+                    FLIGHT.pack_into(mm, at + 40, max(0, flight - n))
+        finally:
+            self.unlock()
+
     def key_hash(self, key: str) -> bytes:
         h = self._hashes.get(key)
         if h is None:
@@ -483,6 +528,9 @@ class SharedRateLimiter:
             if at < 0:
                 return REASON_REQUEST_RATE
             _h, tokens, wtokens, stamp, flight, used = BUCKET.unpack_from(mm, at)
+            owed = node.take_owed(h)
+            if owed:  # this worker's releases not settled yet: written with this update
+                flight = max(0, flight - owed)
             if not used:
                 st = State(limit, limit.burst, limit.write_burst, now)
             else:
@@ -502,6 +550,9 @@ class SharedRateLimiter:
             return  # acquire() counted nothing in flight
         node = self._node
         h = node.key_hash(principal.key)
+        if node.defer_releases:  # written by the end of this loop pass (NodeState.settle)
+            node.owe_release(h)
+            return
         mm = node._mm
         node.lock()
         try:
@@ -514,7 +565,10 @@ class SharedRateLimiter:
             node.unlock()
 
     def in_flight(self, principal: Principal) -> int:
+        """The node's count, less this worker's releases not settled yet."""
         node = self._node
+        h = node.key_hash(principal.key)
         with node.locked() as mm:
-            at = node._slot(mm, node.key_hash(principal.key), 0.0, create=False)
-            return int(struct.unpack_from("<i", mm, at + 40)[0]) if at >= 0 else 0
+            at = node._slot(mm, h, 0.0, create=False)
+            flight = int(struct.unpack_from("<i", mm, at + 40)[0]) if at >= 0 else 0
+        return max(0, flight - node._owed.get(h, 0))

@@ -134,6 +134,52 @@ def test_two_workers_share_one_budget(tmp_path: Path) -> None:
     b.release(pr)
 
 
+def test_deferred_releases_free_the_slot_at_settle(tmp_path: Path) -> None:
+    """``workers > 1``: a release is owed until the end of the loop pass (``settle``); until
+    then the other worker still counts the request (stricter, never looser), the releasing
+    worker does not (its next acquire writes the owed release with its own update), and one
+    settle writes every owed release of the pass."""
+    path = tmp_path / "state"
+    policy = load_policy_text(POLICY)
+    clock = FakeClock()
+    node_a = NodeState.open(path, reset_buckets=True)
+    node_a.defer_releases = True
+    a = SharedRateLimiter(policy, node_a, clock)
+    b = SharedRateLimiter(policy, NodeState.open(path, reset_buckets=False), clock)
+    pr = who(policy, None)
+    assert [a.acquire(pr, READ), a.acquire(pr, READ), b.acquire(pr, READ)] == [None] * 3
+    a.release(pr)
+    a.release(pr)
+    assert b.in_flight(pr) == 3  # not settled: the other worker still counts both
+    assert a.in_flight(pr) == 1  # the releasing worker does not
+    assert b.acquire(pr, READ) == REASON_IN_FLIGHT
+    assert a.acquire(pr, READ) is None  # both owed releases written with this update
+    assert b.in_flight(pr) == 2
+    a.release(pr)
+    node_a.settle()  # the end of the pass: one lock for the owed release
+    assert b.in_flight(pr) == a.in_flight(pr) == 1
+    node_a.settle()  # nothing owed: a no-op
+    assert b.in_flight(pr) == 1
+    b.release(pr)
+    assert a.in_flight(pr) == 0
+
+
+def test_settle_never_counts_below_zero(tmp_path: Path) -> None:
+    """An owed release whose bucket was reset meanwhile (a restart of the node) stops at 0."""
+    node = NodeState.open(tmp_path / "state", reset_buckets=True)
+    node.defer_releases = True
+    policy = load_policy_text(POLICY)
+    lim = SharedRateLimiter(policy, node, FakeClock())
+    pr = who(policy, None)
+    assert lim.acquire(pr, READ) is None
+    lim.release(pr)
+    lim.release(pr)  # one more than was in flight
+    node.settle()
+    assert lim.in_flight(pr) == 0
+    assert [lim.acquire(pr, READ) for _ in range(3)] == [None] * 3
+    assert lim.acquire(pr, READ) == REASON_IN_FLIGHT
+
+
 def test_a_reload_keeps_the_budget(tmp_path: Path) -> None:
     policy = load_policy_text(POLICY)
     clock = FakeClock()

@@ -1304,3 +1304,44 @@ def test_a_core_timer_that_raises_resets_its_link() -> None:
         assert "data-plane-error" in actions and "upstream-reset" in actions, actions
     finally:
         plane.stop()
+
+
+def test_pass_end_runs_after_every_pass_and_a_failure_is_contained() -> None:
+    """``pass_end`` (``workers > 1``: the node state settles the pass's in-flight releases)
+    runs at the end of each loop pass, after the pass's work; one that raises costs a
+    data-plane-error event, never the loop."""
+    import threading
+
+    from mbsec.audit import flatten, make_logger
+    from mbsec.metrics import NullMetrics
+    from mbsec.path.epoll import DataPlane
+    from mbsec.path.plc import UpstreamTarget
+    from mbsec.settings import LoggingSettings
+
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    order: list[str] = []
+    failed = threading.Event()
+    ran = threading.Event()
+
+    def pass_end() -> None:
+        order.append("end")
+        if order.count("end") == 1:
+            failed.set()
+            raise RuntimeError("a bug at the end of a pass")
+        if "work" in order:
+            ran.set()
+
+    plane = DataPlane([UpstreamTarget("plc", "127.0.0.1", 502, frozenset({1}))], log=log,
+                      metrics=NullMetrics(), pass_end=pass_end)
+    plane.start()
+    try:
+        plane.call_threadsafe(lambda: None)  # a first pass: its pass_end raises
+        assert failed.wait(5)
+        plane.call_threadsafe(lambda: order.append("work"))  # the loop goes on
+        assert ran.wait(5)
+        assert order.index("work") < len(order) - 1  # the pass's work came first
+        actions = [flatten(e).get("event.action") for e in sink.events()]
+        assert "data-plane-error" in actions, actions
+    finally:
+        plane.stop()
