@@ -78,6 +78,8 @@ class _Mutex:
     it cost a futex sleep, a wake-up and a context switch per collision (0.15 per request at
     100x1: benchmarks/README.md, "Issue 14: workers = 2")."""
 
+    __deletable__ = ["_arg", "_buf"]  # mypyc: drop() deletes them
+
     def __init__(self, mm: mmap.mmap, init: bool) -> None:
         libc = _libc()
         nogil = _libc_nogil()
