@@ -357,9 +357,7 @@ class NodeState:
                     return removed
         return 0
 
-    # -- rate buckets ----------------------------------------------------------------------
-
-    # -- in-flight releases, settled once per data-plane pass --------------------------------
+    # -- rate buckets; in-flight releases, settled once per data-plane pass -------------------
 
     def owe_release(self, h: bytes) -> None:
         """One request of ``h`` ended; written by the next :meth:`settle` (or the next
