@@ -69,17 +69,28 @@ class _Mutex:
     """A pthread mutex inside the mapping (``PTHREAD_PROCESS_SHARED``, ``ROBUST``): taken and
     given back without a system call when nobody else holds it (a futex), where ``flock``
     costs two per lock; it excludes threads too, and a worker that dies holding it does not
-    wedge the others (``EOWNERDEAD``: the next one marks it consistent and goes on). ctypes
-    releases the GIL while a caller waits for it."""
+    wedge the others (``EOWNERDEAD``: the next one marks it consistent and goes on).
+
+    Taking it spins first: ``trylock`` up to :data:`SPIN_TRIES` times, keeping the GIL (each
+    try is a few hundred ns), and only then waits in ``pthread_mutex_lock``, which releases
+    the GIL. With ``workers = 2`` and one client's connections on both workers, the holder is
+    most often the other worker in its critical section of a few µs; waiting in the kernel for
+    it cost a futex sleep, a wake-up and a context switch per collision (0.15 per request at
+    100x1: benchmarks/README.md, "Issue 14: workers = 2")."""
+
+    __deletable__ = ["_arg", "_buf"]  # mypyc: drop() deletes them
 
     def __init__(self, mm: mmap.mmap, init: bool) -> None:
         libc = _libc()
-        if libc is None:
+        nogil = _libc_nogil()
+        if libc is None or nogil is None:
             raise OSError("no pthread mutex")
         self._buf = (ctypes.c_char * MUTEX_SIZE).from_buffer(mm, MUTEX_AT)
         self._ptr = ctypes.addressof(self._buf)
-        self._lock = libc.pthread_mutex_lock
-        self._unlock = libc.pthread_mutex_unlock
+        self._arg = ctypes.c_void_p(self._ptr)  # passed as is: no int conversion per call
+        self._lock = libc.pthread_mutex_lock  # may wait: releases the GIL meanwhile
+        self._trylock = nogil.pthread_mutex_trylock  # never waits: keeps the GIL
+        self._unlock = nogil.pthread_mutex_unlock
         self._consistent = libc.pthread_mutex_consistent
         if init:
             attr = ctypes.create_string_buffer(64)
@@ -92,27 +103,42 @@ class _Mutex:
                 raise OSError("pthread_mutex_init failed")
 
     def acquire(self) -> None:
-        rc = self._lock(self._ptr)
+        arg = self._arg
+        rc = self._trylock(arg)
+        if rc == errno.EBUSY:
+            tries = SPIN_TRIES
+            while rc == errno.EBUSY and tries:
+                tries -= 1
+                rc = self._trylock(arg)
+            if rc == errno.EBUSY:
+                rc = self._lock(arg)
         if rc == errno.EOWNERDEAD:  # its holder died: the data is as it left it
-            self._consistent(self._ptr)
+            self._consistent(arg)
         elif rc:
             raise OSError(rc, os.strerror(rc))
 
     def release(self) -> None:
-        self._unlock(self._ptr)
+        self._unlock(self._arg)
 
     def drop(self) -> None:
+        del self._arg
         del self._buf  # the mapping can close once nothing points into it
 
 
+#: ``trylock`` attempts before a contended lock waits in the kernel (about 10-20 µs of
+#: spinning: longer than the critical section, shorter than a sleep and a wake-up)
+SPIN_TRIES = 64
+
 _LIBC: list[ctypes.CDLL | None] = []
+_LIBC_NOGIL: list[ctypes.CDLL | None] = []
+_LIBC_PATH = ctypes.util.find_library("c") or "libc.so.6"
 
 
 def _libc() -> ctypes.CDLL | None:
     if not _LIBC:
         lib: ctypes.CDLL | None
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            lib = ctypes.CDLL(_LIBC_PATH, use_errno=True)
             for name, args in (
                 ("pthread_mutex_lock", [ctypes.c_void_p]),
                 ("pthread_mutex_unlock", [ctypes.c_void_p]),
@@ -130,6 +156,22 @@ def _libc() -> ctypes.CDLL | None:
             lib = None
         _LIBC.append(lib)
     return _LIBC[0]
+
+
+def _libc_nogil() -> ctypes.CDLL | None:
+    """libc through ``PyDLL``: calls keep the GIL (cheaper), only for those that never wait."""
+    if not _LIBC_NOGIL:
+        lib: ctypes.CDLL | None
+        try:
+            lib = ctypes.PyDLL(_LIBC_PATH)
+            for name in ("pthread_mutex_trylock", "pthread_mutex_unlock"):
+                fn = getattr(lib, name)
+                fn.argtypes = [ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+        _LIBC_NOGIL.append(lib)
+    return _LIBC_NOGIL[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +200,12 @@ class NodeState:
         self._tlock = threading.Lock()
         self._hashes: dict[str, bytes] = {}
         self._slots: dict[bytes, int] = {}  # key hash -> its bucket's offset, as last found
+        #: in-flight releases not written to the mapping yet, per key hash (:meth:`settle`)
+        self._owed: dict[bytes, int] = {}
+        self._owed_lock = threading.Lock()
+        #: releases are owed and settled by :meth:`settle` (the data plane calls it at the end
+        #: of every loop pass, ``workers > 1``) rather than each taking the node's lock
+        self.defer_releases = False
         #: the lock every process takes; without pthreads, flock plus a thread lock
         self._mutex: _Mutex | None
         try:
@@ -309,7 +357,44 @@ class NodeState:
                     return removed
         return 0
 
-    # -- rate buckets ----------------------------------------------------------------------
+    # -- rate buckets; in-flight releases, settled once per data-plane pass -------------------
+
+    def owe_release(self, h: bytes) -> None:
+        """One request of ``h`` ended; written by the next :meth:`settle` (or the next
+        :meth:`take_owed` of ``h``)."""
+        with self._owed_lock:
+            owed = self._owed
+            owed[h] = owed.get(h, 0) + 1
+
+    def take_owed(self, h: bytes) -> int:
+        """The releases of ``h`` not written yet, handed to a caller that holds the node's
+        lock and writes them with its own update (they are no longer owed)."""
+        if not self._owed:
+            return 0
+        with self._owed_lock:
+            return self._owed.pop(h, 0)
+
+    def settle(self) -> None:
+        """Write every owed release, under one lock for all of them: with ``workers > 1`` the
+        data plane calls this at the end of each loop pass, so a request's in-flight slot is
+        freed for the other workers before the loop sleeps, and a pass of N replies takes the
+        node's lock once rather than N times. Until then the other workers count the request
+        as still in flight (stricter, never looser, than the policy's ``max_in_flight``)."""
+        if not self._owed:
+            return
+        with self._owed_lock:
+            owed = self._owed
+            self._owed = {}
+        mm = self._mm
+        self.lock()
+        try:
+            for h, n in owed.items():
+                at = self._slot(mm, h, 0.0, create=False)
+                if at >= 0:
+                    flight = FLIGHT.unpack_from(mm, at + 40)[0]
+                    FLIGHT.pack_into(mm, at + 40, max(0, flight - n))
+        finally:
+            self.unlock()
 
     def key_hash(self, key: str) -> bytes:
         h = self._hashes.get(key)
@@ -443,6 +528,9 @@ class SharedRateLimiter:
             if at < 0:
                 return REASON_REQUEST_RATE
             _h, tokens, wtokens, stamp, flight, used = BUCKET.unpack_from(mm, at)
+            owed = node.take_owed(h)
+            if owed:  # this worker's releases not settled yet: written with this update
+                flight = max(0, flight - owed)
             if not used:
                 st = State(limit, limit.burst, limit.write_burst, now)
             else:
@@ -462,6 +550,9 @@ class SharedRateLimiter:
             return  # acquire() counted nothing in flight
         node = self._node
         h = node.key_hash(principal.key)
+        if node.defer_releases:  # written by the end of this loop pass (NodeState.settle)
+            node.owe_release(h)
+            return
         mm = node._mm
         node.lock()
         try:
@@ -474,7 +565,10 @@ class SharedRateLimiter:
             node.unlock()
 
     def in_flight(self, principal: Principal) -> int:
+        """The node's count, less this worker's releases not settled yet."""
         node = self._node
+        h = node.key_hash(principal.key)
         with node.locked() as mm:
-            at = node._slot(mm, node.key_hash(principal.key), 0.0, create=False)
-            return int(struct.unpack_from("<i", mm, at + 40)[0]) if at >= 0 else 0
+            at = node._slot(mm, h, 0.0, create=False)
+            flight = int(struct.unpack_from("<i", mm, at + 40)[0]) if at >= 0 else 0
+        return max(0, flight - node._owed.get(h, 0))

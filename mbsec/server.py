@@ -258,9 +258,13 @@ class Proxy:
         #: set when the proxy stopped because of an internal failure (exit status 1)
         self.failed = False
         #: the request path (mbsec.path): its core, driven by one epoll thread
+        # workers > 1: a request's in-flight slot in the node state is freed at the end of the
+        # loop pass that answered it, one lock per pass (mbsec.nodestate.NodeState.settle)
+        self.node.defer_releases = workers > 1
         self.data_plane = DataPlane(settings.upstream_targets(), log=self.log,
                                     metrics=self.metrics, busy_poll=settings.busy_poll_us / 1e6,
-                                    on_fatal=self._data_plane_failed)
+                                    on_fatal=self._data_plane_failed,
+                                    pass_end=self.node.settle if workers > 1 else None)
         #: write freezes: operator commands and the automatic one, fed by link events
         self.write_freeze = WriteFreeze(
             self.node, FlapRule(**settings.admin.auto_freeze.model_dump()), log=self.log,

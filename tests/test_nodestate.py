@@ -69,6 +69,59 @@ def test_a_freeze_by_another_process_holds_from_the_next_lookup(tmp_path: Path) 
     node.close()
 
 
+def test_the_lock_excludes_under_contention_and_survives_a_dead_holder(tmp_path: Path) -> None:
+    """The node lock spins on trylock before it waits (mbsec.nodestate._Mutex): two threads
+    and a child process hammering one counter in the mapping lose no increment (the spin and
+    the wait both exclude), and a process that dies holding the lock does not wedge the node
+    (EOWNERDEAD: the next taker goes on)."""
+    import struct
+    import threading
+
+    path = tmp_path / "state"
+    node = NodeState.open(path, reset_buckets=True)
+    if node._mutex is None:
+        pytest.skip("no pthread mutex on this platform (the flock fallback is used)")
+    at = 8  # the freeze generation: any 8 bytes of the mapping will do
+    start = struct.unpack_from("<Q", node._mm, at)[0]
+    n = 3000
+    child = ("import struct, sys; from pathlib import Path; from mbsec.nodestate import *; "
+             "n = NodeState.open(Path(sys.argv[1]), reset_buckets=False)\n"
+             "for _ in range(int(sys.argv[2])):\n"
+             "    n.lock(); v = struct.unpack_from('<Q', n._mm, 8)[0]; "
+             "struct.pack_into('<Q', n._mm, 8, v + 1); n.unlock()\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(path), str(n)])
+
+    def bump() -> None:
+        for _ in range(n):
+            node.lock()
+            try:
+                v = struct.unpack_from("<Q", node._mm, at)[0]
+                struct.pack_into("<Q", node._mm, at, v + 1)
+            finally:
+                node.unlock()
+
+    threads = [threading.Thread(target=bump) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert proc.wait(60) == 0
+    assert struct.unpack_from("<Q", node._mm, at)[0] == start + 3 * n
+    dies = ("import os, sys; from pathlib import Path; from mbsec.nodestate import *; "
+            "n = NodeState.open(Path(sys.argv[1]), reset_buckets=False); n.lock(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", dies, str(path)], check=True)
+    done = threading.Event()
+
+    def take() -> None:
+        node.lock()
+        node.unlock()
+        done.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    assert done.wait(10), "a lock held by a dead process wedged the node"
+    node.close()
+
+
 def test_a_restart_keeps_freezes_and_resets_buckets(tmp_path: Path) -> None:
     path = tmp_path / "state"
     policy = load_policy_text(POLICY)
@@ -132,6 +185,52 @@ def test_two_workers_share_one_budget(tmp_path: Path) -> None:
     clock.now += 0.1  # a request token, but not a write token (1/s), is back
     assert b.acquire(pr, WRITE) == REASON_WRITE_RATE  # write burst 2 spent over both
     b.release(pr)
+
+
+def test_deferred_releases_free_the_slot_at_settle(tmp_path: Path) -> None:
+    """``workers > 1``: a release is owed until the end of the loop pass (``settle``); until
+    then the other worker still counts the request (stricter, never looser), the releasing
+    worker does not (its next acquire writes the owed release with its own update), and one
+    settle writes every owed release of the pass."""
+    path = tmp_path / "state"
+    policy = load_policy_text(POLICY)
+    clock = FakeClock()
+    node_a = NodeState.open(path, reset_buckets=True)
+    node_a.defer_releases = True
+    a = SharedRateLimiter(policy, node_a, clock)
+    b = SharedRateLimiter(policy, NodeState.open(path, reset_buckets=False), clock)
+    pr = who(policy, None)
+    assert [a.acquire(pr, READ), a.acquire(pr, READ), b.acquire(pr, READ)] == [None] * 3
+    a.release(pr)
+    a.release(pr)
+    assert b.in_flight(pr) == 3  # not settled: the other worker still counts both
+    assert a.in_flight(pr) == 1  # the releasing worker does not
+    assert b.acquire(pr, READ) == REASON_IN_FLIGHT
+    assert a.acquire(pr, READ) is None  # both owed releases written with this update
+    assert b.in_flight(pr) == 2
+    a.release(pr)
+    node_a.settle()  # the end of the pass: one lock for the owed release
+    assert b.in_flight(pr) == a.in_flight(pr) == 1
+    node_a.settle()  # nothing owed: a no-op
+    assert b.in_flight(pr) == 1
+    b.release(pr)
+    assert a.in_flight(pr) == 0
+
+
+def test_settle_never_counts_below_zero(tmp_path: Path) -> None:
+    """An owed release whose bucket was reset meanwhile (a restart of the node) stops at 0."""
+    node = NodeState.open(tmp_path / "state", reset_buckets=True)
+    node.defer_releases = True
+    policy = load_policy_text(POLICY)
+    lim = SharedRateLimiter(policy, node, FakeClock())
+    pr = who(policy, None)
+    assert lim.acquire(pr, READ) is None
+    lim.release(pr)
+    lim.release(pr)  # one more than was in flight
+    node.settle()
+    assert lim.in_flight(pr) == 0
+    assert [lim.acquire(pr, READ) for _ in range(3)] == [None] * 3
+    assert lim.acquire(pr, READ) == REASON_IN_FLIGHT
 
 
 def test_a_reload_keeps_the_budget(tmp_path: Path) -> None:

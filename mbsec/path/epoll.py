@@ -104,7 +104,8 @@ class DataPlane:
     """The epoll loop, its wake-up fd and the sockets of every adopted client and PLC link."""
 
     def __init__(self, targets: Iterable[UpstreamTarget], *, log: Any, metrics: MetricsLike,
-                 busy_poll: float = 0.0, on_fatal: Callable[[], None] | None = None) -> None:
+                 busy_poll: float = 0.0, on_fatal: Callable[[], None] | None = None,
+                 pass_end: Callable[[], None] | None = None) -> None:
         self.log = log
         self.metrics = metrics
         self.timers = Timers()
@@ -112,6 +113,9 @@ class DataPlane:
         self.outbox = self.router.outbox
         self._busy_poll = busy_poll
         self._on_fatal = on_fatal
+        #: called at the end of every loop pass (``workers > 1``: the node state writes the
+        #: in-flight releases of the pass under one lock, mbsec.nodestate.NodeState.settle)
+        self._pass_end = pass_end
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
@@ -247,6 +251,7 @@ class DataPlane:
         wake = self._wake_fd
         spin = self._busy_poll
         sink = self._batch_sink  # its batch: the allowed requests logged in one pass
+        pass_end = self._pass_end
         active = False
         policy = SpinPolicy(spin)  # adaptive busy poll (mbsec.path.spin)
         # the last handler and call are dropped at the end of each pass: a local would keep
@@ -310,6 +315,11 @@ class DataPlane:
             call = None
             if outbox.actions or outbox.done or outbox.dirty or outbox.clients:
                 self.drain(now)
+            if pass_end is not None:
+                try:
+                    pass_end()
+                except Exception as exc:
+                    self.contain(None, exc)
             if sink is not None and sink.batch:
                 sink.emit_batch()
 

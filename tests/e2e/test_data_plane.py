@@ -1017,7 +1017,7 @@ def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
     build must have produced the extension: a silent fallback to the interpreted modules
     would cost a good part of the throughput. MBSEC_PURE=1 (an install without the build)
     opts out."""
-    from mbsec import audit_fast
+    from mbsec import audit_fast, nodestate
     from mbsec.modbus import mbap, pdu
     from mbsec.path import client, decide, epoll, plc
     from mbsec.policy import ratelimit
@@ -1027,7 +1027,7 @@ def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
     assert epoll.compiled(), f"{epoll.__file__} is not the mypyc build"
     # the request side is compiled with the core (setup.py's CORE): one module left out would
     # put the boxing of an interpreted call back on every request
-    for module in (client, mbap, decide, plc, pdu, ratelimit, audit_fast):
+    for module in (client, mbap, decide, plc, pdu, ratelimit, audit_fast, nodestate):
         assert module.__file__ is not None and module.__file__.endswith(".so"), (
             f"{module.__file__} is not the mypyc build")
 
@@ -1303,5 +1303,46 @@ def test_a_core_timer_that_raises_resets_its_link() -> None:
         assert link.state == IDLE and link.gen == 1
         actions = [flatten(e).get("event.action") for e in sink.events()]
         assert "data-plane-error" in actions and "upstream-reset" in actions, actions
+    finally:
+        plane.stop()
+
+
+def test_pass_end_runs_after_every_pass_and_a_failure_is_contained() -> None:
+    """``pass_end`` (``workers > 1``: the node state settles the pass's in-flight releases)
+    runs at the end of each loop pass, after the pass's work; one that raises costs a
+    data-plane-error event, never the loop."""
+    import threading
+
+    from mbsec.audit import flatten, make_logger
+    from mbsec.metrics import NullMetrics
+    from mbsec.path.epoll import DataPlane
+    from mbsec.path.plc import UpstreamTarget
+    from mbsec.settings import LoggingSettings
+
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    order: list[str] = []
+    failed = threading.Event()
+    ran = threading.Event()
+
+    def pass_end() -> None:
+        order.append("end")
+        if order.count("end") == 1:
+            failed.set()
+            raise RuntimeError("a bug at the end of a pass")
+        if "work" in order:
+            ran.set()
+
+    plane = DataPlane([UpstreamTarget("plc", "127.0.0.1", 502, frozenset({1}))], log=log,
+                      metrics=NullMetrics(), pass_end=pass_end)
+    plane.start()
+    try:
+        plane.call_threadsafe(lambda: None)  # a first pass: its pass_end raises
+        assert failed.wait(5)
+        plane.call_threadsafe(lambda: order.append("work"))  # the loop goes on
+        assert ran.wait(5)
+        assert order.index("work") < len(order) - 1  # the pass's work came first
+        actions = [flatten(e).get("event.action") for e in sink.events()]
+        assert "data-plane-error" in actions, actions
     finally:
         plane.stop()
