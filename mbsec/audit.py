@@ -121,9 +121,15 @@ class _Deferring:
             first = len(pending) == 1
             self._pending_bytes += len(line) + 1
             full = self._pending_bytes >= self.MAX_PENDING
+        self._appended(first, full)
+
+    def _appended(self, first: bool, full: bool) -> None:
+        """After lines joined the pending list: write at once when it is full, else wake the
+        writer (started on first use) when the list was empty: it sleeps only while there is
+        nothing to write."""
         if full:
             self._flush_reporting()
-        elif first:  # the writer sleeps only while there is nothing to write
+        elif first:
             if self._writer is None:
                 self._writer = threading.Thread(
                     target=self._run_writer, name="mbsec-log-writer", daemon=True)
@@ -187,14 +193,7 @@ class _Deferring:
             pending += lines
             self._pending_bytes += size
             full = self._pending_bytes >= self.MAX_PENDING
-        if full:
-            self._flush_reporting()
-        elif first:
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._run_writer, name="mbsec-log-writer", daemon=True)
-                self._writer.start()
-            self._has_lines.set()
+        self._appended(first, full)
 
     def _stop_writer(self) -> None:
         self._closing = True

@@ -385,16 +385,21 @@ class NodeState:
         with self._owed_lock:
             owed = self._owed
             self._owed = {}
-        mm = self._mm
         self.lock()
         try:
             for h, n in owed.items():
-                at = self._slot(mm, h, 0.0, create=False)
-                if at >= 0:
-                    flight = FLIGHT.unpack_from(mm, at + 40)[0]
-                    FLIGHT.pack_into(mm, at + 40, max(0, flight - n))
+                self.end_in_flight(h, n)
         finally:
             self.unlock()
+
+    def end_in_flight(self, h: bytes, n: int) -> None:
+        """``n`` requests of ``h`` are no longer in flight (the caller holds the lock)."""
+        mm = self._mm
+        at = self._slot(mm, h, 0.0, create=False)
+        if at >= 0:
+            flight = FLIGHT.unpack_from(mm, at + 40)[0]
+            if flight > 0:
+                FLIGHT.pack_into(mm, at + 40, max(0, flight - n))
 
     def key_hash(self, key: str) -> bytes:
         h = self._hashes.get(key)
@@ -553,14 +558,9 @@ class SharedRateLimiter:
         if node.defer_releases:  # written by the end of this loop pass (NodeState.settle)
             node.owe_release(h)
             return
-        mm = node._mm
         node.lock()
         try:
-            at = node._slot(mm, h, 0.0, create=False)
-            if at >= 0:
-                flight = FLIGHT.unpack_from(mm, at + 40)[0]
-                if flight > 0:
-                    FLIGHT.pack_into(mm, at + 40, flight - 1)
+            node.end_in_flight(h, 1)
         finally:
             node.unlock()
 
