@@ -614,9 +614,10 @@ class Proxy:
                 continue
             source = str(peer[0])
             spoke = _readable(stream.socket)
-            # first come, first served: behind the ones of its prefix already waiting
-            if (spoke and self._waiting.waiting(source_prefix(source))
-                    and self._wait(stream, source, peer, "connection_rate_exceeded")):
+            # first come, first served: behind the ones of its prefix already waiting, for
+            # what its head waits for (the reason it is refused with if it waits in vain)
+            head = self._waiting.head(source_prefix(source)) if spoke else None
+            if head is not None and self._wait(stream, source, peer, head[3]):
                 continue
             if not spoke and (self.admission.full()
                               or self.admission.over_rate(source, time.monotonic())):
