@@ -23,13 +23,15 @@ from setuptools import setup
 #: node-wide limiter in nodestate.py: -25 % per request, benchmarks/README.md "Issue 14:
 #: workers = 2") compiled together, so that
 #: those calls stay native-to-native (decide.py compiled alone did not pay: benchmarks/README.md,
-#: issue 14 rounds 2 and 7). The policy engine, the metrics and the logger stay interpreted, but
-#: for audit_fast, the allowed-request line that decide.py renders on the data-plane thread.
+#: issue 14 rounds 2 and 7). The policy engine, the metrics registry and the logger stay
+#: interpreted, but for audit_fast, the allowed-request line that decide.py renders on the
+#: data-plane thread, and metrics_core, the counter cell and histogram the path updates per
+#: request.
 CORE = [*(f"mbsec/path/{name}.py" for name in
           ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
            "epoll", "plc", "decide")),
         "mbsec/modbus/mbap.py", "mbsec/modbus/pdu.py", "mbsec/policy/ratelimit.py",
-        "mbsec/audit_fast.py", "mbsec/nodestate.py"]
+        "mbsec/audit_fast.py", "mbsec/nodestate.py", "mbsec/metrics_core.py"]
 
 ext_modules = []
 if os.environ.get("MBSEC_PURE") != "1":

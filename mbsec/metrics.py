@@ -11,10 +11,11 @@ components take ``metrics=None`` -> ``NullMetrics()`` instead of checking everyw
 
 from __future__ import annotations
 
-import bisect
 import operator
 from collections.abc import Callable
 from typing import Protocol, TypeAlias
+
+from mbsec.metrics_core import Cell, Histogram
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -112,30 +113,6 @@ def _key(labels: dict[str, str | int]) -> LabelKey:
     return k
 
 
-class Cell:
-    """One counter series; a hot path keeps it and adds to ``value`` directly."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-
-class _Histogram:
-    __slots__ = ("buckets", "count", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, v)] += 1
-        self.sum += v
-        self.count += 1
-
-
 class Metrics:
     """In-process registry; ``render()`` gives Prometheus text exposition format 0.0.4."""
 
@@ -143,7 +120,7 @@ class Metrics:
         self._buckets = buckets
         self._counters: dict[str, dict[LabelKey, Cell]] = {}
         self._gauges: dict[str, dict[LabelKey, float]] = {}
-        self._hists: dict[str, dict[LabelKey, _Histogram]] = {}
+        self._hists: dict[str, dict[LabelKey, Histogram]] = {}
 
     def inc(self, name: str, value: float = 1.0, **labels: str | int) -> None:
         self.counter(name, **labels).value += value
@@ -165,7 +142,7 @@ class Metrics:
     def observe(self, name: str, value: float, **labels: str | int) -> None:
         self.histogram(name, **labels).observe(value)
 
-    def histogram(self, name: str, **labels: str | int) -> _Histogram:
+    def histogram(self, name: str, **labels: str | int) -> Histogram:
         """The series itself, for a hot path that observes the same one many times."""
         series = self._hists.get(name)
         if series is None:
@@ -173,7 +150,7 @@ class Metrics:
         k = _key(labels)
         h = series.get(k)
         if h is None:
-            h = series[k] = _Histogram(self._buckets)
+            h = series[k] = Histogram(self._buckets)
         return h
 
     def value(self, name: str, **labels: str | int) -> float:

@@ -1017,7 +1017,7 @@ def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
     build must have produced the extension: a silent fallback to the interpreted modules
     would cost a good part of the throughput. MBSEC_PURE=1 (an install without the build)
     opts out."""
-    from mbsec import audit_fast, nodestate
+    from mbsec import audit_fast, metrics_core, nodestate
     from mbsec.modbus import mbap, pdu
     from mbsec.path import client, decide, epoll, plc
     from mbsec.policy import ratelimit
@@ -1027,7 +1027,8 @@ def test_the_data_plane_is_compiled_unless_asked_not_to_be() -> None:
     assert epoll.compiled(), f"{epoll.__file__} is not the mypyc build"
     # the request side is compiled with the core (setup.py's CORE): one module left out would
     # put the boxing of an interpreted call back on every request
-    for module in (client, mbap, decide, plc, pdu, ratelimit, audit_fast, nodestate):
+    for module in (client, mbap, decide, plc, pdu, ratelimit, audit_fast, nodestate,
+                   metrics_core):
         assert module.__file__ is not None and module.__file__.endswith(".so"), (
             f"{module.__file__} is not the mypyc build")
 
