@@ -4,7 +4,9 @@ closed (8 source addresses x 65 connections, as the issue measured, and 1,000 ad
 connection each, every one in its own /24 of 127.0.0.0/8), and a fresh client that connects
 200 times (40 a second, from an address of its own) with a real certificate and must complete
 its handshake and get its Modbus reply within 2 s at least 95 % of the time. A plant's 50
-masters behind one SCADA host reconnecting at once during the flood all get through."""
+masters behind one SCADA host reconnecting at once during the flood all get through. The
+waiting room: a storm from one /24 waits for places instead of being refused, and a waiter
+that waits in vain is refused when its wait ends, with its reason."""
 
 from __future__ import annotations
 
@@ -220,3 +222,47 @@ async def test_a_storm_from_one_prefix_waits_for_places_instead_of_being_refused
     accepted = [e for e in evs if e["event"]["action"] == "tls-handshake"
                 and e["event"]["outcome"] == "success"]
     assert len(accepted) == 30
+
+
+async def test_a_newcomer_that_waits_in_vain_is_refused_after_the_wait_with_its_reason(
+    pki: Pki, plc: ScriptedPlc, tmp_path: Path,
+) -> None:
+    """A master whose prefix has spent its token (burst 1, one token per 100 s) while half of
+    the handshake places are taken (a silent connection from elsewhere holds one of 2) speaks
+    and waits: no token comes within the 4 s it may wait, so it is refused then, with the
+    reason it waited for (``connection_rate_exceeded``, not ``too_many_handshakes``), its
+    rejection event written when the wait ends (not when it started), and it never gets a
+    ServerHello. The master before it, with the token, was served."""
+    from datetime import datetime
+
+    from mbsec.server import WAITING_S
+
+    cfg = serve_config(pki, tmp_path, plc.port, extra=(
+        "max_handshakes = 2\nprefix_connection_rate = 0.01\n"
+        "prefix_connection_burst = 1\n"))
+    async with mbsec_serve(cfg, tmp_path / "events.jsonl") as (proc, served):
+        port = await served.port()
+        holder = trio.socket.socket()  # silent: a handshake place held, no ClientHello
+        await holder.bind(("127.253.0.1", 0))
+        await holder.connect(("127.0.0.1", port))
+        try:
+            first = await attempt(port, STORM.format(1), pki, within=5.0)
+            started = datetime.now().astimezone()
+            second = await attempt(port, STORM.format(2), pki, within=WAITING_S + 2.0)
+        finally:
+            holder.close()
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    assert first is not None
+    assert second is None
+    evs = served.events()
+    refused = [e for e in evs if e["event"]["action"] == "connection-rejected"
+               and e["source"]["ip"] == STORM.format(2)]
+    assert [e["event"]["reason"] for e in refused] == ["connection_rate_exceeded"], refused
+    waited = (datetime.fromisoformat(refused[0]["@timestamp"].replace("Z", "+00:00"))
+              - started).total_seconds()
+    assert WAITING_S - 0.2 <= waited <= WAITING_S + 1.5, waited
+    assert not [e for e in evs if e["event"]["action"] == "tls-handshake"
+                and e.get("source", {}).get("ip") == STORM.format(2)]
