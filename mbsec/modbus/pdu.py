@@ -135,6 +135,7 @@ __all__ = [
     "WriteSingleCoilResponse",
     "WriteSingleRegisterRequest",
     "WriteSingleRegisterResponse",
+    "check_response",
     "encode_request",
     "encode_response",
     "exception_pdu",
@@ -824,6 +825,22 @@ def parse_response(request: Request, pdu: bytes) -> Response | ExceptionResponse
             _mismatch("bad_exception_pdu", f"exception response of {len(pdu)} bytes, not 2")
         return ExceptionResponse(fc, pdu[1])
     _mismatch("function_mismatch", f"response function {got:#04x} to request function {fc}")
+
+
+def check_response(request: Request, pdu: bytes) -> Response | ExceptionResponse | None:
+    """:func:`parse_response`'s verdict without decoding what nobody reads: a normal reply to
+    a register read (FC 03/04, most of a plant's traffic) is checked by its byte count and
+    length alone and gives None; any other reply is parsed. The same errors for the same bytes
+    (tests/unit/test_pdu_properties.py); the proxy forwards the PLC's bytes, not a re-encoding,
+    so the register values were built per reply only to be thrown away."""
+    if isinstance(request, (ReadHoldingRegistersRequest, ReadInputRegistersRequest)):
+        fc = request.function_code
+        if pdu and pdu[0] == fc and len(pdu) <= MAX_PDU:
+            expected = 2 * request.count
+            if len(pdu) != 2 + expected or pdu[1] != expected:
+                _resp_byte_count(fc, pdu, expected)
+            return None
+    return parse_response(request, pdu)
 
 
 def exception_pdu(function_code: int, exception_code: int) -> bytes:

@@ -13,7 +13,7 @@ from mypy_extensions import mypyc_attr
 
 from mbsec.modbus.errors import ProtocolError
 from mbsec.modbus.mbap import Adu
-from mbsec.modbus.pdu import ExceptionCode, ExceptionResponse, Request, Response, parse_response
+from mbsec.modbus.pdu import ExceptionCode, ExceptionResponse, Request, Response, check_response
 from mbsec.path.plc_target import UpstreamTarget, check_targets
 
 __all__ = [
@@ -63,7 +63,8 @@ class TargetNoResponse(UpstreamError):
 
 @final
 class UpstreamReply:
-    """A validated reply: the PDU as the PLC sent it and its parsed form.
+    """A validated reply: the PDU as the PLC sent it and its parsed form (None for a normal
+    reply to a register read: checked, not decoded, :func:`mbsec.modbus.pdu.check_response`).
 
     A plain record with a written-out ``__init__`` (one per reply; mypyc compiles it, where a
     dataclass's generated ``__init__`` stays interpreted). Nothing changes it once made.
@@ -71,7 +72,8 @@ class UpstreamReply:
 
     __slots__ = ("pdu", "response", "target")
 
-    def __init__(self, pdu: bytes, response: Response | ExceptionResponse, target: str) -> None:
+    def __init__(self, pdu: bytes, response: Response | ExceptionResponse | None,
+                 target: str) -> None:
         self.pdu = pdu
         self.response = response
         self.target = target
@@ -96,7 +98,7 @@ def check_reply(adu: Adu, unit_id: int, request: Request, target: str) -> Upstre
             f"reply from unit {adu.unit_id}",
         )
     try:
-        response = parse_response(request, adu.pdu)
+        response = check_response(request, adu.pdu)
     except ProtocolError as exc:
         raise ReplyProblem(
             "bad_reply",

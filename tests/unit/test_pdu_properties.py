@@ -58,6 +58,7 @@ from mbsec.modbus import (
     WriteSingleCoilResponse,
     WriteSingleRegisterRequest,
     WriteSingleRegisterResponse,
+    check_response,
     encode_request,
     encode_response,
     parse_request,
@@ -321,3 +322,64 @@ def test_fuzz_parse_response_mutated(pair: tuple[Request, Any], data: st.DataObj
     except RemoteProtocolError as exc:
         assert exc.reason in RESPONSE_REASONS
         assert exc.action is Action.CLOSE
+
+
+def _verdict(fn: Any, req: Request, raw: bytes) -> Any:
+    try:
+        return ("ok", fn(req, raw))
+    except RemoteProtocolError as exc:
+        return ("error", exc.reason, exc.action, exc.message)
+
+
+@settings(max_examples=800, deadline=None, derandomize=True, database=None)
+@given(PAIRS, st.data())
+def test_check_response_gives_parse_responses_verdict(
+    pair: tuple[Request, Any], data: st.DataObject
+) -> None:
+    """The proxy checks replies with check_response: for any reply bytes (the right one, a
+    mutated one, a cut one) it raises what parse_response raises, and where parse_response
+    decodes a normal register-read reply it gives None, else the same object."""
+    req, resp = pair
+    raw = bytearray(encode_response(resp))
+    if data.draw(st.booleans()):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(u8)
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    pdu = bytes(raw)
+    parsed = _verdict(parse_response, req, pdu)
+    checked = _verdict(check_response, req, pdu)
+    if parsed[0] == "ok" and isinstance(
+            req, (ReadHoldingRegistersRequest, ReadInputRegistersRequest)) and not isinstance(
+            parsed[1], ExceptionResponse):
+        assert checked == ("ok", None)
+    else:
+        assert checked == parsed
+
+
+REGISTER_READS = st.one_of(read_req(ReadHoldingRegistersRequest, 125),
+                           read_req(ReadInputRegistersRequest, 125))
+
+
+@settings(max_examples=800, deadline=None, derandomize=True, database=None)
+@given(REGISTER_READS, st.data())
+def test_check_response_checks_a_register_reads_reply_as_parse_response_does(
+    req: Request, data: st.DataObject
+) -> None:
+    """The replies check_response does not decode: function code (right, exception, other),
+    byte count and body length drawn near what the request asks for, so that each of the
+    three checks (function, byte count, length) is the one that fails in some examples."""
+    fc = req.function_code
+    count = 2 * req.count  # type: ignore[union-attr]
+    head = data.draw(st.sampled_from([fc, fc, fc, fc | 0x80, data.draw(u8)]))
+    byte_count = data.draw(st.sampled_from([count, count, (count + 1) % 256,
+                                            data.draw(u8)]))
+    body = data.draw(st.sampled_from([count, count, count - 1, count + 1,
+                                      data.draw(st.integers(0, 252))]))
+    pdu = bytes([head, byte_count]) + bytes(max(0, body))
+    if data.draw(st.booleans()):
+        pdu = pdu[:data.draw(st.integers(0, len(pdu)))]
+    parsed = _verdict(parse_response, req, pdu)
+    checked = _verdict(check_response, req, pdu)
+    if parsed[0] == "ok" and not isinstance(parsed[1], ExceptionResponse):
+        assert checked == ("ok", None)
+    else:
+        assert checked == parsed
