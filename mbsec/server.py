@@ -46,6 +46,7 @@ from mbsec.admission import (
     source_prefix,
 )
 from mbsec.audit import SinkLogger, null_logger
+from mbsec.audit_fast import connection_lines
 from mbsec.expiry import tls_expiry
 from mbsec.flap import FlapRule
 from mbsec.freeze import WriteFreeze
@@ -271,6 +272,8 @@ class Proxy:
             metrics=self.metrics, worker=worker, targets=lambda: list(self.settings.upstreams))
         self.data_plane.attach_freeze(self.write_freeze)
         self.sessions: set[Session] = set()
+        #: every session's accepted and closed lines, from templates (mbsec.audit_fast)
+        self.connection_lines = connection_lines(self.log)
         #: connection and handshake places, per-prefix rate (mbsec/admission.py)
         self.admission = Admission(
             max_connections=settings.limits.max_connections,
@@ -753,6 +756,7 @@ class Proxy:
             allowed_requests=self.settings.logging.allowed_requests,
             data_plane=self.data_plane,
             edge=_Edge(self, ticket, source),
+            lines=self.connection_lines,
         )
         self._handshaking[ticket] = session
         self.sessions.add(session)
