@@ -71,10 +71,6 @@ CRL_CHECK_INTERVAL = 3600.0
 RELOAD_APPLY_TIMEOUT = 2.0  # seconds a reload waits for the data plane to switch
 LIVENESS_INTERVAL = 1.0  # seconds between two questions to the data-plane thread (/healthz)
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-#: accept errors that only lose that one connection (trio's SocketListener skips them too)
-ACCEPT_IGNORED = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
-#: connections the accept loop takes in a row before it lets the sessions run
-ACCEPT_BATCH = 16
 #: while every handshake place is taken, or its prefix is over its rate, a connection whose
 #: ClientHello has not arrived yet at accept may wait this long for it before admission
 #: decides (when the proxy accepts at once, a legitimate client's first bytes may still be on
@@ -625,63 +621,36 @@ class Proxy:
             root.cancel_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, conns: trio.Nursery) -> None:
-        """Accept what is waiting without a trip through trio's loop per connection
-        (``SocketListener.accept`` yields after each one): up to ``ACCEPT_BATCH`` in a row,
-        then a checkpoint; a wait only when none is waiting (benchmarks/README.md, "Issue
-        10 item 3: the per-connection Python, round 2"). Accepted on a duplicate of the
-        listening descriptor, the socket trio waits on, so nothing private of trio's is
-        used."""
-        lsock = listener.socket
-        std = socket.socket(fileno=os.dup(lsock.fileno()))  # non-blocking, as trio's
-        in_row = 0
-        try:
-            while True:
-                if in_row >= ACCEPT_BATCH:
-                    in_row = 0
-                    await trio.lowlevel.checkpoint()
-                in_row += 1
-                try:
-                    conn, _addr = std.accept()
-                except BlockingIOError:
-                    in_row = 0
-                    await trio.lowlevel.wait_readable(lsock)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_ERRNOS:
+                    events.emit(self.log, events.accept_failed(exc))
+                    await trio.sleep(0.1)
                     continue
-                except OSError as exc:
-                    if exc.errno in ACCEPT_IGNORED:
-                        continue
-                    if exc.errno in ACCEPT_ERRNOS:
-                        events.emit(self.log, events.accept_failed(exc))
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                self._accepted(stream, conns)
-        finally:
-            std.close()
-
-    def _accepted(self, stream: trio.SocketStream, conns: trio.Nursery) -> None:
-        """Admission of one accepted connection, and its task if it is admitted."""
-        # the cheap part here, without a task: a flood is refused before any task,
-        # setsockopt or TLS state is spent on it
-        try:
-            peer = stream.socket.getpeername()
-        except OSError:
-            _abort(stream)
-            return
-        source = str(peer[0])
-        spoke = _readable(stream.socket)
-        # first come, first served: behind the ones of its prefix already waiting, for
-        # what its head waits for (the reason it is refused with if it waits in vain)
-        head = self._waiting.head(source_prefix(source)) if spoke else None
-        if head is not None and self._wait(stream, source, peer, head[3]):
-            return
-        if not spoke and (self.admission.full()
-                          or self.admission.over_rate(source, time.monotonic())):
-            conns.start_soon(self._probation_then_connection, stream, source, peer)
-            return
-        verdict = self._admit(stream, source, peer, spoke)
-        if verdict is not None:
-            conns.start_soon(self._connection, stream, source, verdict)
+                raise
+            # the cheap part here, without a task: a flood is refused before any task,
+            # setsockopt or TLS state is spent on it
+            try:
+                peer = stream.socket.getpeername()
+            except OSError:
+                _abort(stream)
+                continue
+            source = str(peer[0])
+            spoke = _readable(stream.socket)
+            # first come, first served: behind the ones of its prefix already waiting, for
+            # what its head waits for (the reason it is refused with if it waits in vain)
+            head = self._waiting.head(source_prefix(source)) if spoke else None
+            if head is not None and self._wait(stream, source, peer, head[3]):
+                continue
+            if not spoke and (self.admission.full()
+                              or self.admission.over_rate(source, time.monotonic())):
+                conns.start_soon(self._probation_then_connection, stream, source, peer)
+                continue
+            verdict = self._admit(stream, source, peer, spoke)
+            if verdict is not None:
+                conns.start_soon(self._connection, stream, source, verdict)
 
     def _admit(self, stream: trio.SocketStream, source: str, peer: Any,
                spoke: bool) -> Admitted | None:

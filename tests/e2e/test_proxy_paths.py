@@ -570,25 +570,3 @@ async def test_client_sockets_get_nodelay_and_the_keepalive(
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
-
-
-async def test_a_backlog_longer_than_an_accept_batch_is_all_accepted(
-    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
-) -> None:
-    """The accept loop takes waiting connections in batches (mbsec.server.ACCEPT_BATCH) and
-    yields between them: every connection of a burst gets its session, and a client behind
-    the burst is served."""
-    from mbsec.server import ACCEPT_BATCH
-
-    plc = await scripted(nursery)
-    h = await start_proxy(plc.port)
-    burst = [socket.create_connection(("127.0.0.1", h.port)) for _ in range(3 * ACCEPT_BATCH)]
-    try:
-        c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
-        assert (await c.request(1, 1, read_hr(0, 1)))[2][0] == 3
-        with trio.fail_after(5):
-            while len(h.proxy.sessions) < len(burst) + 1:  # noqa: ASYNC110 - no event
-                await trio.sleep(0.01)
-    finally:
-        for s in burst:
-            s.close()
