@@ -179,7 +179,6 @@ class Session:
         self._plane = data_plane
         self._conn: ClientConn | None = None  # set while the data plane owns the connection
         self._plane_broken = False
-        self._handed_back = False  # the data plane gave the socket back: nobody else uses it
         self.decisions: Decisions | None = None
         self.conn_id = next(_conn_ids)
         (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
@@ -487,7 +486,6 @@ class Session:
                     with trio.move_on_after(CLOSE_TIMEOUT) as cs:
                         cs.shield = True
                         await done.wait()
-            self._handed_back = done.is_set()
             conn = self._conn
             if conn is not None:
                 self.note_close_reason(conn.close_reason)
@@ -498,12 +496,6 @@ class Session:
     # -- close ---------------------------------------------------------------------------
 
     async def _close(self) -> None:
-        ssl_stream = self._ssl
-        sock = getattr(self._raw, "socket", None)
-        if (self._handed_back and not self._plane_broken and ssl_stream is not None
-                and sock is not None and ssl_stream.close_now()):
-            sock.close()  # close_notify written: closed without yielding (SocketStream.aclose)
-            return
         stream: trio.abc.AsyncResource = self._ssl if self._ssl is not None else self._raw
         with trio.move_on_after(CLOSE_TIMEOUT) as cs:
             cs.shield = True

@@ -61,8 +61,8 @@ class ServerTlsStream(trio.abc.AsyncResource):
     """One server-side TLS connection over ``transport``: :meth:`do_handshake`, the facts of
     the negotiated session, and :meth:`aclose` (close_notify, then the transport)."""
 
-    __slots__ = ("_delayed_outgoing", "_fd", "_handshook", "_incoming", "_notified",
-                 "_on_receive", "_outgoing", "_ssl_object", "_unsent", "transport_stream")
+    __slots__ = ("_delayed_outgoing", "_fd", "_handshook", "_incoming", "_on_receive",
+                 "_outgoing", "_ssl_object", "transport_stream")
 
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
                  fd: int | None = None,
@@ -75,8 +75,6 @@ class ServerTlsStream(trio.abc.AsyncResource):
         self._ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._delayed_outgoing: bytes | None = None
         self._handshook = False
-        self._notified = False  # close_notify written into the outgoing BIO
-        self._unsent = b""  # what close_now could not write: aclose sends it
 
     async def do_handshake(self) -> None:
         """Run the handshake to its end; see the module docstring for failures."""
@@ -153,48 +151,14 @@ class ServerTlsStream(trio.abc.AsyncResource):
     def version(self) -> str | None:
         return self._ssl_object.version()
 
-    def _close_notify(self) -> bytes:
-        """What is left to send of the close: close_notify (once, and only after a completed
-        handshake) behind anything :meth:`close_now` could not write."""
-        if self._handshook and not self._notified:
-            self._notified = True
-            with contextlib.suppress(ssl.SSLError):
-                self._ssl_object.unwrap()
-            self._unsent += self._outgoing.read()
-        data, self._unsent = self._unsent, b""
-        return data
-
-    def close_now(self) -> bool:
-        """:meth:`aclose`'s close_notify written straight to the fd, without a trip through
-        trio: True when it is written (or the peer is gone, which only skips it), and the
-        caller then closes the socket itself; False when the socket would not take it all at
-        once (or there is no fd): :meth:`aclose` then sends the rest and closes, as before.
-        Only for a socket nothing else uses any more (the data plane has handed it back).
-        Why: a connection's close through trio's stream yielded to the scheduler twice (the
-        send and the close), a visible share of a handshake's Python work (benchmarks/
-        README.md, "Issue 10 item 3: the per-connection Python, round 2")."""
-        fd = self._fd
-        if fd is None:
-            return False
-        data = self._close_notify()
-        if data:
-            try:
-                sent = os.write(fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # the peer is gone (aclose ignores that too)
-                return True
-            if sent < len(data):
-                self._unsent = data[sent:]
-                return False
-        return True
-
     async def aclose(self) -> None:
         """Send close_notify (without waiting for the peer's) when the handshake completed,
         then close the transport; a peer that is gone already only skips the close_notify."""
         try:
-            if self._handshook or self._unsent:
-                to_send = self._close_notify()
+            if self._handshook:
+                with contextlib.suppress(ssl.SSLError):
+                    self._ssl_object.unwrap()
+                to_send = self._outgoing.read()
                 if to_send:
                     with contextlib.suppress(trio.BrokenResourceError, trio.BusyResourceError):
                         await self.transport_stream.send_all(to_send)

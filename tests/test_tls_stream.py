@@ -5,7 +5,6 @@ state the data plane takes, the alert left unsent on failure, EOF, close_notify)
 from __future__ import annotations
 
 import contextlib
-import os
 import ssl
 from typing import Any
 
@@ -164,49 +163,3 @@ async def test_fd_handshake_ends_at_its_deadline_while_waiting(pki: Pki) -> None
     assert scope.cancelled_caught
     a.close()
     await server.transport_stream.aclose()
-
-
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-async def test_close_now_writes_close_notify_without_trio(pki: Pki,
-                                                          version: ssl.TLSVersion) -> None:
-    client, server = await _socket_pair(pki, pki.client_ctx(pki.operator, max_version=version),
-                                        [])
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
-    assert server.close_now()
-    assert server.close_now()  # once only: nothing more to write
-    await server.transport_stream.aclose()
-    assert await client.receive_some(100) == b""  # a clean close_notify, then EOF
-
-
-async def test_close_now_leaves_what_the_socket_does_not_take_to_aclose(pki: Pki) -> None:
-    """A full send buffer: close_now writes nothing it cannot and says so; aclose then sends
-    the close_notify once the client reads, as it always did."""
-    client, server = await _socket_pair(
-        pki, pki.client_ctx(pki.operator, max_version=ssl.TLSVersion.TLSv1_2), [])
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
-    fd = server._fd
-    assert fd is not None
-    filled = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            filled += os.write(fd, b"\x17" * 65536)  # junk: fills the socket's buffers
-    assert not server.close_now()
-    assert server._unsent[:1] == b"\x15"  # the close_notify (TLS 1.2: an alert record)
-
-    async def drain() -> None:
-        raw = client.transport_stream
-        got = 0
-        while got < filled + 1:
-            data = await raw.receive_some(65536)
-            if not data:
-                break
-            got += len(data)
-        assert got > filled  # the junk and then the alert arrived
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain)
-        await server.aclose()
