@@ -19,6 +19,10 @@ stdout sinks write it from their writer thread (mbsec.audit, deferred writes); o
 data-plane thread the lines of one loop pass go to them together (``SinkLogger.batch``).
 This module is compiled with the data plane (setup.py's ``CORE``).
 
+:class:`ConnectionLines` does the same for the two events every authenticated connection
+writes on the control plane (the accepted ``tls-handshake`` and ``connection-closed``), with
+templates shared by every connection of one certificate, role set, TLS version and cipher.
+
 The writer steps aside (the bound logger writes the event, as before) whenever the template
 would not be exact: a value that is a dict (nesting would merge it), structlog contextvars
 bound in the calling thread, a logger that is not :func:`mbsec.audit.make_logger`'s JSON one.
