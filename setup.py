@@ -24,7 +24,8 @@ from setuptools import setup
 #: workers = 2") compiled together, so that
 #: those calls stay native-to-native (decide.py compiled alone did not pay: benchmarks/README.md,
 #: issue 14 rounds 2 and 7). The policy engine, the metrics and the logger stay interpreted, but
-#: for audit_fast, the allowed-request line that decide.py renders on the data-plane thread.
+#: for audit_fast, the allowed-request line that decide.py renders on the data-plane thread
+#: (and the two lines of each connection the session renders from its templates).
 CORE = [*(f"mbsec/path/{name}.py" for name in
           ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
            "epoll", "plc", "decide")),

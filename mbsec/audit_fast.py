@@ -399,7 +399,8 @@ class _ConnTemplate:
     """One event's line around its slots, and what it was built from: the event's and the
     structlog contextvars' keys in order, their values with the slots blanked."""
 
-    __slots__ = ("ctx", "ctx_keys", "field_keys", "fields", "level", "message", "raw", "slots")
+    __slots__ = ("ctx", "ctx_keys", "field_keys", "fields", "hidden", "level", "message", "raw",
+                 "slots")
 
     def __init__(self, level: str, message: str, fields: dict[str, Any],
                  ctx: dict[str, Any], raw: list[str], slots: list[tuple[str, bool]]) -> None:
@@ -413,6 +414,9 @@ class _ConnTemplate:
         #: (key, whether its value comes from the event's fields, else from the contextvars),
         #: in the order of the line; the stamp is _STAMP
         self.slots = slots
+        #: the slots a later key replaced (not in the line, unless the value is a dict, which
+        #: that key would have been nested into): (key, from the fields)
+        self.hidden: list[tuple[str, bool]] = []
 
 
 def _masked(values: dict[str, Any], slots: tuple[str, ...]) -> dict[str, Any]:
@@ -471,6 +475,9 @@ class ConnectionLines:
         fields = event.fields
         ctx = _structlog_contextvars()
         tpl = self._templates.get(key)
+        if tpl is None and key in self._templates:  # no template can stand for this key
+            events.emit(log, event)
+            return
         if tpl is None or not (
                 tpl.field_keys == tuple(fields) and tpl.ctx_keys == tuple(ctx)
                 and tpl.message == event.message and tpl.level == event.level
@@ -481,6 +488,10 @@ class ConnectionLines:
                 self._templates.clear()
             self._templates[key] = tpl
             if tpl is None:
+                events.emit(log, event)
+                return
+        for name, from_fields in tpl.hidden:
+            if isinstance(fields[name] if from_fields else ctx[name], dict):
                 events.emit(log, event)
                 return
         raw = tpl.raw
@@ -537,9 +548,11 @@ class ConnectionLines:
         tpl = _compile(nest_dotted(ev))
         if tpl is None:
             return None
-        return _ConnTemplate(
+        built = _ConnTemplate(
             event.level, event.message, _masked(fields, slots), _masked(ctx, CONNECTION_SLOTS),
             tpl.raw, [(name, sources.get(name, False)) for name in tpl.keys])
+        built.hidden = [(name, src) for name, src in sources.items() if name not in tpl.keys]
+        return built
 
 
 def _structlog_contextvars() -> dict[str, Any]:

@@ -719,6 +719,18 @@ def test_connection_lines_leave_what_a_template_cannot_stand_for_to_the_logger()
         ref, fast = sink.lines
         sink.lines.clear()
         assert unstamped(fast) == unstamped(ref)
+    # a slot a later key hides: a dict there would be merged into that key's object
+    for reason in ("client_closed", {"y": 2}):
+        def hidden(reason: Any = reason) -> None:
+            ev = events.connection_closed("client_closed", 1.0, 1, 2, 3, 3, 0, 0)
+            ev.fields["event.reason"] = reason
+            ev.fields["event.reason.x"] = 1
+            events.emit(log, ev)
+            lines.write(log, ev, "hidden")
+        contextvars.Context().run(hidden)
+        ref, fast = sink.lines
+        sink.lines.clear()
+        assert unstamped(fast) == unstamped(ref)
     # no lines for a console logger, nor for one that is not make_logger's
     assert audit_fast.connection_lines(
         make_logger(LoggingSettings(stdout=False, format="console"))) is None
