@@ -7,8 +7,10 @@ injected (no global ``structlog.configure``), so tests can run several proxies a
 
 Only synchronous methods are used: structlog's ``a*`` methods run in asyncio's executor and must
 never be called under trio. Sinks write synchronously; a line is small. The one event that can
-come once per request (an allowed request, ``allowed_requests = "info"``) skips the chain:
-mbsec/audit_fast.py renders the same line from a per-connection template, and while a data
+come once per request (an allowed request, ``allowed_requests = "info"``) skips the chain, and
+so do the two every authenticated connection writes (its accepted ``tls-handshake`` and its
+``connection-closed``, written at once as the chain would):
+mbsec/audit_fast.py renders the same line from a template, and while a data
 plane runs, the file and stdout sinks hand such lines to a writer thread of their own, which
 writes them in one write per 5 ms batch (:class:`_Deferring`): the data-plane thread makes no
 system call and never waits for a disk for them. Any other line written to such a sink first

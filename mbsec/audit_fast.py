@@ -19,6 +19,10 @@ stdout sinks write it from their writer thread (mbsec.audit, deferred writes); o
 data-plane thread the lines of one loop pass go to them together (``SinkLogger.batch``).
 This module is compiled with the data plane (setup.py's ``CORE``).
 
+:class:`ConnectionLines` does the same for the two events every authenticated connection
+writes on the control plane (the accepted ``tls-handshake`` and ``connection-closed``), with
+templates shared by every connection of one certificate, role set, TLS version and cipher.
+
 The writer steps aside (the bound logger writes the event, as before) whenever the template
 would not be exact: a value that is a dict (nesting would merge it), structlog contextvars
 bound in the calling thread, a logger that is not :func:`mbsec.audit.make_logger`'s JSON one.
@@ -371,3 +375,212 @@ def event_writer(log: Any, level: str) -> EventWriter | None:
     if any(isinstance(v, dict) for v in context.values()):
         return None
     return EventWriter(log, sink, level, sink.head)
+
+
+# -- the control plane's per-connection events ----------------------------------------------
+
+#: the connection context (:func:`mbsec.events.connection_context`) that differs from one
+#: connection to the next; the rest of what the session binds (the peer) is the same for every
+#: connection of one certificate and role set
+CONNECTION_SLOTS = ("mbsec.conn_id", "source.ip", "source.port", "destination.ip",
+                    "destination.port")
+#: per ``event.action``: the event's own fields that differ between connections of one key
+EVENT_SLOTS: dict[str, tuple[str, ...]] = {
+    "tls-handshake": ("event.duration",),
+    "connection-closed": ("event.reason", "event.duration", "source.bytes",
+                          "destination.bytes", "mbsec.requests", "mbsec.allowed",
+                          "mbsec.denied", "mbsec.errors"),
+}
+#: templates kept (keys: certificate, roles, TLS version, cipher); cleared when full
+MAX_CONNECTION_TEMPLATES = 1024
+
+
+class _ConnTemplate:
+    """One event's line around its slots, and what it was built from: the event's and the
+    structlog contextvars' keys in order, their values with the slots blanked."""
+
+    __slots__ = ("ctx", "ctx_keys", "field_keys", "fields", "hidden", "level", "message", "raw",
+                 "slots")
+
+    def __init__(self, level: str, message: str, fields: dict[str, Any],
+                 ctx: dict[str, Any], raw: list[str], slots: list[tuple[str, bool]]) -> None:
+        self.level = level
+        self.message = message
+        self.field_keys = tuple(fields)
+        self.fields = fields
+        self.ctx_keys = tuple(ctx)
+        self.ctx = ctx
+        self.raw = raw
+        #: (key, whether its value comes from the event's fields, else from the contextvars),
+        #: in the order of the line; the stamp is _STAMP
+        self.slots = slots
+        #: the slots a later key replaced (not in the line, unless the value is a dict, which
+        #: that key would have been nested into): (key, from the fields)
+        self.hidden: list[tuple[str, bool]] = []
+
+
+def _masked(values: dict[str, Any], slots: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(values)
+    for key in slots:
+        if key in out:
+            out[key] = None
+    return out
+
+
+class ConnectionLines:
+    """The two events every authenticated connection writes on the control plane
+    (``tls-handshake`` accepted, ``connection-closed``), rendered from a template shared by
+    all connections of one key (the session's: certificate, roles, TLS version, cipher).
+
+    Why: through structlog's chain the two cost about 100 µs per connection (the ~25 bound
+    keys merged from the contextvars, nested by :func:`mbsec.audit.nest_dotted`, serialized),
+    a tenth of a handshake's Python work (benchmarks/README.md, "Issue 10 item 3: the
+    per-connection Python, round 2"). Here only the clock, the connection's ids and
+    addresses, durations, counts and reason are encoded per event.
+
+    Exact, not trusted: the key only picks a template; each event is checked against what the
+    template was built from (its fields and the structlog contextvars of the calling task, in
+    order, equal but for the slots) and a mismatch builds it again. The template is the
+    reference chain (the logger's processors, contextvars included, then ``nest_dotted``) run
+    on the event itself with placeholders put in for the slots, so the line is the one
+    structlog writes, byte for byte apart from the clock (tests/test_audit_fast.py). It goes
+    to :meth:`mbsec.audit.SinkLogger.emit` as structlog's last processor would hand it over
+    (written at once, never deferred), so the sinks and their failure rule are unchanged.
+    The logger writes the event itself whenever the template cannot stand for it: a value
+    that is a dict, a slot that is not a string, int or None, a level the logger drops.
+    """
+
+    def __init__(self, log: Any, sink: SinkLogger, processors: list[Any]) -> None:
+        self.log = log
+        self._sink = sink
+        self._processors = processors
+        self._log_context: dict[str, Any] = dict(log._context)
+        self._templates: dict[Any, _ConnTemplate | None] = {}
+        #: per level: (the logger writes it, some sink formats events itself)
+        self._levels: dict[str, tuple[bool, bool]] = {}
+        for level, number in _LEVELS.items():
+            needs = any(takes and number >= sink_level for takes, sink_level in zip(
+                sink._takes_event, sink.levels, strict=True))
+            self._levels[level] = (bool(log.is_enabled_for(number)), needs)
+
+    def write(self, log: Any, event: events.Event, key: Any) -> None:
+        """``events.emit(log, event)``, from the template of ``key`` when it stands for it."""
+        slots = EVENT_SLOTS.get(str(event.fields.get("event.action")))
+        if log is not self.log or slots is None:
+            events.emit(log, event)
+            return
+        enabled, needs_event = self._levels.get(event.level, (False, False))
+        if not enabled:
+            return  # the filtering logger drops it too
+        fields = event.fields
+        ctx = _structlog_contextvars()
+        tpl = self._templates.get(key)
+        if tpl is None and key in self._templates:  # no template can stand for this key
+            events.emit(log, event)
+            return
+        if tpl is None or not (
+                tpl.field_keys == tuple(fields) and tpl.ctx_keys == tuple(ctx)
+                and tpl.message == event.message and tpl.level == event.level
+                and tpl.fields == _masked(fields, slots)
+                and tpl.ctx == _masked(ctx, CONNECTION_SLOTS)):
+            tpl = self._build(event, ctx, slots)
+            if len(self._templates) >= MAX_CONNECTION_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = tpl
+            if tpl is None:
+                events.emit(log, event)
+                return
+        for name, from_fields in tpl.hidden:
+            if isinstance(fields[name] if from_fields else ctx[name], dict):
+                events.emit(log, event)
+                return
+        raw = tpl.raw
+        pieces = [raw[0]]
+        append = pieces.append
+        i = 1
+        for name, from_fields in tpl.slots:
+            if name is _STAMP:
+                append(fast_stamp())
+            else:
+                value: Any = fields[name] if from_fields else ctx[name]
+                t = type(value)
+                if t is str:
+                    append(_encode_str(value))
+                elif t is int:
+                    append(int.__repr__(value))
+                elif value is None:
+                    append("null")
+                else:  # a float, a bool, a dict...: not what the template stands for
+                    events.emit(log, event)
+                    return
+            append(raw[i])
+            i += 1
+        line = "".join(pieces)
+        self._sink.emit(event.level, line, json.loads(line) if needs_event else None)
+
+    def _build(self, event: events.Event, ctx: dict[str, Any],
+               slots: tuple[str, ...]) -> _ConnTemplate | None:
+        """The reference chain run on this event, the slots then replaced by placeholders;
+        None when a template cannot stand for it (a dict or non-JSON value, which
+        ``nest_dotted`` would merge or ``json.loads`` would not give back)."""
+        fields = event.fields
+        if not all(_native(v) for v in fields.values()) or not all(
+                _native(v) for v in ctx.values()) or not all(
+                _native(v) for v in self._log_context.values()):
+            return None
+        ev: Any = dict(self._log_context)
+        ev.update(fields)
+        ev["event"] = event.message
+        for proc in self._processors:
+            ev = proc(self._sink, event.level, ev)
+        # a slot's value is the event's, else the contextvars' unless the logger's own
+        # context holds the key (merge_contextvars only sets what is missing)
+        sources: dict[str, bool] = {}
+        for name in slots:
+            if name in fields:
+                sources[name] = True
+        for name in CONNECTION_SLOTS:
+            if name not in fields and name not in self._log_context and name in ctx:
+                sources[name] = False
+        for name in sources:
+            ev[name] = _Slot(name)
+        ev["@timestamp"] = _Slot(_STAMP)
+        tpl = _compile(nest_dotted(ev))
+        if tpl is None:
+            return None
+        built = _ConnTemplate(
+            event.level, event.message, _masked(fields, slots), _masked(ctx, CONNECTION_SLOTS),
+            tpl.raw, [(name, sources.get(name, False)) for name in tpl.keys])
+        built.hidden = [(name, src) for name, src in sources.items() if name not in tpl.keys]
+        return built
+
+
+def _structlog_contextvars() -> dict[str, Any]:
+    """What ``structlog.contextvars.merge_contextvars`` merges, in its order."""
+    rv: dict[str, Any] = {}
+    ctx = contextvars.copy_context()
+    for k in ctx:
+        name = k.name
+        if name.startswith(_STRUCTLOG_PREFIX):
+            value = ctx[k]
+            if value is not Ellipsis:
+                rv[name[_PREFIX_LEN:]] = value
+    return rv
+
+
+_PREFIX_LEN = len(_STRUCTLOG_PREFIX)
+
+
+def connection_lines(log: Any) -> ConnectionLines | None:
+    """A :class:`ConnectionLines` for ``log``, or None when ``log`` is not a JSON logger of
+    :func:`mbsec.audit.make_logger` that merges structlog contextvars first (the session then
+    calls the logger)."""
+    import structlog
+
+    sink = getattr(log, "_logger", None)
+    context = getattr(log, "_context", None)
+    if not isinstance(sink, SinkLogger) or sink.head is None or not isinstance(context, dict):
+        return None
+    if not sink.head or sink.head[0] is not structlog.contextvars.merge_contextvars:
+        return None
+    return ConnectionLines(log, sink, sink.head)

@@ -46,6 +46,7 @@ from mbsec.admission import (
     source_prefix,
 )
 from mbsec.audit import SinkLogger, null_logger
+from mbsec.audit_fast import connection_lines
 from mbsec.expiry import tls_expiry
 from mbsec.flap import FlapRule
 from mbsec.freeze import WriteFreeze
@@ -194,8 +195,27 @@ def build_state(
                       freeze=freeze, freeze_exception=settings.admin.freeze_exception)
 
 
+#: Linux copies SO_KEEPALIVE and the keepalive timings of a listening socket to every
+#: socket accept() returns, so they are set once per listener (:func:`configure_listener`)
+KEEPALIVE_INHERITED = sys.platform.startswith("linux")
+
+
+def configure_listener(sock: Any) -> None:
+    """The client sockets' 30 s keepalive, set on the listening socket: accepted sockets
+    inherit it on Linux (tests/e2e/test_proxy_paths.py reads it back from one), which
+    saves four ``setsockopt`` calls per connection; ``trio.SocketStream`` sets TCP_NODELAY
+    on each accepted socket itself."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
 def configure_accepted(stream: trio.SocketStream) -> None:
-    """TCP_NODELAY and a 30 s keepalive on client sockets: dead HMIs free their slots."""
+    """TCP_NODELAY and a 30 s keepalive on client sockets: dead HMIs free their slots
+    (where accepted sockets do not inherit them from the listener)."""
     try:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
@@ -271,6 +291,8 @@ class Proxy:
             metrics=self.metrics, worker=worker, targets=lambda: list(self.settings.upstreams))
         self.data_plane.attach_freeze(self.write_freeze)
         self.sessions: set[Session] = set()
+        #: every session's accepted and closed lines, from templates (mbsec.audit_fast)
+        self.connection_lines = connection_lines(self.log)
         #: connection and handshake places, per-prefix rate (mbsec/admission.py)
         self.admission = Admission(
             max_connections=settings.limits.max_connections,
@@ -561,6 +583,9 @@ class Proxy:
                 (str(ln.socket.getsockname()[0]), int(ln.socket.getsockname()[1]))
                 for ln in listeners
             ]
+            if KEEPALIVE_INHERITED:
+                for ln in listeners:
+                    configure_listener(ln.socket)
             async with trio.open_nursery() as conns:
                 accept_scope = trio.CancelScope()
 
@@ -732,7 +757,8 @@ class Proxy:
     async def _connection(self, stream: trio.SocketStream, source: str,
                           verdict: Admitted) -> None:
         limits = self.settings.limits
-        configure_accepted(stream)
+        if not KEEPALIVE_INHERITED:
+            configure_accepted(stream)
         ticket = verdict.ticket
         if verdict.victim is not None:
             victim = self._handshaking.pop(verdict.victim, None)
@@ -753,6 +779,7 @@ class Proxy:
             allowed_requests=self.settings.logging.allowed_requests,
             data_plane=self.data_plane,
             edge=_Edge(self, ticket, source),
+            lines=self.connection_lines,
         )
         self._handshaking[ticket] = session
         self.sessions.add(session)

@@ -33,6 +33,7 @@ from mbsec.tls_sniff import HandshakeTap, issuing_cas, presented_identity
 from mbsec.tls_stream import ServerTlsStream
 
 if TYPE_CHECKING:
+    from mbsec.audit_fast import ConnectionLines
     from mbsec.path.client import ClientConn
     from mbsec.path.epoll import ClientIO, DataPlane
 
@@ -152,8 +153,14 @@ class Session:
         sink: Any = None,
         on_sink_failure: str = "refuse_writes",
         edge: EdgeHooks | None = None,
+        lines: ConnectionLines | None = None,
     ) -> None:
         self._raw = stream
+        #: the accepted and closed lines from shared templates (mbsec.audit_fast); None:
+        #: through the logger
+        self._lines = lines
+        #: what those lines' template is shared by (certificate, roles), after the handshake
+        self._line_key: tuple[str, tuple[str, ...]] | None = None
         #: the proxy's admission; None: rejections are written one by one (tests, library use)
         self._edge = edge
         self._handshake_scope: trio.CancelScope | None = None
@@ -415,8 +422,15 @@ class Session:
         structlog.contextvars.bind_contextvars(**events.peer_context(identity, roles))
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="success", reason="ok")
         self._metrics.observe("mbsec_tls_handshake_seconds", duration)
-        events.emit(self._log, events.tls_handshake_accepted(
-            duration, identity, ssl_stream.version(), cipher[0] if cipher else None, resumed))
+        accepted = events.tls_handshake_accepted(
+            duration, identity, ssl_stream.version(), cipher[0] if cipher else None, resumed)
+        if self._lines is not None:
+            self._line_key = (identity.fingerprint_sha256, tuple(roles))
+            self._lines.write(self._log, accepted, (
+                "accepted", self._line_key, accepted.fields["tls.version"],
+                accepted.fields["tls.cipher"], resumed))
+        else:
+            events.emit(self._log, accepted)
         return True
 
     # -- requests: the data plane ------------------------------------------------------
@@ -500,7 +514,11 @@ class Session:
     def _log_closed(self) -> None:
         duration = time.monotonic() - self.started
         d = self.decisions
-        events.emit(self._log, events.connection_closed(
+        closed = events.connection_closed(
             self.close_reason, duration, self.bytes_in, self.bytes_out,
             d.requests if d else 0, d.allowed if d else 0, d.denied if d else 0,
-            d.errors if d else 0))
+            d.errors if d else 0)
+        if self._lines is not None:
+            self._lines.write(self._log, closed, ("closed", self._line_key))
+        else:
+            events.emit(self._log, closed)

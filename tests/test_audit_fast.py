@@ -581,3 +581,208 @@ def test_lines_are_batched_only_where_every_sink_defers() -> None:
     writer.allowed(9, 1, 3, READ, 0.001, "r", "allow", "plc")
     assert inner.batch == [] and json.loads(sink.lines[-1])["modbus"]["transaction_id"] == 9
     deferring.close()
+
+
+# -- the control plane's per-connection events (ConnectionLines) --------------------------------
+
+IDENTITIES = st.builds(
+    PeerIdentity, st.text(max_size=8).map(lambda s: f"CN={s}"), st.text(max_size=8),
+    st.lists(st.text(max_size=4), max_size=2).map(tuple),
+    st.lists(st.text(max_size=6), max_size=2).map(tuple),
+    st.lists(st.sampled_from(["10.0.0.5", "::1"]), max_size=2).map(tuple),
+    st.lists(st.text(max_size=6), max_size=1).map(tuple), st.text(max_size=8),
+    st.integers(0, 2**128), st.sampled_from(["ab" * 32, "cd" * 32]),
+    st.just(dt.datetime(2026, 1, 1, tzinfo=dt.UTC)),
+    st.just(dt.datetime(2027, 1, 1, tzinfo=dt.UTC)), st.one_of(st.none(), st.text(max_size=8)))
+CONNECTIONS = st.tuples(st.integers(1, 2**40), st.one_of(st.none(), st.sampled_from(
+    ["127.0.0.1", "10.1.2.3", "::1"])), st.one_of(st.none(), st.integers(0, 65535)),
+    st.one_of(st.none(), st.just("127.0.0.1")), st.one_of(st.none(), st.integers(0, 65535)))
+CLOSE = st.tuples(st.sampled_from(list(events.CLOSE_REASONS)), st.floats(0, 1e5),
+                  *(st.integers(0, 2**40) for _ in range(6)))
+
+
+def connection_event_lines(log: Any, sink: ListSink, lines: audit_fast.ConnectionLines,
+                           identity: PeerIdentity, roles: list[str],
+                           conns: list[tuple[Any, ...]], took: float, version: str,
+                           cipher: str | None, close: tuple[Any, ...],
+                           extra: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """For each connection, in a task context of its own as the session's: (reference line,
+    template line) of its accepted event and of its closed event."""
+    pairs = []
+    for conn in conns:
+        def run(conn: tuple[Any, ...] = conn) -> None:
+            if extra:
+                structlog.contextvars.bind_contextvars(**extra)
+            structlog.contextvars.bind_contextvars(**events.connection_context(*conn))
+            structlog.contextvars.bind_contextvars(**events.peer_context(identity, roles))
+            key = (identity.fingerprint_sha256, tuple(roles))
+            for ev, k in ((events.tls_handshake_accepted(took, identity, version, cipher,
+                                                         False), ("accepted", key)),
+                          (events.connection_closed(*close), ("closed", key))):
+                events.emit(log, ev)
+                lines.write(log, ev, k)
+        contextvars.Context().run(run)
+        got = sink.lines[:]
+        sink.lines.clear()
+        pairs += [(got[0], got[1]), (got[2], got[3])]
+    return pairs
+
+
+@settings(max_examples=200, deadline=None)
+@given(identity=IDENTITIES, roles=st.lists(st.text(max_size=6), max_size=3),
+       conns=st.lists(CONNECTIONS, min_size=1, max_size=3), took=st.floats(0, 100),
+       version=st.sampled_from(["TLSv1.2", "TLSv1.3"]),
+       cipher=st.one_of(st.none(), st.sampled_from(["ECDHE-ECDSA-AES128-GCM-SHA256"])),
+       close=CLOSE, extra=st.one_of(st.none(), CONTEXT), bound=CONTEXT)
+def test_connection_lines_are_the_structlog_lines(
+    identity: PeerIdentity, roles: list[str], conns: list[tuple[Any, ...]], took: float,
+    version: str, cipher: str | None, close: tuple[Any, ...], extra: dict[str, Any] | None,
+    bound: dict[str, Any],
+) -> None:
+    """Every connection of one certificate shares a template; the line is structlog's, byte
+    for byte but the clock, whatever else is bound in the logger or the contextvars (those
+    with dicts or non-JSON values are left to the logger)."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink]).bind(**bound)
+    lines = audit_fast.connection_lines(log)
+    assert lines is not None
+    for ref, fast in connection_event_lines(log, sink, lines, identity, roles, conns, took,
+                                            version, cipher, close, extra):
+        assert unstamped(fast) == unstamped(ref)
+
+
+def test_connections_of_one_certificate_share_the_template() -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    lines = audit_fast.connection_lines(log)
+    assert lines is not None
+    conns = [(i, "10.0.0.7", 40000 + i, "10.0.0.1", 802) for i in range(1, 5)]
+    built = []
+    real = lines._build
+    lines._build = lambda *a: built.append(1) or real(*a)  # type: ignore[method-assign]
+    pairs = connection_event_lines(log, sink, lines, peer(), ["operator"], conns, 0.002,
+                                   "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                                   ("client_closed", 1.5, 10, 20, 1, 1, 0, 0))
+    assert len(built) == 2  # one per event, for all four connections
+    assert [json.loads(f)["mbsec"]["conn_id"] for _r, f in pairs] == [1, 1, 2, 2, 3, 3, 4, 4]
+    for ref, fast in pairs:
+        assert unstamped(fast) == unstamped(ref)
+    # another role set for the same certificate (a reload): checked, not trusted
+    pairs = connection_event_lines(log, sink, lines, peer(), ["engineer"], conns[:1], 0.002,
+                                   "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                                   ("idle_timeout", 1.5, 10, 20, 1, 1, 0, 0))
+    for ref, fast in pairs:
+        assert unstamped(fast) == unstamped(ref)
+        assert json.loads(fast)["user"]["roles"] == ["engineer"]
+
+
+def test_a_stale_key_rebuilds_instead_of_writing_the_wrong_line() -> None:
+    """The caller's key only picks a template: an event that differs from it outside the
+    slots (here a key that forgets the roles) gets a template of its own."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    lines = audit_fast.connection_lines(log)
+    assert lines is not None
+    for roles in (["operator"], ["engineer"], ["operator"]):
+        def run(roles: list[str] = roles) -> None:
+            structlog.contextvars.bind_contextvars(**events.connection_context(
+                1, "10.0.0.7", 4000, "10.0.0.1", 802))
+            structlog.contextvars.bind_contextvars(**events.peer_context(peer(), roles))
+            ev = events.connection_closed("client_closed", 1.0, 1, 2, 3, 3, 0, 0)
+            events.emit(log, ev)
+            lines.write(log, ev, "same key")
+        contextvars.Context().run(run)
+        ref, fast = sink.lines
+        sink.lines.clear()
+        assert unstamped(fast) == unstamped(ref)
+        assert json.loads(fast)["user"]["roles"] == roles
+
+
+def test_connection_lines_leave_what_a_template_cannot_stand_for_to_the_logger() -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    lines = audit_fast.connection_lines(log)
+    assert lines is not None
+
+    def run(extra: dict[str, Any], reason: Any) -> None:
+        structlog.contextvars.bind_contextvars(**extra)
+        ev = events.connection_closed("client_closed", 1.0, 1, 2, 3, 3, 0, 0)
+        ev.fields["event.reason"] = reason
+        events.emit(log, ev)
+        lines.write(log, ev, "k")
+
+    for extra, reason in (({"mbsec.conn_id": {"x": 1}}, "client_closed"),  # a dict: merged
+                          ({"mbsec.conn_id": 1.5}, "client_closed"),  # a float slot
+                          ({"mbsec.conn_id": 2}, {"nested": 1}),  # a dict slot
+                          ({"mbsec.conn_id": 3}, True)):  # a bool slot
+        contextvars.Context().run(run, extra, reason)
+        ref, fast = sink.lines
+        sink.lines.clear()
+        assert unstamped(fast) == unstamped(ref)
+    # a slot a later key hides: a dict there would be merged into that key's object
+    for reason in ("client_closed", {"y": 2}):
+        def hidden(reason: Any = reason) -> None:
+            ev = events.connection_closed("client_closed", 1.0, 1, 2, 3, 3, 0, 0)
+            ev.fields["event.reason"] = reason
+            ev.fields["event.reason.x"] = 1
+            events.emit(log, ev)
+            lines.write(log, ev, "hidden")
+        contextvars.Context().run(hidden)
+        ref, fast = sink.lines
+        sink.lines.clear()
+        assert unstamped(fast) == unstamped(ref)
+    # no lines for a console logger, nor for one that is not make_logger's
+    assert audit_fast.connection_lines(
+        make_logger(LoggingSettings(stdout=False, format="console"))) is None
+    assert audit_fast.connection_lines(structlog.get_logger()) is None
+
+
+def test_connection_lines_at_a_level_the_logger_drops_write_nothing() -> None:
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False, level="warning"), extra_sinks=[sink])
+    lines = audit_fast.connection_lines(log)
+    assert lines is not None
+    lines.write(log, events.connection_closed("client_closed", 1.0, 1, 2, 3, 3, 0, 0), "k")
+    assert sink.lines == []
+
+
+def test_connection_lines_give_formatting_sinks_the_reference_event() -> None:
+    sink = EventListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    lines = audit_fast.connection_lines(log)
+    assert lines is not None
+    connection_event_lines(log, sink, lines, peer(), ["operator"],
+                           [(9, "10.0.0.7", 4000, "10.0.0.1", 802)], 0.01, "TLSv1.3",
+                           "TLS_AES_128_GCM_SHA256", ("client_reset", 2.0, 1, 2, 3, 3, 0, 0))
+    assert len(sink.got) == 4
+    for ref_event, fast_event in (sink.got[0:2], sink.got[2:4]):
+        ref_event.pop("@timestamp")
+        fast_event.pop("@timestamp")
+        assert json.dumps(fast_event) == json.dumps(ref_event)
+
+
+class FailingSink(ListSink):
+    def write(self, level: str, line: str) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_connection_lines_keep_the_sink_failure_rule() -> None:
+    """A sink that raises: the caller never sees it, the alarm goes to the other sinks, the
+    logger turns unhealthy, exactly as through the chain."""
+    outcomes = []
+    for fast in (False, True):
+        good, alarm = ListSink(), unittest.mock.Mock()
+        log = make_logger(LoggingSettings(stdout=False), extra_sinks=[FailingSink(), good])
+        inner = log._logger  # type: ignore[attr-defined]
+        inner._alarm = alarm
+        lines = audit_fast.connection_lines(log)
+        assert lines is not None
+        ev = events.connection_closed("client_closed", 1.0, 1, 2, 3, 3, 0, 0)
+        if fast:
+            lines.write(log, ev, "k")
+        else:
+            events.emit(log, ev)
+        outcomes.append((inner.healthy, inner.failures, len(good.lines),
+                         [json.loads(x)["event"]["action"] for x in good.lines]))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][3] == ["log-sink-failed", "connection-closed"]

@@ -551,3 +551,22 @@ def test_workers_metrics_port_in_use_is_one_line(pki: Pki, tmp_path: Path) -> No
         " one per worker): Address already in use"]
 
 
+
+
+async def test_client_sockets_get_nodelay_and_the_keepalive(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """TCP_NODELAY and the 30 s keepalive on an accepted client socket, as the proxy's own
+    socket reads them (on Linux set once on the listener and inherited)."""
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    assert (await c.request(1, 1, read_hr(0, 1)))[2][0] == 3
+    (session,) = h.proxy.sessions
+    sock = session._raw.socket  # type: ignore[attr-defined]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
