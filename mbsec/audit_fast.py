@@ -456,6 +456,8 @@ class ConnectionLines:
         self._processors = processors
         self._log_context: dict[str, Any] = dict(log._context)
         self._templates: dict[Any, _ConnTemplate | None] = {}
+        #: templates built so far (each is the reference chain run once): tests count them
+        self.built = 0
         #: per level: (the logger writes it, some sink formats events itself)
         self._levels: dict[str, tuple[bool, bool]] = {}
         for level, number in _LEVELS.items():
@@ -523,6 +525,7 @@ class ConnectionLines:
         """The reference chain run on this event, the slots then replaced by placeholders;
         None when a template cannot stand for it (a dict or non-JSON value, which
         ``nest_dotted`` would merge or ``json.loads`` would not give back)."""
+        self.built += 1
         fields = event.fields
         if not all(_native(v) for v in fields.values()) or not all(
                 _native(v) for v in ctx.values()) or not all(
