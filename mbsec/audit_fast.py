@@ -157,6 +157,19 @@ def _encode_list(items: list[Any]) -> str | None:
 _stamp_cache: tuple[int, str] = (-1, "")
 
 
+def _scalar(value: Any) -> str | None:
+    """A str, an int or None as the JSON text a template's slot takes; None for any other
+    value (the caller encodes it otherwise, or leaves the event to the logger)."""
+    t = type(value)
+    if t is str:
+        return _encode_str(value)
+    if t is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    return None
+
+
 def fast_stamp() -> str:
     """:func:`mbsec.audit.utc_stamp`'s text (the same clock, the same rounding: microseconds
     floored, none shown when they are 0) at a fraction of its cost: the date and time are
@@ -335,15 +348,11 @@ class EventWriter:
                 append(utc_stamp())  # digits, '-', ':', '.', 'T', 'Z': nothing to escape
             else:
                 value: Any = message if key is _MESSAGE else fields[key]
-                t = type(value)
-                if t is str:
-                    append(_encode_str(value))
-                elif t is int:
-                    append(int.__repr__(value))
-                elif value is None:
-                    append("null")
+                encoded = _scalar(value)
+                if encoded is not None:
+                    append(encoded)
                 else:
-                    encoded = _encode_list(value) if t is list else None
+                    encoded = _encode_list(value) if type(value) is list else None
                     if encoded is None:
                         if isinstance(value, dict):  # nest_dotted would merge it: not ours
                             self._fallback(message, **fields)
@@ -504,17 +513,11 @@ class ConnectionLines:
             if name is _STAMP:
                 append(fast_stamp())
             else:
-                value: Any = fields[name] if from_fields else ctx[name]
-                t = type(value)
-                if t is str:
-                    append(_encode_str(value))
-                elif t is int:
-                    append(int.__repr__(value))
-                elif value is None:
-                    append("null")
-                else:  # a float, a bool, a dict...: not what the template stands for
+                encoded = _scalar(fields[name] if from_fields else ctx[name])
+                if encoded is None:  # a float, a bool, a dict...: not what it stands for
                     events.emit(log, event)
                     return
+                append(encoded)
             append(raw[i])
             i += 1
         line = "".join(pieces)

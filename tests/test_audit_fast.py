@@ -208,8 +208,7 @@ def test_allowed_renders_each_request_kind_like_the_reference(
         in_fresh_context(functools.partial(log.info, ev.message, **ev.fields))
         in_fresh_context(writer.allowed, tid, unit, fc, access, took, rule, decision, target,
                          code)
-        ref, fast = sink.lines
-        sink.lines.clear()
+        ref, fast = taken(sink)
         assert unstamped(fast) == unstamped(ref)
     # every kind that writes nothing had its format (a write's access is new each time)
     assert all(fmt for _, fmt in writer._allowed.values())
@@ -651,6 +650,13 @@ def test_connection_lines_are_the_structlog_lines(
         assert unstamped(fast) == unstamped(ref)
 
 
+def taken(sink: ListSink) -> tuple[str, str]:
+    """The two lines just written (the reference's, then the template's); the sink emptied."""
+    ref, fast = sink.lines
+    sink.lines.clear()
+    return ref, fast
+
+
 def test_connections_of_one_certificate_share_the_template() -> None:
     sink = ListSink()
     log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
@@ -689,8 +695,7 @@ def test_a_stale_key_rebuilds_instead_of_writing_the_wrong_line() -> None:
             events.emit(log, ev)
             lines.write(log, ev, "same key")
         contextvars.Context().run(run)
-        ref, fast = sink.lines
-        sink.lines.clear()
+        ref, fast = taken(sink)
         assert unstamped(fast) == unstamped(ref)
         assert json.loads(fast)["user"]["roles"] == roles
 
@@ -713,8 +718,7 @@ def test_connection_lines_leave_what_a_template_cannot_stand_for_to_the_logger()
                           ({"mbsec.conn_id": 2}, {"nested": 1}),  # a dict slot
                           ({"mbsec.conn_id": 3}, True)):  # a bool slot
         contextvars.Context().run(run, extra, reason)
-        ref, fast = sink.lines
-        sink.lines.clear()
+        ref, fast = taken(sink)
         assert unstamped(fast) == unstamped(ref)
     # a slot a later key hides: a dict there would be merged into that key's object
     for reason in ("client_closed", {"y": 2}):
@@ -725,8 +729,7 @@ def test_connection_lines_leave_what_a_template_cannot_stand_for_to_the_logger()
             events.emit(log, ev)
             lines.write(log, ev, "hidden")
         contextvars.Context().run(hidden)
-        ref, fast = sink.lines
-        sink.lines.clear()
+        ref, fast = taken(sink)
         assert unstamped(fast) == unstamped(ref)
     # no lines for a console logger, nor for one that is not make_logger's
     assert audit_fast.connection_lines(
