@@ -188,6 +188,9 @@ def fuzz_response(data: bytes) -> None:
         return
     assert unit == 1
     resp = reply.response
+    if resp is None:  # a register read's normal reply: checked (check_response), not decoded
+        assert isinstance(req, ReadHoldingRegistersRequest | ReadInputRegistersRequest)
+        resp = parse_response(req, pdu)  # what the check passed must decode
     fc = req.function_code
     if isinstance(resp, ExceptionResponse):
         assert pdu[0] == fc | 0x80 and len(pdu) == 2
