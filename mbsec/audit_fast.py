@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from structlog.contextvars import get_contextvars
+
 from mbsec import events
 from mbsec.audit import _LEVELS, SinkLogger, nest_dotted, utc_stamp
 
@@ -484,7 +486,7 @@ class ConnectionLines:
         if not enabled:
             return  # the filtering logger drops it too
         fields = event.fields
-        ctx = _structlog_contextvars()
+        ctx = get_contextvars()  # what merge_contextvars merges, in its order
         tpl = self._templates.get(key)
         if tpl is None and key in self._templates:  # no template can stand for this key
             events.emit(log, event)
@@ -559,22 +561,6 @@ class ConnectionLines:
             tpl.raw, [(name, sources.get(name, False)) for name in tpl.keys])
         built.hidden = [(name, src) for name, src in sources.items() if name not in tpl.keys]
         return built
-
-
-def _structlog_contextvars() -> dict[str, Any]:
-    """What ``structlog.contextvars.merge_contextvars`` merges, in its order."""
-    rv: dict[str, Any] = {}
-    ctx = contextvars.copy_context()
-    for k in ctx:
-        name = k.name
-        if name.startswith(_STRUCTLOG_PREFIX):
-            value = ctx[k]
-            if value is not Ellipsis:
-                rv[name[_PREFIX_LEN:]] = value
-    return rv
-
-
-_PREFIX_LEN = len(_STRUCTLOG_PREFIX)
 
 
 def connection_lines(log: Any) -> ConnectionLines | None:
