@@ -9,8 +9,6 @@ series, not per request.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
 
 class Cell:
     """One counter series; a hot path keeps it and adds to ``value`` directly."""
@@ -34,6 +32,18 @@ class Histogram:
         self.count = 0
 
     def observe(self, v: float) -> None:
-        self.counts[bisect_left(self.buckets, v)] += 1
+        """Count ``v`` in the first bucket whose bound is >= ``v`` (``bisect_left``'s index),
+        found by walking up from the lowest bound: compiled, the bounds are compared as
+        doubles, where ``bisect_left`` compared objects through generic calls, and the
+        values the hot path observes (request and PLC round-trip times) sit in the lowest
+        few buckets (benchmarks/README.md, issue 14 round 10)."""
+        buckets = self.buckets
+        n = len(buckets)
+        i = 0
+        while i < n and buckets[i] < v:
+            i += 1
+        counts = self.counts
+        c: int = counts[i]
+        counts[i] = c + 1
         self.sum += v
         self.count += 1

@@ -227,3 +227,34 @@ def test_an_adu_is_an_immutable_value() -> None:
     match adu:
         case Adu(tid, unit, pdu):
             assert (tid, unit, pdu) == (1, 2, b"\x07")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 0xFFFF), st.one_of(st.just(0), st.integers(0, 0xFFFF)),
+       st.one_of(st.integers(-3, 3), st.integers(-0x10000, -4)), st.integers(0, 0xFF),
+       st.binary(max_size=270))
+def test_header_fields_are_read_as_the_mbap_layout_says(
+        tid: int, pid: int, off: int, unit: int, body: bytes) -> None:
+    """Any header: the frame buffer's verdict (frame, wait, or which error) and the frame's
+    fields are what ``struct`` reads from the big-endian MBAP header, and ``incomplete``
+    agrees with it (the buffer reads the header by its bytes, not by ``struct``). The length
+    field is near what the body holds (``off`` -3..3: a frame, one short of one, one and a
+    bit more) or anything else (``off`` below -3 stands for ``-off - 4`` itself)."""
+    length = len(body) + 1 + off if off >= -3 else -off - 4
+    length = max(0, min(length, 0xFFFF))
+    data = struct.pack(">HHHB", tid, pid, length, unit) + body
+    fb = FrameBuffer()
+    fb.receive_data(data)
+    if pid != 0 or not 2 <= length <= 254:
+        with pytest.raises(RemoteProtocolError) as info:
+            fb.next_frame()
+        assert info.value.reason == ("bad_protocol_id" if pid != 0 else "bad_length")
+        return
+    complete = len(data) >= 6 + length
+    assert fb.incomplete() is not complete
+    adu = fb.next_frame()
+    if not complete:
+        assert adu is None
+        return
+    assert adu == Adu(tid, unit, data[7 : 6 + length])
+    assert fb.buffered == len(data) - (6 + length)
