@@ -542,6 +542,14 @@ class Session:
     # -- close ---------------------------------------------------------------------------
 
     async def _close(self) -> None:
+        sock = getattr(self._raw, "socket", None)
+        if sock is not None and (self._plane_broken or not self._handshake_done
+                                 or self._ssl is None):
+            # nothing to send first (no close_notify after a broken record or without a
+            # handshake): the socket is closed now, which cannot block, without the shielded
+            # cancel scope and the trip through trio's loop of the stream's aclose
+            sock.close()
+            return
         stream: trio.abc.AsyncResource = self._ssl if self._ssl is not None else self._raw
         with trio.move_on_after(CLOSE_TIMEOUT) as cs:
             cs.shield = True
