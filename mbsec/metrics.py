@@ -139,6 +139,19 @@ class Metrics:
     def set(self, name: str, value: float, **labels: str | int) -> None:
         self._gauges.setdefault(name, {})[_key(labels)] = value
 
+    def gauge(self, name: str, **labels: str | int) -> Callable[[float], None]:
+        """``set`` for one series, the label key built once (:func:`gauge_setter`)."""
+        k = _key(labels)
+        gauges = self._gauges
+
+        def set_(value: float) -> None:
+            series = gauges.get(name)
+            if series is None:
+                series = gauges[name] = {}
+            series[k] = value
+
+        return set_
+
     def observe(self, name: str, value: float, **labels: str | int) -> None:
         self.histogram(name, **labels).observe(value)
 
@@ -230,6 +243,50 @@ def observer(metrics: object, name: str, **labels: str | int) -> Callable[[float
         return bound
     observe = metrics.observe  # type: ignore[attr-defined]
     return lambda value: observe(name, value, **labels)
+
+
+def incrementer(metrics: object, name: str, **labels: str | int) -> Callable[[], None]:
+    """Add 1 to one counter series, bound once: for a series a hot path counts once per
+    connection. The series is made on the first count, not here, so it still appears with its
+    first event as one counted through ``inc`` does."""
+    if not isinstance(metrics, Metrics):
+        inc = metrics.inc  # type: ignore[attr-defined]
+        return lambda: inc(name, **labels)
+    cell: Cell | None = None
+
+    def add() -> None:
+        nonlocal cell
+        if cell is None:
+            cell = metrics.counter(name, **labels)
+        cell.value += 1.0
+
+    return add
+
+
+def lazy_observer(metrics: object, name: str, **labels: str | int) -> Callable[[float], None]:
+    """:func:`observer` whose histogram is made on the first observation, not here (a series
+    that appears before anything happened would be a change in the exposition)."""
+    if not isinstance(metrics, Metrics):
+        return observer(metrics, name, **labels)
+    hist: Histogram | None = None
+
+    def observe(value: float) -> None:
+        nonlocal hist
+        if hist is None:
+            hist = metrics.histogram(name, **labels)
+        hist.observe(value)
+
+    return observe
+
+
+def gauge_setter(metrics: object, name: str, **labels: str | int) -> Callable[[float], None]:
+    """``metrics.set(name, value, **labels)`` bound once: the label key is built here, not on
+    every set (the connection gauges are set several times per connection). The series is made
+    on the first set, as with ``set``."""
+    if not isinstance(metrics, Metrics):
+        set_ = metrics.set  # type: ignore[attr-defined]
+        return lambda value: set_(name, value, **labels)
+    return metrics.gauge(name, **labels)
 
 
 class NullMetrics:

@@ -50,7 +50,7 @@ from mbsec.audit_fast import connection_lines
 from mbsec.expiry import tls_expiry
 from mbsec.flap import FlapRule
 from mbsec.freeze import WriteFreeze
-from mbsec.metrics import Metrics, MetricsLike, NullMetrics
+from mbsec.metrics import Metrics, MetricsLike, NullMetrics, gauge_setter, incrementer
 from mbsec.metrics_http import scrape_proxy, serve_metrics
 from mbsec.nodestate import FreezeView, NodeState, SharedRateLimiter
 from mbsec.path.epoll import DataPlane
@@ -58,7 +58,7 @@ from mbsec.path.epoll import compiled as reactor_compiled
 from mbsec.path.plc import check_targets
 from mbsec.policy import Policy, PolicyError, RateLimiter, load_policy
 from mbsec.sdnotify import Notifier, PlaneProbe, WorkerRelay
-from mbsec.session import ProxyState, Session, set_conn_id_space
+from mbsec.session import Address, HandshakeCounters, ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.sockready import readable_now as _readable
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
@@ -326,6 +326,13 @@ class Proxy:
         self._connections_cut = 0
         self.addresses: list[tuple[str, int]] = []
         self.metrics_port: int | None = None
+        # the series every connection updates, bound once here rather than looked up by name
+        # and labels several times per connection (each appears with its first update)
+        self._count_accepted = incrementer(self.metrics, "mbsec_connections_total",
+                                           outcome="accepted")
+        self._set_connections_active = gauge_setter(self.metrics, "mbsec_connections_active")
+        self._set_handshakes_active = gauge_setter(self.metrics, "mbsec_handshakes_active")
+        self._handshake_counters = HandshakeCounters(self.metrics)
         self._warn_crls()
 
     # -- limits (the session calls the identity ones after its handshake) -----------------
@@ -619,6 +626,7 @@ class Proxy:
             root.cancel_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, conns: trio.Nursery) -> None:
+        local = _listener_local(listener)  # None: a wildcard address, asked per connection
         while True:
             try:
                 stream = await listener.accept()
@@ -648,7 +656,8 @@ class Proxy:
                 continue
             verdict = self._admit(stream, source, peer, spoke)
             if verdict is not None:
-                conns.start_soon(self._connection, stream, source, verdict)
+                conns.start_soon(self._connection, stream, source, verdict,
+                                 ((source, int(peer[1])), local), spoke)
 
     def _admit(self, stream: trio.SocketStream, source: str, peer: Any,
                spoke: bool) -> Admitted | None:
@@ -688,7 +697,8 @@ class Proxy:
                                                                             WAITING_MISSES):
                     if isinstance(verdict, Admitted):
                         self.metrics.inc("mbsec_connections_waited_total")
-                        conns.start_soon(self._connection, stream, source, verdict)
+                        conns.start_soon(self._connection, stream, source, verdict,
+                                         ((source, int(peer[1])), None), True)
                     else:
                         self._refuse(stream, source, peer, verdict)
                 self.metrics.set("mbsec_connections_waiting", len(room))
@@ -750,10 +760,15 @@ class Proxy:
                     waiting.remove(scope)
         verdict = self._admit(stream, source, peer, spoke)
         if verdict is not None:
-            await self._connection(stream, source, verdict)
+            await self._connection(stream, source, verdict, ((source, int(peer[1])), None),
+                                   spoke)
 
     async def _connection(self, stream: trio.SocketStream, source: str,
-                          verdict: Admitted) -> None:
+                          verdict: Admitted,
+                          addresses: tuple[Address, Address | None] | None = None,
+                          spoke: bool = False) -> None:
+        """Serve one admitted connection. ``addresses``: (peer, local) as the accept loop
+        knows them (local None: asked of the socket); ``spoke``: its first byte was seen."""
         limits = self.settings.limits
         if not KEEPALIVE_INHERITED:
             configure_accepted(stream)
@@ -763,7 +778,7 @@ class Proxy:
             if victim is not None:
                 victim.evict()
             self.metrics.inc("mbsec_handshakes_evicted_total")
-        self.metrics.inc("mbsec_connections_total", outcome="accepted")
+        self._count_accepted()
         session = Session(
             stream,
             state=lambda: self.state,
@@ -778,13 +793,16 @@ class Proxy:
             data_plane=self.data_plane,
             edge=_Edge(self, ticket, source),
             lines=self.connection_lines,
+            addresses=addresses,
+            spoke=spoke,
+            counters=self._handshake_counters,
         )
         self._handshaking[ticket] = session
         self.sessions.add(session)
         if self._no_sessions.is_set():
             self._no_sessions = trio.Event()
-        self.metrics.set("mbsec_connections_active", len(self.sessions))
-        self.metrics.set("mbsec_handshakes_active", self.admission.handshakes)
+        self._set_connections_active(len(self.sessions))
+        self._set_handshakes_active(self.admission.handshakes)
         try:
             await session.run()
         except Exception as exc:  # a bug in one session must never take the listener down
@@ -795,8 +813,8 @@ class Proxy:
                 self._no_sessions.set()
             self._handshaking.pop(ticket, None)
             self.admission.closed(ticket)
-            self.metrics.set("mbsec_connections_active", len(self.sessions))
-            self.metrics.set("mbsec_handshakes_active", self.admission.handshakes)
+            self._set_connections_active(len(self.sessions))
+            self._set_handshakes_active(self.admission.handshakes)
 
 
 class _Edge:
@@ -815,7 +833,7 @@ class _Edge:
     def established(self) -> None:
         self._proxy.admission.established(self._ticket)
         self._proxy._handshaking.pop(self._ticket, None)
-        self._proxy.metrics.set("mbsec_handshakes_active", self._proxy.admission.handshakes)
+        self._proxy._set_handshakes_active(self._proxy.admission.handshakes)
 
     def rejected(self, event: events.Event) -> None:
         self._proxy.report_rejection(event, self._source)
@@ -840,6 +858,21 @@ def _held_sizes(max_connections: int) -> tuple[int, int]:
     spare = max(0, soft - max_connections - PROBATION_MAX - 256)
     room = min(WAITING_MAX, spare)
     return room, min(TARPIT_MAX, spare - room)
+
+
+def _listener_local(listener: trio.SocketListener) -> Address | None:
+    """The local address of every connection accepted on ``listener`` (its own), or None when
+    it listens on a wildcard address: then each connection's local address is its own."""
+    try:
+        name = listener.socket.getsockname()
+    except OSError:
+        return None
+    if not (isinstance(name, tuple) and len(name) >= 2):
+        return None
+    host = str(name[0])
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    return host, int(name[1])
 
 
 def _abort(stream: trio.SocketStream) -> None:

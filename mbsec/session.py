@@ -24,7 +24,7 @@ from structlog.typing import FilteringBoundLogger
 
 from mbsec import events, trio_private
 from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
-from mbsec.metrics import MetricsLike, NullMetrics
+from mbsec.metrics import MetricsLike, NullMetrics, incrementer, lazy_observer
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.settings import LimitsSettings
 from mbsec.sockready import readable_now
@@ -43,6 +43,9 @@ ALERT_FLUSH_TIMEOUT = 1.0
 CLOSE_TIMEOUT = 1.0
 
 _conn_ids = itertools.count(1)
+
+#: (host, port) of one end of a connection; (None, None) on an in-memory test stream
+Address = tuple[str | None, int | None]
 
 
 def set_conn_id_space(first: int, step: int) -> None:
@@ -91,7 +94,7 @@ def _addr(sockname: Any) -> tuple[str | None, int | None]:
     return None, None
 
 
-def stream_addresses(stream: trio.abc.Stream) -> tuple[tuple[str | None, int | None], ...]:
+def stream_addresses(stream: trio.abc.Stream) -> tuple[Address, Address]:
     """(peer, local) addresses of a SocketStream; (None, None) for in-memory test streams."""
     sock = getattr(stream, "socket", None)
     if sock is None:
@@ -100,6 +103,17 @@ def stream_addresses(stream: trio.abc.Stream) -> tuple[tuple[str | None, int | N
         return _addr(sock.getpeername()), _addr(sock.getsockname())
     except OSError:
         return (None, None), (None, None)
+
+
+def local_address(stream: trio.abc.Stream) -> Address:
+    """The local address of a SocketStream; (None, None) for in-memory test streams."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None, None
+    try:
+        return _addr(sock.getsockname())
+    except OSError:
+        return None, None
 
 
 class _TappedStream(trio.abc.Stream):
@@ -134,6 +148,19 @@ class _TappedStream(trio.abc.Stream):
         await self._raw.aclose()
 
 
+class HandshakeCounters:
+    """The series every accepted handshake updates, bound once per proxy instead of looked up
+    by name and labels per connection (benchmarks/README.md, "Issue 10 item 3: the
+    control-plane side per connection")."""
+
+    __slots__ = ("accepted", "seconds")
+
+    def __init__(self, metrics: MetricsLike) -> None:
+        self.accepted = incrementer(metrics, "mbsec_tls_handshakes_total", outcome="success",
+                                    reason="ok")
+        self.seconds = lazy_observer(metrics, "mbsec_tls_handshake_seconds")
+
+
 class Session:
     """Serve one accepted client stream until it closes; never raises for client faults."""
 
@@ -154,7 +181,13 @@ class Session:
         on_sink_failure: str = "refuse_writes",
         edge: EdgeHooks | None = None,
         lines: ConnectionLines | None = None,
+        addresses: tuple[Address, Address | None] | None = None,
+        spoke: bool = False,
+        counters: HandshakeCounters | None = None,
     ) -> None:
+        """``addresses``: (peer, local) as the accept loop already has them (local None: not
+        known, asked of the socket), so the session does not ask the socket again; ``spoke``:
+        the accept loop saw the first byte waiting, so the session does not look again."""
         self._raw = stream
         #: the accepted and closed lines from shared templates (mbsec.audit_fast); None:
         #: through the logger
@@ -171,6 +204,8 @@ class Session:
         self._limits = limits
         self._log = log
         self._metrics: MetricsLike = metrics or NullMetrics()
+        self._counters = counters or HandshakeCounters(self._metrics)
+        self._spoke = spoke
         self._identity_slots = identity_slots or UnlimitedIdentities()
         self._now = now
         self._allowed_level = allowed_requests
@@ -181,7 +216,12 @@ class Session:
         self._plane_broken = False
         self.decisions: Decisions | None = None
         self.conn_id = next(_conn_ids)
-        (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = stream_addresses(stream)
+        if addresses is None:
+            peer, local = stream_addresses(stream)
+        else:
+            peer, local_known = addresses
+            local = local_known if local_known is not None else local_address(stream)
+        (self.peer_ip, self.peer_port), (self.local_ip, self.local_port) = peer, local
         self._ssl: ServerTlsStream | None = None
         self._handshake_done = False
         self._identity_key: str | None = None
@@ -245,7 +285,9 @@ class Session:
             return True
         if self._evicted:
             return False
-        if not readable_now(sock):  # usually it is: then no trip through trio's epoll loop
+        # usually it is there (and the accept loop may have seen it): then no trip through
+        # trio's epoll loop
+        if not self._spoke and not readable_now(sock):
             with trio.move_on_at(deadline) as cs:
                 self._handshake_scope = cs
                 if self._evicted:
@@ -280,11 +322,12 @@ class Session:
         # What the client sends during the handshake is recorded (bounded): under TLS 1.2 its
         # Certificate message is in clear, so a rejection by OpenSSL can still name it.
         tap = HandshakeTap()
-        tapped = _TappedStream(self._raw, tap)
-        transport: trio.abc.Stream = tapped
-        # the handshake loop only; on a socket it reads and writes the fd directly, feeding the tap
+        # on a socket the handshake loop reads and writes the fd directly and feeds the tap
+        # itself (its transport then only closes); other streams go through _TappedStream
         sock = getattr(self._raw, "socket", None)
-        ssl_stream = ServerTlsStream(transport, state.tls.context,
+        tapped = _TappedStream(self._raw, tap) if sock is None else None
+        ssl_stream = ServerTlsStream(tapped if tapped is not None else self._raw,
+                                     state.tls.context,
                                      fd=sock.fileno() if sock is not None else None,
                                      on_receive=tap.feed)
         self._ssl = ssl_stream
@@ -303,7 +346,10 @@ class Session:
         if cs.cancelled_caught:
             timed_out = True
         duration = time.monotonic() - t0
-        tapped.stop_tap()
+        if tapped is not None:
+            tapped.stop_tap()
+        else:
+            tap.stop()
         keylog = state.tls.keylog  # every handshake takes its secret out, used or not
         secret = keylog.take(tap.client_random()) if keylog is not None else None
         self._handshake_done = not timed_out and error is None
@@ -420,8 +466,8 @@ class Session:
         cipher = ssl_stream.cipher()
         roles = list(getattr(principal, "roles", ()) or ())
         structlog.contextvars.bind_contextvars(**events.peer_context(identity, roles))
-        self._metrics.inc("mbsec_tls_handshakes_total", outcome="success", reason="ok")
-        self._metrics.observe("mbsec_tls_handshake_seconds", duration)
+        self._counters.accepted()
+        self._counters.seconds(duration)
         accepted = events.tls_handshake_accepted(
             duration, identity, ssl_stream.version(), cipher[0] if cipher else None, resumed)
         if self._lines is not None:
@@ -496,6 +542,14 @@ class Session:
     # -- close ---------------------------------------------------------------------------
 
     async def _close(self) -> None:
+        sock = getattr(self._raw, "socket", None)
+        if sock is not None and (self._plane_broken or not self._handshake_done
+                                 or self._ssl is None):
+            # nothing to send first (no close_notify after a broken record or without a
+            # handshake): the socket is closed now, which cannot block, without the shielded
+            # cancel scope and the trip through trio's loop of the stream's aclose
+            sock.close()
+            return
         stream: trio.abc.AsyncResource = self._ssl if self._ssl is not None else self._raw
         with trio.move_on_after(CLOSE_TIMEOUT) as cs:
             cs.shield = True

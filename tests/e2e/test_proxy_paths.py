@@ -570,3 +570,38 @@ async def test_client_sockets_get_nodelay_and_the_keepalive(
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+
+
+async def test_connection_events_carry_both_ends_addresses(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery
+) -> None:
+    """The accept loop hands the session the peer address it asked for and the listener's own
+    address: the accepted and closed lines still name the client's address and port and the
+    address and port it connected to, as the socket says."""
+    plc = await scripted(nursery)
+    h = await start_proxy(plc.port)
+    c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+    sock = c.stream.transport_stream.socket
+    client_ip, client_port = sock.getsockname()[:2]
+    server_ip, server_port = sock.getpeername()[:2]
+    assert await c.request(1, 1, read_hr(0, 1)) is not None
+    await c.stream.aclose()
+    for action in ("tls-handshake", "connection-closed"):
+        ev = await h.wait_event(action, lambda e: e.get("source.port") == client_port)
+        assert (ev["source.ip"], ev["source.port"]) == (client_ip, client_port), ev
+        assert (ev["destination.ip"], ev["destination.port"]) == (server_ip, server_port), ev
+
+
+async def test_listener_local_address_is_given_only_for_a_specific_address() -> None:
+    """A wildcard listener's connections each have their own local address: asked of the
+    socket (None here); a listener on one address gives that address to all of them."""
+    from mbsec.server import _listener_local
+
+    specific = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    wildcard = (await trio.open_tcp_listeners(0, host="0.0.0.0"))[0]
+    try:
+        assert _listener_local(specific) == ("127.0.0.1", specific.socket.getsockname()[1])
+        assert _listener_local(wildcard) is None
+    finally:
+        await specific.aclose()
+        await wildcard.aclose()
