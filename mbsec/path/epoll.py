@@ -167,8 +167,15 @@ class DataPlane:
         with self._wake_lock:
             if self._stopped:
                 return False
-            self._calls.append(fn)
-            os.eventfd_write(self._wake_fd, 1)
+            calls = self._calls
+            # one wake-up per batch: a queue that already holds calls has its wake-up written
+            # and not yet acted on (the loop drains the queue to empty after reading the
+            # eventfd, and checks it before it sleeps), so a burst of hand-offs costs one
+            # write and one wake-up, not one each
+            was_empty = not calls
+            calls.append(fn)
+            if was_empty:
+                os.eventfd_write(self._wake_fd, 1)
             return True
 
     def replace_targets_threadsafe(
