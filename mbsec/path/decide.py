@@ -305,17 +305,19 @@ class Decisions:
         self._count_role("allow")
         log_allowed = self.log_allowed
         if log_allowed is not None:
+            # a normal FC03/04 reply is checked, not parsed (``response`` None): asking None
+            # for the attribute raised and caught an AttributeError per logged request
+            response = reply.response
+            code = None if response is None else getattr(response, "exception_code", None)
             writer = self.write_allowed
             if writer is not None:  # the same line, from this connection's templates
                 writer.allowed(
                     adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
-                    decision.outcome, reply.target,
-                    getattr(reply.response, "exception_code", None))
+                    decision.outcome, reply.target, code)
             else:
                 ev = events.modbus_request_allowed(
                     adu.transaction_id, adu.unit_id, fc, access, took, decision.rule_id,
-                    decision.outcome, reply.target,
-                    getattr(reply.response, "exception_code", None))
+                    decision.outcome, reply.target, code)
                 log_allowed(ev.message, **ev.fields)
         return reply.pdu
 
