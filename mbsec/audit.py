@@ -83,8 +83,18 @@ class _Deferring:
     INTERVAL = 0.005
 
     def __init__(self) -> None:
+        from mbsec import audit_fast  # it imports this module
+
         self._pending: list[str] = []
         self._pending_bytes = 0
+        #: :meth:`write_deferred` for several lines at once, in order (one lock, one
+        #: accounting: the data plane hands over a loop pass's allowed requests together).
+        #: Compiled with the data plane (:func:`mbsec.audit_fast.defer_lines`), and bound here
+        #: rather than a method: the data plane calls it once per loop pass, and an
+        #: interpreted method there cost 2-3 µs per pass, at 10x1 per request
+        #: (benchmarks/README.md, "Issue 14: logging every allowed request, round 3").
+        self.write_deferred_lines: Callable[[list[str]], None] = functools.partial(
+            audit_fast.defer_lines, self)
         self._lock = threading.Lock()  # a plain lock: the data plane takes it once a line
         self._has_lines = threading.Event()  # the writer's wake-up
         self._writer: threading.Thread | None = None
@@ -178,24 +188,6 @@ class _Deferring:
         lines.append("")
         self._write_out("\n".join(lines))
         return len(lines) - 1
-
-    def write_deferred_lines(self, lines: list[str]) -> None:
-        """:meth:`write_deferred` for several lines at once, in order (one lock, one
-        accounting: the data plane hands over a loop pass's allowed requests together)."""
-        if self._closing:
-            for line in lines:
-                self.write("info", line)
-            return
-        size = len(lines)
-        for line in lines:
-            size += len(line)
-        with self._lock:
-            pending = self._pending
-            first = not pending
-            pending += lines
-            self._pending_bytes += size
-            full = self._pending_bytes >= self.MAX_PENDING
-        self._appended(first, full)
 
     def _stop_writer(self) -> None:
         self._closing = True
@@ -323,6 +315,13 @@ class SinkLogger:
         self.batch_level = "info"
         #: the data-plane thread while it runs (mbsec/path/epoll.py), else None
         self.batch_thread: int | None = None
+        from mbsec import audit_fast  # it imports this module
+
+        #: the lines of :attr:`batch` to the sinks, in order: one call per sink instead of one
+        #: :meth:`emit` per line (the same outcome: deferred, health known once written).
+        #: Compiled with the data plane, which calls it at the end of every loop pass
+        #: (:func:`mbsec.audit_fast.emit_batch`; bound here, as ``write_deferred_lines``).
+        self.emit_batch: Callable[[], None] = functools.partial(audit_fast.emit_batch, self)
         for i, s in enumerate(self.sinks):
             if self._defers[i]:
                 s.report = functools.partial(self._deferred_written, i)  # type: ignore[union-attr]
@@ -343,31 +342,6 @@ class SinkLogger:
         wanted = [i for i in range(len(self.sinks)) if number >= self.levels[i]]
         return bool(wanted) and all(
             self._defers[i] and not self._takes_event[i] for i in wanted)
-
-    def emit_batch(self) -> None:
-        """The lines of :attr:`batch` to the sinks, in order: one call per sink instead of
-        one :meth:`emit` per line (the same outcome: deferred, health known once written)."""
-        lines = self.batch
-        if not lines:
-            return
-        self.batch = []
-        number = _LEVELS.get(self.batch_level, 20)
-        wanted = deferred = False
-        for i, s in enumerate(self.sinks):
-            if number < self.levels[i]:
-                continue
-            wanted = True
-            try:
-                s.write_deferred_lines(lines)  # type: ignore[union-attr]
-            except Exception as exc:
-                self._sink_failed(i, s, exc, len(lines))
-            else:
-                deferred = True
-        if deferred:
-            self.pending = True
-            self._pending_took = False
-        else:
-            self.healthy = not wanted
 
     def _emit(self, level: str, line: str, event: dict[str, Any] | None = None,
               defer: bool = False) -> None:
@@ -663,6 +637,7 @@ class _Named:
         self.name = name
         if isinstance(inner, _Deferring) and not hasattr(self, "write_event"):
             self.write_deferred = inner.write_deferred
+            self.write_deferred_lines = inner.write_deferred_lines
             self.flush_deferred = inner.flush_deferred
             self._flush_reporting = inner._flush_reporting
 

@@ -33,17 +33,17 @@ bound logger writes it.
 
 from __future__ import annotations
 
-import contextvars
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping
+from contextvars import copy_context
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from structlog.contextvars import get_contextvars
 
 from mbsec import events
-from mbsec.audit import _LEVELS, SinkLogger, nest_dotted, utc_stamp
+from mbsec.audit import _LEVELS, SinkLogger, _Deferring, nest_dotted, utc_stamp
 
 if TYPE_CHECKING:
     from mbsec.modbus.access import Access
@@ -202,7 +202,7 @@ def _native(value: Any) -> bool:
 def _contextvars_bound() -> bool:
     """True when the calling thread has structlog contextvars (merge_contextvars would add
     them): the data-plane thread has none."""
-    ctx = contextvars.copy_context()
+    ctx = copy_context()
     if not len(ctx):
         return False
     return any(k.name.startswith(_STRUCTLOG_PREFIX) and ctx[k] is not Ellipsis for k in ctx)
@@ -283,19 +283,22 @@ class EventWriter:
         parts = entry[1] if entry is not None and entry[0] is access else ()
         if parts and type(tid) is int and not _contextvars_bound():
             a, b, c, d, tid_first = parts
-            first, second = ((int.__repr__(tid), int.__repr__(int(duration_s * 1e9)))
-                             if tid_first else
-                             (int.__repr__(int(duration_s * 1e9)), int.__repr__(tid)))
+            # str of an exact int (tid checked above, int() of a float) is int.__repr__'s
+            # text, and compiled it is a native conversion (int.__repr__ a method call)
+            nanos = int(duration_s * 1e9)
+            first, second = (str(tid), str(nanos)) if tid_first else (str(nanos), str(tid))
             line = "".join((a, fast_stamp(), b, first, c, second, d))
             sink = self._sink
-            if self._batches and sink.batch_thread == threading.get_ident():
+            if self._batches and sink.batch_thread == get_ident():
                 # the data plane: the line waits for the end of the loop pass, and the
                 # pass's lines go to the sinks in one call (SinkLogger.emit_batch)
                 batch = sink.batch
-                if batch and sink.batch_level != self._level:
-                    sink.emit_batch()
-                    batch = sink.batch
-                sink.batch_level = self._level
+                level = self._level
+                if sink.batch_level != level:
+                    if batch:
+                        sink.emit_batch()
+                        batch = sink.batch
+                    sink.batch_level = level
                 batch.append(line)
                 return
             sink.emit(self._level, line, None, sink.defer_writes)
@@ -371,6 +374,62 @@ class EventWriter:
             event = json.loads(line)
         sink = self._sink
         sink.emit(self._level, line, event, sink.defer_writes)
+
+
+def emit_batch(sink: SinkLogger) -> None:
+    """:attr:`SinkLogger.emit_batch <mbsec.audit.SinkLogger.emit_batch>`: the lines of
+    ``sink.batch`` to the sinks, in order, one call per sink; health is known once they are
+    written (a sink that raises: an alarm per line, :meth:`mbsec.audit.SinkLogger._sink_failed`).
+    Here, compiled, because the data plane calls it at the end of every loop pass."""
+    lines = sink.batch
+    if not lines:
+        return
+    sink.batch = []
+    number = _LEVELS.get(sink.batch_level, 20)
+    levels = sink.levels
+    wanted = deferred = False
+    for i, s in enumerate(sink.sinks):
+        if number >= levels[i]:
+            wanted = True
+            out: Any = s
+            try:
+                out.write_deferred_lines(lines)
+            except Exception as exc:
+                sink._sink_failed(i, s, exc, len(lines))
+            else:
+                deferred = True
+    if deferred:
+        sink.pending = True
+        sink._pending_took = False
+    else:
+        sink.healthy = not wanted
+
+
+def defer_lines(queue: _Deferring, lines: list[str]) -> None:
+    """:attr:`_Deferring.write_deferred_lines <mbsec.audit._Deferring>`: the lines join the
+    sink's pending list under its lock, in order (compiled: the data plane hands each loop
+    pass's lines over with it); then, as for one line, the caller writes them at once when the
+    list is full, else wakes the writer thread when the list was empty."""
+    if queue._closing:  # a late line (a data plane that outlived the logger)
+        for line in lines:
+            queue.write("info", line)
+        return
+    size = len(lines)
+    for line in lines:
+        size += len(line)
+    lock: Any = queue._lock
+    lock.acquire()
+    try:
+        pending = queue._pending
+        first = not pending
+        pending.extend(lines)
+        total = queue._pending_bytes + size
+        queue._pending_bytes = total
+    finally:
+        lock.release()
+    full = total >= queue.MAX_PENDING
+    if full or first:
+        queue._appended(first, full)
 
 
 def event_writer(log: Any, level: str) -> EventWriter | None:
