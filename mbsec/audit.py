@@ -95,11 +95,18 @@ class _Deferring:
         #: (benchmarks/README.md, "Issue 14: logging every allowed request, round 3").
         self.write_deferred_lines: Callable[[list[str]], None] = functools.partial(
             audit_fast.defer_lines, self)
-        self._lock = threading.Lock()  # a plain lock: the data plane takes it once a line
-        self._has_lines = threading.Event()  # the writer's wake-up
+        self._lock = threading.Lock()  # a plain lock: the data plane takes it once a pass
+        #: the writer's wake-up, held while it has nothing to write: whoever makes the list
+        #: non-empty releases it, the writer takes it back. Plain locks, not threading.Event:
+        #: an Event's set and wait run a dozen lines of Python each (with the GIL, which the
+        #: data-plane thread then waits for), a lock's release and acquire are one C call
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        #: held until close(): the writer's wait of INTERVAL, which close ends at once
+        self._stop = threading.Lock()
+        self._stop.acquire()
         self._writer: threading.Thread | None = None
         self._closing = False
-        self._stopping = threading.Event()  # ends the writer's wait at once
         self.report: Callable[[int, Exception | None, int], None] | None = None
 
     def _write_out(self, text: str) -> None:
@@ -137,27 +144,26 @@ class _Deferring:
 
     def _appended(self, first: bool, full: bool) -> None:
         """After lines joined the pending list: write at once when it is full, else wake the
-        writer (started on first use) when the list was empty: it sleeps only while there is
-        nothing to write."""
+        writer when the list was empty: it sleeps only while there is nothing to write."""
         if full:
             self._flush_reporting()
         elif first:
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._run_writer, name="mbsec-log-writer", daemon=True)
-                self._writer.start()
-            self._has_lines.set()
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Start the writer on first use; release its wake-up (already released: a wake-up
+        is pending, and the writer takes the lines that are there when its wait ends)."""
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._run_writer, name="mbsec-log-writer", daemon=True)
+            self._writer.start()
+        with contextlib.suppress(RuntimeError):
+            self._wake.release()
 
     def _run_writer(self) -> None:
-        while True:
-            self._has_lines.wait()
-            if self._closing:
-                return  # close() writes what is left
-            self._stopping.wait(self.INTERVAL)  # the lines of the next few ms join this write
-            self._has_lines.clear()  # before the take: a line after it wakes us again
-            if self._closing:  # checked after the clear: _stop_writer sets it before
-                return
-            self._flush_reporting()
+        from mbsec import audit_fast
+
+        audit_fast.run_writer(self)
 
     def _take(self) -> list[str]:
         with self._lock:
@@ -167,18 +173,10 @@ class _Deferring:
             return lines
 
     def _flush_reporting(self) -> None:
-        lines = self._take()
-        if not lines:
-            return
-        try:
-            lines.append("")
-            self._write_out("\n".join(lines))
-        except Exception as exc:
-            if self.report is not None:
-                self.report(0, exc, len(lines) - 1)
-        else:
-            if self.report is not None:
-                self.report(len(lines) - 1, None, 0)
+        """Write the pending lines now, reporting how it went (``report``), never raising."""
+        from mbsec import audit_fast
+
+        audit_fast.flush_reporting(self)
 
     def flush_deferred(self) -> int:
         """Write the lines kept so far, now; returns how many (dropped if it raises)."""
@@ -192,8 +190,9 @@ class _Deferring:
     def _stop_writer(self) -> None:
         self._closing = True
         writer = self._writer
-        self._stopping.set()
-        self._has_lines.set()
+        for lock in (self._stop, self._wake):  # ends either wait of the writer at once
+            with contextlib.suppress(RuntimeError):  # released already (a second close)
+                lock.release()
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout=5.0)
 

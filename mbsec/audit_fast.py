@@ -427,9 +427,56 @@ def defer_lines(queue: _Deferring, lines: list[str]) -> None:
         queue._pending_bytes = total
     finally:
         lock.release()
-    full = total >= queue.MAX_PENDING
-    if full or first:
-        queue._appended(first, full)
+    if total >= queue.MAX_PENDING:
+        flush_reporting(queue)
+    elif first:
+        if queue._writer is None:
+            queue._wake_writer()
+        else:
+            _release(queue._wake)
+
+
+def _release(lock: Any) -> None:
+    """Release the writer's wake-up; released already: a wake-up is pending."""
+    try:  # noqa: SIM105 - compiled, try is native; contextlib.suppress a Python object
+        lock.release()
+    except RuntimeError:
+        pass
+
+
+def run_writer(queue: _Deferring) -> None:
+    """The writer thread of a deferring sink (:class:`mbsec.audit._Deferring`): woken when the
+    pending list stops being empty, it lets lines gather for ``INTERVAL`` and writes them with
+    one write; ``close`` ends either wait at once. Compiled, with C locks for the waits: the
+    thread holds the GIL, which the data-plane thread then waits for, as briefly as it can."""
+    wake: Any = queue._wake
+    stop: Any = queue._stop
+    while True:
+        wake.acquire()  # taken back: a line that finds the list empty releases it again
+        if queue._closing:
+            return  # close() writes what is left
+        # the lines of the next few ms join this write
+        if stop.acquire(True, queue.INTERVAL) or queue._closing:
+            return
+        flush_reporting(queue)
+
+
+def flush_reporting(queue: _Deferring) -> None:
+    """Write the pending lines now (the writer's batch, or the caller's when the list is
+    full), reporting how it went through ``queue.report``; never raises."""
+    lines = queue._take()
+    if not lines:
+        return
+    report = queue.report
+    try:
+        lines.append("")
+        queue._write_out("\n".join(lines))
+    except Exception as exc:
+        if report is not None:
+            report(0, exc, len(lines) - 1)
+    else:
+        if report is not None:
+            report(len(lines) - 1, None, 0)
 
 
 def event_writer(log: Any, level: str) -> EventWriter | None:
