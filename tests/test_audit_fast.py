@@ -15,6 +15,7 @@ import unittest.mock
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -272,6 +273,26 @@ def test_fast_stamp_writes_what_utc_stamp_does_for_any_clock_reading(
             assert audit_fast.fast_stamp() == reference_stamp(ns)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 4102444800 * 10**9),
+                          st.integers(0, 4102444800).map(lambda s: s * 10**9)),
+                min_size=1, max_size=4))
+def test_the_allowed_line_carries_fast_stamps_text(readings: list[int]) -> None:
+    """EventWriter.allowed joins the stamp's parts into its line itself: the line's
+    ``@timestamp`` is utc_stamp's text for the clock reading (with and without
+    microseconds), and the rest of the line is unchanged."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    for ns in readings:
+        with unittest.mock.patch.object(audit_fast.time, "time_ns", return_value=ns):
+            in_fresh_context(writer.allowed, 7, 1, 3, READ, 0.001, "r", "allow", "plc")
+        line = sink.lines[-1]
+        assert json.loads(line)["@timestamp"] == reference_stamp(ns)
+        assert STAMP.findall(line) == [reference_stamp(ns)]
+
+
 def test_fast_stamp_reads_utc_stamps_clock() -> None:
     for _ in range(200):
         before, fast, after = audit.utc_stamp(), audit_fast.fast_stamp(), audit.utc_stamp()
@@ -366,6 +387,42 @@ def test_a_large_batch_is_written_by_the_caller_at_once(tmp_path: Path) -> None:
     for _ in range(n + 1):
         sink.write_deferred(line)
     assert path.read_text() == (line + "\n") * (n + 1)  # whole lines only
+    sink.close()
+
+
+@pytest.mark.parametrize("hand_over", ["lines", "line"])
+def test_half_of_max_pending_ends_the_writers_wait(tmp_path: Path, hand_over: str) -> None:
+    """From half of MAX_PENDING on, the writer thread writes without waiting out its
+    interval: at a high rate of lines it writes them, not the caller (the data plane) when
+    the list is full. Below half it waits."""
+    path = tmp_path / "events.log"
+    sink = FileSink(path)
+    sink.INTERVAL = 60.0
+    writers: list[str] = []
+    real = sink._write_out
+
+    def write_out(text: str) -> None:
+        writers.append(threading.current_thread().name)
+        real(text)
+
+    sink._write_out = write_out  # type: ignore[method-assign]
+    line = "x" * 999
+    under = FileSink.MAX_PENDING // 2 // 1000  # lines of 1000 bytes below half
+
+    def hand(lines: list[str]) -> None:
+        if hand_over == "lines":
+            sink.write_deferred_lines(lines)
+        else:
+            for one in lines:
+                sink.write_deferred(one)
+
+    hand([line] * under)
+    time.sleep(0.1)
+    assert path.read_text() == ""  # below half: the writer waits out its interval
+    hand([line])
+    wait_for(lambda: path.read_text().count("\n") == under + 1)
+    assert path.read_text() == (line + "\n") * (under + 1)
+    assert writers == ["mbsec-log-writer"]
     sink.close()
 
 
