@@ -472,7 +472,7 @@ def defer_lines(queue: _Deferring, lines: list[str]) -> None:
             queue._wake_writer()
         else:
             _release(queue._wake)
-    elif before < limit // 2 <= total:  # the writer writes them before we would have to
+    elif False and before < limit // 2 <= total:  # EXPERIMENT
         _release(queue._hurry)
 
 
