@@ -75,12 +75,9 @@ class _Deferring:
     and writes them with one write. So the data-plane thread neither makes a system call per
     line nor waits for a slow disk. Each write carries whole lines only (a reader never sees
     half a line from us, and processes appending to one file do not interleave within a
-    line); from :attr:`MAX_PENDING` bytes on, the caller writes at once (from half of it on,
-    the writer's wait ends early, so that it rarely comes to that); :meth:`close`
+    line); from :attr:`MAX_PENDING` bytes on, the caller writes at once; :meth:`close`
     writes what is left. ``report(written, error, lost)`` hears how each batch went."""
 
-    #: the caller writes at once from here on (a crash loses at most that); from half of it
-    #: the writer is hurried, so that at a high rate of lines it writes them, not the caller
     MAX_PENDING = 65536
     #: how long a line may wait in memory for the lines after it (a crash loses at most that)
     INTERVAL = 0.005
@@ -105,12 +102,9 @@ class _Deferring:
         #: data-plane thread then waits for), a lock's release and acquire are one C call
         self._wake = threading.Lock()
         self._wake.acquire()
-        #: held while the writer lets lines gather (its wait of INTERVAL): released to end
-        #: that wait at once, by close, and by the caller whose lines fill half of
-        #: MAX_PENDING, so that the writer writes them before the caller would have to
-        #: (benchmarks/README.md, "Issue 14: logging every allowed request, round 3")
-        self._hurry = threading.Lock()
-        self._hurry.acquire()
+        #: held until close(): the writer's wait of INTERVAL, which close ends at once
+        self._stop = threading.Lock()
+        self._stop.acquire()
         self._writer: threading.Thread | None = None
         self._closing = False
         self.report: Callable[[int, Exception | None, int], None] | None = None
@@ -144,21 +138,12 @@ class _Deferring:
             pending = self._pending
             pending.append(line)
             first = len(pending) == 1
-            before = self._pending_bytes
-            self._pending_bytes = after = before + len(line) + 1
-        half = self.MAX_PENDING // 2
-        if after >= self.MAX_PENDING:
+            self._pending_bytes += len(line) + 1
+            full = self._pending_bytes >= self.MAX_PENDING
+        if full:
             self._flush_reporting()
         elif first:
             self._wake_writer()
-        elif before < half <= after:
-            self._hurry_writer()
-
-    def _hurry_writer(self) -> None:
-        """Half of MAX_PENDING is waiting: end the writer's wait (released already: it ends
-        its next one at once)."""
-        with contextlib.suppress(RuntimeError):
-            self._hurry.release()
 
     def _wake_writer(self) -> None:
         """Start the writer on first use; release its wake-up (already released: a wake-up
@@ -200,7 +185,7 @@ class _Deferring:
     def _stop_writer(self) -> None:
         self._closing = True
         writer = self._writer
-        for lock in (self._hurry, self._wake):  # ends either wait of the writer at once
+        for lock in (self._stop, self._wake):  # ends either wait of the writer at once
             with contextlib.suppress(RuntimeError):  # released already (a second close)
                 lock.release()
         if writer is not None and writer is not threading.current_thread():

@@ -459,26 +459,22 @@ def defer_lines(queue: _Deferring, lines: list[str]) -> None:
         pending = queue._pending
         first = not pending
         pending.extend(lines)
-        before: int = queue._pending_bytes
-        total = before + size
+        total = queue._pending_bytes + size
         queue._pending_bytes = total
     finally:
         lock.release()
-    limit: int = queue.MAX_PENDING
-    if total >= limit:
+    if total >= queue.MAX_PENDING:
         flush_reporting(queue)
     elif first:
         if queue._writer is None:
             queue._wake_writer()
         else:
             _release(queue._wake)
-    elif False and before < limit // 2 <= total:  # EXPERIMENT
-        _release(queue._hurry)
 
 
 def _release(lock: Any) -> None:
-    """Release one of the writer's locks (its wake-up, the end of its wait); released
-    already: that is pending, and it acts on it at its next wait."""
+    """Release the writer's wake-up; released already: a wake-up is pending, and the writer
+    takes the lines that are there when its wait ends."""
     if lock.locked():  # (an exception raised here costs a traceback object: tens of µs)
         try:  # noqa: SIM105 - compiled, try is native; contextlib.suppress a Python object
             lock.release()
@@ -488,20 +484,17 @@ def _release(lock: Any) -> None:
 
 def run_writer(queue: _Deferring) -> None:
     """The writer thread of a deferring sink (:class:`mbsec.audit._Deferring`): woken when the
-    pending list stops being empty, it lets lines gather for ``INTERVAL`` (less when half of
-    ``MAX_PENDING`` is waiting) and writes them with one write; ``close`` ends either wait
-    at once. Compiled, with C locks for the waits: the
+    pending list stops being empty, it lets lines gather for ``INTERVAL`` and writes them with
+    one write; ``close`` ends either wait at once. Compiled, with C locks for the waits: the
     thread holds the GIL, which the data-plane thread then waits for, as briefly as it can."""
     wake: Any = queue._wake
-    hurry: Any = queue._hurry
+    stop: Any = queue._stop
     while True:
         wake.acquire()  # taken back: a line that finds the list empty releases it again
         if queue._closing:
             return  # close() writes what is left
-        # the lines of the next few ms join this write (unless half of MAX_PENDING is
-        # waiting already, or close() ends the wait)
-        hurry.acquire(True, queue.INTERVAL)
-        if queue._closing:
+        # the lines of the next few ms join this write
+        if stop.acquire(True, queue.INTERVAL) or queue._closing:
             return
         flush_reporting(queue)
 

@@ -15,7 +15,6 @@ import unittest.mock
 from pathlib import Path
 from typing import Any
 
-import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -387,42 +386,6 @@ def test_a_large_batch_is_written_by_the_caller_at_once(tmp_path: Path) -> None:
     for _ in range(n + 1):
         sink.write_deferred(line)
     assert path.read_text() == (line + "\n") * (n + 1)  # whole lines only
-    sink.close()
-
-
-@pytest.mark.parametrize("hand_over", ["lines", "line"])
-def test_half_of_max_pending_ends_the_writers_wait(tmp_path: Path, hand_over: str) -> None:
-    """From half of MAX_PENDING on, the writer thread writes without waiting out its
-    interval: at a high rate of lines it writes them, not the caller (the data plane) when
-    the list is full. Below half it waits."""
-    path = tmp_path / "events.log"
-    sink = FileSink(path)
-    sink.INTERVAL = 60.0
-    writers: list[str] = []
-    real = sink._write_out
-
-    def write_out(text: str) -> None:
-        writers.append(threading.current_thread().name)
-        real(text)
-
-    sink._write_out = write_out  # type: ignore[method-assign]
-    line = "x" * 999
-    under = FileSink.MAX_PENDING // 2 // 1000  # lines of 1000 bytes below half
-
-    def hand(lines: list[str]) -> None:
-        if hand_over == "lines":
-            sink.write_deferred_lines(lines)
-        else:
-            for one in lines:
-                sink.write_deferred(one)
-
-    hand([line] * under)
-    time.sleep(0.1)
-    assert path.read_text() == ""  # below half: the writer waits out its interval
-    hand([line])
-    wait_for(lambda: path.read_text().count("\n") == under + 1)
-    assert path.read_text() == (line + "\n") * (under + 1)
-    assert writers == ["mbsec-log-writer"]
     sink.close()
 
 
