@@ -83,13 +83,30 @@ class _Deferring:
     INTERVAL = 0.005
 
     def __init__(self) -> None:
+        from mbsec import audit_fast  # it imports this module
+
         self._pending: list[str] = []
         self._pending_bytes = 0
-        self._lock = threading.Lock()  # a plain lock: the data plane takes it once a line
-        self._has_lines = threading.Event()  # the writer's wake-up
+        #: :meth:`write_deferred` for several lines at once, in order (one lock, one
+        #: accounting: the data plane hands over a loop pass's allowed requests together).
+        #: Compiled with the data plane (:func:`mbsec.audit_fast.defer_lines`), and bound here
+        #: rather than a method: the data plane calls it once per loop pass, and an
+        #: interpreted method there cost 2-3 µs per pass, at 10x1 per request
+        #: (benchmarks/README.md, "Issue 14: logging every allowed request, round 3").
+        self.write_deferred_lines: Callable[[list[str]], None] = functools.partial(
+            audit_fast.defer_lines, self)
+        self._lock = threading.Lock()  # a plain lock: the data plane takes it once a pass
+        #: the writer's wake-up, held while it has nothing to write: whoever makes the list
+        #: non-empty releases it, the writer takes it back. Plain locks, not threading.Event:
+        #: an Event's set and wait run a dozen lines of Python each (with the GIL, which the
+        #: data-plane thread then waits for), a lock's release and acquire are one C call
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        #: held until close(): the writer's wait of INTERVAL, which close ends at once
+        self._stop = threading.Lock()
+        self._stop.acquire()
         self._writer: threading.Thread | None = None
         self._closing = False
-        self._stopping = threading.Event()  # ends the writer's wait at once
         self.report: Callable[[int, Exception | None, int], None] | None = None
 
     def _write_out(self, text: str) -> None:
@@ -123,31 +140,25 @@ class _Deferring:
             first = len(pending) == 1
             self._pending_bytes += len(line) + 1
             full = self._pending_bytes >= self.MAX_PENDING
-        self._appended(first, full)
-
-    def _appended(self, first: bool, full: bool) -> None:
-        """After lines joined the pending list: write at once when it is full, else wake the
-        writer (started on first use) when the list was empty: it sleeps only while there is
-        nothing to write."""
         if full:
             self._flush_reporting()
         elif first:
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._run_writer, name="mbsec-log-writer", daemon=True)
-                self._writer.start()
-            self._has_lines.set()
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Start the writer on first use; release its wake-up (already released: a wake-up
+        is pending, and the writer takes the lines that are there when its wait ends)."""
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._run_writer, name="mbsec-log-writer", daemon=True)
+            self._writer.start()
+        with contextlib.suppress(RuntimeError):
+            self._wake.release()
 
     def _run_writer(self) -> None:
-        while True:
-            self._has_lines.wait()
-            if self._closing:
-                return  # close() writes what is left
-            self._stopping.wait(self.INTERVAL)  # the lines of the next few ms join this write
-            self._has_lines.clear()  # before the take: a line after it wakes us again
-            if self._closing:  # checked after the clear: _stop_writer sets it before
-                return
-            self._flush_reporting()
+        from mbsec import audit_fast
+
+        audit_fast.run_writer(self)
 
     def _take(self) -> list[str]:
         with self._lock:
@@ -157,18 +168,10 @@ class _Deferring:
             return lines
 
     def _flush_reporting(self) -> None:
-        lines = self._take()
-        if not lines:
-            return
-        try:
-            lines.append("")
-            self._write_out("\n".join(lines))
-        except Exception as exc:
-            if self.report is not None:
-                self.report(0, exc, len(lines) - 1)
-        else:
-            if self.report is not None:
-                self.report(len(lines) - 1, None, 0)
+        """Write the pending lines now, reporting how it went (``report``), never raising."""
+        from mbsec import audit_fast
+
+        audit_fast.flush_reporting(self)
 
     def flush_deferred(self) -> int:
         """Write the lines kept so far, now; returns how many (dropped if it raises)."""
@@ -179,29 +182,12 @@ class _Deferring:
         self._write_out("\n".join(lines))
         return len(lines) - 1
 
-    def write_deferred_lines(self, lines: list[str]) -> None:
-        """:meth:`write_deferred` for several lines at once, in order (one lock, one
-        accounting: the data plane hands over a loop pass's allowed requests together)."""
-        if self._closing:
-            for line in lines:
-                self.write("info", line)
-            return
-        size = len(lines)
-        for line in lines:
-            size += len(line)
-        with self._lock:
-            pending = self._pending
-            first = not pending
-            pending += lines
-            self._pending_bytes += size
-            full = self._pending_bytes >= self.MAX_PENDING
-        self._appended(first, full)
-
     def _stop_writer(self) -> None:
         self._closing = True
         writer = self._writer
-        self._stopping.set()
-        self._has_lines.set()
+        for lock in (self._stop, self._wake):  # ends either wait of the writer at once
+            with contextlib.suppress(RuntimeError):  # released already (a second close)
+                lock.release()
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout=5.0)
 
@@ -323,6 +309,13 @@ class SinkLogger:
         self.batch_level = "info"
         #: the data-plane thread while it runs (mbsec/path/epoll.py), else None
         self.batch_thread: int | None = None
+        from mbsec import audit_fast  # it imports this module
+
+        #: the lines of :attr:`batch` to the sinks, in order: one call per sink instead of one
+        #: :meth:`emit` per line (the same outcome: deferred, health known once written).
+        #: Compiled with the data plane, which calls it at the end of every loop pass
+        #: (:func:`mbsec.audit_fast.emit_batch`; bound here, as ``write_deferred_lines``).
+        self.emit_batch: Callable[[], None] = functools.partial(audit_fast.emit_batch, self)
         for i, s in enumerate(self.sinks):
             if self._defers[i]:
                 s.report = functools.partial(self._deferred_written, i)  # type: ignore[union-attr]
@@ -343,31 +336,6 @@ class SinkLogger:
         wanted = [i for i in range(len(self.sinks)) if number >= self.levels[i]]
         return bool(wanted) and all(
             self._defers[i] and not self._takes_event[i] for i in wanted)
-
-    def emit_batch(self) -> None:
-        """The lines of :attr:`batch` to the sinks, in order: one call per sink instead of
-        one :meth:`emit` per line (the same outcome: deferred, health known once written)."""
-        lines = self.batch
-        if not lines:
-            return
-        self.batch = []
-        number = _LEVELS.get(self.batch_level, 20)
-        wanted = deferred = False
-        for i, s in enumerate(self.sinks):
-            if number < self.levels[i]:
-                continue
-            wanted = True
-            try:
-                s.write_deferred_lines(lines)  # type: ignore[union-attr]
-            except Exception as exc:
-                self._sink_failed(i, s, exc, len(lines))
-            else:
-                deferred = True
-        if deferred:
-            self.pending = True
-            self._pending_took = False
-        else:
-            self.healthy = not wanted
 
     def _emit(self, level: str, line: str, event: dict[str, Any] | None = None,
               defer: bool = False) -> None:
@@ -663,6 +631,7 @@ class _Named:
         self.name = name
         if isinstance(inner, _Deferring) and not hasattr(self, "write_event"):
             self.write_deferred = inner.write_deferred
+            self.write_deferred_lines = inner.write_deferred_lines
             self.flush_deferred = inner.flush_deferred
             self._flush_reporting = inner._flush_reporting
 

@@ -33,17 +33,17 @@ bound logger writes it.
 
 from __future__ import annotations
 
-import contextvars
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping
+from contextvars import copy_context
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from structlog.contextvars import get_contextvars
 
 from mbsec import events
-from mbsec.audit import _LEVELS, SinkLogger, nest_dotted, utc_stamp
+from mbsec.audit import _LEVELS, SinkLogger, _Deferring, nest_dotted, utc_stamp
 
 if TYPE_CHECKING:
     from mbsec.modbus.access import Access
@@ -177,6 +177,15 @@ def fast_stamp() -> str:
     floored, none shown when they are 0) at a fraction of its cost: the date and time are
     formatted once a second, only the microseconds per call (``datetime.now(UTC)
     .isoformat()`` was a quarter of :meth:`EventWriter.allowed`'s own cost)."""
+    second, frac = _stamp_now()
+    # str(10**6 + frac)[1:]: the six digits, zero-padded, without a format spec to parse
+    return second + "." + str(1_000_000 + frac)[1:] + "Z" if frac else second + "Z"
+
+
+def _stamp_now() -> tuple[str, int]:
+    """:func:`fast_stamp` in two parts, the date and time to the second and the
+    microseconds, for a caller that joins them into its line itself (a compiled function
+    returns the pair without allocating it)."""
     global _stamp_cache
     us = time.time_ns() // 1000
     frac = us % 1_000_000
@@ -186,8 +195,7 @@ def fast_stamp() -> str:
         t = time.gmtime(second // 1_000_000)
         cache = _stamp_cache = (second, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
                                 f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
-    # str(10**6 + frac)[1:]: the six digits, zero-padded, without a format spec to parse
-    return cache[1] + "." + str(1_000_000 + frac)[1:] + "Z" if frac else cache[1] + "Z"
+    return cache[1], frac
 
 
 def _native(value: Any) -> bool:
@@ -202,7 +210,7 @@ def _native(value: Any) -> bool:
 def _contextvars_bound() -> bool:
     """True when the calling thread has structlog contextvars (merge_contextvars would add
     them): the data-plane thread has none."""
-    ctx = contextvars.copy_context()
+    ctx = copy_context()
     if not len(ctx):
         return False
     return any(k.name.startswith(_STRUCTLOG_PREFIX) and ctx[k] is not Ellipsis for k in ctx)
@@ -228,6 +236,17 @@ class EventWriter:
         #: allowed(): (unit, fc, id(access), rule, decision, target, exception) ->
         #: (access, its literal parts: :meth:`_allowed_format`)
         self._allowed: dict[tuple[Any, ...], tuple[Any, _Parts]] = {}
+        #: the last kind allowed() wrote, compared field by field before the dict (a
+        #: connection that polls asks the same request over and over): its key's fields
+        #: (access by identity) and its parts; () when none
+        self._last_parts: _Parts = ()
+        self._last_access: Any = None
+        self._last_unit = -1
+        self._last_fc = -1
+        self._last_rule = ""
+        self._last_decision = ""
+        self._last_target = ""
+        self._last_exception: int | None = None
         number = _LEVELS[level]
         #: some sink formats the event itself: it gets the nested event (parsed back)
         self._needs_event = any(
@@ -274,28 +293,48 @@ class EventWriter:
         # access by identity (hashing the dataclass costs more than the rest): the entry
         # keeps it alive, so its id cannot stand for another one while it is cached
         # a write's access is new each time (and its values vary): no format for it
-        key = (unit_id, fc, id(access), rule_id, decision, target, exception_code)
-        entry = self._allowed.get(key)
-        if entry is None and len(self._allowed) < MAX_SHAPES * 2 and (
-                access is None or access.write is None):
-            entry = self._allowed[key] = (access, self._allowed_format(
-                unit_id, fc, access, rule_id, decision, target, exception_code))
-        parts = entry[1] if entry is not None and entry[0] is access else ()
+        parts = self._last_parts
+        if not (parts and access is self._last_access and unit_id == self._last_unit
+                and fc == self._last_fc and rule_id == self._last_rule
+                and decision == self._last_decision and target == self._last_target
+                and exception_code == self._last_exception):
+            key = (unit_id, fc, id(access), rule_id, decision, target, exception_code)
+            entry = self._allowed.get(key)
+            if entry is None and len(self._allowed) < MAX_SHAPES * 2 and (
+                    access is None or access.write is None):
+                entry = self._allowed[key] = (access, self._allowed_format(
+                    unit_id, fc, access, rule_id, decision, target, exception_code))
+            parts = entry[1] if entry is not None and entry[0] is access else ()
+            if parts:  # the entry keeps access alive: its identity stands for it
+                self._last_parts = parts
+                self._last_access = access
+                self._last_unit = unit_id
+                self._last_fc = fc
+                self._last_rule = rule_id
+                self._last_decision = decision
+                self._last_target = target
+                self._last_exception = exception_code
         if parts and type(tid) is int and not _contextvars_bound():
-            a, b, c, d, tid_first = parts
-            first, second = ((int.__repr__(tid), int.__repr__(int(duration_s * 1e9)))
-                             if tid_first else
-                             (int.__repr__(int(duration_s * 1e9)), int.__repr__(tid)))
-            line = "".join((a, fast_stamp(), b, first, c, second, d))
+            a, zb, c, d, tid_first = parts
+            # str of an exact int (tid checked above, int() of a float) is int.__repr__'s
+            # text, and compiled it is a native conversion (int.__repr__ a method call)
+            nanos = int(duration_s * 1e9)
+            first, second = (str(tid), str(nanos)) if tid_first else (str(nanos), str(tid))
+            # the stamp's parts joined in with the rest (fast_stamp's text): one string built
+            stamp, frac = _stamp_now()
+            line = "".join((a, stamp, ".", str(1_000_000 + frac)[1:], zb, first, c, second, d)
+                           if frac else (a, stamp, zb, first, c, second, d))
             sink = self._sink
-            if self._batches and sink.batch_thread == threading.get_ident():
+            if self._batches and sink.batch_thread == get_ident():
                 # the data plane: the line waits for the end of the loop pass, and the
                 # pass's lines go to the sinks in one call (SinkLogger.emit_batch)
                 batch = sink.batch
-                if batch and sink.batch_level != self._level:
-                    sink.emit_batch()
-                    batch = sink.batch
-                sink.batch_level = self._level
+                level = self._level
+                if sink.batch_level != level:
+                    if batch:
+                        sink.emit_batch()
+                        batch = sink.batch
+                    sink.batch_level = level
                 batch.append(line)
                 return
             sink.emit(self._level, line, None, sink.defer_writes)
@@ -307,10 +346,10 @@ class EventWriter:
     def _allowed_format(self, unit_id: int, fc: int, access: Access | None, rule_id: str,
                         decision: str, target: str, exception_code: int | None) -> _Parts:
         """The literal text of one kind of allowed request around its three values: (before
-        the stamp, between it and the first of the transaction id and the duration, between
-        those two, after the second, whether the transaction id is the first); ``()`` when it
-        cannot be one: a sink that needs the event as objects, a value the template cannot
-        stand for."""
+        the stamp, between it and the first of the transaction id and the duration, with the
+        stamp's closing ``Z`` in front, between those two, after the second, whether the
+        transaction id is the first); ``()`` when it cannot be one: a sink that needs the
+        event as objects, a value the template cannot stand for."""
         if self._needs_event:
             return ()
         ev = events.modbus_request_allowed(0, unit_id, fc, access, 0.0, rule_id, decision,
@@ -325,7 +364,7 @@ class EventWriter:
                 sorted(tpl.keys) != sorted((_STAMP, _TID, _DURATION))):
             return ()
         a, b, c, d = tpl.raw
-        return a, b, c, d, tpl.keys[1] == _TID
+        return a, "Z" + b, c, d, tpl.keys[1] == _TID
 
     def __call__(self, message: str, fields: dict[str, Any]) -> None:
         if _contextvars_bound():
@@ -371,6 +410,111 @@ class EventWriter:
             event = json.loads(line)
         sink = self._sink
         sink.emit(self._level, line, event, sink.defer_writes)
+
+
+def emit_batch(sink: SinkLogger) -> None:
+    """:attr:`SinkLogger.emit_batch <mbsec.audit.SinkLogger.emit_batch>`: the lines of
+    ``sink.batch`` to the sinks, in order, one call per sink; health is known once they are
+    written (a sink that raises: an alarm per line, :meth:`mbsec.audit.SinkLogger._sink_failed`).
+    Here, compiled, because the data plane calls it at the end of every loop pass."""
+    lines = sink.batch
+    if not lines:
+        return
+    sink.batch = []
+    number = _LEVELS.get(sink.batch_level, 20)
+    levels = sink.levels
+    wanted = deferred = False
+    for i, s in enumerate(sink.sinks):
+        if number >= levels[i]:
+            wanted = True
+            out: Any = s
+            try:
+                out.write_deferred_lines(lines)
+            except Exception as exc:
+                sink._sink_failed(i, s, exc, len(lines))
+            else:
+                deferred = True
+    if deferred:
+        sink.pending = True
+        sink._pending_took = False
+    else:
+        sink.healthy = not wanted
+
+
+def defer_lines(queue: _Deferring, lines: list[str]) -> None:
+    """:attr:`_Deferring.write_deferred_lines <mbsec.audit._Deferring>`: the lines join the
+    sink's pending list under its lock, in order (compiled: the data plane hands each loop
+    pass's lines over with it); then, as for one line, the caller writes them at once when the
+    list is full, else wakes the writer thread when the list was empty."""
+    if queue._closing:  # a late line (a data plane that outlived the logger)
+        for line in lines:
+            queue.write("info", line)
+        return
+    size = len(lines)
+    for line in lines:
+        size += len(line)
+    lock: Any = queue._lock
+    lock.acquire()
+    try:
+        pending = queue._pending
+        first = not pending
+        pending.extend(lines)
+        total = queue._pending_bytes + size
+        queue._pending_bytes = total
+    finally:
+        lock.release()
+    if total >= queue.MAX_PENDING:
+        flush_reporting(queue)
+    elif first:
+        if queue._writer is None:
+            queue._wake_writer()
+        else:
+            _release(queue._wake)
+
+
+def _release(lock: Any) -> None:
+    """Release the writer's wake-up; released already: a wake-up is pending, and the writer
+    takes the lines that are there when its wait ends."""
+    if lock.locked():  # (an exception raised here costs a traceback object: tens of µs)
+        try:  # noqa: SIM105 - compiled, try is native; contextlib.suppress a Python object
+            lock.release()
+        except RuntimeError:  # close() released it meanwhile
+            pass
+
+
+def run_writer(queue: _Deferring) -> None:
+    """The writer thread of a deferring sink (:class:`mbsec.audit._Deferring`): woken when the
+    pending list stops being empty, it lets lines gather for ``INTERVAL`` and writes them with
+    one write; ``close`` ends either wait at once. Compiled, with C locks for the waits: the
+    thread holds the GIL, which the data-plane thread then waits for, as briefly as it can."""
+    wake: Any = queue._wake
+    stop: Any = queue._stop
+    while True:
+        wake.acquire()  # taken back: a line that finds the list empty releases it again
+        if queue._closing:
+            return  # close() writes what is left
+        # the lines of the next few ms join this write
+        if stop.acquire(True, queue.INTERVAL) or queue._closing:
+            return
+        flush_reporting(queue)
+
+
+def flush_reporting(queue: _Deferring) -> None:
+    """Write the pending lines now (the writer's batch, or the caller's when the list is
+    full), reporting how it went through ``queue.report``; never raises."""
+    lines = queue._take()
+    if not lines:
+        return
+    report = queue.report
+    try:
+        lines.append("")
+        queue._write_out("\n".join(lines))
+    except Exception as exc:
+        if report is not None:
+            report(0, exc, len(lines) - 1)
+    else:
+        if report is not None:
+            report(len(lines) - 1, None, 0)
 
 
 def event_writer(log: Any, level: str) -> EventWriter | None:

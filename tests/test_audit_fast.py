@@ -23,7 +23,7 @@ from mbsec import audit, audit_fast, events
 from mbsec.audit import FileSink, ListSink, SinkLogger, StreamSink, make_logger
 from mbsec.identity import PeerIdentity
 from mbsec.modbus.access import Access, Table
-from mbsec.settings import LoggingSettings
+from mbsec.settings import LoggingSettings, SinkSettings
 
 STAMP = re.compile(r'"@timestamp":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z)"')
 
@@ -270,6 +270,26 @@ def test_fast_stamp_writes_what_utc_stamp_does_for_any_clock_reading(
     for ns in readings:
         with unittest.mock.patch.object(audit_fast.time, "time_ns", return_value=ns):
             assert audit_fast.fast_stamp() == reference_stamp(ns)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 4102444800 * 10**9),
+                          st.integers(0, 4102444800).map(lambda s: s * 10**9)),
+                min_size=1, max_size=4))
+def test_the_allowed_line_carries_fast_stamps_text(readings: list[int]) -> None:
+    """EventWriter.allowed joins the stamp's parts into its line itself: the line's
+    ``@timestamp`` is utc_stamp's text for the clock reading (with and without
+    microseconds), and the rest of the line is unchanged."""
+    sink = ListSink()
+    log = make_logger(LoggingSettings(stdout=False), extra_sinks=[sink])
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    for ns in readings:
+        with unittest.mock.patch.object(audit_fast.time, "time_ns", return_value=ns):
+            in_fresh_context(writer.allowed, 7, 1, 3, READ, 0.001, "r", "allow", "plc")
+        line = sink.lines[-1]
+        assert json.loads(line)["@timestamp"] == reference_stamp(ns)
+        assert STAMP.findall(line) == [reference_stamp(ns)]
 
 
 def test_fast_stamp_reads_utc_stamps_clock() -> None:
@@ -559,6 +579,32 @@ def test_a_batch_a_sink_refuses_raises_the_alarm_for_each_line() -> None:
     assert not inner.healthy and inner.failures == 3 and not inner.pending
     assert alarm.getvalue().count("log-sink-failed") == 1
     inner.close()
+
+
+def test_a_named_json_file_sink_takes_the_data_planes_batches(tmp_path: Path) -> None:
+    """A ``[[logging.sinks]]`` json file sink (wrapped in its name) defers like the main file
+    sink, so the pass's lines are batched to it too: it must take them (it used to lack the
+    batch hand-over, and every pass's lines were lost to a sink-failure alarm)."""
+    import io
+
+    path = tmp_path / "named.log"
+    log = make_logger(LoggingSettings(stdout=False, sinks=[
+        SinkSettings(type="file", path=path, name="siem")]))
+    inner = log._logger  # type: ignore[attr-defined]
+    assert isinstance(inner, SinkLogger) and inner.batches("info")
+    inner._alarm = io.StringIO()
+    writer = audit_fast.event_writer(log, "info")
+    assert writer is not None
+    inner.defer_writes = True
+    inner.batch_thread = threading.get_ident()
+    for tid in (1, 2):
+        writer.allowed(tid, 1, 3, READ, 0.001, "r", "allow", "plc")
+    assert len(inner.batch) == 2
+    inner.emit_batch()
+    inner.flush_deferred(wait=True)
+    assert allowed_tids(path) == [1, 2]
+    assert inner.healthy and inner.failures == 0 and inner._alarm.getvalue() == ""
+    audit.close_logger(log)
 
 
 def test_lines_are_batched_only_where_every_sink_defers() -> None:
