@@ -48,6 +48,12 @@ handshake (mbsec's context against the options haproxy and stunnel use). ``--per
 (repeatable) runs one more measurement of that target under ``perf record`` and prints its
 CPU per handshake split by shared object.
 
+``--established N`` also runs N established clients (mbload N x depth 1, FC03 to mbplc) against
+each target, alone and then during its s_time run, and reports the share of their rate kept,
+their p50 / p99 / worst latency and the handshakes made meanwhile: what a flood of full
+handshakes costs the clients already in (issue 10: a fault costs only whoever caused it;
+docs/reliability.md).
+
 ``--server-chain root`` gives every server the same chain, leaf and root (R-46; mbsec from a
 chain file as ``mbsec-pki`` writes them): with the kit's files haproxy sends the leaf alone, and
 the root costs each client 0.1-0.2 ms of CPU per handshake (benchmarks/README.md, "the clients'
@@ -67,6 +73,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,6 +88,7 @@ from bench_proxy import (  # the sibling script holds the stack code
     data_plane_compiled,
     ensure_packages,
     free_port,
+    mbload,
     run,
     say,
     wait_listening,
@@ -262,6 +270,61 @@ class Run:
     @property
     def cpu_ms(self) -> float:
         return 1000 * self.proxy_cpu_s / self.handshakes if self.handshakes else float("nan")
+
+
+@dataclass
+class Established:
+    """``--established``: the clients already in, alone and during one s_time run."""
+
+    target: str
+    rep: int
+    alone: dict[str, Any]
+    during: dict[str, Any]
+    handshakes: int
+
+
+def with_established(stack: Stack, ports: dict[str, int], target: str, rep: int,
+                     args: argparse.Namespace) -> tuple[Run, Established]:
+    """mbload (``--established`` connections x depth 1, FC03) alone for ``--duration``, then
+    again while ``--clients`` s_time processes make full handshakes against the same target:
+    what a handshake flood (a reconnect storm, or peers with certificates reconnecting as
+    fast as they can) costs the clients already in."""
+    point = f"{args.established}x1"
+    alone = mbload(stack, ports, target, point, rep, args.duration)
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        time.sleep(0.5)  # the flood first
+        box["r"] = mbload(stack, ports, target, point, rep, max(1.0, args.duration - 1.0))
+
+    t = threading.Thread(target=load)
+    t.start()
+    r = s_time(stack, ports[target], target, rep, args.clients, args.duration)
+    t.join()
+    during = box["r"].data
+    say(f"rep {rep} {target:<14} established {point}: {alone.data['rps']:,.0f} -> "
+        f"{during['rps']:,.0f} rps, p99 {alone.data['p99_us']:,.0f} -> {during['p99_us']:,.0f} us,"
+        f" max {during['max_us']:,.0f} us during {r.handshakes} handshakes")
+    return r, Established(target, rep, alone.data, during, r.handshakes)
+
+
+def established_report(rows: list[Established], targets: list[str]) -> str:
+    lines = ["", "established clients alone -> during the handshake flood (every repetition):",
+             f"  {'rep':>3} {'target':<14} {'rps alone':>9} {'rps during':>10} {'kept':>5} "
+             f"{'p50 us':>13} {'p99 us':>15} {'max us':>8} {'handshakes':>10}"]
+    for e in rows:
+        a, d = e.alone, e.during
+        lines.append(
+            f"  {e.rep:>3} {e.target:<14} {a['rps']:9,.0f} {d['rps']:10,.0f} "
+            f"{d['rps'] / a['rps']:5.2f} {a['p50_us']:6,.0f}->{d['p50_us']:6,.0f} "
+            f"{a['p99_us']:7,.0f}->{d['p99_us']:7,.0f} {d['max_us']:8,.0f} {e.handshakes:10d}")
+    lines.append("  median share of the established rps kept during the flood:")
+    for t in targets:
+        kept = [e.during["rps"] / e.alone["rps"] for e in rows if e.target == t]
+        if kept:
+            lines.append(f"    {t:<14} {statistics.median(kept):.2f} "
+                         f"({', '.join(f'{k:.2f}' for k in kept)})")
+    return "\n".join(lines)
 
 
 def s_time(stack: Stack, port: int, target: str, rep: int, clients: int,
@@ -646,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
                    "spike-c and spike-c2 (benchmarks/spike_epoll_handshake.py)")
     p.add_argument("--spike-build", type=Path,
                    help="a directory holding the mypyc-compiled spike_epoll_handshake module")
+    p.add_argument("--established", type=int, default=0, metavar="N",
+                   help="also run N established clients (mbload N x depth 1, FC03) alone and "
+                   "during each s_time run, and report what the flood cost them")
     p.add_argument("--perf", action="append", default=[], metavar="TARGET",
                    help="after the repetitions, one more run of TARGET under perf record, "
                    "its CPU per handshake by shared object; repeatable")
@@ -692,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.duration:g} s per run, {args.reps} repetitions, keys: {args.keyalg}, "
           f"server chain: {args.server_chain}")
     runs: list[Run] = []
+    established: list[Established] = []
     compiled: dict[str, Any] = {}
     perf_lines: list[str] = []
     with handshake_stack(args, work, {t: all_mbsec[t] for t in targets if t in all_mbsec},
@@ -699,8 +766,13 @@ def main(argv: list[str] | None = None) -> int:
         compiled = dict(stack.compiled)
         for rep in range(1, args.reps + 1):
             for target in targets if rep % 2 else targets[::-1]:
-                runs.append(s_time(stack, ports[target], target, rep, args.clients,
-                                   args.duration))
+                if args.established and target in (*PEERS, *all_mbsec):
+                    r, e = with_established(stack, ports, target, rep, args)
+                    runs.append(r)
+                    established.append(e)
+                else:
+                    runs.append(s_time(stack, ports[target], target, rep, args.clients,
+                                       args.duration))
                 for name, proc in stack.procs.items():
                     if proc.poll() is not None:
                         raise SystemExit(f"{name} exited during the run (see {work})")
@@ -709,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                                          args.duration))
     print(f"mbsec data plane compiled: {compiled}")
     print(report(runs, targets, args.reps))
+    if established:
+        print(established_report(established, targets))
     if perf_lines:
         print("\nCPU per handshake by shared object (one more run each, under perf record):")
         print("\n".join(perf_lines))
