@@ -152,8 +152,9 @@ class _Deferring:
             self._writer = threading.Thread(
                 target=self._run_writer, name="mbsec-log-writer", daemon=True)
             self._writer.start()
-        with contextlib.suppress(RuntimeError):
-            self._wake.release()
+        from mbsec import audit_fast  # it imports this module
+
+        audit_fast._release(self._wake)
 
     def _run_writer(self) -> None:
         from mbsec import audit_fast
@@ -185,9 +186,10 @@ class _Deferring:
     def _stop_writer(self) -> None:
         self._closing = True
         writer = self._writer
+        from mbsec import audit_fast  # it imports this module
+
         for lock in (self._stop, self._wake):  # ends either wait of the writer at once
-            with contextlib.suppress(RuntimeError):  # released already (a second close)
-                lock.release()
+            audit_fast._release(lock)  # released already (a second close): nothing to do
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout=5.0)
 
