@@ -30,7 +30,8 @@ from setuptools import setup
 CORE = [*(f"mbsec/path/{name}.py" for name in
           ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
            "epoll", "plc", "decide")),
-        "mbsec/modbus/mbap.py", "mbsec/modbus/pdu.py", "mbsec/policy/ratelimit.py",
+        "mbsec/modbus/mbap.py", "mbsec/modbus/pdu.py", "mbsec/modbus/access.py",
+        "mbsec/policy/engine.py", "mbsec/policy/ratelimit.py",
         "mbsec/audit_fast.py", "mbsec/nodestate.py", "mbsec/metrics_core.py"]
 
 ext_modules = []

@@ -9,30 +9,29 @@ therefore the policy's roles plus two, whatever certificates arrive.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
 NO_ROLE = "none"
 OTHER_ROLE = "other"
 
-_KNOWN: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
-
 
 def policy_roles(policy: Any) -> frozenset[str]:
-    """Every role a policy names (cached per policy object)."""
-    known = _KNOWN.get(policy)
-    if known is None:
-        names: set[str] = set()
-        for rule in getattr(policy, "rules", ()):
-            names |= rule.roles or frozenset()
-        for ident in getattr(policy, "identities", ()):
-            names |= ident.roles
-        for role, _limit in getattr(policy, "role_limits", ()):
-            names.add(role)
-        names.discard("*")
-        known = _KNOWN[policy] = frozenset(names)
-    return known
+    """Every role a policy names (cached on the policy: :meth:`Policy.named_roles`)."""
+    return policy.named_roles()  # type: ignore[no-any-return]
+
+
+def named_roles(policy: Any) -> frozenset[str]:
+    """Every role named by ``policy``'s rules, ``identities:`` entries and ``limits.roles``."""
+    names: set[str] = set()
+    for rule in getattr(policy, "rules", ()):
+        names |= rule.roles or frozenset()
+    for ident in getattr(policy, "identities", ()):
+        names |= ident.roles
+    for role, _limit in getattr(policy, "role_limits", ()):
+        names.add(role)
+    names.discard("*")
+    return frozenset(names)
 
 
 def role_labels(policy: Any, roles: Iterable[str]) -> tuple[str, ...]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from mypy_extensions import mypyc_attr
 
 from mbsec.identity import PeerIdentity
 from mbsec.modbus.access import Access
@@ -236,7 +238,7 @@ class Principal:
     roles: frozenset[str]
     source_ip: str
     identity: PeerIdentity | None
-    _policy: object = field(repr=False, compare=False)
+    _policy: Any = field(repr=False, compare=False)
     _plan: Mapping[int, tuple[Rule, ...]] = field(repr=False, compare=False)
 
     @property
@@ -253,6 +255,7 @@ def parse_source(source_ip: str) -> IPAddress:
     return addr
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it to count evaluations
 @dataclass(eq=False)
 class Policy:
     """A validated, compiled policy file. Build it with :func:`mbsec.policy.load_policy`."""
@@ -276,8 +279,11 @@ class Policy:
     _principals: dict[tuple[str | None, str], Principal] = field(
         default_factory=dict, init=False, repr=False
     )
+    #: set in __post_init__ (a compiled dataclass leaves a plain default unset when init=False)
+    _named_roles: frozenset[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._named_roles = None
         buckets: dict[int, list[Rule]] = {}
         for r in self.rules:
             for code in r.functions:
@@ -295,6 +301,16 @@ class Policy:
                                              REASON_DEFAULT, target, None)
 
     # -- who ------------------------------------------------------------------------------
+    def named_roles(self) -> frozenset[str]:
+        """Every role this policy names (mbsec.role_labels: the bounded ``role`` label);
+        kept on the policy, which never changes once built."""
+        found = self._named_roles
+        if found is None:
+            from mbsec.role_labels import named_roles
+
+            found = self._named_roles = named_roles(self)
+        return found
+
     def roles_for(self, identity: PeerIdentity | None) -> frozenset[str]:
         """The certificate's role (if any) plus every role an ``identities`` entry grants."""
         if identity is None:

@@ -12,6 +12,7 @@ upstream failures, the per-connection decision cache; new: ``logging.on_sink_fai
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import struct
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ from mbsec.modbus.mbap import Adu
 from mbsec.modbus.pdu import parse_request, parse_response
 from mbsec.path.decide import Decisions, Forward, ProxyState
 from mbsec.path.plc import PathUnavailable, TargetNoResponse, UpstreamReply
-from mbsec.policy import RateLimiter, load_policy_text
+from mbsec.policy import Policy, RateLimiter, load_policy_text
 from path.core_helpers import RecordingLog, RecordingMetrics
 
 FINGERPRINT = "ab" * 32
@@ -263,26 +264,28 @@ def test_the_plcs_own_exception_is_passed_on_and_logged() -> None:
 # -- the decision cache and reloads --------------------------------------------------------------
 
 
-class CountingPolicy:
-    """Delegates to a real policy and counts ``evaluate`` calls."""
+class CountingPolicy(Policy):
+    """A real policy that counts its ``evaluate`` calls."""
 
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-        self.evaluated: list[tuple[int, int]] = []  # (unit, function code)
-
-    def principal(self, ident: Any, source_ip: str) -> Any:
-        return self.policy.principal(ident, source_ip)
+    evaluated: list[tuple[int, int]]  # (unit, function code)
 
     def evaluate(self, principal: Any, unit_id: int, access: Any) -> Any:
         self.evaluated.append((unit_id, access.function_code))
-        return self.policy.evaluate(principal, unit_id, access)
+        return super().evaluate(principal, unit_id, access)
+
+
+def counting(policy: Policy) -> CountingPolicy:
+    counted = CountingPolicy(**{f.name: getattr(policy, f.name)
+                                for f in dataclasses.fields(policy) if f.init})
+    counted.evaluated = []
+    return counted
 
 
 def test_repeated_reads_are_decided_once_per_policy_and_every_denial_is_logged() -> None:
     """A polled read is decided once per policy generation; writes are always decided; a
     denial is still answered and logged every time; a reload decides afresh."""
     base = load_policy_text(TEST_POLICY)
-    first = CountingPolicy(base)
+    first = counting(base)
     c = Conn("operator")
     c.current = state(first, limiter=RateLimiter(base))
     for tid in (1, 2, 3):
@@ -293,8 +296,8 @@ def test_repeated_reads_are_decided_once_per_policy_and_every_denial_is_logged()
         assert c.decide(write(7, 9), tid=tid)[1] == bytes([0x86, 0x01])
     assert first.evaluated == [(1, 3), (2, 3), (1, 6), (1, 6)]
     # a reload (new generation) to a policy that denies everything: decided afresh
-    deny_all = CountingPolicy(load_policy_text("version: 1\ndefault: deny\nrules: []\n"))
-    c.current = state(deny_all, generation=1, limiter=RateLimiter(deny_all.policy))
+    deny_all = counting(load_policy_text("version: 1\ndefault: deny\nrules: []\n"))
+    c.current = state(deny_all, generation=1, limiter=RateLimiter(deny_all))
     for tid in (7, 8):
         assert c.decide(read(7, 2), tid=tid)[1] == bytes([0x83, 0x01])
     assert deny_all.evaluated == [(1, 3)]
