@@ -53,6 +53,7 @@ from mbsec.freeze import WriteFreeze
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics, gauge_setter, incrementer
 from mbsec.metrics_http import scrape_proxy, serve_metrics
 from mbsec.nodestate import FreezeView, NodeState, SharedRateLimiter
+from mbsec.path.decide import StateCell
 from mbsec.path.epoll import DataPlane
 from mbsec.path.epoll import compiled as reactor_compiled
 from mbsec.path.plc import check_targets
@@ -272,7 +273,7 @@ class Proxy:
         self.expiry = tls_expiry(settings.tls, self.state.tls)
         #: what requests are decided by; ``state`` (handshakes, CRLs) switches at once on a
         #: reload, this one together with the data plane's routes
-        self.decision_state = self.state
+        self._decision_cell = StateCell(self.state)
         #: set when the proxy stopped because of an internal failure (exit status 1)
         self.failed = False
         #: the request path (mbsec.path): its core, driven by one epoll thread
@@ -425,7 +426,7 @@ class Proxy:
         # decisions and routes switch in one step of the data-plane thread: a request is
         # never decided by the new policy and routed by the old unit map (or the reverse)
         applied = self.data_plane.replace_targets_threadsafe(
-            targets, then=lambda: setattr(self, "decision_state", state))
+            targets, then=lambda: setattr(self._decision_cell, "current", state))
         # wait (briefly: one loop pass) so that a request sent after reload() returns, or
         # after the success event, is decided by the new policy
         # (a wedged loop, a bug that stops the proxy anyway, must not hang the reload)
@@ -518,6 +519,12 @@ class Proxy:
     def request_shutdown(self) -> None:
         """SIGTERM: stop accepting, drain, return from :meth:`serve`."""
         self._shutdown.set()
+
+    @property
+    def decision_state(self) -> ProxyState:
+        """What requests are decided by: ``state`` (handshakes, CRLs) switches at once on a
+        reload, this one together with the data plane's routes."""
+        return self._decision_cell.current
 
     def healthy(self) -> bool:
         return self._ready and not self._shutdown.is_set() and self.data_plane_answers
@@ -782,7 +789,7 @@ class Proxy:
         session = Session(
             stream,
             state=lambda: self.state,
-            decision_state=lambda: self.decision_state,
+            decision_state=self._decision_cell,
             sink=getattr(self.log, "_logger", None),
             on_sink_failure=self.settings.logging.on_sink_failure,
             limits=limits,

@@ -25,7 +25,7 @@ from structlog.typing import FilteringBoundLogger
 from mbsec import events, trio_private
 from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
 from mbsec.metrics import MetricsLike, NullMetrics, incrementer, lazy_observer
-from mbsec.path.decide import Decisions, Forward, ProxyState
+from mbsec.path.decide import Decisions, Forward, ProxyState, StateCell
 from mbsec.settings import LimitsSettings
 from mbsec.sockready import readable_now
 from mbsec.tls import handshake_failure_reason
@@ -176,7 +176,7 @@ class Session:
         identity_slots: IdentitySlots | None = None,
         allowed_requests: str = "debug",
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-        decision_state: Callable[[], ProxyState] | None = None,
+        decision_state: Callable[[], ProxyState] | StateCell | None = None,
         sink: Any = None,
         on_sink_failure: str = "refuse_writes",
         edge: EdgeHooks | None = None,
@@ -200,7 +200,7 @@ class Session:
         self._evicted = False
         self._state_fn = state  # handshake, CRL re-check, first principal
         #: requests: the proxy switches it together with the routes (default: ``state``)
-        self._decision_state_fn = decision_state or state
+        self._decision_state_fn = decision_state if decision_state is not None else state
         self._limits = limits
         self._log = log
         self._metrics: MetricsLike = metrics or NullMetrics()

@@ -71,6 +71,19 @@ class ProxyState:
 
 
 @final
+class StateCell:
+    """The state requests are decided by, swapped in place by the proxy on a reload
+    (:meth:`mbsec.server.Proxy.reload`). The data plane reads ``current`` once per request:
+    a native attribute read, where a ``lambda: proxy.decision_state`` was a Python frame per
+    request (issue 14)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: ProxyState) -> None:
+        self.current = current
+
+
+@final
 class Forward:
     """An allowed request on its way to the PLC: what :meth:`Decisions.complete` needs after.
 
@@ -112,7 +125,7 @@ class Decisions:
     def __init__(
         self,
         *,
-        state: Callable[[], ProxyState],
+        state: Callable[[], ProxyState] | StateCell,
         identity: PeerIdentity,
         peer_ip: str,
         log: Any,
@@ -121,7 +134,10 @@ class Decisions:
         sink: Any = None,
         on_sink_failure: str = "refuse_writes",
     ) -> None:
-        self.state_fn = state
+        #: the proxy's cell (read per request), or a function for tests and library use
+        self.state_cell: StateCell | None = state if isinstance(state, StateCell) else None
+        self.state_fn: Callable[[], ProxyState] | None = (
+            None if isinstance(state, StateCell) else state)
         self.identity = identity
         self.peer_ip = peer_ip
         self.blame_key = identity.fingerprint_sha256
@@ -186,7 +202,13 @@ class Decisions:
         self.requests += 1
         pdu = adu.pdu
         fc = pdu[0] if pdu else 0
-        state = self.state_fn()
+        cell = self.state_cell
+        if cell is not None:
+            state = cell.current
+        else:
+            fn = self.state_fn
+            assert fn is not None
+            state = fn()
         if state.generation != self._principal_generation:
             self._rebind_principal(state)  # a reload: roles come from the new policy's mapping
         key = (adu.unit_id, pdu)

@@ -54,6 +54,13 @@ class LinkPool:
 
     def __init__(self, target: UpstreamTarget, outbox: Outbox, log: Any) -> None:
         self.target = target
+        # what every request reads, copied from the (interpreted, frozen) settings once: a
+        # native attribute each, where ``self.target.depth`` was a generic lookup (issue 14)
+        self.name = target.name
+        self.depth = target.depth
+        self.request_timeout = target.request_timeout
+        self.backoff_initial = target.backoff_initial
+        self.unit_rewrite: dict[int, int] = dict(target.unit_rewrite)
         self.outbox = outbox
         self.timers = outbox.timers
         self.metrics = outbox.metrics
@@ -84,7 +91,7 @@ class LinkPool:
 
     def _open_links(self, now: float, wanted: int) -> None:
         """Connect idle links until those connecting can take ``wanted`` requests."""
-        depth = self.target.depth
+        depth = self.depth
         connecting = sum(1 for link in self.links if link.state == CONNECTING)
         for link in self.links:
             if connecting * depth >= wanted:

@@ -48,7 +48,8 @@ class Target(LinkPool):
     def submit(self, ex: Exchange, now: float) -> None:
         t = self.target
         unit = ex.adu.unit_id
-        ex.plc_unit = t.unit_rewrite.get(unit, unit) if t.unit_rewrite else unit
+        rewrite = self.unit_rewrite
+        ex.plc_unit = rewrite.get(unit, unit) if rewrite else unit
         until = self.breaker.refused_until(ex.client.blame_key, now)
         if until is not None:
             self._fail(ex, PathUnavailable(
@@ -65,7 +66,7 @@ class Target(LinkPool):
             if link is not None:
                 self._send(link, ex, now)
                 return
-        ex.deadline = now + t.request_timeout
+        ex.deadline = now + self.request_timeout
         self.wait.push(ex)
         if self.wait_timer is None:
             self.wait_timer = self.timers.at(ex.deadline, self._wait_expired)
@@ -74,7 +75,7 @@ class Target(LinkPool):
     def place(self, client: Any, now: float) -> Link | None:
         """The link for ``client``'s next request, or None when it must wait: the link its
         earlier requests are on, else an open link with a free slot, nothing overdue first."""
-        depth = self.target.depth
+        depth = self.depth
         pin = self.pins.get(client)
         if pin is not None:
             link: Link = pin[0]
@@ -145,7 +146,7 @@ class Target(LinkPool):
             pin[1] += 1
         ex.pinned = True
         if link.sweep_timer is None:
-            link.sweep_timer = self.timers.at(now + self.target.request_timeout,
+            link.sweep_timer = self.timers.at(now + self.request_timeout,
                                               partial(self._sweep, link))
         self.outbox.dirty.append(link)
 
@@ -234,8 +235,11 @@ class Target(LinkPool):
 
     def _dispatch(self, link: Link, adu: Adu, now: float) -> None:
         tid = adu.transaction_id
-        ex = link.pending.pop(tid, None)
-        if ex is None:
+        pending = link.pending
+        ex = pending.get(tid)  # get and del: compiled primitives, where pop(k, None) is a call
+        if ex is not None:
+            del pending[tid]
+        else:
             late = link.overdue.pop(tid, None)
             if late is not None:
                 self._unpin(late)
@@ -246,13 +250,13 @@ class Target(LinkPool):
             return
         self._unpin(ex)
         try:
-            reply = check_reply(adu, ex.plc_unit, ex.fwd.request, self.target.name)
+            reply = check_reply(adu, ex.plc_unit, ex.fwd.request, self.name)
         except ReplyProblem as problem:
             self._fail(ex, reset_error(self.target.name, "upstream_reset", problem.detail))
             self._reset(link, problem.reason, problem.message, now, ex.client.blame_key,
                         failed_too=1)
             return
-        self.backoff = self.target.backoff_initial  # a PLC that answers properly is healthy
+        self.backoff = self.backoff_initial  # a PLC that answers properly is healthy
         if self.resets:
             self.resets.clear()
         strikes = self.breaker.strikes
