@@ -8,7 +8,6 @@ frames gets a ``buffer_overflow`` error instead of unbounded memory growth.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import FrozenInstanceError
 from typing import ClassVar, Final, final
 
@@ -25,8 +24,6 @@ MAX_PDU: Final = 253
 #: data accepted by :meth:`FrameBuffer.receive_data` but not yet pulled by ``next_frame``
 DEFAULT_MAX_PENDING: Final = 64 * 1024
 
-_HEADER: Final = struct.Struct(">HHHB")
-_pack_header: Final = _HEADER.pack
 
 
 @final
@@ -165,16 +162,21 @@ class FrameBuffer:
 
 
 def encode_adu(transaction_id: int, unit_id: int, pdu: bytes) -> bytes:
-    """Prefix ``pdu`` with its MBAP header; raises ``LocalProtocolError`` on bad fields."""
+    """Prefix ``pdu`` with its MBAP header; raises ``LocalProtocolError`` on bad fields.
+
+    The header is one ``int.to_bytes(7, "big")``, which mypyc compiles to a native call,
+    where ``struct.pack`` was a generic call with its format parsed per request (issue 14);
+    the fields are range-checked first, as ``struct`` did (tests/unit/test_mbap.py checks the
+    bytes against ``struct.pack`` for any fields)."""
     n = len(pdu)
     if n < 1 or n > MAX_PDU:
         raise LocalProtocolError(
             f"PDU length {n} outside 1..{MAX_PDU}", reason="bad_pdu_length"
         )
-    try:
-        return _pack_header(transaction_id, 0, n + 1, unit_id) + pdu
-    except struct.error:
+    if not (0 <= transaction_id <= 0xFFFF and 0 <= unit_id <= 0xFF):
         raise LocalProtocolError(
             f"transaction id {transaction_id!r} or unit id {unit_id!r} out of range",
             reason="bad_header_field",
-        ) from None
+        )
+    # transaction id, protocol id 0, length (unit id + PDU), unit id: 2 + 2 + 2 + 1 bytes
+    return ((transaction_id << 40) | ((n + 1) << 8) | unit_id).to_bytes(7, "big") + pdu

@@ -258,3 +258,25 @@ def test_header_fields_are_read_as_the_mbap_layout_says(
         return
     assert adu == Adu(tid, unit, data[7 : 6 + length])
     assert fb.buffered == len(data) - (6 + length)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.integers(0, 0xFFFF), st.integers(-(2**70), 2**70)),
+       st.one_of(st.integers(0, 0xFF), st.integers(-(2**40), 2**40)),
+       st.binary(min_size=0, max_size=256))
+def test_the_encoded_header_is_the_mbap_layout(tid: int, unit: int, pdu: bytes) -> None:
+    """Any fields: ``encode_adu`` writes what ``struct`` packs as the big-endian MBAP header
+    (transaction id, protocol id 0, length of unit id and PDU, unit id), or refuses exactly
+    what ``struct`` cannot pack and the PDU lengths Modbus does not allow (the encoder builds
+    the header with ``int.to_bytes``, not ``struct``)."""
+    try:
+        expected = struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
+    except struct.error:
+        expected = None
+    if expected is None or not 1 <= len(pdu) <= 253:
+        with pytest.raises(LocalProtocolError) as info:
+            encode_adu(tid, unit, pdu)
+        assert info.value.reason == ("bad_pdu_length" if not 1 <= len(pdu) <= 253
+                                     else "bad_header_field")
+        return
+    assert encode_adu(tid, unit, pdu) == expected
