@@ -512,14 +512,22 @@ class Session:
                 token.run_sync_soon(done.set)
 
         def make(plane: DataPlane, now: float) -> ClientIO:  # runs in the data-plane thread
-            conn = ClientConn(decisions, plane.router, max_pipelined=limits.max_pipelined,
-                              idle_timeout=limits.idle_timeout,
-                              request_complete_timeout=limits.request_complete_timeout,
-                              now=now)
-            self._conn = conn
-            if self._stop:  # drained or revoked before the plane got it
-                conn.stop_reading(self.close_reason)
-            return ClientIO(plane, conn, fd, obj, incoming, outgoing, delayed, finished)
+            try:
+                conn = ClientConn(decisions, plane.router, max_pipelined=limits.max_pipelined,
+                                  idle_timeout=limits.idle_timeout,
+                                  request_complete_timeout=limits.request_complete_timeout,
+                                  now=now)
+                self._conn = conn
+                if self._stop:  # drained or revoked before the plane got it
+                    conn.stop_reading(self.close_reason)
+                return ClientIO(plane, conn, fd, obj, incoming, outgoing, delayed, finished)
+            except BaseException:
+                # a bug: the plane never got the connection, so it never hands it back; the
+                # session ends it here (the plane logs the error), or it would wait forever
+                self._conn = None
+                self.note_close_reason("internal_error")
+                finished(True)
+                raise
 
         self._plane.adopt_threadsafe(make)
         try:

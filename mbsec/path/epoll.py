@@ -220,8 +220,19 @@ class DataPlane:
         self.outbox.on_link = lambda name, up: freeze.link_event(name, up, self.now)
 
     def adopt_threadsafe(self, make: Callable[[DataPlane, float], ClientIO]) -> None:
-        """Hand a connection to the loop: ``make`` builds its :class:`ClientIO` in the loop."""
-        self.call_threadsafe(lambda: make(self, time.monotonic()).start())
+        """Hand a connection to the loop: ``make`` builds its :class:`ClientIO` in the loop.
+
+        A bug while it starts (it serves at once what the client sent with its last
+        handshake flight) closes that connection, as a bug in one of its later events does
+        (:meth:`contain`): the call itself names no connection to close."""
+        def adopt() -> None:
+            io = make(self, time.monotonic())
+            try:
+                io.start()
+            except Exception as exc:
+                self.contain(None, exc, io)
+
+        self.call_threadsafe(adopt)
 
     # -- loop -------------------------------------------------------------------------------
 

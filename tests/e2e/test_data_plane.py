@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -1215,6 +1216,102 @@ async def test_a_bug_while_handling_a_request_closes_that_connection_only(
     assert closed["event.reason"] == "internal_error"
     async with closing(await TlsClient.connect(h.port, pki.client_ctx(pki.operator))) as other:
         assert await other.request(3, 1, read_hr(6, 1)) == (3, 1, fc03_reply(6, 1))
+
+
+def _tls13_handshake_then_request_in_one_write(port: int, ctx: ssl.SSLContext,
+                                               adu: bytes) -> socket.socket:
+    """A TLS 1.3 client over memory BIOs that sends its last handshake flight and a request
+    in one TCP write: the proxy's handshake ends with the request already read, so the data
+    plane serves it as it takes the connection over (``ClientIO.start``), not on a later
+    socket event."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the proxy closed during the handshake") from None
+            incoming.write(data)
+    assert obj.version() == "TLSv1.3"
+    obj.write(adu)
+    sock.sendall(outgoing.read())  # the client's Finished, then the request
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True when the peer closes ``sock`` (EOF or reset) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except (TimeoutError, socket.timeout):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+async def test_a_bug_while_the_data_plane_takes_a_connection_over_closes_that_connection(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request that came with the client's last handshake flight is served as the data
+    plane takes the connection over; a bug there closes that connection (internal_error),
+    as a bug on any later event does, instead of leaving it open with nobody serving it."""
+    from mbsec.path import client
+
+    class BuggyConn(client.ClientConn):
+        def receive(self, data: bytes, now: float) -> Any:
+            raise RuntimeError("a bug in receive")
+
+    monkeypatch.setattr(client, "ClientConn", BuggyConn)
+    plc = await counting(nursery)
+    h = await start_proxy(plc.port)
+    ctx = pki.client_ctx(pki.operator)
+    sock = await trio.to_thread.run_sync(
+        _tls13_handshake_then_request_in_one_write, h.port, ctx,
+        encode_adu(1, 1, read_hr(5, 1)))
+    with sock:
+        assert await trio.to_thread.run_sync(_closed_within, sock, 5.0)
+    ev = await h.wait_event("data-plane-error")
+    assert ev["error.type"] == "RuntimeError" and "receive" in ev["error.message"]
+    closed = await h.wait_event("connection-closed")
+    assert closed["event.reason"] == "internal_error"
+
+
+async def test_a_connection_the_data_plane_could_not_take_over_is_closed_and_freed(
+    pki: Pki, start_proxy: StartProxy, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug while the data plane builds a connection's state: the session, which the plane
+    will never hand the connection back to, closes it (internal_error) and frees its place,
+    so the identity's connection limit is not used up by connections nobody serves."""
+    from mbsec.path import client
+
+    class BrokenConn(client.ClientConn):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            raise RuntimeError("a bug in ClientConn")
+
+    monkeypatch.setattr(client, "ClientConn", BrokenConn)
+    plc = await counting(nursery)
+    h = await start_proxy(plc.port, limits={"max_per_identity": 1})
+    for n in range(1, 4):  # with its place not freed, the second one would be refused
+        c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
+        with trio.fail_after(5):
+            assert await c.closed_by_peer()
+        with trio.fail_after(5):
+            while len([e for e in h.events("connection-closed")
+                       if e.get("event.reason") == "internal_error"]) < n:
+                await trio.sleep(0.01)
+    assert not [e for e in h.events("tls-handshake") if e.get("event.outcome") != "success"]
+    errors = h.events("data-plane-error")
+    assert len(errors) == 3
+    assert all(e["error.type"] == "RuntimeError" and "ClientConn" in e["error.message"]
+               for e in errors)
 
 
 class _PairPlc(LocalTcpServer):
