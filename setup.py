@@ -23,10 +23,12 @@ from setuptools import setup
 #: node-wide limiter in nodestate.py: -25 % per request, benchmarks/README.md "Issue 14:
 #: workers = 2") compiled together, so that
 #: those calls stay native-to-native (decide.py compiled alone did not pay: benchmarks/README.md,
-#: issue 14 rounds 2 and 7). The policy engine, the metrics registry and the logger stay
-#: interpreted, but for audit_fast, the allowed-request line that decide.py renders on the
-#: data-plane thread (and the two lines of each connection the session renders from its
-#: templates), and metrics_core, the counter cell and histogram the path updates per request.
+#: issue 14 rounds 2 and 7), and the policy engine with the Access record it decides on, so
+#: that a request's decision, rate limit and access fields are native attribute reads (round
+#: 11). The policy loader, the metrics registry and the logger stay interpreted, but for
+#: audit_fast, the allowed-request line that decide.py renders on the data-plane thread (and
+#: the two lines of each connection the session renders from its templates), and
+#: metrics_core, the counter cell and histogram the path updates per request.
 CORE = [*(f"mbsec/path/{name}.py" for name in
           ("timers", "exchange", "link", "fair", "pool", "target", "router", "client", "spin",
            "epoll", "plc", "decide")),
