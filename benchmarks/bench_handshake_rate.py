@@ -54,6 +54,15 @@ their p50 / p99 / worst latency and the handshakes made meanwhile: what a flood 
 handshakes costs the clients already in (issue 10: a fault costs only whoever caused it;
 docs/reliability.md).
 
+``--handshake-nice N[,N...]`` adds ``mbsec-niceN``: one process with ``[limits] handshake_nice
+= N`` (the trio thread, which runs the handshakes, N nice steps below the data-plane thread),
+paired with ``mbsec`` (0) per repetition; with ``--established`` it shows what the setting buys
+the established clients and costs the flood. ``--pin SERVERS:CLIENTS`` (CPU lists as taskset
+takes them, e.g. ``0:1``) runs every server (mbplc, stunnel, haproxy, each mbsec and all their
+threads) on the CPUs SERVERS and every client (s_time, mbload) on CLIENTS: a DMZ host whose
+clients are elsewhere, where the flood's own CPU is not taken from the proxy (the benchmark
+process sets its own affinity, which the processes it starts inherit).
+
 ``--server-chain root`` gives every server the same chain, leaf and root (R-46; mbsec from a
 chain file as ``mbsec-pki`` writes them): with the kit's files haproxy sends the leaf alone, and
 the root costs each client 0.1-0.2 ms of CPU per handshake (benchmarks/README.md, "the clients'
@@ -218,6 +227,10 @@ def handshake_stack(args: argparse.Namespace, work: Path, mbsec_targets: dict[st
             cfg = write_mbsec_config(work, ports[name], ports["direct"], 4, 16, workers, name,
                                      "", "off")
             use_chain(args, cfg)
+            if name.startswith("mbsec-nice"):
+                text = cfg.read_text().replace(
+                    "[limits]\n", f"[limits]\nhandshake_nice = {name[len('mbsec-nice'):]}\n")
+                cfg.write_text(text)
             if name.endswith("-crl"):
                 text = cfg.read_text().replace(
                     'client_ca = "certs/ca.crt"\n',
@@ -324,6 +337,21 @@ def established_report(rows: list[Established], targets: list[str]) -> str:
         if kept:
             lines.append(f"    {t:<14} {statistics.median(kept):.2f} "
                          f"({', '.join(f'{k:.2f}' for k in kept)})")
+    base = {e.rep: e for e in rows if e.target == "mbsec"}
+    paired = [t for t in targets if t.startswith("mbsec-nice")]
+    if base and paired:
+        lines.append("  --handshake-nice, paired with mbsec (nice 0) in the same repetition "
+                     "(median; per rep):")
+        for t in paired:
+            mine = [e for e in rows if e.target == t and e.rep in base]
+            for what, key in (("established rps during", "rps"), ("p99 during", "p99_us"),
+                              ("worst during", "max_us"), ("handshakes", "")):
+                ratios = [(e.handshakes / max(base[e.rep].handshakes, 1)) if not key
+                          else e.during[key] / max(base[e.rep].during[key], 1e-9)
+                          for e in mine]
+                if ratios:
+                    lines.append(f"    {t:<14} {what:<24} x{statistics.median(ratios):.2f} "
+                                 f"({', '.join(f'{r:.2f}' for r in ratios)})")
     return "\n".join(lines)
 
 
@@ -680,6 +708,30 @@ def add_compare_targets(p: argparse.ArgumentParser, args: argparse.Namespace,
         all_mbsec[f"mbsec@{name}"] = 1
 
 
+def cpu_list(text: str) -> set[int]:
+    """``0``, ``0,1``, ``0-3``: the CPUs of a taskset-style list."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pinning(stack: Stack, targets: list[str]) -> str:
+    """Where the servers' threads may run, for the report (``--pin``)."""
+    names = ["mbplc", *targets]
+    out = []
+    for name in names:
+        pids = stack.cpu_pids(name) if name != "mbplc" else [stack.pid(name)]
+        cpus = set()
+        for pid in pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    cpus.update(os.sched_getaffinity(int(tid)))
+        out.append(f"{name} {','.join(map(str, sorted(cpus)))}")
+    return "; ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kit", type=Path, default=KIT, help="the bench kit (shared/bench)")
@@ -712,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--established", type=int, default=0, metavar="N",
                    help="also run N established clients (mbload N x depth 1, FC03) alone and "
                    "during each s_time run, and report what the flood cost them")
+    p.add_argument("--handshake-nice", default="", metavar="N[,N...]",
+                   help="also mbsec-niceN: one process with [limits] handshake_nice = N")
+    p.add_argument("--pin", metavar="SERVERS:CLIENTS",
+                   help="CPU lists (taskset style, e.g. 0:1): servers on SERVERS, the s_time "
+                   "and mbload clients on CLIENTS")
     p.add_argument("--perf", action="append", default=[], metavar="TARGET",
                    help="after the repetitions, one more run of TARGET under perf record, "
                    "its CPU per handshake by shared object; repeatable")
@@ -735,6 +792,19 @@ def main(argv: list[str] | None = None) -> int:
     all_mbsec = {"mbsec": 1, "mbsec-workers": args.workers, **({"mbsec-crl": 1} if args.crl
                                                                else {})}
     add_compare_targets(p, args, all_mbsec)
+    for n in (x.strip() for x in args.handshake_nice.split(",") if x.strip()):
+        if not n.isdigit() or not 0 <= int(n) <= 19:
+            p.error(f"--handshake-nice {n}: want 0..19")
+        all_mbsec[f"mbsec-nice{int(n)}"] = 1
+    pin: tuple[set[int], set[int]] | None = None
+    if args.pin:
+        servers, sep, clients = args.pin.partition(":")
+        try:
+            pin = (cpu_list(servers), cpu_list(clients)) if sep else None
+        except ValueError:
+            pin = None
+        if pin is None or not pin[0] or not pin[1]:
+            p.error(f"--pin {args.pin}: want SERVERS:CLIENTS, e.g. 0:1")
     spikes = ([n for n, (_procs, comp) in SPIKE_TARGETS.items()
                if not comp or args.spike_build is not None] if args.spike else [])
     if args.spike_build is not None and not args.spike_build.is_dir():
@@ -761,9 +831,16 @@ def main(argv: list[str] | None = None) -> int:
     established: list[Established] = []
     compiled: dict[str, Any] = {}
     perf_lines: list[str] = []
+    if pin is not None:  # every server started from here on runs there, all its threads
+        os.sched_setaffinity(0, pin[0])
     with handshake_stack(args, work, {t: all_mbsec[t] for t in targets if t in all_mbsec},
                          tuple(t for t in targets if t in SPIKE_TARGETS)) as (stack, ports):
         compiled = dict(stack.compiled)
+        if pin is not None:  # and every client from here on
+            os.sched_setaffinity(0, pin[1])
+            print(f"pinned: clients (s_time, mbload) on CPUs "
+                  f"{','.join(map(str, sorted(pin[1])))}; servers: "
+                  f"{pinning(stack, [t for t in targets if t in (*PEERS, *all_mbsec)])}")
         for rep in range(1, args.reps + 1):
             for target in targets if rep % 2 else targets[::-1]:
                 if args.established and target in (*PEERS, *all_mbsec):

@@ -45,6 +45,7 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from mbsec.settings import LoggingSettings, SinkSettings, parse_hostport
+from mbsec.threads import name_thread
 
 ECS_VERSION = "8.11.0"
 
@@ -145,13 +146,21 @@ class _Deferring:
         elif first:
             self._wake_writer()
 
-    def _wake_writer(self) -> None:
-        """Start the writer on first use; release its wake-up (already released: a wake-up
-        is pending, and the writer takes the lines that are there when its wait ends)."""
+    def start_writer(self) -> None:
+        """Start the writer thread now rather than at the first deferred line: it then runs
+        at the nice value of this thread, not at that of whichever thread logs first (the
+        handshake thread may be lowered, ``limits.handshake_nice``)."""
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._run_writer, name="mbsec-log-writer", daemon=True)
             self._writer.start()
+            name_thread(self._writer, "mbsec-logwriter")
+
+    def _wake_writer(self) -> None:
+        """Start the writer on first use; release its wake-up (already released: a wake-up
+        is pending, and the writer takes the lines that are there when its wait ends)."""
+        if self._writer is None:
+            self.start_writer()
         from mbsec import audit_fast  # it imports this module
 
         audit_fast._release(self._wake)
@@ -452,6 +461,14 @@ class SinkLogger:
     failure = error
     err = error
 
+    def start_writers(self) -> None:
+        """Start the writer thread of every sink that defers lines, now (on this thread's
+        CPU priority: :meth:`_Deferring.start_writer`)."""
+        for s in self.sinks:
+            start = getattr(s, "start_writer", None)
+            if start is not None:
+                start()
+
     def close(self) -> None:
         """Close every sink; one that cannot flush its last bytes (a full disk) does not stop
         the others closing, nor make the proxy's exit a traceback."""
@@ -636,6 +653,7 @@ class _Named:
             self.write_deferred_lines = inner.write_deferred_lines
             self.flush_deferred = inner.flush_deferred
             self._flush_reporting = inner._flush_reporting
+            self.start_writer = inner.start_writer
 
     @property
     def report(self) -> Callable[[int, Exception | None, int], None] | None:

@@ -670,7 +670,8 @@ _register(
     levels=("info",),
     context=None,
     fields=(*_ENVELOPE, "mbsec.listen", "mbsec.metrics_port", "mbsec.upstreams",
-            "mbsec.data_plane", "mbsec.data_plane_compiled", "mbsec.tls13_rejection_certificate"),
+            "mbsec.data_plane", "mbsec.data_plane_compiled", "mbsec.tls13_rejection_certificate",
+            "mbsec.handshake_nice"),
     constructors=("server_start",),
 )
 
@@ -678,6 +679,7 @@ _register(
 def server_start(
     listen: Sequence[str], metrics_port: int | None, upstreams: Iterable[str], data_plane: str,
     data_plane_compiled: bool, tls13_rejection_certificate: str = "off",
+    handshake_nice: int = 0,
 ) -> Event:
     return Event("info", "mbsec listening", {
         "event.kind": "event",
@@ -691,6 +693,7 @@ def server_start(
         "mbsec.data_plane": data_plane,
         "mbsec.data_plane_compiled": data_plane_compiled,
         "mbsec.tls13_rejection_certificate": tls13_rejection_certificate,
+        "mbsec.handshake_nice": handshake_nice,
     })
 
 

@@ -62,6 +62,7 @@ from mbsec.sdnotify import Notifier, PlaneProbe, WorkerRelay
 from mbsec.session import Address, HandshakeCounters, ProxyState, Session, set_conn_id_space
 from mbsec.settings import LimitsSettings, Settings, SettingsError, load_settings, parse_hostport
 from mbsec.sockready import readable_now as _readable
+from mbsec.threads import lower_this_thread, thread_nice
 from mbsec.tls import TlsConfigError, build_material, crl_warnings
 from mbsec.tls_keylog import KeyLog
 
@@ -276,6 +277,9 @@ class Proxy:
         self._decision_cell = StateCell(self.state)
         #: set when the proxy stopped because of an internal failure (exit status 1)
         self.failed = False
+        #: nice steps the trio thread (handshakes) runs below the data plane, once serving
+        #: (``limits.handshake_nice``; 0 when the system refused it)
+        self.handshake_nice = 0
         #: the request path (mbsec.path): its core, driven by one epoll thread
         # workers > 1: a request's in-flight slot in the node state is freed at the end of the
         # loop pass that answered it, one lock per pass (mbsec.nodestate.NodeState.settle)
@@ -545,6 +549,7 @@ class Proxy:
         limits = self.settings.limits
         self._token = trio.lowlevel.current_trio_token()
         self.data_plane.start()
+        self.handshake_nice = self._lower_handshake_thread(self.settings.limits.handshake_nice)
         reason = "shutdown_requested"
         try:
             await self._serve(limits, task_status)
@@ -559,6 +564,22 @@ class Proxy:
                 code = None if reason == "cancelled" else int(reason != "shutdown_requested")
                 events.emit(self.log, events.server_stopped(
                     reason, self._connections_cut, self._drain_s, code))
+
+    def _lower_handshake_thread(self, increment: int) -> int:
+        """``limits.handshake_nice``: raise this (trio) thread's nice value, after every thread
+        that stays at the process's value has started (the data plane, the log writers, here
+        rather than at the first line they write; a thread inherits its creator's value,
+        mbsec/threads.py); the steps applied."""
+        inner: Any = getattr(self.log, "_logger", None)
+        if isinstance(inner, SinkLogger):
+            inner.start_writers()
+        if increment <= 0:
+            return 0
+        base = thread_nice()
+        try:
+            return lower_this_thread(increment) - base
+        except OSError:  # a sandbox that forbids setpriority: server-start says 0
+            return 0
 
     async def _serve(
         self, limits: LimitsSettings, task_status: trio.TaskStatus[list[tuple[str, int]]]
@@ -613,7 +634,8 @@ class Proxy:
                 events.emit(self.log, events.server_start(
                     [f"{h}:{p}" for h, p in self.addresses], self.metrics_port,
                     self.settings.upstreams, self.settings.data_plane,
-                    reactor_compiled(), self.tls13_rejection_certificate))
+                    reactor_compiled(), self.tls13_rejection_certificate,
+                    self.handshake_nice))
                 task_status.started(self.addresses)
                 await self._shutdown.wait()
                 accept_scope.cancel()

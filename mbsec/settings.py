@@ -179,6 +179,18 @@ class LimitsSettings(_Model):
     #: depth; enforced while at least half of max_handshakes are taken
     prefix_connection_rate: float = Field(default=50.0, gt=0)
     prefix_connection_burst: int = Field(default=100, ge=1)
+    #: nice steps the thread that runs the handshakes (trio: accept, TLS, admin, metrics)
+    #: runs below the data-plane thread, which keeps the process's own value; 0: no change
+    #: (docs/config.md, "handshake_nice"; mbsec/threads.py)
+    handshake_nice: int = 0
+
+    @field_validator("handshake_nice")
+    @classmethod
+    def _nice_steps(cls, v: int) -> int:
+        if not 0 <= v <= 19:
+            raise ValueError(f"{v} is not 0..19 (nice steps of the handshake thread below the "
+                             "data plane; 0: the same priority)")
+        return v
 
     @model_validator(mode="after")
     def _handshakes_below_connections(self) -> LimitsSettings:

@@ -41,6 +41,7 @@ from typing import Any, TextIO
 
 from mbsec import events, sink_formats
 from mbsec.settings import SinkSettings
+from mbsec.threads import name_thread
 
 #: events formatted and written by the sender in one system call, at most
 BATCH = 256
@@ -163,6 +164,7 @@ class RemoteSink:
         self._thread = threading.Thread(target=self._run, name=f"mbsec-sink-{name}",
                                         daemon=True)
         self._thread.start()
+        name_thread(self._thread)
 
     # -- the logging thread's side: O(1), never blocks on the network ------------------------
 

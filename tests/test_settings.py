@@ -66,6 +66,26 @@ def test_unknown_key_is_one_clear_line(tmp_path: Path, pki: Pki) -> None:
                                  "'max_connections'? (docs/config.md)"]
 
 
+@pytest.mark.parametrize("value", ["-1", "20", '"low"'])
+def test_handshake_nice_out_of_range_is_one_clear_line(
+    tmp_path: Path, pki: Pki, value: str
+) -> None:
+    """``limits.handshake_nice`` is a number of nice steps, 0..19 (Linux's range): anything
+    else is one line naming the key, not a traceback nor a silent clamp."""
+    cfg = write_config(tmp_path, pki, f"[limits]\nhandshake_nice = {value}\n")
+    with pytest.raises(SettingsError) as ei:
+        load_settings(cfg)
+    [line] = ei.value.problems
+    assert line.startswith(f"{cfg}: limits.handshake_nice: ")
+    assert "0..19" in line if value != '"low"' else "integer" in line
+
+
+def test_handshake_nice_defaults_to_no_change(tmp_path: Path, pki: Pki) -> None:
+    assert load_settings(write_config(tmp_path, pki)).limits.handshake_nice == 0
+    cfg = write_config(tmp_path, pki, "[limits]\nhandshake_nice = 19\n")
+    assert load_settings(cfg).limits.handshake_nice == 19
+
+
 def test_every_problem_is_reported(tmp_path: Path, pki: Pki) -> None:
     cfg = write_config(
         tmp_path, pki, '[logging]\nformat = "xml"\n',

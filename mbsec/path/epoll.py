@@ -45,6 +45,7 @@ from mbsec.path.stats import TargetStats
 from mbsec.path.stats import collect as collect_stats
 from mbsec.path.target import CONNECT, Target
 from mbsec.path.timers import Timers
+from mbsec.threads import name_thread
 
 __all__ = ["DataPlane", "compiled", "configure_socket", "records"]
 
@@ -145,6 +146,7 @@ class DataPlane:
         self._running = True
         self._worker = threading.Thread(target=self._run, name="mbsec-data-plane", daemon=True)
         self._worker.start()
+        name_thread(self._worker, "mbsec-dataplane")
 
     def stop(self) -> None:
         """Close every PLC link and end the thread (adopted clients must be finished first)."""
