@@ -60,7 +60,9 @@ def fast_init(cls: type[T]) -> type[T]:
 def positional_factory(cls: type[T]) -> Callable[..., T]:
     """A function ``(field1, field2, ...) -> cls`` equivalent to ``cls(...)``, but faster.
 
-    Used for classes this package does not own (``Access``), so they are not modified.
+    Used for classes this package does not own (``Access``), so they are not modified. A
+    class mypyc compiled (``Access`` is, with the policy engine: setup.py) has no slots in its
+    ``__dict__`` and comes back as it is: its own constructor is native already.
     """
     names = _plain_fields(cls)
     if names is None:
