@@ -152,9 +152,9 @@ class _Deferring:
         handshake thread may be lowered, ``limits.handshake_nice``)."""
         if self._writer is None:
             self._writer = threading.Thread(
-                target=self._run_writer, name="mbsec-log-writer", daemon=True)
+                target=self._run_writer, name="mbsec-logwriter", daemon=True)
             self._writer.start()
-            name_thread(self._writer, "mbsec-logwriter")
+            name_thread(self._writer)
 
     def _wake_writer(self) -> None:
         """Start the writer on first use; release its wake-up (already released: a wake-up

@@ -21,19 +21,6 @@ def policy_roles(policy: Any) -> frozenset[str]:
     return policy.named_roles()  # type: ignore[no-any-return]
 
 
-def named_roles(policy: Any) -> frozenset[str]:
-    """Every role named by ``policy``'s rules, ``identities:`` entries and ``limits.roles``."""
-    names: set[str] = set()
-    for rule in getattr(policy, "rules", ()):
-        names |= rule.roles or frozenset()
-    for ident in getattr(policy, "identities", ()):
-        names |= ident.roles
-    for role, _limit in getattr(policy, "role_limits", ()):
-        names.add(role)
-    names.discard("*")
-    return frozenset(names)
-
-
 def role_labels(policy: Any, roles: Iterable[str]) -> tuple[str, ...]:
     """The label values a principal with ``roles`` counts under (one per role, sorted)."""
     known = policy_roles(policy)

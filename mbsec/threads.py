@@ -25,16 +25,15 @@ import threading
 NAME_MAX = 15
 
 
-def name_thread(thread: threading.Thread, name: str | None = None) -> None:
-    """Show ``name`` (default ``thread.name``; cut to 15 bytes) as the thread's name in
-    ``/proc`` (``top -H``, ``ps -L``, the tests): Python before 3.14 keeps it to itself.
-    Best effort."""
+def name_thread(thread: threading.Thread) -> None:
+    """Show ``thread.name`` (cut to 15 bytes) as the thread's name in ``/proc`` (``top -H``,
+    ``ps -L``, the tests): Python before 3.14 keeps it to itself. Best effort."""
     tid = thread.native_id
     if tid is None:
         return
     with contextlib.suppress(OSError), \
             open(f"/proc/self/task/{tid}/comm", "w", encoding="utf-8") as fh:
-        fh.write((name or thread.name).encode("utf-8")[:NAME_MAX].decode("utf-8", "ignore"))
+        fh.write(thread.name.encode("utf-8")[:NAME_MAX].decode("utf-8", "ignore"))
 
 
 def thread_nice() -> int:

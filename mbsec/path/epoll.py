@@ -144,9 +144,9 @@ class DataPlane:
 
     def start(self) -> None:
         self._running = True
-        self._worker = threading.Thread(target=self._run, name="mbsec-data-plane", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="mbsec-dataplane", daemon=True)
         self._worker.start()
-        name_thread(self._worker, "mbsec-dataplane")
+        name_thread(self._worker)
 
     def stop(self) -> None:
         """Close every PLC link and end the thread (adopted clients must be finished first)."""

@@ -238,6 +238,8 @@ class Principal:
     roles: frozenset[str]
     source_ip: str
     identity: PeerIdentity | None
+    #: the Policy that built it (``Any``, not ``object``: mypyc's dataclass support fails on an
+    #: ``object`` annotation)
     _policy: Any = field(repr=False, compare=False)
     _plan: Mapping[int, tuple[Rule, ...]] = field(repr=False, compare=False)
 
@@ -306,9 +308,14 @@ class Policy:
         kept on the policy, which never changes once built."""
         found = self._named_roles
         if found is None:
-            from mbsec.role_labels import named_roles
-
-            found = self._named_roles = named_roles(self)
+            names: set[str] = set()
+            for rule in self.rules:
+                names |= rule.roles or frozenset()
+            for ident in self.identities:
+                names |= ident.roles
+            names.update(role for role, _limit in self.role_limits)
+            names.discard("*")
+            found = self._named_roles = frozenset(names)
         return found
 
     def roles_for(self, identity: PeerIdentity | None) -> frozenset[str]:

@@ -807,7 +807,7 @@ async def test_data_plane_thread_ends_with_serve(
 ) -> None:
     plc = await counting(nursery)
     h = await start_proxy(plc.port)
-    ours = [t for t in threading.enumerate() if t.name == "mbsec-data-plane"]
+    ours = [t for t in threading.enumerate() if t.name == "mbsec-dataplane"]
     assert len(ours) == 1 and ours[0].daemon
     c = await TlsClient.connect(h.port, pki.client_ctx(pki.operator))
     assert await c.request(1, 1, read_hr(0, 1)) == (1, 1, fc03_reply(0, 1))
@@ -816,7 +816,7 @@ async def test_data_plane_thread_ends_with_serve(
     with trio.fail_after(3):
         await h.stopped.wait()
     assert not ours[0].is_alive()
-    assert [t for t in threading.enumerate() if t.name == "mbsec-data-plane"] == []
+    assert [t for t in threading.enumerate() if t.name == "mbsec-dataplane"] == []
     closed = await h.wait_event("connection-closed")
     assert closed["event.reason"] == "server_shutdown"
 
@@ -961,7 +961,7 @@ async def test_a_dead_data_plane_loop_stops_the_proxy_and_marks_it_failed(
         await h.stopped.wait()
     assert h.proxy.failed
     with trio.fail_after(5):  # the thread is gone
-        while any(t.name == "mbsec-data-plane" for t in threading.enumerate()):  # noqa: ASYNC110
+        while any(t.name == "mbsec-dataplane" for t in threading.enumerate()):  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 

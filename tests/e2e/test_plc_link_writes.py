@@ -94,7 +94,7 @@ async def test_a_client_leaving_mid_write_never_splits_an_adu_on_the_plc_link(
 
         def __init__(self, *args: Any, **kw: Any) -> None:
             super().__init__(*args, **kw)
-            if threading.current_thread().name == "mbsec-data-plane":
+            if threading.current_thread().name == "mbsec-dataplane":
                 self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
 
     monkeypatch.setattr(socket, "socket", SmallSendBuffer)
