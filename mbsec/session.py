@@ -23,13 +23,13 @@ import trio
 from structlog.typing import FilteringBoundLogger
 
 from mbsec import events, trio_private
-from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
+from mbsec.handshake import Acceptance, IdentitySlots, Refusal, failed, not_completed, verdict
+from mbsec.identity import PeerIdentity
 from mbsec.metrics import MetricsLike, NullMetrics, incrementer, lazy_observer
 from mbsec.path.decide import Decisions, Forward, ProxyState, StateCell
 from mbsec.settings import LimitsSettings
 from mbsec.sockready import readable_now
-from mbsec.tls import handshake_failure_reason
-from mbsec.tls_sniff import HandshakeTap, issuing_cas, presented_identity
+from mbsec.tls_sniff import HandshakeTap
 from mbsec.tls_stream import ServerTlsStream
 
 if TYPE_CHECKING:
@@ -53,12 +53,6 @@ def set_conn_id_space(first: int, step: int) -> None:
     across the workers of one proxy."""
     global _conn_ids
     _conn_ids = itertools.count(first, step)
-
-
-class IdentitySlots(Protocol):
-    def claim_identity(self, key: str) -> bool: ...
-
-    def release_identity(self, key: str) -> None: ...
 
 
 class EdgeHooks(Protocol):
@@ -300,24 +294,13 @@ class Session:
             self._edge.heard()
         return True
 
-    def _not_completed(self, state: ProxyState) -> tuple[str, str]:
-        """The reason and detail of a handshake ended by admission or by its deadline."""
-        if self._evicted:
-            detail = ("every handshake place was taken: this one was the oldest silent one, "
-                      "or its source prefix held the most (limits.max_handshakes)")
-            reason = "handshake_evicted"
-        else:
-            detail = f"no complete handshake within {state.tls.handshake_timeout:g} s"
-            reason = "handshake_timeout"
-        return reason, detail
-
     async def _handshake(self) -> bool:
         state = self._state_fn()
         t0 = time.monotonic()
         deadline = trio.current_time() + state.tls.handshake_timeout
         if not await self._first_byte(deadline):
-            self._reject(*self._not_completed(state), time.monotonic() - t0,
-                         authenticated=False)
+            self._reject(not_completed(self._evicted, state.tls.handshake_timeout),
+                         time.monotonic() - t0)
             return False
         # What the client sends during the handshake is recorded (bounded): under TLS 1.2 its
         # Certificate message is in clear, so a rejection by OpenSSL can still name it.
@@ -355,19 +338,11 @@ class Session:
         self._handshake_done = not timed_out and error is None
         self._handshake_scope = None
         if timed_out or error is not None:
-            if timed_out:
-                reason, detail = self._not_completed(state)
-            else:
-                reason, detail = handshake_failure_reason(error)
             await self._flush_alert(ssl_stream)
-            der = tap.client_certificate()  # TLS 1.2: in clear
-            if der is None and secret is not None:  # TLS 1.3: decrypted with the key log's
-                der = tap.client_certificate_tls13(secret)
-            self._reject(reason, detail, duration,
-                         presented_identity(der) if der is not None else None,
-                         authenticated=False)
+            self._reject(not_completed(self._evicted, state.tls.handshake_timeout) if timed_out
+                         else failed(error, tap, secret), duration)
             return False
-        return self._accept_identity(ssl_stream, state, duration, tap, secret)
+        return self._accept_identity(ssl_stream, duration, tap, secret)
 
     async def _flush_alert(self, ssl_stream: ServerTlsStream) -> None:
         """Send the fatal alert OpenSSL wrote into the outgoing BIO before failing.
@@ -388,76 +363,38 @@ class Session:
             ):
                 await self._raw.send_all(pending)
 
-    def _reject(
-        self, reason: str, detail: str, duration: float, identity: PeerIdentity | None = None,
-        *, resumed: bool | None = None, authenticated: bool = True,
-    ) -> None:
-        """``authenticated`` False: the peer proved nothing (OpenSSL refused it, it timed
-        out, sent no certificate): the event goes through the admission's rejection log,
-        which aggregates repeats; a verified certificate's rejection is always written."""
+    def _reject(self, refusal: Refusal, duration: float) -> None:
+        """Count and log a refusal. One of a peer that proved nothing (``authenticated``
+        False) goes through the admission's rejection log, which aggregates repeats; a
+        verified certificate's rejection is always written."""
+        reason = refusal.reason
         self.close_reason = reason
         self._metrics.inc("mbsec_tls_handshakes_total", outcome="failure", reason=reason)
         if reason in events.INCIDENT_REASONS:  # a revoked certificate tried to get in
             self._metrics.inc("mbsec_revoked_certificate_seen_total", stage="handshake")
-        event = events.tls_handshake_rejected(reason, detail, duration, identity, resumed)
-        if not authenticated and self._edge is not None:
+        event = events.tls_handshake_rejected(reason, refusal.detail, duration,
+                                              refusal.identity, refusal.resumed)
+        if not refusal.authenticated and self._edge is not None:
             self._edge.rejected(event)
         else:
             events.emit(self._log, event)
 
     def _accept_identity(
-        self, ssl_stream: ServerTlsStream, state: ProxyState, duration: float,
-        tap: HandshakeTap | None = None, secret: bytes | None = None,
+        self, ssl_stream: ServerTlsStream, duration: float, tap: HandshakeTap | None = None,
+        secret: bytes | None = None,
     ) -> bool:
-        # OpenSSL verifies nothing on a resumed handshake (not the chain's CAs, not the CRLs'
-        # freshness), so the session cache is off (tls.disable_session_cache) and a resumed
-        # handshake, possible only where that failed, is refused: every connection is a full
-        # handshake.
-        resumed = bool(ssl_stream.session_reused)
-        der = ssl_stream.getpeercert(binary_form=True)
-        if not der:
-            self._reject("no_certificate", "the client sent no certificate", duration,
-                         resumed=resumed, authenticated=False)
+        outcome = verdict(
+            der=ssl_stream.getpeercert(binary_form=True),
+            resumed=bool(ssl_stream.session_reused), state=self._state_fn, now=self._now(),
+            slots=self._identity_slots, max_per_identity=self._limits.max_per_identity,
+            tap=tap, secret=secret)
+        if not isinstance(outcome, Acceptance):
+            self._reject(outcome, duration)
             return False
-        try:
-            identity = parse_verified_identity(der)
-        except IdentityError as exc:  # the plain fields, without the role, still name it
-            self._reject(exc.reason, exc.message, duration, presented_identity(der),
-                         resumed=resumed)
-            return False
-        if resumed:
-            self._reject("session_resumed", "a resumed TLS session is not accepted: every "
-                         "connection must make a full handshake", duration, identity,
-                         resumed=resumed)
-            return False
-        # Re-checked after the handshake as well: the state is read again, since a reload (new
-        # CRL, new policy) may have happened during the handshake.
-        state = self._state_fn()
-        if state.tls.is_revoked(identity.issuer, identity.serial):
-            self._reject("certificate_revoked", "serial is on the current CRL", duration, identity,
-                         resumed=resumed)
-            return False
-        if identity.not_after < self._now():
-            self._reject("certificate_expired", "certificate expired", duration, identity,
-                         resumed=resumed)
-            return False
-        key = identity.subject
-        if not self._identity_slots.claim_identity(key):
-            self._reject(
-                "too_many_connections_for_identity",
-                f"more than {self._limits.max_per_identity} connections for this identity",
-                duration,
-                identity,
-                resumed=resumed,
-            )
-            return False
-        self._identity_key = key
+        identity, state, resumed = outcome.identity, outcome.state, outcome.resumed
+        self._identity_key = identity.subject
         self.identity = identity
-        if tap is not None and not state.tls.knows_ca(identity.issuer):
-            # client_ca lacks the issuing CA: keep the CAs the client presented, so that a
-            # CRL reload revoking one ends this connection too
-            chain = tap.client_chain() or (tap.client_chain_tls13(secret) if secret else [])
-            self.issuing_cas = issuing_cas(chain)
+        self.issuing_cas = outcome.issuing_cas
         if self._edge is not None:
             self._edge.established()
         # no peer address only happens on in-memory test streams: "unspecified" matches only
