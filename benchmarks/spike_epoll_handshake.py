@@ -23,9 +23,10 @@ What it does per connection, with mbsec's own code where mbsec has it:
   TLS 1.3 key log on as mbsec's default (``tls.name_tls13_rejections = true``: OpenSSL
   writes every handshake's secret line into the pipe and the handshake takes it out again,
   found by the client random of a :class:`mbsec.tls_sniff.HandshakeTap` fed every read);
-* after it: :func:`mbsec.identity.parse_verified_identity` (cached per certificate), the
-  CRL re-check (``TlsMaterial.is_revoked``), the expiry check, a per-identity connection
-  count (``limits.max_per_identity``), :meth:`mbsec.policy.Policy.principal` (cached);
+* after it: :func:`mbsec.handshake.verdict`, the decision ``mbsec serve`` makes
+  (:func:`mbsec.identity.parse_verified_identity`, cached per certificate; the resumed-session
+  refusal; the CRL re-check; the expiry check; a per-identity connection count,
+  ``limits.max_per_identity``), then :meth:`mbsec.policy.Policy.principal` (cached);
 * one ``tls-handshake`` line and, at close, one ``connection-closed`` line, the fields of
   :func:`mbsec.events.tls_handshake_accepted` / :func:`mbsec.events.connection_closed`
   with the connection and peer context, nested as mbsec.audit nests them, rendered from a
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import errno
 import json
 import os
@@ -70,8 +72,10 @@ from typing import Any, Final
 from mbsec import events
 from mbsec.admission import Admission, Admitted
 from mbsec.audit import ECS_VERSION, nest_dotted, utc_stamp
-from mbsec.identity import IdentityError, PeerIdentity, parse_verified_identity
-from mbsec.policy import Policy, load_policy
+from mbsec.handshake import Acceptance, verdict
+from mbsec.identity import PeerIdentity
+from mbsec.path.decide import ProxyState
+from mbsec.policy import Policy, RateLimiter, load_policy
 from mbsec.settings import Settings, load_settings
 from mbsec.tls import TlsMaterial, build_material, handshake_failure_reason
 from mbsec.tls_keylog import KeyLog
@@ -105,11 +109,9 @@ def compiled() -> bool:
 class Template:
     """A JSON line with ``%s`` where the variable fields go (their JSON, in this order)."""
 
-    def __init__(self, fmt: str, n: int, not_after: float) -> None:
+    def __init__(self, fmt: str, n: int) -> None:
         self.fmt = fmt
         self.n = n
-        #: the certificate's notAfter as a POSIX time (the expiry check per connection)
-        self.not_after = not_after
 
 
 def compile_template(flat: dict[str, Any], slots: list[str]) -> str:
@@ -158,8 +160,7 @@ def handshake_template(identity: PeerIdentity, roles: list[str], version: str | 
     flat.update(events.connection_context(0, "", 0, local_ip, local_port))
     flat.update(events.peer_context(identity, roles))
     flat.update(_tail(ev.level))
-    return Template(compile_template(flat, HANDSHAKE_SLOTS), len(HANDSHAKE_SLOTS),
-                    identity.not_after.timestamp())
+    return Template(compile_template(flat, HANDSHAKE_SLOTS), len(HANDSHAKE_SLOTS))
 
 
 def close_template(identity: PeerIdentity, roles: list[str], local_ip: str,
@@ -170,8 +171,7 @@ def close_template(identity: PeerIdentity, roles: list[str], local_ip: str,
     flat.update(events.connection_context(0, "", 0, local_ip, local_port))
     flat.update(events.peer_context(identity, roles))
     flat.update(_tail(ev.level))
-    return Template(compile_template(flat, CLOSE_SLOTS), len(CLOSE_SLOTS),
-                    identity.not_after.timestamp())
+    return Template(compile_template(flat, CLOSE_SLOTS), len(CLOSE_SLOTS))
 
 
 def plain_line(event: events.Event, context: dict[str, Any]) -> str:
@@ -234,6 +234,8 @@ class Worker:
         self.material: TlsMaterial = build_material(settings.tls, keylog=self.keylog)
         self.context: ssl.SSLContext = self.material.context
         self.policy: Policy = load_policy(settings.policy)
+        self.state = ProxyState(tls=self.material, policy=self.policy,
+                                limiter=RateLimiter(self.policy))
         self.handshake_timeout = self.material.handshake_timeout
         self.max_per_identity = limits.max_per_identity
         self.admission = Admission(
@@ -444,31 +446,39 @@ class Worker:
             return None
         return keylog.take(tap.client_random() if tap is not None else None)
 
-    def accept_identity(self, conn: Conn) -> None:
-        self.take_secret(conn)
-        now = time.monotonic()
-        tls = conn.tls
-        der: bytes | None = tls.getpeercert(True)
-        if not der:
-            self.reject(conn, "no_certificate", "the client sent no certificate")
-            return
-        try:
-            identity = parse_verified_identity(der)
-        except IdentityError as exc:
-            self.reject(conn, exc.reason, exc.message)
-            return
-        if tls.session_reused:
-            self.reject(conn, "session_resumed", "a resumed TLS session is not accepted")
-            return
-        if self.material.is_revoked(identity.issuer, identity.serial):
-            self.reject(conn, "certificate_revoked", "serial is on the current CRL")
-            return
-        key = identity.subject
+    def claim_identity(self, key: str) -> bool:
+        """The per-identity count :func:`mbsec.handshake.verdict` claims a place in."""
         held = self.per_identity.get(key, 0)
         if held >= self.max_per_identity:
-            self.reject(conn, "too_many_connections_for_identity",
-                        f"more than {self.max_per_identity} connections for this identity")
+            return False
+        self.per_identity[key] = held + 1
+        return True
+
+    def release_identity(self, key: str) -> None:
+        left = self.per_identity.get(key, 1) - 1
+        if left > 0:
+            self.per_identity[key] = left
+        else:
+            self.per_identity.pop(key, None)
+
+    def current_state(self) -> ProxyState:
+        return self.state
+
+    def accept_identity(self, conn: Conn) -> None:
+        tap = conn.tap
+        secret = self.take_secret(conn)
+        now = time.monotonic()
+        tls = conn.tls
+        # mbsec's own decision (mbsec.handshake, what Session runs): certificate, identity,
+        # resumed, CRL, expiry, the per-identity place
+        outcome = verdict(der=tls.getpeercert(True), resumed=bool(tls.session_reused),
+                          state=self.current_state, now=dt.datetime.now(dt.UTC), slots=self,
+                          max_per_identity=self.max_per_identity, tap=tap, secret=secret)
+        if not isinstance(outcome, Acceptance):
+            self.reject(conn, outcome.reason, outcome.detail)
             return
+        identity = outcome.identity
+        key = identity.subject
         principal = self.policy.principal(identity, conn.ip)
         roles = principal.roles
         version: str | None = tls.version()
@@ -486,10 +496,6 @@ class Worker:
                 self.templates.clear()
             self.templates[tkey] = pair
         hs_tpl = pair[0]
-        if hs_tpl.not_after < time.time():
-            self.reject(conn, "certificate_expired", "certificate expired")
-            return
-        self.per_identity[key] = held + 1
         conn.identity_key = key
         conn.close_tpl = pair[1]
         conn.state = ESTABLISHED
@@ -542,11 +548,7 @@ class Worker:
         self.admission.closed(conn.ticket)
         os.close(conn.fd)  # leaves the epoll set with it (never dup'ed)
         if conn.identity_key:
-            left = self.per_identity.get(conn.identity_key, 1) - 1
-            if left > 0:
-                self.per_identity[conn.identity_key] = left
-            else:
-                self.per_identity.pop(conn.identity_key, None)
+            self.release_identity(conn.identity_key)
 
     def reject(self, conn: Conn, reason: str, detail: str) -> None:
         if conn.closed:

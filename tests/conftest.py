@@ -455,9 +455,9 @@ class TlsClient:
     async def send(self, tid: int, unit: int, pdu: bytes) -> None:
         await self.stream.send_all(encode_adu(tid, unit, pdu))
 
-    async def recv(self) -> tuple[int, int, bytes] | None:
-        """The next reply (tid, unit, pdu), or None at EOF (5 s deadline)."""
-        with trio.fail_after(5):
+    async def recv(self, within: float = 5.0) -> tuple[int, int, bytes] | None:
+        """The next reply (tid, unit, pdu), or None at EOF (``within`` seconds deadline)."""
+        with trio.fail_after(within):
             while True:
                 adu = self.frames.next_frame()
                 if adu is not None:
@@ -467,9 +467,10 @@ class TlsClient:
                     return None
                 self.frames.receive_data(data)
 
-    async def request(self, tid: int, unit: int, pdu: bytes) -> tuple[int, int, bytes] | None:
+    async def request(self, tid: int, unit: int, pdu: bytes,
+                      within: float = 5.0) -> tuple[int, int, bytes] | None:
         await self.send(tid, unit, pdu)
-        return await self.recv()
+        return await self.recv(within)
 
     async def answered_or_closed(self, within: float = 1.5) -> bool:
         """True when a reply, or the end of the connection, came within ``within`` seconds;
