@@ -72,7 +72,7 @@ from typing import Any, Final
 from mbsec import events
 from mbsec.admission import Admission, Admitted
 from mbsec.audit import ECS_VERSION, nest_dotted, utc_stamp
-from mbsec.handshake import Acceptance, verdict
+from mbsec.handshake import Acceptance, IdentityCounter, verdict
 from mbsec.identity import PeerIdentity
 from mbsec.path.decide import ProxyState
 from mbsec.policy import Policy, RateLimiter, load_policy
@@ -237,7 +237,6 @@ class Worker:
         self.state = ProxyState(tls=self.material, policy=self.policy,
                                 limiter=RateLimiter(self.policy))
         self.handshake_timeout = self.material.handshake_timeout
-        self.max_per_identity = limits.max_per_identity
         self.admission = Admission(
             max_connections=limits.max_connections, max_handshakes=limits.max_handshakes,
             max_per_source=limits.max_per_source, prefix_rate=limits.prefix_connection_rate,
@@ -252,7 +251,7 @@ class Worker:
         self.conns: dict[int, Conn] = {}
         self.by_ticket: dict[int, Conn] = {}
         self.handshakes: deque[Conn] = deque()  # deadline order (one timeout for all)
-        self.per_identity: dict[str, int] = {}
+        self.identities = IdentityCounter(limits.max_per_identity)
         self.templates: dict[tuple[Any, ...], tuple[Template, Template]] = {}
         self.lines: list[str] = []
         self.log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
@@ -446,21 +445,6 @@ class Worker:
             return None
         return keylog.take(tap.client_random() if tap is not None else None)
 
-    def claim_identity(self, key: str) -> bool:
-        """The per-identity count :func:`mbsec.handshake.verdict` claims a place in."""
-        held = self.per_identity.get(key, 0)
-        if held >= self.max_per_identity:
-            return False
-        self.per_identity[key] = held + 1
-        return True
-
-    def release_identity(self, key: str) -> None:
-        left = self.per_identity.get(key, 1) - 1
-        if left > 0:
-            self.per_identity[key] = left
-        else:
-            self.per_identity.pop(key, None)
-
     def current_state(self) -> ProxyState:
         return self.state
 
@@ -472,8 +456,9 @@ class Worker:
         # mbsec's own decision (mbsec.handshake, what Session runs): certificate, identity,
         # resumed, CRL, expiry, the per-identity place
         outcome = verdict(der=tls.getpeercert(True), resumed=bool(tls.session_reused),
-                          state=self.current_state, now=dt.datetime.now(dt.UTC), slots=self,
-                          max_per_identity=self.max_per_identity, tap=tap, secret=secret)
+                          state=self.current_state, now=dt.datetime.now(dt.UTC),
+                          slots=self.identities, max_per_identity=self.identities.limit,
+                          tap=tap, secret=secret)
         if not isinstance(outcome, Acceptance):
             self.reject(conn, outcome.reason, outcome.detail)
             return
@@ -548,7 +533,7 @@ class Worker:
         self.admission.closed(conn.ticket)
         os.close(conn.fd)  # leaves the epoll set with it (never dup'ed)
         if conn.identity_key:
-            self.release_identity(conn.identity_key)
+            self.identities.release_identity(conn.identity_key)
 
     def reject(self, conn: Conn, reason: str, detail: str) -> None:
         if conn.closed:

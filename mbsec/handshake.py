@@ -25,7 +25,8 @@ from mbsec.tls_sniff import HandshakeTap, issuing_cas, presented_identity
 if TYPE_CHECKING:
     from mbsec.path.decide import ProxyState
 
-__all__ = ["Acceptance", "IdentitySlots", "Refusal", "failed", "not_completed", "verdict"]
+__all__ = ["Acceptance", "IdentityCounter", "IdentitySlots", "Refusal", "failed",
+           "not_completed", "verdict"]
 
 
 class IdentitySlots(Protocol):
@@ -34,6 +35,31 @@ class IdentitySlots(Protocol):
     def claim_identity(self, key: str) -> bool: ...
 
     def release_identity(self, key: str) -> None: ...
+
+
+class IdentityCounter:
+    """Open connections per identity (certificate subject), at most ``limit`` each
+    (``limits.max_per_identity``): the proxy's :class:`IdentitySlots`."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[str, int] = {}
+
+    def claim_identity(self, key: str) -> bool:
+        held = self.held.get(key, 0)
+        if held >= self.limit:
+            return False
+        self.held[key] = held + 1
+        return True
+
+    def release_identity(self, key: str) -> None:
+        left = self.held.get(key, 1) - 1
+        if left > 0:
+            self.held[key] = left
+        else:
+            self.held.pop(key, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +80,9 @@ class Refusal:
 @dataclass(frozen=True, slots=True)
 class Acceptance:
     """A client that gets in: its identity, claimed under ``identity.subject`` (the driver
-    releases that claim when the connection ends)."""
+    releases that claim when the connection ends). Never a resumed session: those are refused."""
 
     identity: PeerIdentity
-    resumed: bool
     #: the state read after the handshake (a reload may have landed during it): the CRL
     #: check used it, and the first principal must come from it too
     state: ProxyState
@@ -123,4 +148,4 @@ def verdict(
     if tap is not None and not current.tls.knows_ca(identity.issuer):
         chain = tap.client_chain() or (tap.client_chain_tls13(secret) if secret else [])
         cas = issuing_cas(chain)
-    return Acceptance(identity, resumed, current, cas)
+    return Acceptance(identity, current, cas)

@@ -26,7 +26,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from mbsec.audit_fast import connection_lines
 from mbsec.expiry import tls_expiry
 from mbsec.flap import FlapRule
 from mbsec.freeze import WriteFreeze
+from mbsec.handshake import IdentityCounter
 from mbsec.metrics import Metrics, MetricsLike, NullMetrics, gauge_setter, incrementer
 from mbsec.metrics_http import scrape_proxy, serve_metrics
 from mbsec.nodestate import FreezeView, NodeState, SharedRateLimiter
@@ -319,7 +319,9 @@ class Proxy:
                                        interval=settings.logging.rejection_interval,
                                        now=time.monotonic())
         self._rejections_changed = trio.Event()
-        self._per_identity: Counter[str] = Counter()
+        #: open connections per identity (``limits.max_per_identity``), claimed after a
+        #: handshake (mbsec.handshake.verdict) and released by the session at its end
+        self.identities = IdentityCounter(settings.limits.max_per_identity)
         self._shutdown = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._no_sessions = trio.Event()
@@ -339,19 +341,6 @@ class Proxy:
         self._set_handshakes_active = gauge_setter(self.metrics, "mbsec_handshakes_active")
         self._handshake_counters = HandshakeCounters(self.metrics)
         self._warn_crls()
-
-    # -- limits (the session calls the identity ones after its handshake) -----------------
-
-    def claim_identity(self, key: str) -> bool:
-        if self._per_identity[key] >= self.settings.limits.max_per_identity:
-            return False
-        self._per_identity[key] += 1
-        return True
-
-    def release_identity(self, key: str) -> None:
-        self._per_identity[key] -= 1
-        if self._per_identity[key] <= 0:
-            del self._per_identity[key]
 
     # -- rejections of peers without a certificate -------------------------------------------
 
@@ -817,7 +806,7 @@ class Proxy:
             limits=limits,
             log=self.log,
             metrics=self.metrics,
-            identity_slots=self,
+            identity_slots=self.identities,
             allowed_requests=self.settings.logging.allowed_requests,
             data_plane=self.data_plane,
             edge=_Edge(self, ticket, source),

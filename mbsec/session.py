@@ -391,7 +391,8 @@ class Session:
         if not isinstance(outcome, Acceptance):
             self._reject(outcome, duration)
             return False
-        identity, state, resumed = outcome.identity, outcome.state, outcome.resumed
+        identity, state = outcome.identity, outcome.state
+        resumed = False  # a resumed session is refused (mbsec.handshake.verdict)
         self._identity_key = identity.subject
         self.identity = identity
         self.issuing_cas = outcome.issuing_cas

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from pki_helpers import der_of
 
-from mbsec.handshake import Acceptance, Refusal, failed, not_completed, verdict
+from mbsec.handshake import (
+    Acceptance,
+    IdentityCounter,
+    Refusal,
+    failed,
+    not_completed,
+    verdict,
+)
 from mbsec.identity import ROLE_OID
 from mbsec.path.decide import ProxyState
 from mbsec.pki.ca import CertificateAuthority, IssuedFiles
@@ -38,23 +45,6 @@ rules:
     functions: [read_holding_registers]
     addresses: ["0-99"]
 """
-
-
-@dataclass
-class Slots:
-    """A per-identity count with a limit, as the proxy's (``limits.max_per_identity``)."""
-
-    limit: int = 4
-    held: dict[str, int] = field(default_factory=dict)
-
-    def claim_identity(self, key: str) -> bool:
-        if self.held.get(key, 0) >= self.limit:
-            return False
-        self.held[key] = self.held.get(key, 0) + 1
-        return True
-
-    def release_identity(self, key: str) -> None:
-        self.held[key] -= 1
 
 
 @dataclass
@@ -95,18 +85,19 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 def judge(der: bytes | None, state: ProxyState, *, resumed: bool = False,
-          slots: Slots | None = None, now: dt.datetime = NOW) -> Acceptance | Refusal:
-    return verdict(der=der, resumed=resumed, state=lambda: state, now=now,
-                   slots=slots if slots is not None else Slots(), max_per_identity=4)
+          slots: IdentityCounter | None = None, now: dt.datetime = NOW) -> Acceptance | Refusal:
+    counter = slots if slots is not None else IdentityCounter(4)
+    return verdict(der=der, resumed=resumed, state=lambda: state, now=now, slots=counter,
+                   max_per_identity=counter.limit)
 
 
 def test_a_valid_client_gets_in_with_its_role_and_claims_its_identity_slot(plant: Plant) -> None:
     state = plant.state(plant.material())
-    slots = Slots()
+    slots = IdentityCounter(4)
     outcome = judge(der_of(plant.operator.cert), state, slots=slots)
     assert isinstance(outcome, Acceptance)
     assert outcome.identity.role == "operator" and outcome.identity.common_name == "op-1"
-    assert outcome.state is state and outcome.resumed is False and outcome.issuing_cas == ()
+    assert outcome.state is state and outcome.issuing_cas == ()
     assert slots.held == {outcome.identity.subject: 1}
 
 
@@ -127,7 +118,7 @@ def test_the_crl_is_checked_against_the_state_read_after_the_handshake(plant: Pl
         reads.append(after)
         return after
 
-    slots = Slots()
+    slots = IdentityCounter(4)
     outcome = verdict(der=der, resumed=False, state=current, now=NOW, slots=slots,
                       max_per_identity=4)
     assert isinstance(outcome, Refusal) and outcome.reason == "certificate_revoked"
@@ -144,7 +135,7 @@ def test_an_expired_certificate_is_refused_and_named(plant: Plant) -> None:
 
 
 def test_a_resumed_session_is_refused_before_the_crl_and_the_slot(plant: Plant) -> None:
-    slots = Slots()
+    slots = IdentityCounter(4)
     outcome = judge(der_of(plant.operator.cert), plant.state(plant.material()), resumed=True,
                     slots=slots)
     assert isinstance(outcome, Refusal) and outcome.reason == "session_resumed"
@@ -154,14 +145,21 @@ def test_a_resumed_session_is_refused_before_the_crl_and_the_slot(plant: Plant) 
 def test_the_identity_limit_refuses_the_one_over_it(plant: Plant) -> None:
     state = plant.state(plant.material())
     der = der_of(plant.operator.cert)
-    slots = Slots(limit=2)
+    slots = IdentityCounter(2)
     assert [isinstance(judge(der, state, slots=slots), Acceptance) for _ in range(2)] == [True,
                                                                                          True]
     outcome = judge(der, state, slots=slots)
     assert isinstance(outcome, Refusal)
     assert outcome.reason == "too_many_connections_for_identity"
-    assert outcome.detail == "more than 4 connections for this identity"
-    assert list(slots.held.values()) == [2]
+    assert outcome.detail == "more than 2 connections for this identity"
+    assert outcome.identity is not None
+    key = outcome.identity.subject
+    assert slots.held == {key: 2}
+    slots.release_identity(key)  # a connection of that identity ended: a place came free
+    assert isinstance(judge(der, state, slots=slots), Acceptance)
+    for _ in range(2):
+        slots.release_identity(key)
+    assert slots.held == {}  # the last release forgets the identity
 
 
 def test_a_malformed_role_is_refused_with_the_certificate_named_without_its_role(
